@@ -1,0 +1,1 @@
+"""The app engine: manifests, apps, slave pools, drivers, node and CLI."""

@@ -1,0 +1,75 @@
+"""Errors the engine raises or delivers to callers.
+
+Wire-visible ones subclass :class:`transport.errors.RemoteError` and are registered
+under a stable ``code`` so clients rebuild the same type on the other side.
+"""
+from __future__ import annotations
+
+from transport.errors import QueueFull, RemoteError, UnknownEvent, register_error
+
+__all__ = [
+    "AppBroken", "AppNotFound", "DriverError", "EngineError", "ManifestError", "QueueFull",
+    "ShuttingDown", "SlaveDied", "SlaveHung", "UnknownEvent",
+]
+
+
+class EngineError(Exception):
+    """Base of local (not wire-visible) engine errors."""
+
+
+class ManifestError(EngineError):
+    """A manifest that cannot be hosted: names the file, the field path and what was expected."""
+
+    def __init__(self, file: str, path: str, expected: str, got: object = None):
+        self.file = file
+        self.path = path
+        self.expected = expected
+        self.got = got
+        where = f"{file}: {path}" if path else file
+        detail = f"expected {expected}"
+        if got is not None:
+            detail += f", got {got!r:.80}"
+        super().__init__(f"{where}: {detail}")
+
+
+class DriverError(EngineError):
+    """A driver could not start (port taken, path missing...)."""
+
+
+@register_error
+class SlaveDied(RemoteError):
+    """The slave running the job exited (crash, signal, OOM kill)."""
+
+    code = "slave-died"
+    retryable = True
+
+
+@register_error
+class SlaveHung(RemoteError):
+    """The slave running the job missed heartbeats and was killed."""
+
+    code = "slave-hung"
+    retryable = True
+
+
+@register_error
+class AppBroken(RemoteError):
+    """The app's slaves keep dying before their handshake; it is backing off."""
+
+    code = "app-broken"
+    retryable = True
+
+
+@register_error
+class AppNotFound(RemoteError):
+    """No app of that name is deployed on the node."""
+
+    code = "app-not-found"
+
+
+@register_error
+class ShuttingDown(RemoteError):
+    """The app or node is draining and accepts no new jobs."""
+
+    code = "shutting-down"
+    retryable = True

@@ -1,0 +1,1 @@
+"""Sockend: a trio-websocket bridge from browsers to mesh components."""

@@ -1,0 +1,124 @@
+"""Typed errors that cross the wire.
+
+Every failure a caller can see is an instance of :class:`RemoteError` (or a subclass
+registered under a stable ``code``).  On the wire an error is a msgpack map
+``{"code": str, "type": str, "message": str, "retryable": bool}`` so a client in any
+language can read it; :func:`error_to_body` and :func:`body_to_error` convert.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class TransportError(Exception):
+    """Base class of everything this package raises."""
+
+
+class CodecError(TransportError):
+    """Bytes that are not a valid frame or envelope."""
+
+
+class Closed(TransportError):
+    """The socket or channel was closed."""
+
+
+_REGISTRY: dict[str, type["RemoteError"]] = {}
+
+
+def register_error(cls: type["RemoteError"]) -> type["RemoteError"]:
+    """Class decorator: make ``body_to_error`` rebuild ``cls`` from its ``code``."""
+    _REGISTRY[cls.code] = cls
+    return cls
+
+
+@register_error
+class RemoteError(TransportError):
+    """An error delivered to a caller: a stable ``code``, the original ``type`` name,
+    a human ``message`` and whether retrying the same request may succeed."""
+
+    code = "error"
+    retryable = False
+
+    def __init__(self, message: str = "", *, type: str | None = None, retryable: bool | None = None):
+        super().__init__(message)
+        self.message = message
+        self.type = type or self.__class__.__name__
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}" if self.message else self.type
+
+    def __reduce__(self):  # keep pickling (e.g. across threads) faithful
+        return (_rebuild, (self.code, self.message, self.type, self.retryable))
+
+
+def _rebuild(code: str, message: str, type_: str, retryable: bool) -> RemoteError:
+    return body_to_error({"code": code, "message": message, "type": type_, "retryable": retryable})
+
+
+@register_error
+class TimeoutError_(RemoteError):
+    """No answer within the caller's deadline."""
+
+    code = "timeout"
+    retryable = True
+
+
+@register_error
+class QueueFull(RemoteError):
+    """Backpressure: the receiver's bounded queue is full; the request was not accepted."""
+
+    code = "queue-full"
+    retryable = True
+
+
+@register_error
+class Unreachable(RemoteError):
+    """No peer could be reached to serve the request."""
+
+    code = "unreachable"
+    retryable = True
+
+
+@register_error
+class UnknownEvent(RemoteError):
+    """The receiver has no handler for the requested event or type."""
+
+    code = "unknown-event"
+
+
+@register_error
+class BadMessage(RemoteError):
+    """The request could not be decoded or has the wrong shape."""
+
+    code = "bad-message"
+
+
+@register_error
+class HandlerError(RemoteError):
+    """User code raised; ``type`` is the exception's class name."""
+
+    code = "handler"
+
+
+def error_to_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, RemoteError):
+        return {"code": exc.code, "type": exc.type, "message": exc.message, "retryable": exc.retryable}
+    return {"code": HandlerError.code, "type": type(exc).__name__, "message": str(exc), "retryable": False}
+
+
+def body_to_error(body: Any) -> RemoteError:
+    """Rebuild a typed error from a wire body; anything malformed becomes a BadMessage."""
+    if not isinstance(body, dict):
+        return BadMessage(f"malformed error body: {body!r:.200}")
+    code = body.get("code")
+    cls = _REGISTRY.get(code, RemoteError) if isinstance(code, str) else RemoteError
+    message = body.get("message", "")
+    type_ = body.get("type")
+    retryable = body.get("retryable")
+    return cls(
+        message if isinstance(message, str) else repr(message),
+        type=type_ if isinstance(type_, str) else None,
+        retryable=retryable if isinstance(retryable, bool) else None,
+    )
