@@ -1,0 +1,150 @@
+"""RpcServer/RpcClient over real nng sockets on loopback."""
+import pynng
+import pytest
+import trio
+
+from transport.codec import Kind, encode
+from transport.errors import BadMessage, HandlerError, QueueFull, TimeoutError_, Unreachable
+from transport.rpc import RpcClient, RpcServer, Stream
+
+
+class Boom(Exception):
+    pass
+
+
+async def handler(req):
+    if req.event == "echo":
+        return req.payload
+    if req.event == "count":
+        async def items():
+            for i in range(req.payload):
+                yield {"i": i}
+        return Stream(items())
+    if req.event == "boom":
+        raise Boom("it broke")
+    if req.event == "sleep":
+        await trio.sleep(req.payload)
+        return "slept"
+    if req.event == "target":
+        return req.target
+    raise KeyError(req.event)
+
+
+@pytest.fixture
+async def server(nursery):
+    srv = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(srv.run)
+    return srv
+
+
+async def test_echo_value_and_target(server):
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            assert await client.call("app", "echo", {"a": [1, 2, b"x"]}) == {"a": [1, 2, b"x"]}
+            assert await client.call("myapp", "target") == "myapp"
+
+
+async def test_stream_chunks_in_order(server):
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            got = [c async for c in client.stream("app", "count", 50)]
+            assert got == [{"i": i} for i in range(50)]
+            # call() on a streamed reply collects the chunks
+            assert await client.call("app", "count", 3) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+async def test_handler_exception_reaches_caller_typed(server):
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            with pytest.raises(HandlerError) as info:
+                await client.call("app", "boom")
+            assert info.value.type == "Boom" and "it broke" in info.value.message
+            # the server lives on
+            assert await client.call("app", "echo", 1) == 1
+
+
+async def test_timeout_cancels_server_side_work(server):
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            with pytest.raises(TimeoutError_):
+                await client.call("app", "sleep", 30, timeout=0.2)
+            with trio.fail_after(5):
+                while server.inflight:
+                    await trio.sleep(0.01)
+
+
+async def test_many_in_flight_are_batched_and_all_answered(server):
+    results = {}
+    with trio.fail_after(20):
+        async with RpcClient(server.address) as client:
+            async def one(i):
+                results[i] = await client.call("app", "echo", i)
+            async with trio.open_nursery() as n:
+                for i in range(1000):
+                    n.start_soon(one, i)
+    assert results == {i: i for i in range(1000)}
+
+
+async def test_max_inflight_refuses_with_queue_full(nursery):
+    srv = RpcServer("tcp://127.0.0.1:0", handler, max_inflight=2)
+    await nursery.start(srv.run)
+    with trio.fail_after(10):
+        async with RpcClient(srv.address) as client:
+            async with trio.open_nursery() as n:
+                n.start_soon(client.call, "app", "sleep", 0.5)
+                n.start_soon(client.call, "app", "sleep", 0.5)
+                await trio.sleep(0.2)
+                with pytest.raises(QueueFull):
+                    await client.call("app", "echo", 1)
+
+
+async def test_server_vanishing_fails_pending_calls_unreachable():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            srv = RpcServer("tcp://127.0.0.1:0", handler)
+            with trio.CancelScope() as server_scope:
+                pass
+            async def run_server(task_status=trio.TASK_STATUS_IGNORED):
+                nonlocal server_scope
+                with trio.CancelScope() as server_scope:
+                    await srv.run(task_status=task_status)
+            await outer.start(run_server)
+            async with RpcClient(srv.address) as client:
+                await client.wait_connected()
+                async def stop_soon():
+                    await trio.sleep(0.2)
+                    server_scope.cancel()
+                outer.start_soon(stop_soon)
+                with pytest.raises(Unreachable):
+                    await client.call("app", "sleep", 30)
+
+
+async def test_unreachable_server_times_out():
+    with trio.fail_after(10):
+        async with RpcClient("tcp://127.0.0.1:1") as client:
+            with pytest.raises(TimeoutError_):
+                await client.call("app", "echo", 1, timeout=0.3)
+
+
+async def test_garbage_and_malformed_requests_do_not_crash_server(server):
+    raw = pynng.Pair1(dial=server.address)
+    try:
+        with trio.fail_after(10):
+            raw.send(b"\xc1garbage")
+            raw.send(encode([(Kind.REQUEST, 7, "not-a-list")]))
+            reply = await trio.to_thread.run_sync(raw.recv)
+            from transport.codec import decode
+            [(kind, sid, body)] = decode(reply)
+            assert (kind, sid, body["code"]) == (Kind.ERROR, 7, BadMessage.code)
+            async with RpcClient(server.address) as client:
+                assert await client.call("app", "echo", "still fine") == "still fine"
+            assert server.bad_frames == 1
+    finally:
+        raw.close()
+
+
+async def test_unencodable_payload_is_a_typed_error_not_a_crash(server):
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            with pytest.raises(BadMessage):
+                await client.call("app", "echo", object())
