@@ -72,7 +72,7 @@ class TrioSocket:
                 # send_fd is readable once *some* send can proceed; for a single
                 # full pipe of a polyamorous socket it may be readable while that
                 # pipe is still full, so back off briefly instead of spinning.
-                await trio.lowlevel.wait_readable(self.send_fd)
+                await self._wait(self.send_fd)
                 try:
                     send(data, block=False)
                     break
@@ -99,12 +99,18 @@ class TrioSocket:
             except pynng.TryAgain:
                 if self._closed:
                     raise Closed("socket closed") from None
-                await trio.lowlevel.wait_readable(self.recv_fd)
+                await self._wait(self.recv_fd)
                 continue
             except pynng.Closed:
                 raise Closed("socket closed") from None
             await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+
+    async def _wait(self, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError:
+            raise Closed("socket closed") from None
 
     def try_recv(self) -> bytes | None:
         """Non-blocking receive: a message if one is queued, else None."""
@@ -123,7 +129,10 @@ class TrioSocket:
         # Wake any task parked on our descriptors before nng closes them.
         for fd in (self._recv_fd, self._send_fd):
             if fd is not None:
-                trio.lowlevel.notify_closing(fd)
+                try:
+                    trio.lowlevel.notify_closing(fd)
+                except RuntimeError:
+                    pass  # closed outside trio: nobody can be parked on it
         self.sock.close()
 
     async def __aenter__(self) -> "TrioSocket":

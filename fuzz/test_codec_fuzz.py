@@ -1,0 +1,51 @@
+"""Fuzz the wire codec: no input bytes make it raise anything but CodecError, and
+every encodable envelope list survives a round trip."""
+import msgpack
+from hypothesis import given, settings, strategies as st
+
+from transport.codec import Envelope, decode, encode
+from transport.errors import CodecError, RemoteError, body_to_error, error_to_body
+
+payloads = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+envelopes = st.builds(Envelope, st.integers(0, 255), st.integers(0, 2**32), payloads)
+
+
+@settings(max_examples=400)
+@given(st.binary(max_size=200))
+def test_decode_arbitrary_bytes_only_raises_codec_error(data):
+    try:
+        result = decode(data)
+    except CodecError:
+        return
+    assert all(isinstance(e, Envelope) for e in result)
+
+
+@settings(max_examples=300)
+@given(st.lists(payloads, max_size=5))
+def test_decode_wellformed_msgpack_of_wrong_shape(values):
+    try:
+        decode(msgpack.packb(values))
+    except CodecError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.lists(envelopes, max_size=20))
+def test_round_trip(batch):
+    assert decode(encode(batch)) == batch
+
+
+@given(payloads)
+def test_error_bodies_always_rebuild_a_remote_error(body):
+    assert isinstance(body_to_error(body), RemoteError)
+
+
+@given(st.text(max_size=30), st.booleans())
+def test_error_round_trip_keeps_code_type_and_message(message, retryable):
+    err = body_to_error(error_to_body(RemoteError(message, type="X", retryable=retryable)))
+    assert (err.message, err.type, err.retryable) == (message, "X", retryable)
