@@ -39,7 +39,18 @@ class EnvelopeChannel:
     def send_nowait(self, kind: int, sid: int, body: Any = None) -> None:
         if self._closed:
             raise Closed("channel closed")
-        self._outbox.append(Envelope(kind, sid, body))
+        env = Envelope(kind, sid, body)
+        if not self._outbox and not self._wakeup.is_set():
+            try_send = getattr(self.sock, "try_send_nowait", None)
+            if try_send is not None:
+                try:
+                    if try_send(encode((env,))):
+                        self.frames_sent += 1
+                        self._wakeup.set()  # direct sends resume once the writer has run
+                        return
+                except CodecError:
+                    pass
+        self._outbox.append(env)
         self._wakeup.set()
 
     async def send(self, kind: int, sid: int, body: Any = None) -> None:
@@ -61,9 +72,12 @@ class EnvelopeChannel:
         """The writer task; run it in the nursery that owns the channel."""
         task_status.started()
         try:
+            flush = getattr(self.sock, "flush", None)
             while True:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                if flush is not None:
+                    await flush()
                 while self._outbox:
                     batch = self._outbox[:MAX_BATCH]
                     del self._outbox[:MAX_BATCH]

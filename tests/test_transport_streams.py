@@ -1,0 +1,73 @@
+"""FramedStream over a socketpair, and an EnvelopeChannel running over it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from transport.channel import EnvelopeChannel
+from transport.codec import Kind
+from transport.errors import Closed, CodecError
+from transport.streams import FramedStream, from_socket, socketpair
+
+
+async def test_frames_survive_fragmentation_and_coalescing():
+    a, b = socketpair()
+    fa, fb = from_socket(a), from_socket(b)
+    with trio.fail_after(5):
+        frames = [b"", b"x", os.urandom(70_000), b"tail"]
+        for f in frames:
+            await fa.send(f)
+        assert [await fb.recv() for _ in frames] == frames
+    fa.close(); fb.close()
+
+
+async def test_peer_close_is_closed_not_a_hang():
+    a, b = socketpair()
+    fa, fb = from_socket(a), from_socket(b)
+    fa.close()
+    with trio.fail_after(5), pytest.raises(Closed):
+        await fb.recv()
+    fb.close()
+
+
+async def test_oversized_length_prefix_is_a_codec_error():
+    a, b = socketpair()
+    fb = FramedStream(trio.SocketStream(trio.socket.from_stdlib_socket(b)), max_frame=10)
+    a.sendall(b"\xff\xff\xff\xff")
+    with trio.fail_after(5), pytest.raises(CodecError):
+        await fb.recv()
+    a.close(); fb.close()
+
+
+async def test_child_death_is_seen_as_end_of_stream():
+    parent, child = socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                            pass_fds=[child.fileno()])
+    child.close()
+    stream = from_socket(parent)
+    try:
+        proc.kill()
+        with trio.fail_after(5), pytest.raises(Closed):
+            await stream.recv()
+    finally:
+        proc.kill()
+        proc.wait()
+        stream.close()
+
+
+async def test_envelope_channel_over_framed_stream():
+    a, b = socketpair()
+    ca, cb = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            await n.start(ca.run_writer)
+            for i in range(10):
+                ca.send_nowait(Kind.INVOKE, i, ["echo", i])
+            got = []
+            while len(got) < 10:
+                got += await cb.receive()
+            assert [e.body for e in got] == [["echo", i] for i in range(10)]
+            n.cancel_scope.cancel()
+    ca.close(); cb.close()
