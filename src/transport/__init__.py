@@ -22,3 +22,16 @@ __all__ = [
     "RemoteError", "TimeoutError_", "TransportError", "TrioSocket", "UnknownEvent",
     "Unreachable", "body_to_error", "decode", "encode", "error_to_body", "register_error",
 ]
+
+# Mesh components (cote's half): zero-config discovery, request/response, pub/sub.
+from .discovery import Discovery, DiscoveryConfig  # noqa: E402
+from .monitor import Monitor  # noqa: E402
+from .peers import Beacon, PeerTable, matches  # noqa: E402
+from .pubsub import Event, Publisher, Subscriber  # noqa: E402
+from .requester import Requester  # noqa: E402
+from .responder import Responder  # noqa: E402
+
+__all__ += [
+    "Beacon", "Discovery", "DiscoveryConfig", "Event", "Monitor", "PeerTable", "Publisher",
+    "Requester", "Responder", "Subscriber", "matches",
+]
