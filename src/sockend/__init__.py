@@ -1,1 +1,9 @@
 """Sockend: a trio-websocket bridge from browsers to mesh components."""
+from .bridge import Mesh, NamespaceLink, TransportMesh
+from .protocol import BadFrame, ClientRequest, EventOutbox, namespace_from_path, parse_request
+from .server import Sockend, SockendConfig
+
+__all__ = [
+    "BadFrame", "ClientRequest", "EventOutbox", "Mesh", "NamespaceLink", "Sockend",
+    "SockendConfig", "TransportMesh", "namespace_from_path", "parse_request",
+]

@@ -1,0 +1,74 @@
+"""What Sockend needs from the mesh, per namespace, and the adapter to the real one.
+
+A *mesh* opens one :class:`NamespaceLink` per namespace (an async context manager);
+the link forwards requests to that namespace's Responders and yields the events its
+Publishers send.  :class:`TransportMesh` is the real thing: a Requester and a
+Subscriber (subscribed to everything, ``**``) named ``sockend`` in that namespace.
+Tests may pass any object with the same shape.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncContextManager, AsyncIterator, Protocol
+
+from transport.discovery import DiscoveryConfig
+from transport.pubsub import Subscriber
+from transport.requester import Requester
+
+
+class NamespaceLink(Protocol):
+    async def request(self, request: dict, timeout: float) -> Any:
+        """The answer of a Responder advertising ``request["type"]``; raises RemoteError."""
+
+    async def next_events(self) -> list[tuple[str, Any]]:
+        """The next published events (at least one), as (topic, data)."""
+
+    def responder_types(self) -> list[str]:
+        """Event types the namespace's Responders currently advertise."""
+
+
+class Mesh(Protocol):
+    def open(self, namespace: str) -> AsyncContextManager[NamespaceLink]: ...
+
+
+class TransportLink:
+    def __init__(self, requester: Requester, subscriber: Subscriber):
+        self.requester = requester
+        self.subscriber = subscriber
+
+    async def request(self, request: dict, timeout: float) -> Any:
+        return await self.requester.send(request, timeout=timeout)
+
+    async def next_events(self) -> list[tuple[str, Any]]:
+        return [(e.topic, e.data) for e in await self.subscriber.receive_many()]
+
+    def responder_types(self) -> list[str]:
+        return sorted({t for b in self.requester.peers() if b.role == "responder" for t in b.types})
+
+    def info(self) -> dict:
+        return {"requester": dict(self.requester.stats), "subscriber": dict(self.subscriber.stats),
+                "responders": sum(1 for b in self.requester.peers() if b.role == "responder"),
+                "publishers": sum(1 for b in self.subscriber.peers() if b.role == "publisher")}
+
+
+class TransportMesh:
+    """Bridge to the real mesh.  ``key``, ``secret``, ``discovery`` and ``bind`` mean what
+    they mean for every mesh component (see transport/mesh.py)."""
+
+    def __init__(self, *, name: str = "sockend", key: str = "", secret: str | bytes | None = None,
+                 discovery: DiscoveryConfig | None = None, bind: str = "127.0.0.1",
+                 event_buffer: int = 10_000):
+        self.name = name
+        self.key = key
+        self.secret = secret
+        self.discovery = discovery
+        self.bind = bind
+        self.event_buffer = event_buffer
+
+    @asynccontextmanager
+    async def open(self, namespace: str) -> AsyncIterator[TransportLink]:
+        kw = dict(namespace=namespace, key=self.key, secret=self.secret,
+                  discovery=self.discovery, bind=self.bind)
+        async with Requester(self.name, **kw) as requester, \
+                Subscriber(self.name, subscribes_to=("**",), buffer=self.event_buffer, **kw) as sub:
+            yield TransportLink(requester, sub)
