@@ -1,0 +1,369 @@
+"""``SlavePool``: the trio shell that runs one app's slaves.
+
+It drives two pure cores: :class:`engine.policy.PoolPolicy` (queue, which job to
+which slave, spawn/retire, broken state) and one :class:`engine.protocol.SlaveSession`
+per slave (handshake, heartbeats, replies, deadlines), and carries out what they
+decide with :class:`engine.slave.SlaveProcess`.  Decisions are applied
+synchronously where the event happens (``submit``, a frame arriving), so a job
+reaches an idle slave without a scheduler hop; one timer task handles deadlines.
+
+Contract (docs/architecture.md)::
+
+    pool = SlavePool(app_name, entry, config)
+    await nursery.start(pool.run)
+    job = pool.submit(event, payload)     # QueueFull / ShuttingDown / AppBroken at once
+    value = await job.result()            # or: async for chunk in job
+    await pool.drain(timeout)
+    pool.info(); pool.crashlog()
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from transport.errors import RemoteError
+
+from . import policy as P
+from . import protocol as S
+from .errors import ShuttingDown
+from .manifest import EngineConfig
+from .slave import SlaveProcess
+
+log = logging.getLogger(__name__)
+
+LATENCY_WINDOW = 1024  # jobs over which p50/p99 are computed
+
+
+class Job:
+    __slots__ = ("id", "event", "payload", "streaming", "submitted_at", "finished_at",
+                 "_items", "_value", "_value_taken", "_error", "_done", "_changed")
+
+    def __init__(self, id: int, event: str, payload: Any, submitted_at: float):
+        self.id = id
+        self.event = event
+        self.payload = payload
+        self.streaming: bool | None = None   # known after the first reply
+        self.submitted_at = submitted_at
+        self.finished_at: float | None = None
+        self._items: deque = deque()
+        self._value: Any = None
+        self._value_taken = False
+        self._error: RemoteError | None = None
+        self._done = False
+        self._changed = trio.Event()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "pending"
+        return f"<Job {self.id} {self.event!r} {state}>"
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # -- the caller's side -----------------------------------------------------------
+    async def result(self) -> Any:
+        """The single value, or the list of chunks if the handler streamed."""
+        while not self._done:
+            await self._changed.wait()
+        if self._error is not None:
+            raise self._error
+        return list(self._items) if self.streaming else self._value
+
+    def __aiter__(self) -> "Job":
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self._items:
+                return self._items.popleft()  # consumed chunks are not kept
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                if self.streaming is False and not self._value_taken:
+                    self._value_taken = True
+                    return self._value
+                raise StopAsyncIteration
+            await self._changed.wait()
+
+    # -- the pool's side: each returns False if the job was already answered ----------
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _chunk(self, value: Any) -> bool:
+        if self._done:
+            return False
+        self.streaming = True
+        self._items.append(value)
+        self._wake()
+        return True
+
+    def _finish(self, value: Any, streamed: bool, now: float) -> bool:
+        if self._done:
+            return False
+        if not streamed:
+            self.streaming = False
+            self._value = value
+        else:
+            self.streaming = True
+        self._done = True
+        self.finished_at = now
+        self._wake()
+        return True
+
+    def _fail(self, error: RemoteError, now: float) -> bool:
+        if self._done:
+            return False
+        self._error = error
+        self._done = True
+        self.finished_at = now
+        self._wake()
+        return True
+
+
+@dataclass
+class _Slave:
+    id: int
+    process: SlaveProcess | None = None
+    session: S.SlaveSession | None = None
+
+
+class SlavePool:
+    def __init__(self, app_name: str, entry: Path, config: EngineConfig, *,
+                 restart_intensity: int = 3, backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 python: str = sys.executable):
+        self.app_name = app_name
+        self.entry = Path(entry)
+        self.config = config
+        self.python = python
+        self.policy = P.PoolPolicy(
+            pool_limit=config.pool_limit, queue_limit=config.queue_limit,
+            grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
+            concurrency=config.concurrency, restart_intensity=restart_intensity,
+            backoff_base=backoff_base, backoff_cap=backoff_cap)
+        self._jobs: dict[int, Job] = {}          # accepted jobs the policy still tracks
+        self._slaves: dict[int, _Slave] = {}
+        self._next_job = 1
+        self._nursery: trio.Nursery | None = None
+        self._death_fd: int | None = None        # read end of the node-death pipe, for slaves
+        self._timer_wakeup = trio.Event()
+        self._timer_at = math.inf
+        self._quiet = trio.Event()                # set when no accepted job is pending
+        self._crashlog: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.done = 0
+        self.failed = 0
+        self.crashes = 0
+
+    # -- lifetime --------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise slaves until cancelled; started() once submit() may be called."""
+        death_r, death_w = os.pipe()   # slaves see EOF on death_r when this process dies
+        self._death_fd = death_r
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                try:
+                    await self._timer_loop()
+                finally:
+                    self.policy.close()
+        finally:
+            self._nursery = None
+            now = trio.current_time()
+            for job in list(self._jobs.values()):
+                self._answer_fail(job.id, ShuttingDown("the app's slave pool stopped"), now)
+            os.close(death_r)
+            os.close(death_w)
+
+    def submit(self, event: str, payload: Any = None) -> Job:
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            raise ShuttingDown(f"the slave pool of {self.app_name!r} is not running")
+        now = trio.current_time()
+        job_id = self._next_job
+        decisions = self.policy.submit(job_id, now)  # raises QueueFull / ShuttingDown / AppBroken
+        self._next_job += 1
+        job = self._jobs[job_id] = Job(job_id, event, payload, now)
+        self._apply(decisions, now)
+        return job
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new jobs, let queued and running ones finish for up to ``timeout``
+        seconds, then fail what is left with ShuttingDown and retire the slaves."""
+        now = trio.current_time()
+        self._apply(self.policy.drain(now), now)
+        with trio.move_on_after(timeout):
+            while self._jobs:
+                self._quiet = trio.Event()
+                await self._quiet.wait()
+        now = trio.current_time()
+        self._apply(self.policy.fail_queued(ShuttingDown, "drain timeout: the job never started"), now)
+        for slave in list(self._slaves.values()):
+            if slave.session is not None and slave.session.jobs:
+                self._act(slave, slave.session.kill(f"still busy after the {timeout:g}s drain",
+                                                    ShuttingDown), now)
+        self._apply(self.policy.retire_all(now), now)
+
+    # -- views ---------------------------------------------------------------------
+    def info(self) -> dict:
+        p = self.policy.info()
+        lat = sorted(self._latencies)
+
+        def q(f: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000, 3) if lat else None
+
+        slaves = []
+        for s in self._slaves.values():
+            sess = s.session
+            slaves.append({"id": s.id, "pid": s.process.pid if s.process else None,
+                           "state": sess.state.value if sess else "spawning",
+                           "jobs": len(sess.jobs) if sess else 0})
+        return {"app": self.app_name, "state": p["state"], "reason": p["reason"], "slaves": slaves,
+                "queue": p["queue"], "running": p["running"], "done": self.done,
+                "failed": self.failed, "spawned": p["spawned"], "retired": p["retired"],
+                "crashes": self.crashes, "latency_ms": {"p50": q(0.5), "p99": q(0.99)}}
+
+    def crashlog(self) -> list[str]:
+        return list(self._crashlog)
+
+    # -- carrying out decisions ----------------------------------------------------------
+    def _apply(self, decisions: list, now: float) -> None:
+        for d in decisions:
+            if isinstance(d, P.Assign):
+                slave, job = self._slaves[d.slave], self._jobs[d.job]
+                self._act(slave, slave.session.invoke(job.id, job.id, job.event, job.payload), now)
+            elif isinstance(d, P.Spawn):
+                slave = self._slaves[d.slave] = _Slave(d.slave)
+                self._nursery.start_soon(self._supervise, slave, name=f"slave-{self.app_name}-{d.slave}")
+            elif isinstance(d, P.Retire):
+                slave = self._slaves[d.slave]
+                self._act(slave, slave.session.terminate(now), now)
+                self._wake_timer(slave.session.next_deadline())
+            elif isinstance(d, P.Fail):
+                self._answer_fail(d.job, d.error, now)
+        if decisions:
+            self._wake_timer(self.policy.next_deadline())
+
+    def _act(self, slave: _Slave, actions: list, now: float) -> None:
+        """Carry out what a slave's session asks for."""
+        for a in actions:
+            if isinstance(a, S.Chunk):
+                self._jobs[a.job]._chunk(a.value)
+            elif isinstance(a, S.Send):
+                slave.process.send(*a.envelope)
+            elif isinstance(a, (S.Finished, S.Failed)):
+                job = self._jobs.pop(a.job, None)
+                if job is None:
+                    pass  # already answered (pool stopping)
+                elif isinstance(a, S.Finished):
+                    if job._finish(a.value, a.streamed, now):
+                        self.done += 1
+                        self._latencies.append(now - job.submitted_at)
+                elif job._fail(a.error, now):
+                    self.failed += 1
+                if not self._jobs:
+                    self._quiet.set()
+                self._apply(self.policy.job_finished(a.job, now), now)
+                self._wake_timer(self.policy.next_deadline())  # maybe a slave went idle
+            elif isinstance(a, S.Ready):
+                self._apply(self.policy.slave_ready(slave.id, a.concurrency, now), now)
+                self._wake_timer(slave.session.next_deadline())
+            elif isinstance(a, S.Kill):
+                log.warning("%s: killing slave %s: %s", self.app_name, slave.session.pid, a.reason)
+                slave.process.kill()
+                self._apply(self.policy.slave_stopping(slave.id, now), now)
+            elif isinstance(a, S.Stopping):
+                self._apply(self.policy.slave_stopping(slave.id, now), now)
+
+    def _answer_fail(self, job_id: int, error: RemoteError, now: float) -> None:
+        job = self._jobs.pop(job_id, None)
+        if job is not None and job._fail(error, now):
+            self.failed += 1
+        if not self._jobs:
+            self._quiet.set()
+
+    # -- tasks -------------------------------------------------------------------------
+    async def _supervise(self, slave: _Slave) -> None:
+        """One slave's whole life: spawn, talk, reap, report."""
+        cfg = self.config
+        slave.process = proc = SlaveProcess(
+            app=self.app_name, entry=self.entry,
+            config=cfg, death_fd=self._death_fd, python=self.python)
+        spawn_error = None
+        try:
+            async with proc.open():
+                now = trio.current_time()
+                slave.session = sess = S.SlaveSession(
+                    pid=proc.pid, now=now, startup_timeout=cfg.startup_timeout,
+                    heartbeat_timeout=cfg.heartbeat_timeout,
+                    termination_timeout=cfg.termination_timeout, concurrency=cfg.concurrency)
+                self._wake_timer(sess.next_deadline())
+                try:
+                    while (frame := await proc.receive()) is not None:
+                        now = trio.current_time()
+                        for env in frame:
+                            self._act(slave, sess.receive(env, now), now)
+                except trio.Cancelled:
+                    # Tell the callers now, not after the graceful stop below.
+                    # (no Kill: the graceful TERMINATE/SIGTERM/SIGKILL stop follows)
+                    now = trio.current_time()
+                    self.policy.close()  # the pool is being torn down: no spawns, no assigns
+                    kill = sess.kill("the app's slave pool stopped", ShuttingDown)
+                    self._act(slave, [a for a in kill if not isinstance(a, S.Kill)], now)
+                    raise
+        except OSError as exc:  # could not listen or exec: counts as a failed start
+            spawn_error = f"cannot start slave: {exc}"
+            log.error("%s: %s", self.app_name, spawn_error)
+        finally:
+            self._reaped(slave, spawn_error)
+
+    def _reaped(self, slave: _Slave, spawn_error: str | None) -> None:
+        now = trio.current_time()
+        proc, sess = slave.process, slave.session
+        handshaked = sess.handshaked if sess else False
+        reason = spawn_error or S.describe_exit(proc.returncode)
+        if sess is not None:
+            if not self.policy.closed:  # first: no job may be handed to the dead slave
+                self._apply(self.policy.slave_stopping(slave.id, now), now)
+            self._act(slave, sess.exited(proc.returncode), now)
+            if sess.startup_error is not None:
+                reason = f"{sess.startup_error} (slave {proc.pid} {reason})"
+            elif sess.kill_reason:
+                reason = f"slave {proc.pid} killed: {sess.kill_reason}"
+            else:
+                reason = f"slave {proc.pid} {reason}"
+        if proc.pid is not None and (proc.returncode != 0 or (sess is not None and sess.kill_reason)):
+            self.crashes += 1
+            self._crashlog.extend(f"[{proc.pid}] {line}" for line in proc.output)
+            self._crashlog.append(f"[{proc.pid}] -- {reason}")
+        del self._slaves[slave.id]
+        if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
+            self._apply(self.policy.slave_gone(slave.id, now, handshaked=handshaked, reason=reason), now)
+
+    async def _timer_loop(self) -> None:
+        """Deadlines: startup, heartbeat, termination (sessions); idle, backoff (policy)."""
+        while True:
+            now = trio.current_time()
+            for slave in list(self._slaves.values()):
+                if slave.session is not None:
+                    self._act(slave, slave.session.tick(now), now)
+            self._apply(self.policy.tick(now), now)
+            times = [self.policy.next_deadline()]
+            times += [s.session.next_deadline() for s in self._slaves.values() if s.session]
+            self._timer_at = min((t for t in times if t is not None), default=math.inf)
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_at(self._timer_at):
+                await self._timer_wakeup.wait()
+
+    def _wake_timer(self, deadline: float | None) -> None:
+        if deadline is not None and deadline < self._timer_at:
+            self._timer_at = deadline
+            self._timer_wakeup.set()

@@ -1,0 +1,197 @@
+"""The trio shell around one slave process (node side).
+
+``SlaveProcess.open()`` makes a Unix socketpair, starts ``python -m engine.worker``
+with one end (``pass_fds``) and yields the :class:`EnvelopeChannel` over the other;
+:meth:`receive` returns frames until the process has exited.  Leaving the context
+(normally or by cancellation) always ends the process and reaps it: TERMINATE,
+then SIGTERM, then SIGKILL of its whole process group, each after a bounded wait.
+
+The slave's stdout and stderr (one pipe) are read continuously, so a chatty
+slave never blocks on a full pipe, and the last ``crashlog_limit`` lines are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import AsyncIterator
+
+import trio
+
+from transport.channel import EnvelopeChannel
+from transport.codec import Envelope, Kind, encode_envelope, join_frame
+from transport.errors import Closed
+from transport.streams import from_socket, socketpair
+
+from .manifest import EngineConfig
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 2000      # characters kept of one output line
+EXIT_GRACE = 0.05    # s to collect frames still in flight after the process exited
+SIGTERM_WAIT = 2.0   # s between SIGTERM and SIGKILL
+
+
+class SlaveProcess:
+    def __init__(self, *, app: str, entry: Path, config: EngineConfig,
+                 death_fd: int | None = None, python: str = sys.executable):
+        self.app = app
+        self.entry = entry
+        self.config = config
+        self.death_fd = death_fd
+        self.python = python
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.output: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
+        self.exited = trio.Event()
+        self._proc: trio.Process | None = None
+        self._chan: EnvelopeChannel | None = None
+        self._recv_scope: trio.CancelScope | None = None
+        self._output_done = trio.Event()
+
+    def command(self, link_fd: int) -> list[str]:
+        cfg = self.config
+        limits = {k: (sorted(v) if isinstance(v, frozenset) else v)
+                  for k, v in asdict(cfg.resource_limits).items() if v}
+        cmd = [self.python, "-m", "engine.worker", "--app", self.app, "--entry", str(self.entry),
+               "--fd", str(link_fd), "--concurrency", str(cfg.concurrency),
+               "--heartbeat", f"{cfg.heartbeat_timeout / 3:.3f}", "--parent-pid", str(os.getpid())]
+        if self.death_fd is not None:
+            cmd += ["--death-fd", str(self.death_fd)]
+        if limits:
+            cmd += ["--limits", json.dumps(limits)]
+        return cmd
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[EnvelopeChannel]:
+        ours, theirs = socketpair()
+        chan = EnvelopeChannel(from_socket(ours))
+        self._chan = chan
+        try:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")  # output reaches the crashlog at once
+            fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
+            try:
+                self._proc = proc = await trio.lowlevel.open_process(
+                    self.command(theirs.fileno()), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,  # no ^C from the tty
+                    pass_fds=fds)
+            finally:
+                theirs.close()  # the child has its copy; ours must go so EOF means "slave gone"
+            self.pid = proc.pid
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_output, proc.stdout)
+                    nursery.start_soon(self._wait_exit, proc)
+                    await nursery.start(chan.run_writer)
+                    yield chan
+                    if self.exited.is_set():  # give the pump the last words of a dying slave
+                        with trio.move_on_after(1.0):
+                            await self._output_done.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop(proc)
+        finally:
+            chan.close()
+
+    async def receive(self) -> list[Envelope] | None:
+        """The next frame from the slave, or None once it has exited and nothing is left."""
+        assert self._chan is not None
+        if not self.exited.is_set():
+            with trio.CancelScope() as scope:
+                self._recv_scope = scope
+                try:
+                    return await self._chan.receive()
+                except Closed:
+                    return None
+                finally:
+                    self._recv_scope = None
+        # Exited: frames it sent just before dying may still be on their way.
+        with trio.move_on_after(EXIT_GRACE):
+            try:
+                return await self._chan.receive()
+            except Closed:
+                return None
+        return None
+
+    def send(self, kind: int, sid: int, body=None) -> None:
+        if self._chan is not None:
+            try:
+                self._chan.send_nowait(kind, sid, body)
+            except Closed:
+                pass  # the process is going away; its jobs fail through the session
+
+    def kill(self) -> None:
+        """SIGKILL the slave's process group now (hung slave, startup timeout)."""
+        if self._proc is not None and self._proc.returncode is None:
+            _killpg(self._proc.pid, signal.SIGKILL)
+
+    # -- internals -----------------------------------------------------------------
+    async def _wait_exit(self, proc: trio.Process) -> None:
+        await proc.wait()
+        self.returncode = proc.returncode
+        self.exited.set()
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    async def _pump_output(self, stream) -> None:
+        partial = b""
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                lines = (partial + data).split(b"\n")
+                partial = lines.pop()
+                for line in lines:
+                    self._keep(line)
+                if len(partial) > MAX_LINE * 4:
+                    self._keep(partial)
+                    partial = b""
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            if partial:
+                self._keep(partial)
+            self._output_done.set()
+
+    def _keep(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")[:MAX_LINE]
+        self.output.append(text)
+        log.debug("%s[%s] %s", self.app, self.pid, text)
+
+    async def _stop(self, proc: trio.Process) -> None:
+        """TERMINATE, then SIGTERM, then SIGKILL; always reap. Runs shielded."""
+        if proc.returncode is None:
+            try:  # straight to the socket: the channel's writer task may be cancelled already
+                self._chan.sock.try_send_nowait(join_frame([encode_envelope(Kind.TERMINATE, 0, None)]))
+            except Closed:
+                pass
+            with trio.move_on_after(self.config.termination_timeout):
+                await proc.wait()
+        if proc.returncode is None:
+            _killpg(proc.pid, signal.SIGTERM)
+            with trio.move_on_after(min(SIGTERM_WAIT, self.config.termination_timeout)):
+                await proc.wait()
+        if proc.returncode is None:
+            _killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()  # SIGKILL cannot be ignored: this is bounded
+        self.returncode = proc.returncode
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+

@@ -1,0 +1,227 @@
+"""The slave runtime: ``python -m engine.worker --app NAME --entry PATH --fd N``.
+
+One slave process hosts one app module and serves INVOKEs from its node over the
+inherited end ``N`` of a Unix socketpair (docs/protocol.md).  Lifetime rules:
+
+- It dies with its node: ``PR_SET_PDEATHSIG`` (SIGKILL) plus a thread blocked on
+  the read end of a pipe whose write end only the node holds (EOF = node gone),
+  which also covers the race where the node died before ``prctl`` ran.
+- Heartbeats come from a trio task, and **sync handlers run on the trio thread on
+  purpose**: a sync handler stuck in ``while True: pass`` (or an async one that never
+  awaits) stops the heartbeats, so the node sees the hang and kills the slave.  A
+  worker thread would keep heartbeats flowing and hide the hang.  The price: one sync
+  handler call (or one step of a sync generator) must finish within the
+  heartbeat-timeout, and blocks the slave's other jobs while it runs.
+- A handler's exception is sent as an ERROR on its stream; the slave lives on.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import inspect
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from transport.channel import EnvelopeChannel
+from transport.codec import Kind
+from transport.errors import Closed, UnknownEvent, error_to_body
+from transport.streams import from_fd
+
+from . import api
+from .protocol import PROTOCOL_VERSION
+
+PR_SET_PDEATHSIG = 1
+EXIT_STARTUP_FAILED = 3
+
+
+def watch_parent(parent_pid: int, death_fd: int | None) -> None:
+    """Exit when the node dies, even if it was SIGKILLed.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked us exits, and trio
+    spawns processes from worker threads that come and go; so the death signal is
+    a private real-time signal whose handler checks that the parent really
+    changed, instead of a bare SIGKILL that would kill healthy slaves.
+    """
+    sig = getattr(signal, "SIGRTMIN", signal.SIGUSR1) + 1 if hasattr(signal, "SIGRTMIN") \
+        else signal.SIGUSR1
+
+    def on_parent_gone(signum, frame) -> None:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+    signal.signal(sig, on_parent_gone)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe below still works
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(0)  # the node died before prctl took effect
+    if death_fd is not None:
+        # Also covers a main thread stuck in C code, where Python signal handlers wait.
+        def wait_for_eof() -> None:
+            try:
+                while os.read(death_fd, 64):
+                    pass
+            except OSError:
+                pass
+            os._exit(0)
+        threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
+
+
+def apply_limits(limits: dict) -> None:
+    """Resource limits from the manifest, applied before the app is imported."""
+    cpus = limits.get("cpus")
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+    for key, res, extra in (("memory_bytes", resource.RLIMIT_AS, 0),
+                            ("cpu_seconds", resource.RLIMIT_CPU, 1),  # SIGXCPU, then SIGKILL 1 s later
+                            ("open_files", resource.RLIMIT_NOFILE, 0)):
+        value = limits.get(key)
+        if value:
+            _, hard = resource.getrlimit(res)
+            soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            new_hard = soft + extra if hard == resource.RLIM_INFINITY else hard
+            resource.setrlimit(res, (soft, new_hard))
+
+
+def load_app(entry: Path) -> dict:
+    """Import the app module; its ``@on`` decorators fill the registry."""
+    entry = entry.resolve()
+    sys.path.insert(0, str(entry.parent))  # the app may import its sibling modules
+    spec = importlib.util.spec_from_file_location(f"engine_app_{entry.stem}", entry)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {entry}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return api.handlers()
+
+
+class Runtime:
+    def __init__(self, chan: EnvelopeChannel, handlers: dict, nursery: trio.Nursery):
+        self.chan = chan
+        self.handlers = handlers
+        self.nursery = nursery
+        self.running = 0
+
+    async def heartbeat(self, interval: float) -> None:
+        while True:
+            self.chan.send_nowait(Kind.HEARTBEAT, 0, {"jobs": self.running})
+            await trio.sleep(interval)
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                envelopes = await self.chan.receive()
+            except Closed:
+                return
+            for kind, sid, body in envelopes:
+                if kind == Kind.INVOKE:
+                    if isinstance(body, list) and len(body) == 2 and isinstance(body[0], str):
+                        self.running += 1
+                        self.nursery.start_soon(self.run_job, sid, body[0], body[1])
+                    else:
+                        from transport.errors import BadMessage
+                        self.chan.send_nowait(Kind.ERROR, sid, error_to_body(
+                            BadMessage(f"INVOKE body must be [event, payload], got {body!r:.80}")))
+                elif kind == Kind.TERMINATE:
+                    self.chan.send_nowait(Kind.TERMINATE, 0, None)
+                    await self.chan.flush()
+                    return
+
+    async def run_job(self, sid: int, event: str, payload: Any) -> None:
+        send = self.chan.send_nowait
+        try:
+            fn = self.handlers.get(event)
+            if fn is None:
+                raise UnknownEvent(f"no handler for event {event!r}; the app handles "
+                                   f"{sorted(self.handlers)}")
+            if inspect.isasyncgenfunction(fn):
+                await self._stream_async(sid, fn(payload))
+            elif inspect.iscoroutinefunction(fn):
+                send(Kind.RESULT, sid, await fn(payload))
+            else:
+                out = fn(payload)  # on the trio thread on purpose: see the module docstring
+                if inspect.isgenerator(out):
+                    for item in out:
+                        await self.chan.send(Kind.CHUNK, sid, item)  # a checkpoint per item
+                    send(Kind.CHOKE, sid, None)
+                elif inspect.isasyncgen(out):
+                    await self._stream_async(sid, out)
+                elif inspect.isawaitable(out):
+                    send(Kind.RESULT, sid, await out)
+                else:
+                    send(Kind.RESULT, sid, out)
+        except Exception as exc:  # the caller gets type + message; the slave lives on
+            send(Kind.ERROR, sid, error_to_body(exc))
+        finally:
+            self.running -= 1
+
+    async def _stream_async(self, sid: int, agen) -> None:
+        try:
+            async for item in agen:
+                await self.chan.send(Kind.CHUNK, sid, item)
+        finally:
+            await agen.aclose()
+        self.chan.send_nowait(Kind.CHOKE, sid, None)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    chan = EnvelopeChannel(from_fd(args.fd))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(chan.run_writer)
+            try:
+                apply_limits(json.loads(args.limits) if args.limits else {})
+                handlers = load_app(Path(args.entry))
+            except BaseException as exc:  # noqa: BLE001  SystemExit in app code too
+                traceback.print_exc()
+                chan.send_nowait(Kind.ERROR, 0, error_to_body(exc))
+                await chan.flush()
+                nursery.cancel_scope.cancel()  # stops the writer task
+                return EXIT_STARTUP_FAILED
+            chan.send_nowait(Kind.HANDSHAKE, 0, {
+                "version": PROTOCOL_VERSION, "pid": os.getpid(), "app": args.app,
+                "concurrency": args.concurrency, "events": sorted(handlers),
+            })
+            runtime = Runtime(chan, handlers, nursery)
+            nursery.start_soon(runtime.heartbeat, args.heartbeat)
+            await runtime.serve()
+            nursery.cancel_scope.cancel()
+        return 0
+    finally:
+        chan.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.worker", description=__doc__.split("\n")[0])
+    p.add_argument("--app", required=True)
+    p.add_argument("--entry", required=True)
+    p.add_argument("--fd", type=int, required=True, help="inherited socketpair end to the node")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument("--death-fd", type=int, default=None)
+    p.add_argument("--limits", default="", help="JSON: cpus, memory_bytes, cpu_seconds, open_files")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    watch_parent(args.parent_pid, args.death_fd)
+    return trio.run(serve, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""PoolPolicy as a hypothesis state machine, plus a few pinned scenarios."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from engine.errors import AppBroken, QueueFull, ShuttingDown
+from engine.policy import READY, STARTING, Assign, Fail, PoolPolicy, Retire, Spawn
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    """Plays the pool shell: carries out decisions and reports slave events."""
+
+    @initialize(pool_limit=st.integers(1, 4), queue_limit=st.integers(0, 5),
+                grow=st.integers(0, 3), concurrency=st.integers(1, 3))
+    def setup(self, pool_limit, queue_limit, grow, concurrency):
+        self.p = PoolPolicy(pool_limit=pool_limit, queue_limit=queue_limit, grow_threshold=grow,
+                            idle_timeout=5.0, concurrency=concurrency, restart_intensity=2,
+                            backoff_base=1.0, backoff_cap=8.0)
+        self.now = 0.0
+        self.next_job = 1
+        self.accepted: list[int] = []
+        self.answered: Counter = Counter()
+        self.assigned: list[int] = []          # in the order Assign decisions came
+        self.on_slave: dict[int, set] = {}     # slave -> jobs it runs (model of sessions)
+        self.handshaked: set[int] = set()
+        self.retiring: set[int] = set()
+
+    def apply(self, decisions):
+        for d in decisions:
+            if isinstance(d, Spawn):
+                assert d.slave not in self.on_slave
+                self.on_slave[d.slave] = set()
+                if self.p.broken_reason is not None:  # a probe: only one at a time
+                    others = [s for s, v in self.p.slaves.items()
+                              if v.state == STARTING and s != d.slave]
+                    assert not others, others
+            elif isinstance(d, Assign):
+                assert d.slave in self.handshaked and d.slave not in self.retiring
+                self.on_slave[d.slave].add(d.job)
+                self.assigned.append(d.job)
+            elif isinstance(d, Retire):
+                assert not self.on_slave[d.slave]
+                self.retiring.add(d.slave)
+            elif isinstance(d, Fail):
+                self.answered[d.job] += 1
+
+    @rule()
+    def submit(self):
+        job = self.next_job
+        self.next_job += 1
+        queued_before = len(self.p.queue)
+        try:
+            self.apply(self.p.submit(job, self.now))
+            self.accepted.append(job)
+        except QueueFull:
+            assert queued_before >= self.p.queue_limit
+        except ShuttingDown:
+            assert self.p.draining
+        except AppBroken:
+            assert self.p.broken_reason is not None
+
+    @rule(data=st.data())
+    def handshake(self, data):
+        starting = sorted(s for s, v in self.p.slaves.items() if v.state == STARTING)
+        if starting:
+            slave = data.draw(st.sampled_from(starting))
+            self.handshaked.add(slave)
+            self.apply(self.p.slave_ready(slave, self.p.concurrency, self.now))
+
+    @rule(data=st.data())
+    def finish_job(self, data):
+        running = sorted(j for jobs in self.on_slave.values() for j in jobs)
+        if running:
+            job = data.draw(st.sampled_from(running))
+            for jobs in self.on_slave.values():
+                jobs.discard(job)
+            self.answered[job] += 1
+            self.apply(self.p.job_finished(job, self.now))
+
+    @rule(data=st.data())
+    def slave_dies(self, data):
+        if self.on_slave:
+            slave = data.draw(st.sampled_from(sorted(self.on_slave)))
+            self.apply(self.p.slave_stopping(slave, self.now))
+            for job in sorted(self.on_slave[slave]):  # the session fails what it held
+                self.answered[job] += 1
+                self.apply(self.p.job_finished(job, self.now))
+            del self.on_slave[slave]
+            self.apply(self.p.slave_gone(slave, self.now, handshaked=slave in self.handshaked,
+                                         reason="test"))
+            self.retiring.discard(slave)
+
+    @rule(dt=st.sampled_from([0.1, 1.0, 3.0, 6.0]))
+    def advance(self, dt):
+        self.now += dt
+        self.apply(self.p.tick(self.now))
+
+    @precondition(lambda self: not self.p.draining)
+    @rule()
+    def drain(self):
+        self.apply(self.p.drain(self.now))
+
+    # -- invariants ---------------------------------------------------------------
+    @invariant()
+    def bounded(self):
+        assert len(self.p.slaves) <= self.p.pool_limit
+        assert len(self.p.queue) <= self.p.queue_limit
+        assert set(self.p.slaves) == set(self.on_slave)
+
+    @invariant()
+    def every_job_in_exactly_one_place(self):
+        assert all(n == 1 for n in self.answered.values()), self.answered
+        for job in self.accepted:
+            places = (job in self.p.queue) + (job in self.p.owner) + (self.answered[job] == 1)
+            assert places == 1, job
+
+    @invariant()
+    def fifo(self):
+        assert self.assigned == sorted(self.assigned)
+        if self.p.queue and self.assigned:  # nothing assigned ever overtook a waiting job
+            assert self.p.queue[0] > max(self.assigned)
+        assert list(self.p.queue) == sorted(self.p.queue)
+
+    @invariant()
+    def no_idle_slave_while_jobs_wait(self):
+        if self.p.queue:
+            for v in self.p.slaves.values():
+                assert not (v.state == READY and len(v.jobs) < v.capacity)
+
+    @invariant()
+    def grows_while_there_is_demand(self):
+        p = self.p
+        if p.queue and p.broken_reason is None and self.now >= p.next_spawn_at:
+            live = sum(1 for v in p.slaves.values() if v.state in (STARTING, READY))
+            assert len(p.slaves) == p.pool_limit or len(p.queue) <= p.grow_threshold * live
+
+    @invariant()
+    def broken_means_nothing_waits(self):
+        if self.p.broken_reason is not None:
+            assert not self.p.queue
+
+
+TestPolicyMachine = PolicyMachine.TestCase
+TestPolicyMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_broken_after_restart_intensity_with_exponential_capped_backoff():
+    p = PoolPolicy(pool_limit=2, queue_limit=5, restart_intensity=3, backoff_base=1.0,
+                   backoff_cap=4.0)
+    assert p.submit("a", 0.0) == [Spawn(1)]
+    now, spawns = 0.0, []
+    for i in range(1, 7):
+        (slave,) = p.slaves
+        out = p.slave_gone(slave, now, handshaked=False, reason="ImportError: x")
+        if i < 3:
+            assert out == [Spawn(slave + 1)]  # the job still waits: respawn at once
+            continue
+        if i == 3:
+            assert out[0] == Fail("a", out[0].error) and isinstance(out[0].error, AppBroken)
+            with pytest.raises(AppBroken, match="ImportError"):
+                p.submit("b", now)
+        assert p.state == "broken" and not any(isinstance(d, Spawn) for d in out)
+        wait = p.next_deadline() - now
+        spawns.append(wait)
+        now += wait
+        assert p.tick(now - 0.01) == []
+        (probe,) = p.tick(now)
+        assert isinstance(probe, Spawn)
+    assert spawns == [1.0, 2.0, 4.0, 4.0]
+    assert p.slave_ready(probe.slave, 1, now) == [] and p.state == "running"
+    assert p.submit("c", now) == [Assign("c", probe.slave)]
+
+
+def test_idle_slaves_retire_after_idle_timeout_only_when_nothing_waits():
+    p = PoolPolicy(pool_limit=2, queue_limit=5, idle_timeout=10.0)
+    assert p.submit(1, 0.0) == [Spawn(1)]
+    assert p.slave_ready(1, 1, 1.0) == [Assign(1, 1)]
+    assert p.job_finished(1, 2.0) == []
+    assert p.next_deadline() == 12.0
+    assert p.tick(11.9) == []
+    assert p.tick(12.0) == [Retire(1)]
+    assert p.submit(2, 12.5) == [Spawn(2)]  # a retiring slave takes no work
+    p.slave_gone(1, 13.0, handshaked=True)
+    assert p.info()["retired"] == 1 and p.info()["startup_failures"] == 0
+
+
+def test_grow_threshold_spawns_per_queued_jobs():
+    p = PoolPolicy(pool_limit=10, queue_limit=100, grow_threshold=2)
+    spawned = [d for i in range(7) for d in p.submit(i, 0.0) if isinstance(d, Spawn)]
+    assert len(spawned) == 4  # 7 queued > 2 * 3 slaves -> a fourth
