@@ -30,9 +30,18 @@ async def handler(req):
     raise KeyError(req.event)
 
 
+@pytest.fixture(params=["nng-tcp", "stream-tcp", "stream-unix"])
+def address(request, tmp_path):
+    return {
+        "nng-tcp": "tcp://127.0.0.1:0",
+        "stream-tcp": "stream+tcp://127.0.0.1:0",
+        "stream-unix": f"stream+unix://{tmp_path}/rpc.sock",
+    }[request.param]
+
+
 @pytest.fixture
-async def server(nursery):
-    srv = RpcServer("tcp://127.0.0.1:0", handler)
+async def server(nursery, address):
+    srv = RpcServer(address, handler)
     await nursery.start(srv.run)
     return srv
 
@@ -85,8 +94,8 @@ async def test_many_in_flight_are_batched_and_all_answered(server):
     assert results == {i: i for i in range(1000)}
 
 
-async def test_max_inflight_refuses_with_queue_full(nursery):
-    srv = RpcServer("tcp://127.0.0.1:0", handler, max_inflight=2)
+async def test_max_inflight_refuses_with_queue_full(nursery, address):
+    srv = RpcServer(address, handler, max_inflight=2)
     await nursery.start(srv.run)
     with trio.fail_after(10):
         async with RpcClient(srv.address) as client:
@@ -98,10 +107,10 @@ async def test_max_inflight_refuses_with_queue_full(nursery):
                     await client.call("app", "echo", 1)
 
 
-async def test_server_vanishing_fails_pending_calls_unreachable():
+async def test_server_vanishing_fails_pending_calls_unreachable(address):
     with trio.fail_after(10):
         async with trio.open_nursery() as outer:
-            srv = RpcServer("tcp://127.0.0.1:0", handler)
+            srv = RpcServer(address, handler)
             with trio.CancelScope() as server_scope:
                 pass
             async def run_server(task_status=trio.TASK_STATUS_IGNORED):
@@ -119,14 +128,17 @@ async def test_server_vanishing_fails_pending_calls_unreachable():
                     await client.call("app", "sleep", 30)
 
 
-async def test_unreachable_server_times_out():
+@pytest.mark.parametrize("nobody", ["tcp://127.0.0.1:1", "stream+tcp://127.0.0.1:1"])
+async def test_unreachable_server_times_out(nobody):
     with trio.fail_after(10):
-        async with RpcClient("tcp://127.0.0.1:1") as client:
+        async with RpcClient(nobody) as client:
             with pytest.raises(TimeoutError_):
                 await client.call("app", "echo", 1, timeout=0.3)
 
 
-async def test_garbage_and_malformed_requests_do_not_crash_server(server):
+async def test_garbage_and_malformed_requests_do_not_crash_server(nursery):
+    server = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(server.run)
     raw = pynng.Pair1(dial=server.address)
     try:
         with trio.fail_after(10):
@@ -148,3 +160,31 @@ async def test_unencodable_payload_is_a_typed_error_not_a_crash(server):
         async with RpcClient(server.address) as client:
             with pytest.raises(BadMessage):
                 await client.call("app", "echo", object())
+
+
+async def test_stream_link_reconnects_after_server_restart(tmp_path):
+    address = f"stream+unix://{tmp_path}/again.sock"
+    with trio.fail_after(10):
+        async with RpcClient(address) as client:
+            for attempt in range(2):
+                async with trio.open_nursery() as n:
+                    srv = RpcServer(address, handler)
+                    await n.start(srv.run)
+                    await client.wait_connected()
+                    assert await client.call("app", "echo", attempt) == attempt
+                    n.cancel_scope.cancel()
+                while client.connected:
+                    await trio.sleep(0.01)
+
+
+async def test_stream_link_garbage_framing_drops_only_that_connection(nursery):
+    srv = RpcServer("stream+tcp://127.0.0.1:0", handler)
+    await nursery.start(srv.run)
+    host, port = srv.address.rsplit("//", 1)[1].rsplit(":", 1)
+    with trio.fail_after(10):
+        bad = await trio.open_tcp_stream(host, int(port))
+        await bad.send_all(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")
+        async with RpcClient(srv.address) as client:
+            assert await client.call("app", "echo", "ok") == "ok"
+        assert srv.bad_frames == 1
+        await bad.aclose()

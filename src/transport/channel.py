@@ -1,9 +1,10 @@
-"""A batching envelope channel over one connected :class:`TrioSocket`.
+"""A batching envelope channel over one connected link: a :class:`TrioSocket` (nng)
+or a :class:`transport.streams.FramedStream`.
 
 Senders append envelopes to an outbox and return at once; a single writer task
-packs everything queued since its last send into one frame.  With one request in
-flight that costs one scheduler pass; with many, dozens of envelopes share one
-nng message, which is where throughput comes from (~45x here, see bench/).
+packs everything queued since its last send into one frame, so with many messages
+in flight dozens share one send, which is where throughput comes from.  A lone
+message on an idle stream link is written at once instead (one scheduler pass less).
 
 The outbox is bounded: :meth:`send` waits while it is over ``high_water`` so a
 fast producer cannot grow memory without limit; :meth:`send_nowait` skips the
@@ -16,8 +17,8 @@ from typing import Any
 
 import trio
 
-from .codec import Envelope, decode, encode
-from .errors import Closed, CodecError
+from .codec import Kind, decode, encode_envelope, join_frame
+from .errors import BadMessage, Closed, CodecError, error_to_body
 from .sockets import TrioSocket
 
 MAX_BATCH = 512  # envelopes per frame; keeps one frame's encode/decode short
@@ -27,7 +28,7 @@ class EnvelopeChannel:
     def __init__(self, sock: TrioSocket, *, high_water: int = 4096):
         self.sock = sock
         self.high_water = high_water
-        self._outbox: list[Envelope] = []
+        self._outbox: list[bytes] = []  # packed envelopes (codec.encode_envelope)
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._closed = False
@@ -37,20 +38,25 @@ class EnvelopeChannel:
 
     # -- sending ------------------------------------------------------------------
     def send_nowait(self, kind: int, sid: int, body: Any = None) -> None:
+        """Queue one envelope.  A body msgpack cannot carry is replaced by an ERROR
+        on the same stream, so its receiver is told instead of left waiting."""
         if self._closed:
             raise Closed("channel closed")
-        env = Envelope(kind, sid, body)
+        try:
+            packed = encode_envelope(kind, sid, body)
+        except CodecError as exc:
+            packed = encode_envelope(Kind.ERROR, sid, error_to_body(
+                BadMessage(f"message could not be encoded: {exc}")))
         if not self._outbox and not self._wakeup.is_set():
+            # First send since the writer last ran: put it on the wire now, so a
+            # lone message pays no scheduler pass.  Later sends before the writer
+            # runs again queue up behind it and leave as one frame.
             try_send = getattr(self.sock, "try_send_nowait", None)
-            if try_send is not None:
-                try:
-                    if try_send(encode((env,))):
-                        self.frames_sent += 1
-                        self._wakeup.set()  # direct sends resume once the writer has run
-                        return
-                except CodecError:
-                    pass
-        self._outbox.append(env)
+            if try_send is not None and try_send(join_frame([packed])):
+                self.frames_sent += 1
+                self._wakeup.set()
+                return
+        self._outbox.append(packed)
         self._wakeup.set()
 
     async def send(self, kind: int, sid: int, body: Any = None) -> None:
@@ -81,32 +87,13 @@ class EnvelopeChannel:
                 while self._outbox:
                     batch = self._outbox[:MAX_BATCH]
                     del self._outbox[:MAX_BATCH]
-                    try:
-                        frame = encode(batch)
-                    except CodecError:
-                        frame = self._encode_salvaging(batch)
+                    frame = join_frame(batch)
                     await self.sock.send(frame)
                     self.frames_sent += 1
                 self._drained.set()
         finally:
             self._closed = True
             self._drained.set()
-
-    def _encode_salvaging(self, batch: list[Envelope]) -> bytes:
-        """One envelope in the batch cannot be packed: send the others, and turn
-        the bad one into an ERROR on its stream so its caller is told, not left waiting."""
-        from .codec import Kind
-        from .errors import BadMessage, error_to_body
-
-        good = []
-        for env in batch:
-            try:
-                encode([env])
-                good.append(env)
-            except CodecError as exc:
-                err = BadMessage(f"reply could not be encoded: {exc}")
-                good.append(Envelope(Kind.ERROR, env.sid, error_to_body(err)))
-        return encode(good)
 
     # -- receiving ----------------------------------------------------------------
     async def receive(self) -> list[Envelope]:

@@ -63,6 +63,29 @@ def encode_one(kind: int, sid: int, body: Any = None) -> bytes:
         raise CodecError(f"cannot encode: {exc}") from exc
 
 
+def encode_envelope(kind: int, sid: int, body: Any = None) -> bytes:
+    """Pack one envelope on its own; :func:`join_frame` makes a frame of several
+    without packing them again (senders encode once, at the time they send, so a
+    value msgpack cannot carry fails there, for that caller only)."""
+    try:
+        return msgpack.packb((kind, sid, body), **_packer_opts)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"cannot encode: {exc}") from exc
+
+
+def join_frame(packed: list[bytes]) -> bytes:
+    """A frame from envelopes packed by :func:`encode_envelope`: a msgpack array
+    header followed by the envelopes' bytes."""
+    n = len(packed)
+    if n < 16:
+        header = bytes((0x90 | n,))
+    elif n < 0x10000:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return header + b"".join(packed)
+
+
 def decode(frame: bytes) -> list[Envelope]:
     """Unpack one frame into envelopes, validating the outer shape."""
     try:
