@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pynng
 import pytest
 import trio
 
@@ -16,6 +15,7 @@ from transport import (
     DiscoveryConfig, HandlerError, Publisher, QueueFull, RemoteError, Requester, Responder,
     Subscriber, TimeoutError_, register_error,
 )
+from transport.links import connect_stream
 from transport.codec import Kind, encode_one
 
 pytestmark = pytest.mark.e2e
@@ -181,9 +181,10 @@ async def test_secret_rejects_foreign_peers_and_frames(disco):
                 await rq.send({"type": "randomRequest"}, timeout=0.3)
         assert rep.discovery.stats["bad"] > 0
         # A foreign process that dials the data socket directly is not served either.
-        with pynng.Pair1(dial=rep.address) as raw:
-            raw.send(encode_one(Kind.REQUEST, 1, ["", "randomRequest", {"type": "randomRequest"}]))
-            await trio.sleep(0.3)
+        raw = await connect_stream(rep.address)
+        await raw.send(encode_one(Kind.REQUEST, 1, ["", "randomRequest", {"type": "randomRequest"}]))
+        await trio.sleep(0.3)
+        raw.close()
         assert len(rep.served) == 1 and rep.server.bad_frames == 1
 
 
@@ -265,7 +266,7 @@ async def test_slow_subscriber_does_not_stall_publisher(disco):
     n = 20_000
     async with Subscriber("slow", discovery=disco, buffer=50, nng_buffer=4) as slow, \
             Subscriber("fast", discovery=disco) as fast, \
-            Publisher("pub", broadcasts=["tick"], discovery=disco, nng_buffer=8) as pub:
+            Publisher("pub", broadcasts=["tick"], discovery=disco, nng_buffer=32) as pub:
         with trio.fail_after(5):
             while len(slow._links) < 1 or len(fast._links) < 1:
                 await trio.sleep(0.01)

@@ -33,9 +33,9 @@ async def handler(req):
 @pytest.fixture(params=["nng-tcp", "stream-tcp", "stream-unix"])
 def address(request, tmp_path):
     return {
-        "nng-tcp": "tcp://127.0.0.1:0",
-        "stream-tcp": "stream+tcp://127.0.0.1:0",
-        "stream-unix": f"stream+unix://{tmp_path}/rpc.sock",
+        "nng-tcp": "nng+tcp://127.0.0.1:0",
+        "stream-tcp": "tcp://127.0.0.1:0",
+        "stream-unix": f"ipc://{tmp_path}/rpc.sock",
     }[request.param]
 
 
@@ -128,7 +128,7 @@ async def test_server_vanishing_fails_pending_calls_unreachable(address):
                     await client.call("app", "sleep", 30)
 
 
-@pytest.mark.parametrize("nobody", ["tcp://127.0.0.1:1", "stream+tcp://127.0.0.1:1"])
+@pytest.mark.parametrize("nobody", ["nng+tcp://127.0.0.1:1", "tcp://127.0.0.1:1"])
 async def test_unreachable_server_times_out(nobody):
     with trio.fail_after(10):
         async with RpcClient(nobody) as client:
@@ -137,9 +137,9 @@ async def test_unreachable_server_times_out(nobody):
 
 
 async def test_garbage_and_malformed_requests_do_not_crash_server(nursery):
-    server = RpcServer("tcp://127.0.0.1:0", handler)
+    server = RpcServer("nng+tcp://127.0.0.1:0", handler)
     await nursery.start(server.run)
-    raw = pynng.Pair1(dial=server.address)
+    raw = pynng.Pair1(dial=server.address.removeprefix("nng+"))
     try:
         with trio.fail_after(10):
             raw.send(b"\xc1garbage")
@@ -163,7 +163,7 @@ async def test_unencodable_payload_is_a_typed_error_not_a_crash(server):
 
 
 async def test_stream_link_reconnects_after_server_restart(tmp_path):
-    address = f"stream+unix://{tmp_path}/again.sock"
+    address = f"ipc://{tmp_path}/again.sock"
     with trio.fail_after(10):
         async with RpcClient(address) as client:
             for attempt in range(2):
@@ -178,7 +178,7 @@ async def test_stream_link_reconnects_after_server_restart(tmp_path):
 
 
 async def test_stream_link_garbage_framing_drops_only_that_connection(nursery):
-    srv = RpcServer("stream+tcp://127.0.0.1:0", handler)
+    srv = RpcServer("tcp://127.0.0.1:0", handler)
     await nursery.start(srv.run)
     host, port = srv.address.rsplit("//", 1)[1].rsplit(":", 1)
     with trio.fail_after(10):
@@ -188,3 +188,31 @@ async def test_stream_link_garbage_framing_drops_only_that_connection(nursery):
             assert await client.call("app", "echo", "ok") == "ok"
         assert srv.bad_frames == 1
         await bad.aclose()
+
+
+@pytest.mark.parametrize("link", ["tcp", "ipc"])
+async def test_long_stream_to_a_slow_reader_arrives_whole(nursery, tmp_path, link):
+    address = "tcp://127.0.0.1:0" if link == "tcp" else f"ipc://{tmp_path}/long.sock"
+    srv = RpcServer(address, handler)
+    await nursery.start(srv.run)
+    with trio.fail_after(30):
+        async with RpcClient(srv.address) as client:
+            got = []
+            async for chunk in client.stream("app", "count", 20_000):
+                got.append(chunk["i"])
+                if len(got) % 2000 == 0:
+                    await trio.sleep(0.05)  # a reader slower than the producer
+            assert got == list(range(20_000))
+
+
+async def test_flush_waits_for_answers_in_flight(nursery):
+    srv = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(srv.run)
+    with trio.fail_after(10):
+        async with RpcClient(srv.address) as client:
+            async with trio.open_nursery() as n:
+                n.start_soon(client.call, "app", "sleep", 0.3)
+                while not srv.inflight:
+                    await trio.sleep(0.01)
+                await srv.flush()
+                assert srv.inflight == 0 and srv.served == 1

@@ -1,13 +1,16 @@
 """Addresses and the two kinds of link an rpc connection can travel over.
 
-- ``tcp://host:port`` and ``ipc:///path``: nng Pair1 (polyamorous on the server), so a
-  client in any language with an nng binding can talk to us.
-- ``stream+tcp://host:port`` and ``stream+unix:///path``: length-prefixed frames straight
-  over trio sockets (:mod:`transport.streams`).  No nng threads between the kernel and
-  us, which on this 2-core machine is worth 2-4x in round trips/s, more under load
-  (each nng message crosses several of nng's internal threads).
+The engine's own endpoints (the control endpoint, ``native-server``, mesh Responders)
+speak frames of envelopes (:mod:`transport.codec`) over either:
 
-Both carry the same frames of envelopes; only the address says which.
+- ``tcp://host:port`` or ``ipc:///path`` (alias ``unix:///path``): length-prefixed
+  frames straight over trio sockets (:mod:`transport.streams`).  The default: reliable
+  with TCP's own backpressure, and no nng threads between the kernel and us, which on
+  this 2-core machine is worth 2x in sequential round trips/s, more under load.
+- ``nng+tcp://host:port`` or ``nng+ipc:///path``: nng Pair1 (polyamorous on the server),
+  so a client in any language with an nng binding can talk to it.  nng documents that
+  mode as best-effort: a client that cannot keep up may miss replies, so callers rely
+  on their timeouts there.
 """
 from __future__ import annotations
 
@@ -18,12 +21,20 @@ import trio
 from .errors import TransportError
 from .streams import FramedStream
 
-STREAM_TCP = "stream+tcp://"
-STREAM_UNIX = "stream+unix://"
+NNG_PREFIX = "nng+"
+_TCP = "tcp://"
+_UNIX = ("ipc://", "unix://")
 
 
 def is_stream(address: str) -> bool:
-    return address.startswith((STREAM_TCP, STREAM_UNIX))
+    return address.startswith((_TCP, *_UNIX))
+
+
+def nng_url(address: str) -> str:
+    """The nng URL behind an ``nng+`` address."""
+    if not address.startswith(NNG_PREFIX):
+        raise TransportError(f"{address!r}: expected tcp://, ipc:// or nng+tcp://, nng+ipc://")
+    return address[len(NNG_PREFIX):]
 
 
 def _split_host_port(address: str, prefix: str) -> tuple[str, int]:
@@ -38,12 +49,12 @@ async def listen_stream(address: str) -> tuple[list[trio.SocketListener], str]:
     """Open listeners for a stream address; returns them with the concrete address
     (port 0 resolved)."""
     try:
-        if address.startswith(STREAM_TCP):
-            host, port = _split_host_port(address, STREAM_TCP)
+        if address.startswith(_TCP):
+            host, port = _split_host_port(address, _TCP)
             listeners = await trio.open_tcp_listeners(port, host=host)
             bound_port = listeners[0].socket.getsockname()[1]
-            return listeners, f"{STREAM_TCP}{host}:{bound_port}"
-        path = address[len(STREAM_UNIX):]
+            return listeners, f"{_TCP}{host}:{bound_port}"
+        path = _unix_path(address)
         if os.path.exists(path):
             os.unlink(path)  # a stale socket file from a dead process
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -56,9 +67,16 @@ async def listen_stream(address: str) -> tuple[list[trio.SocketListener], str]:
 
 async def connect_stream(address: str) -> FramedStream:
     """Connect to a stream address; raises OSError when nobody listens."""
-    if address.startswith(STREAM_TCP):
-        host, port = _split_host_port(address, STREAM_TCP)
+    if address.startswith(_TCP):
+        host, port = _split_host_port(address, _TCP)
         stream = await trio.open_tcp_stream(host, port)  # trio turns Nagle off itself
     else:
-        stream = await trio.open_unix_socket(address[len(STREAM_UNIX):])
+        stream = await trio.open_unix_socket(_unix_path(address))
     return FramedStream(stream)
+
+
+def _unix_path(address: str) -> str:
+    for prefix in _UNIX:
+        if address.startswith(prefix):
+            return address[len(prefix):]
+    raise TransportError(f"{address!r}: not a unix socket address")

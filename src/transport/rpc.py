@@ -2,9 +2,9 @@
 
 Shared by the engine's control endpoint, the ``native-server`` driver and the mesh
 Requester/Responder.  One :class:`RpcServer` serves many :class:`RpcClient`\\ s; the
-address picks the link (:mod:`transport.links`): ``tcp://``/``ipc://`` for nng Pair1
-(any nng binding can talk to it), ``stream+tcp://``/``stream+unix://`` for framed trio
-sockets (lower latency).  Every frame is a batch of envelopes (:mod:`transport.codec`):
+address picks the link (:mod:`transport.links`): ``tcp://``/``ipc://`` for framed
+trio sockets (the default: reliable, lowest latency), ``nng+tcp://``/``nng+ipc://`` for
+nng Pair1 (any nng binding can talk to it; best-effort under overload).  Every frame is a batch of envelopes (:mod:`transport.codec`):
 
 - client → server ``REQUEST sid [target, event, payload]``, ``CANCEL sid``;
 - server → client, on the same sid, exactly one of ``RESULT value``,
@@ -27,7 +27,7 @@ import trio
 
 from .codec import Kind, decode, encode_envelope, join_frame
 from .errors import BadMessage, Closed, CodecError, QueueFull, TransportError, error_to_body
-from .links import connect_stream, is_stream, listen_stream  # noqa: F401  (re-exported)
+from .links import is_stream, listen_stream, nng_url
 from .sockets import TrioSocket, bound_address
 
 MAX_BATCH = 512
@@ -140,7 +140,7 @@ class RpcServer:
     async def _run_nng(self, task_status) -> None:
         raw = pynng.Pair1(polyamorous=True)
         try:
-            raw.listen(self.requested_address)
+            raw.listen(nng_url(self.requested_address))
         except pynng.NNGException as exc:
             raw.close()
             raise TransportError(f"cannot listen on {self.requested_address}: {exc}") from None
@@ -154,7 +154,7 @@ class RpcServer:
 
         try:
             sock.on_pipe_event(removed=pipe_gone)
-            self.address = bound_address(raw)
+            self.address = "nng+" + bound_address(raw)
             task_status.started(self.address)
             while True:
                 msg = await sock.recv_msg()
@@ -242,6 +242,8 @@ class RpcServer:
         finally:
             self._inflight -= 1
             conn.running.pop(req.sid, None)
+            if not self._inflight:
+                self._room.set()
 
     def _emit(self, conn: _Connection, kind: int, sid: int, body: Any) -> None:
         if conn.send is None:
@@ -254,6 +256,13 @@ class RpcServer:
         conn.outbox.append(packed)
         self._queued += 1
         conn.wakeup.set()
+
+    async def flush(self) -> None:
+        """Wait until every request in flight has been answered and every answer handed
+        to the link (e.g. before a draining node cancels its endpoint).  Bound it with a
+        timeout: a handler that never finishes keeps it waiting."""
+        while self._inflight or self._queued:
+            await self._wait_room()
 
     async def _wait_room(self) -> None:
         if self._room.is_set():

@@ -16,7 +16,7 @@ import trio
 
 from .codec import Kind, decode, encode_envelope, join_frame
 from .errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
-from .links import connect_stream, is_stream
+from .links import connect_stream, is_stream, nng_url
 from .sockets import TrioSocket
 
 MAX_BATCH = 512
@@ -157,7 +157,7 @@ class RpcClient:
             self._link = sock
             sock.on_pipe_event(added=lambda pipe: self._connected.set(),
                                removed=lambda pipe: self._nng_pipe_gone(sock))
-            raw.dial(self.address, block=False)
+            raw.dial(nng_url(self.address), block=False)
             task_status.started(self)
             while True:
                 self._on_frame(await sock.recv())
