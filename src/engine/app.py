@@ -1,0 +1,154 @@
+"""One hosted app: a nursery holding its slave pool and its event drivers.
+
+``await nursery.start(app.run)`` returns once the pool runs and every driver has
+started (bound its port, armed its timer).  A driver that cannot start raises
+:class:`DriverError` out of ``start`` and, because everything lives in the app's own
+nursery, nothing of the app is left running.  ``await app.stop(timeout)`` stops the
+drivers (no new events), drains the pool's in-flight jobs for up to ``timeout``
+seconds, then cancels whatever is left.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import trio
+
+from .drivers import registry
+from .errors import DriverError, ShuttingDown
+from .manifest import AppManifest
+
+
+def _default_pool_factory(manifest: AppManifest):
+    from .pool import SlavePool  # imported late: the pool pulls in subprocess machinery
+
+    return SlavePool(manifest.name, manifest.entry, manifest.engine)
+
+
+class App:
+    def __init__(self, manifest: AppManifest, *,
+                 pool_factory: Callable[[AppManifest], Any] = _default_pool_factory):
+        self.manifest = manifest
+        self.name = manifest.name
+        self.pool = pool_factory(manifest)
+        self.drivers: dict[str, Any] = {}
+        self.state = "created"          # created -> starting -> running -> stopping -> stopped
+        self.started_at: float | None = None
+        self._scope: trio.CancelScope | None = None
+        self._drivers_scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+
+    # -- lifetime -------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Host the app until cancelled or :meth:`stop`-ped."""
+        if self.state != "created":
+            raise RuntimeError(f"app {self.name} was already run")
+        self.state = "starting"
+        failure: DriverError | None = None
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.pool.run)
+                    # Drivers get their own scope so stop() can silence them before draining.
+                    try:
+                        await nursery.start(self._run_drivers)
+                    except DriverError as exc:
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                    else:
+                        self.state = "running"
+                        self.started_at = time.time()
+                        task_status.started(self)
+            # Raised outside the nursery so the caller gets the DriverError itself,
+            # not an ExceptionGroup, and only after the pool is fully torn down.
+            if failure is not None:
+                raise failure
+        finally:
+            self.state = "stopped"
+            self._stopped.set()
+
+    async def _run_drivers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        failure: DriverError | None = None
+        with trio.CancelScope() as self._drivers_scope:
+            async with trio.open_nursery() as nursery:
+                for spec in self.manifest.drivers:
+                    cls = registry.get(spec.type)
+                    where = f"app {self.name}: driver {spec.name!r} ({spec.type})"
+                    if cls is None:
+                        failure = DriverError(f"{where}: no such driver type installed")
+                        break
+                    try:
+                        driver = cls(spec)
+                        await nursery.start(driver.run, self)
+                    except DriverError as exc:
+                        failure = DriverError(f"{where} could not start: {exc}")
+                        break
+                    except Exception as exc:  # a driver bug is still this app's start failure
+                        failure = DriverError(f"{where} failed while starting: "
+                                              f"{type(exc).__name__}: {exc}")
+                        break
+                    self.drivers[spec.name] = driver
+                if failure is not None:
+                    nursery.cancel_scope.cancel()
+                else:
+                    task_status.started()
+        if failure is not None:
+            raise failure
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop drivers, drain in-flight jobs for up to ``timeout`` seconds
+        (default: the manifest's termination-timeout), then cancel everything."""
+        if timeout is None:
+            timeout = self.manifest.engine.termination_timeout
+        if self.state in ("stopped", "created"):
+            self.state = "stopped"
+            self._stopped.set()
+            return
+        if self.state != "stopping":
+            self.state = "stopping"
+            if self._drivers_scope is not None:
+                self._drivers_scope.cancel()
+            # drain() is bounded by its own timeout; the extra margin covers a drain
+            # that misbehaves, so stop() itself can never hang the node's shutdown.
+            with trio.move_on_after(timeout + 5):
+                try:
+                    await self.pool.drain(timeout)
+                except Exception:
+                    pass  # draining is best effort; cancellation below is not
+            if self._scope is not None:
+                self._scope.cancel()
+        await self._stopped.wait()
+
+    # -- use --------------------------------------------------------------------------
+    def submit(self, event: str, payload: Any):
+        """Queue a job (see SlavePool.submit); raises QueueFull / ShuttingDown / AppBroken at once."""
+        if self.state != "running":
+            raise ShuttingDown(f"app {self.name} is {self.state}")
+        return self.pool.submit(event, payload)
+
+    def crashlog(self) -> list[str]:
+        return list(self.pool.crashlog())
+
+    def info(self) -> dict[str, Any]:
+        drivers = {}
+        for spec in self.manifest.drivers:
+            entry: dict[str, Any] = {"type": spec.type, "emit": spec.emit}
+            driver = self.drivers.get(spec.name)
+            if driver is not None:
+                try:
+                    entry.update(driver.info())
+                except Exception as exc:  # info must not take the control verb down
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+            drivers[spec.name] = entry
+        return {
+            "name": self.name,
+            "state": self.state,
+            "manifest": str(self.manifest.source),
+            "entry": str(self.manifest.entry),
+            "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            "limits": {"pool-limit": self.manifest.engine.pool_limit,
+                       "queue-limit": self.manifest.engine.queue_limit,
+                       "concurrency": self.manifest.engine.concurrency},
+            "pool": self.pool.info(),
+            "drivers": drivers,
+        }

@@ -1,0 +1,116 @@
+"""Python client of a node's control endpoint.
+
+```python
+from engine.client import connect
+
+async with connect("tcp://127.0.0.1:9300") as node:
+    print(await node.call("echo", "echo", {"hello": 1}, timeout=5))
+    async for chunk in node.stream("echo", "count", {"n": 3}):
+        print(chunk)
+    print(await node.list())
+```
+Errors arrive as the typed :class:`transport.errors.RemoteError` subclasses the node
+raised (``AppNotFound``, ``QueueFull``, ``SlaveDied``, ``HandlerError``...).
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+
+from transport.errors import Unreachable
+from transport.rpc import ReplyStream, RpcClient
+
+DEFAULT_NODE = "tcp://127.0.0.1:9300"
+NODE_TARGET = ""          # the target of node verbs (list, info, deploy...)
+
+
+class NodeClient:
+    def __init__(self, rpc: RpcClient):
+        self.rpc = rpc
+
+    @property
+    def address(self) -> str:
+        return self.rpc.address
+
+    # -- app calls --------------------------------------------------------------------
+    async def call(self, app: str, event: str, payload: Any = None, *,
+                   timeout: float | None = None) -> Any:
+        """The reply's value, or the list of chunks of a streamed reply."""
+        return await self.rpc.call(app, event, payload, timeout=timeout)
+
+    def stream(self, app: str, event: str, payload: Any = None, *,
+               timeout: float | None = None) -> ReplyStream:
+        """``async for chunk in node.stream(...)``: chunks as they arrive (a single-value
+        reply is one chunk). ``timeout`` bounds the wait for each chunk."""
+        return self.rpc.stream(app, event, payload, timeout=timeout)
+
+    # -- node verbs ---------------------------------------------------------------------
+    async def verb(self, verb: str, args: Any = None, *, timeout: float | None = None) -> Any:
+        """Any node verb by name (for verbs added by other modules, e.g. ``schedule``)."""
+        return await self.rpc.call(NODE_TARGET, verb, args, timeout=timeout)
+
+    async def list(self) -> dict[str, Any]:
+        """``{"apps": {name: {"state", "manifest"}}, "rejected": {manifest: reason}}``."""
+        return await self.verb("list")
+
+    async def info(self, app: str | None = None) -> dict[str, Any]:
+        """One app's info (pool: slaves, queue, done, failed, latency; drivers), or the node's."""
+        return await self.verb("info", {"app": app} if app else None)
+
+    async def deploy(self, manifest: str | Path | dict, *, base_dir: str | Path | None = None,
+                     name: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Deploy a manifest file (path resolved here, read by the node: same machine) or a
+        manifest given as a dict with the folder its relative paths start from."""
+        if isinstance(manifest, dict):
+            if base_dir is None:
+                raise ValueError("deploying a manifest dict needs base_dir")
+            args: dict[str, Any] = {"manifest": manifest, "base_dir": str(Path(base_dir).absolute())}
+        else:
+            args = {"path": str(Path(manifest).absolute())}
+        if name is not None:
+            args["name"] = name
+        return await self.verb("deploy", args, timeout=timeout)
+
+    async def undeploy(self, app: str, *, drain: float | None = None,
+                       timeout: float | None = None) -> dict[str, Any]:
+        """Stop an app, draining in-flight jobs for ``drain`` seconds (default: its
+        termination-timeout)."""
+        args: dict[str, Any] = {"app": app}
+        if drain is not None:
+            args["drain"] = drain
+        return await self.verb("undeploy", args, timeout=timeout)
+
+    async def crashlog(self, app: str) -> list[str]:
+        return await self.verb("crashlog", {"app": app})
+
+
+@asynccontextmanager
+async def connect(address: str = DEFAULT_NODE, *, timeout: float | None = None,
+                  connect_timeout: float = 5.0) -> AsyncIterator[NodeClient]:
+    """Connect to a node; ``timeout`` is the default per-call timeout (None: none).
+    Raises :class:`Unreachable` if no node answers within ``connect_timeout`` seconds."""
+    try:
+        async with RpcClient(address, timeout=timeout) as rpc:
+            with trio.move_on_after(connect_timeout):
+                await rpc.wait_connected()
+            if not rpc.connected:
+                raise Unreachable(f"no node listening at {address} (waited {connect_timeout:g} s)")
+            yield NodeClient(rpc)
+    except BaseExceptionGroup as group:
+        # The client's nursery wraps whatever the caller's block raised; hand back the
+        # typed error itself (AppNotFound, HandlerError...) so `except` clauses work.
+        only = _sole_exception(group)
+        if only is None:
+            raise
+        raise only from None
+
+
+def _sole_exception(group: BaseExceptionGroup) -> BaseException | None:
+    while isinstance(group, BaseExceptionGroup):
+        if len(group.exceptions) != 1:
+            return None
+        group = group.exceptions[0]
+    return group

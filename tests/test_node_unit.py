@@ -1,0 +1,303 @@
+"""App, Node and the control endpoint with a fake pool and fake drivers (no slaves).
+
+The real pool and subprocesses are covered by tests/test_node_e2e.py; here the
+lifetimes, error paths and verbs are checked fast and deterministically.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from engine.app import App
+from engine.client import connect
+from engine.drivers import registry
+from engine.errors import AppNotFound, DriverError, ManifestError, ShuttingDown
+from engine.manifest import load_manifest
+from engine.node import Node, find_manifests
+from transport.errors import BadMessage, HandlerError, UnknownEvent
+
+
+class FakeJob:
+    def __init__(self, event, payload):
+        self.event, self.payload = event, payload
+        self.streaming = event == "count"
+        self.done = False
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    async def __aiter__(self):
+        await trio.sleep(0)
+        if self.event == "echo":
+            self.done = True
+            yield self.payload
+        elif self.event == "count":
+            for i in range(self.payload["n"]):
+                yield {"i": i}
+            self.done = True
+        else:
+            self.done = True
+            raise HandlerError(f"no handler for {self.event}", type="UnknownEvent")
+
+    async def result(self):
+        return [c async for c in self] if self.streaming else [c async for c in self][0]
+
+
+class FakePool:
+    instances: list["FakePool"] = []
+
+    def __init__(self, manifest):
+        self.name = manifest.name
+        self.running = False
+        self.exited = trio.Event()
+        self.drained_with = None
+        self.submitted = 0
+        FakePool.instances.append(self)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        self.running = True
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self.running = False
+            self.exited.set()
+
+    def submit(self, event, payload):
+        self.submitted += 1
+        return FakeJob(event, payload)
+
+    async def drain(self, timeout):
+        self.drained_with = timeout
+
+    def info(self):
+        return {"state": "running", "slaves": 0, "submitted": self.submitted}
+
+    def crashlog(self):
+        return ["line 1", "line 2"]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    fail: bool
+
+
+class FakeDriver:
+    started: list[str] = []
+
+    @classmethod
+    def parse_options(cls, raw, ctx):
+        if set(raw) - {"fail"}:
+            raise ctx.error(sorted(set(raw) - {"fail"})[0], "a known option (fail)")
+        return NoOptions(bool(raw.get("fail")))
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED):
+        if self.spec.options.fail:
+            raise DriverError("port 1 is taken")
+        FakeDriver.started.append(self.spec.name)
+        task_status.started()
+        await trio.sleep_forever()
+
+    def info(self):
+        return {"fired": 0}
+
+
+@pytest.fixture(autouse=True)
+def fakes():
+    registry.register("test-node-fake")(FakeDriver)
+    FakePool.instances.clear()
+    FakeDriver.started.clear()
+    yield
+    registry._DRIVERS.pop("test-node-fake", None)
+
+
+def make_app(root, name, manifest):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "app.py").write_text("")
+    (folder / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    return folder
+
+
+def fake_app(manifest):
+    return App(manifest, pool_factory=FakePool)
+
+
+# -- App ----------------------------------------------------------------------------------
+
+async def test_app_starts_pool_and_drivers_then_stops(tmp_path):
+    folder = make_app(tmp_path, "a", {"drivers": {"tick": {"type": "test-node-fake", "emit": "t"}}})
+    app = fake_app(load_manifest(folder))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            assert await nursery.start(app.run) is app
+            assert app.state == "running" and app.pool.running
+            assert FakeDriver.started == ["tick"]
+            info = app.info()
+            assert info["drivers"]["tick"] == {"type": "test-node-fake", "emit": "t", "fired": 0}
+            assert info["pool"]["state"] == "running"
+            await app.stop(1.5)
+            assert app.pool.drained_with == 1.5
+            assert app.state == "stopped"
+        assert app.pool.exited.is_set()
+    with pytest.raises(ShuttingDown):
+        app.submit("echo", 1)
+
+
+async def test_driver_failure_fails_start_and_leaves_nothing_running(tmp_path):
+    folder = make_app(tmp_path, "a", {"drivers": {
+        "ok": {"type": "test-node-fake"}, "bad": {"type": "test-node-fake", "fail": True}}})
+    app = fake_app(load_manifest(folder))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(DriverError) as info:
+                await nursery.start(app.run)
+            assert "driver 'bad'" in str(info.value) and "port 1 is taken" in str(info.value)
+            assert app.pool.exited.is_set() and not app.pool.running
+            assert app.state == "stopped"
+
+
+# -- Node ----------------------------------------------------------------------------------
+
+def test_find_manifests_ignores_folders_without_one(tmp_path):
+    make_app(tmp_path / "apps", "one", {})
+    make_app(tmp_path / "apps", "two", {})
+    (tmp_path / "apps" / "mesh").mkdir()          # like examples/mesh: no manifest.json
+    single = make_app(tmp_path, "single", {})
+    found, missing = find_manifests([tmp_path / "apps", single, tmp_path / "nowhere",
+                                     tmp_path / "apps" / "mesh"])
+    assert found == [tmp_path / "apps" / "one" / "manifest.json",
+                     tmp_path / "apps" / "two" / "manifest.json",
+                     single / "manifest.json"]
+    assert [p for p, _ in missing] == [str(tmp_path / "nowhere"), str(tmp_path / "apps" / "mesh")]
+
+
+async def test_node_hosts_good_apps_and_reports_bad_ones(tmp_path):
+    root = tmp_path / "apps"
+    make_app(root, "good", {})
+    make_app(root, "typo", {"engine": {"pool-limit": -1}})
+    make_app(root, "nodriver", {"drivers": {"d": {"type": "test-node-fake", "fail": True}}})
+    node = Node(control=None, app_factory=fake_app)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            assert await node.load_apps([root]) == ["good"]
+            rejected = node.list()["rejected"]
+            assert "engine.pool-limit: expected a positive integer, got -1" in \
+                rejected[str(root / "typo" / "manifest.json")]
+            assert "port 1 is taken" in rejected[str(root / "nodriver" / "manifest.json")]
+            assert list(node.apps) == ["good"]
+            # the same name twice is refused, the first keeps running
+            with pytest.raises(ManifestError, match="not already deployed"):
+                await node.deploy(root / "good")
+            # deploy under another name, then undeploy it
+            other = await node.deploy(root / "good", name="good2")
+            assert set(node.apps) == {"good", "good2"}
+            await node.undeploy("good2", 0.5)
+            assert set(node.apps) == {"good"} and other.pool.drained_with == 0.5
+            with pytest.raises(AppNotFound):
+                await node.undeploy("good2")
+            await node.shutdown()
+        assert node.state == "stopped"
+        assert all(p.exited.is_set() for p in FakePool.instances)
+
+
+async def test_app_failing_after_start_is_dropped_not_the_node(tmp_path):
+    make_app(tmp_path, "a", {})
+    make_app(tmp_path, "b", {})
+    node = Node(control=None, app_factory=fake_app)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await node.load_apps([tmp_path])
+            app_a = node.apps["a"]
+            app_a._scope.cancel()            # as if its pool crashed out
+            await app_a._stopped.wait()
+            await trio.sleep(0)
+            assert list(node.apps) == ["b"] and node.state == "running"
+            await node.shutdown()
+
+
+# -- control endpoint over real RpcServer/RpcClient ------------------------------------------
+
+async def test_control_verbs_and_app_calls(tmp_path):
+    make_app(tmp_path / "apps", "echo", {})
+    node = Node(control="tcp://127.0.0.1:0", app_factory=fake_app)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await node.load_apps([tmp_path / "apps"])
+            async with connect(node.control_address, timeout=5) as c:
+                assert await c.call("echo", "echo", {"x": [1, 2]}) == {"x": [1, 2]}
+                assert [x async for x in c.stream("echo", "count", {"n": 3})] == [
+                    {"i": 0}, {"i": 1}, {"i": 2}]
+                assert await c.call("echo", "count", {"n": 2}) == [{"i": 0}, {"i": 1}]
+                with pytest.raises(HandlerError):
+                    await c.call("echo", "nope")
+                with pytest.raises(AppNotFound):
+                    await c.call("missing", "echo")
+                with pytest.raises(UnknownEvent):
+                    await c.verb("frobnicate")
+                with pytest.raises(BadMessage):
+                    await c.verb("info", 42)
+                assert (await c.list())["apps"]["echo"]["state"] == "running"
+                assert (await c.info("echo"))["pool"]["submitted"] == 4
+                assert (await c.info())["pid"] > 0
+                assert await c.crashlog("echo") == ["line 1", "line 2"]
+                make_app(tmp_path, "later", {})
+                assert (await c.deploy(tmp_path / "later"))["app"] == "later"
+                deployed = await c.deploy({"name": "inline"}, base_dir=tmp_path / "later")
+                assert deployed["app"] == "inline"
+                with pytest.raises(HandlerError) as info:
+                    await c.deploy({"engine": {"pool-limit": 0}}, base_dir=tmp_path / "later")
+                assert info.value.type == "ManifestError" and "engine.pool-limit" in str(info.value)
+                assert await c.undeploy("later", drain=0.1) == {"app": "later", "state": "stopped"}
+                assert set((await c.list())["apps"]) == {"echo", "inline"}
+            await node.shutdown()
+
+
+async def test_connect_to_nothing_is_unreachable():
+    from transport.errors import Unreachable
+
+    with trio.fail_after(5):
+        with pytest.raises(Unreachable):
+            async with connect("tcp://127.0.0.1:1", connect_timeout=0.3):
+                pass
+
+
+# -- CLI table --------------------------------------------------------------------------------
+
+def test_cli_is_a_table_other_modules_can_extend(capsys):
+    from engine import cli
+
+    @cli.command("test-hello", "say hello")
+    def hello_command(p):
+        p.add_argument("who")
+
+        async def run(args):
+            print(f"hello {args.who}")
+            return 7
+        return run
+
+    try:
+        assert cli.main(["test-hello", "world"]) == 7
+        assert capsys.readouterr().out == "hello world\n"
+        for verb in ("run", "call", "list", "info", "deploy", "undeploy", "crashlog"):
+            assert verb in cli.COMMANDS
+    finally:
+        del cli.COMMANDS["test-hello"]
+
+
+def test_cli_prints_errors_and_exits_non_zero(capsys):
+    from engine import cli
+
+    code = cli.main(["list", "--node", "tcp://127.0.0.1:1", "--timeout", "1"])
+    assert code == cli.EXIT_ERROR
+    assert "Unreachable" in capsys.readouterr().err
