@@ -1,0 +1,361 @@
+"""``python -m bench`` (``make bench``): every measurement beside its baseline, in one run.
+
+Prints the raw request-response figures per system, then one comparison row per
+target of issue 6 (ours, baseline, ratio, target, PASS/FAIL/SKIP), and writes both to
+``bench/.peers/results.json``.  ``--quick`` is a tiny smoke workload (no cote, no pool
+burst); ``--only`` picks families.  Exit status 0 whatever the verdicts: this is a
+measurement, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from . import baselines, cote, engine, mesh, pool, rpc, sockend
+from .harness import PAYLOAD, Results, Row, RRFigures, Settings, rss_mb, skip, verdict
+from .report import RESULTS_JSON, machine, print_rows, print_rr_table, write_json
+
+FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend")
+LEAK_LIMIT = 1.10                       # RSS after the run / after warm-up
+
+
+def _measure(label: str, fn: Callable, settings: Settings) -> tuple[Any, str | None]:
+    """Run one measurement in its own trio run; (value, None) or (None, error text)."""
+    t0 = time.perf_counter()
+    print(f"  {label} ...", end="", flush=True)
+    try:
+        value = trio.run(fn, settings)
+    except Exception as exc:  # noqa: BLE001 - one failed column must not end the run
+        err = exc
+        while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+            err = err.exceptions[0]
+        print(f" error ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return None, f"error: {type(err).__name__}: {err}"[:200]
+    print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+    return value, None
+
+
+def _leak_row(results: Results, name: str, before: float | None, after: float | None) -> None:
+    if before is None or after is None:
+        return
+    results.add(Row("leak", f"leak: {name} RSS after run / after warm-up", after, before, "MB",
+                    f"<= {LEAK_LIMIT:.2f}x", verdict(after <= before * LEAK_LIMIT)))
+
+
+# -- 1. request-response ------------------------------------------------------------
+
+def family_rr(settings: Settings, results: Results) -> dict[str, RRFigures | str]:
+    systems: dict[str, RRFigures | str] = {}
+    tcp, err = _measure("trio TCP echo (1 process)", baselines.trio_tcp_echo, settings)
+    systems["trio TCP echo"] = tcp or err
+    pynng_fig, err = _measure("pynng Req/Rep (2 processes)", baselines.pynng_reqrep, settings)
+    systems["pynng Req/Rep"] = pynng_fig or err
+
+    cote_fig = None
+    cote_reason = _cote_reason(settings, results)
+    if cote_reason is None:
+        out, err = _measure("cote Requester/Responder (node)", cote.reqrep, settings)
+        if out:
+            cote_fig, cote_rss = out
+            results.figures["cote_reqrep_rss_mb"] = cote_rss
+        systems["cote Req/Resp"] = cote_fig or err
+    else:
+        systems["cote Req/Resp"] = cote_reason
+    results.figures["cote_reqrep"] = cote_fig
+
+    ours = {}
+    reason = rpc.available()
+    if reason is None:
+        out, err = _measure("transport.rpc RpcClient->RpcServer", rpc.rpc_echo, settings)
+        if out:
+            ours["rpc"], memory = out
+            _leak_row(results, "rpc echo server", memory["server_after_warmup"],
+                      memory["server_after_run"])
+        systems["transport.rpc"] = ours.get("rpc") or err
+    else:
+        systems["transport.rpc"] = reason
+
+    reason = engine.available()
+    if reason is None:
+        out, err = _measure("engine control path (client->node->slave)", engine.control_path,
+                            settings)
+        if out:
+            ours["control"], memory = out
+            results.figures["control_memory"] = memory
+            results.figures["idle_node_rss_mb"] = memory["idle_node"]
+            _leak_row(results, "node + slaves (control path)", memory["after_warmup"]["total"],
+                      memory["after_run"]["total"])
+        systems["engine control"] = ours.get("control") or err
+    else:
+        systems["engine control"] = reason
+
+    reason = reason or engine.native_server_available()
+    if reason is None:
+        out, err = _measure("engine native-server driver", engine.native_server, settings)
+        if out:
+            ours["native"], memory = out
+            _leak_row(results, "node + slaves (native-server)", memory["after_warmup"]["total"],
+                      memory["after_run"]["total"])
+        systems["native-server"] = ours.get("native") or err
+    else:
+        systems["native-server"] = reason
+
+    for name, fig in systems.items():
+        results.figures[f"rr:{name}"] = fig
+    _rr_rows(results, tcp, pynng_fig, ours, settings)
+    return systems
+
+
+def _rr_rows(results: Results, tcp: RRFigures | None, pynng_fig: RRFigures | None,
+             ours: dict[str, RRFigures], settings: Settings) -> None:
+    top = max(settings.inflight)
+    for key, label in (("rpc", "transport.rpc"), ("control", "engine control")):
+        fig = ours.get(key)
+        if fig is None:
+            continue
+        if tcp:
+            results.add(Row("rr", f"{label} seq rt/s vs trio TCP echo", fig.seq_rate,
+                            tcp.seq_rate, "/s"))
+        if pynng_fig:
+            results.add(Row("rr", f"{label} seq rt/s vs pynng Req/Rep", fig.seq_rate,
+                            pynng_fig.seq_rate, "/s"))
+            results.add(Row("rr", f"{label} {top} in flight/s vs pynng", fig.inflight[top],
+                            pynng_fig.inflight[top], "/s"))
+    native = ours.get("native")
+    if native is None:
+        results.add(skip("rr", "native-server seq vs trio TCP echo (>= 1/3)",
+                         "no native-server figures"))
+        return
+    if tcp:
+        results.add(Row("rr", "native-server seq rt/s vs trio TCP echo", native.seq_rate,
+                        tcp.seq_rate, "/s", ">= 0.33x",
+                        verdict(native.seq_rate >= tcp.seq_rate / 3)))
+    if 256 in native.inflight:
+        results.add(Row("rr", "native-server 256 in flight/s (2 slaves)", native.inflight[256],
+                        10_000.0, "/s", "> 10,000/s", verdict(native.inflight[256] > 10_000)))
+
+
+def _cote_reason(settings: Settings, results: Results) -> str | None:
+    """None when cote can run, else why its columns are skipped (installs on first use)."""
+    if "cote_reason" in results.figures:
+        return results.figures["cote_reason"]
+    reason = None
+    if not settings.cote:
+        reason = "skipped: cote disabled (--quick / --no-cote)"
+    else:
+        try:
+            results.figures["cote_version"] = cote.ensure_installed()
+        except cote.CoteUnavailable as exc:
+            reason = f"skipped: {exc}"
+    results.figures["cote_reason"] = reason
+    return reason
+
+
+# -- 2. mesh ----------------------------------------------------------------------------
+
+def family_mesh(settings: Settings, results: Results) -> dict[str, RRFigures | str]:
+    systems: dict[str, RRFigures | str] = {}
+    reason = mesh.available()
+    ours = None
+    if reason is None:
+        out, err = _measure("mesh Requester->Responder", mesh.reqrep, settings)
+        if out:
+            ours, memory = out
+            results.figures["mesh_memory"] = memory
+            _leak_row(results, "mesh responder", memory["responder_after_warmup"],
+                      memory["responder_after_run"])
+            results.add(Row("pool", "idle mesh component (Responder) RSS MB",
+                            memory["idle_responder"], _cote_rss(results), "MB", "< 30 MB",
+                            verdict(memory["idle_responder"] < 30)))
+        systems["mesh Req/Resp"] = ours or err
+    else:
+        systems["mesh Req/Resp"] = reason
+    results.figures["rr:mesh"] = systems["mesh Req/Resp"]
+
+    cote_fig = results.figures.get("cote_reqrep")
+    cote_reason = _cote_reason(settings, results)
+    k = 100 if 100 in settings.inflight else max(settings.inflight)
+    if ours is None:
+        results.add(skip("mesh", "mesh req/resp vs cote", str(systems["mesh Req/Resp"])))
+    elif cote_fig is None:
+        note = cote_reason or "no cote figures"
+        results.add(Row("mesh", "mesh seq rt/s vs cote", ours.seq_rate, verdict="SKIP", note=note))
+    else:
+        results.add(Row("mesh", "mesh seq rt/s vs cote", ours.seq_rate, cote_fig.seq_rate, "/s",
+                        ">= 1.00x", verdict(ours.seq_rate >= cote_fig.seq_rate)))
+        results.add(Row("mesh", "mesh seq p99 us vs cote", ours.p99_us, cote_fig.p99_us, "us",
+                        "< 1.00x", verdict(ours.p99_us < cote_fig.p99_us)))
+        results.add(Row("mesh", f"mesh {k} in flight/s vs cote", ours.inflight[k],
+                        cote_fig.inflight[k], "/s", ">= 1.50x",
+                        verdict(ours.inflight[k] >= 1.5 * cote_fig.inflight[k])))
+
+    # publish/subscribe
+    ours_ps = cote_ps = None
+    if reason is None:
+        ours_ps, err = _measure("mesh Publisher->Subscriber", mesh.pubsub, settings)
+        results.figures["mesh_pubsub"] = ours_ps or err
+    if cote_reason is None:
+        cote_ps, err = _measure("cote Publisher->Subscriber (node)", cote.pubsub, settings)
+        results.figures["cote_pubsub"] = cote_ps or err
+    if ours_ps is None:
+        results.add(skip("mesh", "pub/sub delivered msg/s vs cote",
+                         reason or str(results.figures.get("mesh_pubsub"))))
+    else:
+        base = cote_ps["rate"] if cote_ps else None
+        results.add(Row("mesh", "pub/sub delivered msg/s vs cote", ours_ps["rate"], base, "/s",
+                        ">= 2.00x", verdict(ours_ps["rate"] >= 2 * base) if base else "SKIP",
+                        "" if base else (cote_reason or "no cote figures")))
+        results.add(Row("mesh", "pub/sub messages lost", ours_ps["lost"],
+                        cote_ps["lost"] if cote_ps else None, "", "0",
+                        verdict(ours_ps["lost"] == 0)))
+    return systems
+
+
+def _cote_rss(results: Results) -> float | None:
+    rss = results.figures.get("cote_reqrep_rss_mb")
+    return rss["responder"] if rss else None
+
+
+# -- 3. pool dynamics ----------------------------------------------------------------------
+
+def family_pool(settings: Settings, results: Results) -> None:
+    reason = pool.available()
+    if reason is not None:
+        results.add(skip("pool", "pool dynamics", reason))
+        return
+    if settings.quick:
+        results.add(skip("pool", "pool dynamics (burst, retirement)", "skipped: --quick"))
+        return
+    out, err = _measure("pool: cold start, burst to 8, idle retirement", pool.pool_dynamics,
+                        settings)
+    results.figures["pool"] = out or err
+    if out is None:
+        results.add(Row("pool", "pool dynamics", verdict="FAIL", note=err))
+        return
+    results.add(Row("pool", "burst -> 8 slaves serving (s)", out["burst_to_limit_s"], None, "s",
+                    "< 1 s", verdict(out["burst_to_limit_s"] < 1.0)))
+    results.add(Row("pool", "cold slave start, submit->answer (s)", out["cold_start_s"], None,
+                    "s"))
+    limit = pool.IDLE_TIMEOUT + 1.0
+    results.add(Row("pool", f"idle retirement, idle-timeout {pool.IDLE_TIMEOUT:g} s (s)",
+                    out["retired_after_s"], pool.IDLE_TIMEOUT, "s", f"<= {limit:g} s",
+                    verdict(out["retired_after_s"] <= limit)))
+    rss = out["idle_slave_rss_mb"]
+    if rss:
+        results.add(Row("pool", "idle slave RSS MB (largest)", max(rss), _cote_rss(results),
+                        "MB", "< 30 MB", verdict(max(rss) < 30)))
+    idle_node = results.figures.get("idle_node_rss_mb")
+    if idle_node is not None:
+        results.add(Row("pool", "idle node RSS MB (without slaves)", idle_node,
+                        _cote_rss(results), "MB"))
+
+
+# -- 4./5. not there yet ----------------------------------------------------------------------
+
+def family_streaming(settings: Settings, results: Results) -> None:
+    ours = (results.figures.get("control_memory") or {}).get("stream_mb_s")
+    if ours is None:
+        results.add(skip("streaming", "streamed reply MB/s through one app",
+                         "skipped: needs the engine control-path run (family rr)"))
+    else:
+        base, err = _measure("trio TCP bulk stream (1 process)", baselines.trio_tcp_stream,
+                             settings)
+        results.add(Row("streaming", "streamed reply MB/s, slave->node->client vs TCP",
+                        ours, base, "MB", note=err or ""))
+    results.add(skip("streaming", "streaming MB/s through a two-stage pipeline",
+                     "skipped: not implemented yet"))
+
+
+def family_sockend(settings: Settings, results: Results) -> dict[str, RRFigures | str]:
+    reason = sockend.available() or mesh.available()
+    if reason is not None:
+        results.add(skip("sockend", "sockend websocket rt/s, fan-out to 100 clients", reason))
+        return {"sockend websocket": reason}
+    out, err = _measure("sockend: websocket requests, fan-out to 100", sockend.sockend_bench,
+                        settings)
+    results.figures["sockend"] = out or err
+    if out is None:
+        results.add(Row("sockend", "sockend websocket requests", verdict="FAIL", note=err))
+        return {"sockend websocket": err}
+    rr = out["rr"]
+    mesh_fig = results.figures.get("rr:mesh")
+    base = mesh_fig.seq_rate if isinstance(mesh_fig, RRFigures) else None
+    if isinstance(rr, RRFigures):
+        results.add(Row("sockend", "sockend websocket seq rt/s vs mesh Requester", rr.seq_rate,
+                        base, "/s"))
+    else:
+        results.add(Row("sockend", "sockend websocket requests", verdict="FAIL", note=str(rr)))
+    fan = out["fanout"]
+    if isinstance(fan, dict):
+        results.add(Row("sockend", f"sockend fan-out deliveries/s to {fan['clients']} clients",
+                        fan["deliveries_per_s"], note=f"{fan['received']:,} of "
+                        f"{fan['events'] * fan['clients']:,} delivered, {fan['skipped']:,} skipped"))
+        results.add(Row("sockend", "sockend fan-out events missed", fan["missed"], None, "", "0",
+                        verdict(fan["missed"] == 0)))
+    else:
+        results.add(Row("sockend", "sockend fan-out", verdict="FAIL", note=str(fan)))
+    return {"sockend websocket": rr}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny workload, no cote, no pool burst (a smoke run)")
+    ap.add_argument("--no-cote", action="store_true", help="skip the node/cote baseline")
+    ap.add_argument("--only", default=",".join(FAMILIES),
+                    help=f"comma-separated families (default all: {','.join(FAMILIES)})")
+    ap.add_argument("--json", default=str(RESULTS_JSON), help="where to write the results")
+    ns = ap.parse_args(argv)
+    ns.families = [f.strip() for f in ns.only.split(",") if f.strip()]
+    unknown = set(ns.families) - set(FAMILIES)
+    if unknown:
+        ap.error(f"unknown families {sorted(unknown)}; choose from {','.join(FAMILIES)}")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    settings = Settings.quick_mode() if args.quick else Settings()
+    if args.no_cote:
+        settings = replace(settings, cote=False)
+    info = machine()
+    print(f"engine-trio bench: {info['date']}, {info['cores']} cores ({info['cpu']}), "
+          f"load {info['load_avg'][0]:.2f}, python {info['python']}, node {info['node']}")
+    t0 = time.perf_counter()
+    results = Results()
+    results.figures["bench_rss_start_mb"] = rss_mb()
+    systems: dict[str, RRFigures | str] = {}
+    if "rr" in args.families:
+        systems.update(family_rr(settings, results))
+    if "mesh" in args.families:
+        systems.update(family_mesh(settings, results))
+    if "pool" in args.families:
+        family_pool(settings, results)
+    if "streaming" in args.families:
+        family_streaming(settings, results)
+    if "sockend" in args.families:
+        systems.update(family_sockend(settings, results))
+    results.figures["bench_rss_end_mb"] = rss_mb()
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+
+    print(f"\nrequest-response, {len(PAYLOAD)}-byte payload, loopback:")
+    print_rr_table(systems, settings.inflight)
+    print("\ncomparisons (ratio = ours / baseline):")
+    print_rows(results.rows)
+    path = write_json(results, info, Path(args.json))
+    counts = {v: sum(r.verdict == v for r in results.rows) for v in ("PASS", "FAIL", "SKIP")}
+    print(f"\n{counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped "
+          f"in {info['seconds']} s; results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The Node.js ``cote`` baseline: Requester/Responder and Publisher/Subscriber.
+
+cote is installed by the bench itself with npm into ``bench/.peers/`` (git-ignored).
+The node scripts in ``bench/peers/`` keep cote on loopback: each process gets its own
+127.0.0.x address, discovery is unicast to the list of those addresses on a free UDP
+port, and a per-run key keeps any other cote on this machine out of the benchmark.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+
+import trio
+
+from .harness import BENCH_DIR, PAYLOAD, PEERS_DIR, RRFigures, Settings, child_process
+
+COTE_VERSION = "1.2.0"
+SCRIPTS = BENCH_DIR / "peers"
+INSTALL_TIMEOUT = 180.0
+
+
+class CoteUnavailable(Exception):
+    """Why the cote column is skipped (no node/npm, registry unreachable...)."""
+
+
+def ensure_installed() -> str:
+    """Install cote into bench/.peers if needed; the installed version."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        raise CoteUnavailable("node/npm not found on PATH")
+    package = PEERS_DIR / "node_modules" / "cote" / "package.json"
+    if not package.is_file():
+        PEERS_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(
+                [npm, "install", "--prefix", str(PEERS_DIR), "--no-audit", "--no-fund",
+                 "--no-save", f"cote@{COTE_VERSION}"],
+                capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise CoteUnavailable(f"npm install cote timed out after {INSTALL_TIMEOUT:g} s "
+                                  "(registry unreachable?)") from None
+        if done.returncode != 0 or not package.is_file():
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+            raise CoteUnavailable(f"npm install cote@{COTE_VERSION} failed: {last[0]}")
+    import json
+    return json.loads(package.read_text())["version"]
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _envs(count: int) -> list[dict[str, str]]:
+    """One environment per cote process: own loopback address, shared discovery."""
+    addresses = [f"127.0.0.{i + 2}" for i in range(count)]
+    shared = dict(os.environ,
+                  BENCH_COTE_DISCOVERY_PORT=str(_free_udp_port()),
+                  BENCH_COTE_UNICAST=",".join(addresses),
+                  BENCH_COTE_KEY=f"bench-{os.getpid()}",
+                  COTE_PEERS_DIR=str(PEERS_DIR))
+    return [dict(shared, BENCH_COTE_ADDR=a) for a in addresses]
+
+
+def _node(script: str, *args) -> list[str]:
+    return [shutil.which("node") or "node", str(SCRIPTS / script), *map(str, args)]
+
+
+async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
+    """cote Requester -> Responder echo; figures and the RSS (MB) of both processes."""
+    rep_env, req_env = _envs(2)
+    async with child_process(_node("cote_responder.js"), env=rep_env) as responder:
+        inflight = ",".join(map(str, settings.inflight))
+        async with child_process(
+                _node("cote_requester.js", len(PAYLOAD), settings.seq_calls,
+                      settings.duration, inflight),
+                env=req_env, wait_ready=False) as requester:
+            budget = 15 + settings.duration * len(settings.inflight) * 2
+            out = await requester.result(timeout=budget)
+        responder_rss = responder.rss_mb()
+    if "error" in out:
+        raise RuntimeError(f"cote requester failed: {out['error']}")
+    seq = out["seq"]
+    figures = RRFigures(seq["rate"], seq["p50_us"], seq["p99_us"],
+                        {int(k): v for k, v in out["inflight"].items()})
+    return figures, {"requester": out["rss_mb"], "responder": responder_rss}
+
+
+async def pubsub(settings: Settings) -> dict[str, float]:
+    """cote Publisher -> one Subscriber: delivered messages/s and how many were lost."""
+    pub_env, sub_env = _envs(2)
+    n = settings.pubsub_messages
+    async with child_process(_node("cote_publisher.js", n, len(PAYLOAD), 1),
+                             env=pub_env) as publisher:
+        async with child_process(_node("cote_subscriber.js", n), env=sub_env,
+                                 wait_ready=False) as subscriber:
+            out = await subscriber.result(timeout=30)
+        publisher_rss = publisher.rss_mb()
+    return {"rate": out["rate"], "received": out["received"], "lost": n - out["received"],
+            "subscriber_rss_mb": out["rss_mb"], "publisher_rss_mb": publisher_rss}
+
+
+if __name__ == "__main__":  # python -m bench.cote: just this baseline
+    print("cote", ensure_installed())
+    print(trio.run(reqrep, Settings()))
+    print(trio.run(pubsub, Settings()))

@@ -1,0 +1,165 @@
+"""The engine end to end: a node in a child process hosting ``bench/echo_app.py`` on
+2 slaves, called through
+
+- the control path: ``engine.client`` -> node control endpoint -> pool -> slave;
+- the ``native-server`` driver: a plain ``transport.rpc.RpcClient`` -> the driver's
+  own listener -> pool -> slave (when the driver exists).
+
+Each returns its figures and memory samples: the idle node (before any call), node and
+slaves after warm-up and after the run (the leak check).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+
+from .harness import (BENCH_DIR, PAYLOAD, Child, RRFigures, Settings, child_process,
+                      measure_rr, python_child, tree_rss_mb)
+
+APP = "bench-echo"
+APP_ENTRY = BENCH_DIR / "echo_app.py"
+SLAVES = 2
+
+
+def manifest(drivers: dict[str, Any] | None = None, **engine: Any) -> dict[str, Any]:
+    """The bench app's manifest: 2 slaves, a queue deep enough for 256 in flight."""
+    return {
+        "name": APP,
+        "type": "python",
+        "args": str(APP_ENTRY),
+        "engine": {"pool-limit": SLAVES, "queue-limit": 2048, "grow-threshold": 1,
+                   "idle-timeout": 600, **engine},
+        "drivers": drivers or {},
+    }
+
+
+def available() -> str | None:
+    try:
+        import engine.client  # noqa: F401
+        import engine.node  # noqa: F401
+        import engine.pool  # noqa: F401
+    except ImportError as exc:
+        return f"skipped: engine node/client/pool not importable ({exc})"
+    return None
+
+
+def native_server_available() -> str | None:
+    try:
+        from engine.drivers import registry
+    except ImportError as exc:
+        return f"skipped: engine.drivers not importable ({exc})"
+    if registry.get("native-server") is None:
+        return f"skipped: no native-server driver yet (known: {', '.join(registry.known_types())})"
+    return None
+
+
+@asynccontextmanager
+async def node_hosting(app_manifest: dict[str, Any]) -> AsyncIterator[Child]:
+    """A node child process hosting one app; READY carries its control address."""
+    with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
+        folder = Path(tmp) / APP
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(app_manifest))
+        async with child_process(python_child("bench.servers", "node", "tcp://127.0.0.1:0",
+                                              folder)) as node:
+            yield node
+
+
+def _memory(node: Child) -> dict[str, Any]:
+    own, slaves = tree_rss_mb(node.pid)
+    return {"node": own, "slaves": slaves, "total": own + sum(slaves)}
+
+
+async def control_path(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
+    from engine.client import connect
+
+    async with node_hosting(manifest()) as node:
+        memory: dict[str, Any] = {"idle_node": _memory(node)["node"]}
+        async with connect(node.ready, timeout=10) as client:
+            async def call():
+                await client.call(APP, "echo", PAYLOAD)
+
+            # Make both slaves exist before measuring: a short burst grows the pool.
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(call)
+            figures = await measure_rr(
+                lambda: call, settings,
+                after_warmup=lambda: memory.__setitem__("after_warmup", _memory(node)))
+            memory["after_run"] = _memory(node)
+            memory["stream_mb_s"] = await stream_rate(client, settings)
+    return figures, memory
+
+
+STREAM_CHUNK = 64 * 1024
+
+
+async def stream_rate(client, settings: Settings) -> float:
+    """MB/s of one streamed reply (64 KiB chunks) from a slave through the node."""
+    n = 20 if settings.quick else 200
+    spec = {"n": n, "size": STREAM_CHUNK}
+    received = 0
+    with trio.fail_after(60):
+        t0 = time.perf_counter()
+        async for chunk in client.stream(APP, "chunks", spec):
+            received += len(chunk)
+        elapsed = time.perf_counter() - t0
+    if received != n * STREAM_CHUNK:
+        raise RuntimeError(f"streamed {received} bytes, expected {n * STREAM_CHUNK}")
+    return received / elapsed / 1e6
+
+
+# The driver's options: its listening address on loopback, port chosen by nng.  If the
+# driver names this option differently, the deploy fails with a ManifestError naming
+# the field, and the native-server row says so: adjust here.
+NATIVE_SERVER_OPTIONS: dict[str, Any] = {"endpoint": "tcp://127.0.0.1:0"}
+
+
+def _find_address(value: Any) -> str | None:
+    """The first tcp:// address anywhere in a driver's info()."""
+    if isinstance(value, str) and value.startswith(("tcp://", "nng+tcp://")) \
+            and not value.endswith(":0"):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _find_address(item)
+        if found:
+            return found
+    return None
+
+
+async def native_server(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
+    from engine.client import connect
+    from transport.rpc import RpcClient
+
+    drivers = {"rpc": {"type": "native-server", "emit": "echo", **NATIVE_SERVER_OPTIONS}}
+    async with node_hosting(manifest(drivers)) as node:
+        async with connect(node.ready, timeout=10) as control:
+            info = await control.info(APP)
+        address = _find_address(info.get("drivers", {}).get("rpc"))
+        if address is None:
+            raise RuntimeError(f"no tcp:// address in the native-server driver's info: "
+                               f"{info.get('drivers')}")
+        memory: dict[str, Any] = {}
+        async with RpcClient(address, timeout=10) as client:
+            await client.wait_connected()
+
+            async def call():
+                await client.call(APP, "echo", PAYLOAD)
+
+            with trio.fail_after(20):   # grow the pool to both slaves first
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(call)
+            figures = await measure_rr(
+                lambda: call, settings,
+                after_warmup=lambda: memory.__setitem__("after_warmup", _memory(node)))
+            memory["after_run"] = _memory(node)
+    return figures, memory

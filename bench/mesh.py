@@ -1,0 +1,115 @@
+"""The mesh components, the same shapes as the cote baseline:
+
+- Requester (this process) -> Responder (child process) echo, found by discovery on
+  loopback: sequential p50/p99 and throughput in flight;
+- Publisher (child process) -> Subscriber (this process, ``async for``): delivered
+  events/s from first to last, and how many were lost;
+- the RSS of an idle Responder process (a mesh component).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import trio
+
+from .harness import PAYLOAD, RRFigures, Settings, child_process, measure_rr, python_child
+
+
+def available() -> str | None:
+    try:
+        from transport.discovery import DiscoveryConfig  # noqa: F401
+        from transport.pubsub import Publisher, Subscriber  # noqa: F401
+        from transport.requester import Requester  # noqa: F401
+        from transport.responder import Responder  # noqa: F401
+    except ImportError as exc:
+        return f"skipped: mesh components not importable ({exc})"
+    return None
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _discovery(port: int):
+    from transport.discovery import DiscoveryConfig
+
+    return DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.2, expiry=1.0)
+
+
+async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
+    from transport.requester import Requester
+
+    port, key = _free_udp_port(), f"bench-{os.getpid()}"
+    memory: dict[str, float] = {}
+    async with child_process(python_child("bench.servers", "mesh-responder",
+                                          port, key)) as responder:
+        await trio.sleep(0.3)  # settle: the idle figure is after start-up allocations
+        memory["idle_responder"] = responder.rss_mb()
+        async with Requester("bench-req", requests=["echo"], key=key,
+                             discovery=_discovery(port), timeout=10,
+                             max_pending=100_000) as requester:
+            request = {"type": "echo", "p": PAYLOAD}
+
+            async def call():
+                await requester.send(request)
+
+            figures = await measure_rr(
+                lambda: call, settings,
+                after_warmup=lambda: memory.__setitem__("responder_after_warmup",
+                                                        responder.rss_mb()))
+        memory["responder_after_run"] = responder.rss_mb()
+    return figures, memory
+
+
+async def pubsub(settings: Settings) -> dict[str, Any]:
+    from transport.pubsub import Subscriber
+
+    port, key = _free_udp_port(), f"bench-{os.getpid()}"
+    n = settings.pubsub_messages
+    counts = {"received": 0, "first": 0.0, "last": 0.0}
+    async with Subscriber("bench-sub", subscribes_to=["tick"], key=key,
+                          discovery=_discovery(port)) as subscriber:
+        async with child_process(python_child("bench.servers", "mesh-publisher",
+                                              port, key, n)) as publisher:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_count, subscriber, n, counts, nursery.cancel_scope)
+                nursery.start_soon(_stop_when_quiet, counts, nursery.cancel_scope)
+            published = await publisher.result(timeout=5)
+            stats = dict(subscriber.stats)
+    received = counts["received"]
+    secs = counts["last"] - counts["first"]
+    return {"rate": (received - 1) / secs if secs > 0 else 0.0, "received": received,
+            "lost": n - received, "dropped": stats.get("dropped", 0),
+            "publisher": published}
+
+
+async def _count(subscriber, n: int, counts: dict[str, Any], done: trio.CancelScope) -> None:
+    clock = time.perf_counter
+    received = 0
+    async for _event in subscriber:
+        if received == 0:
+            counts["first"] = clock()
+        received += 1
+        if received >= n:
+            break
+        if received & 1023 == 0:
+            counts["received"], counts["last"] = received, clock()
+    counts["received"], counts["last"] = received, clock()
+    done.cancel()
+
+
+async def _stop_when_quiet(counts: dict[str, Any], done: trio.CancelScope,
+                           quiet: float = 1.0, first_within: float = 20.0) -> None:
+    """Lost events would leave the counter waiting: stop after a quiet second."""
+    await trio.sleep(first_within / 100)
+    seen, idle = -1, 0.0
+    while idle < (quiet if counts["received"] else first_within):
+        await trio.sleep(0.1)
+        idle = 0.0 if counts["received"] != seen else idle + 0.1
+        seen = counts["received"]
+    done.cancel()
