@@ -66,11 +66,13 @@ class _Connection:
     """One client as the server sees it: its replies queue here until its writer
     task packs them into frames."""
 
-    __slots__ = ("id", "send", "outbox", "wakeup", "running")
+    __slots__ = ("id", "send", "try_send", "outbox", "wakeup", "running")
 
-    def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]]):
+    def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
+                 try_send: Callable[[bytes], bool] | None = None):
         self.id = conn_id
         self.send = send
+        self.try_send = try_send  # writes a frame now if the link takes it without blocking
         self.outbox: list[bytes] = []  # packed envelopes (codec.encode_envelope)
         self.wakeup = trio.Event()
         self.running: dict[int, trio.CancelScope] = {}
@@ -121,7 +123,7 @@ class RpcServer:
         from .streams import FramedStream
 
         stream = FramedStream(raw)
-        conn = _Connection(next(self._ids), stream.send)
+        conn = _Connection(next(self._ids), stream.send, stream.try_send_nowait)
         self._connections[conn.id] = conn
         try:
             async with trio.open_nursery() as nursery:
@@ -253,6 +255,16 @@ class RpcServer:
         except CodecError as exc:  # a reply msgpack cannot carry fails its caller, not the batch
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(f"reply could not be encoded: {exc}")))
+        if conn.try_send is not None and not conn.outbox and not conn.wakeup.is_set() \
+                and self.guard is None:
+            # The writer is idle: answer now instead of one scheduler pass later.  Answers
+            # emitted before the writer runs again queue up behind this one and batch.
+            try:
+                if conn.try_send(join_frame([packed])):
+                    conn.wakeup.set()
+                    return
+            except Closed:
+                return  # the client is gone; its reader drops the connection
         conn.outbox.append(packed)
         self._queued += 1
         conn.wakeup.set()
