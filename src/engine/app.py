@@ -16,6 +16,7 @@ import trio
 
 from .drivers import registry
 from .errors import DriverError, ShuttingDown
+from .maintenance import MaintenanceChannel
 from .manifest import AppManifest
 
 
@@ -32,6 +33,8 @@ class App:
         self.name = manifest.name
         self.pool = pool_factory(manifest)
         self.drivers: dict[str, Any] = {}
+        pubsub = manifest.pubsub.endpoint if manifest.pubsub else None
+        self.maintenance = MaintenanceChannel(self, pubsub)
         self.state = "created"          # created -> starting -> running -> stopping -> stopped
         self.started_at: float | None = None
         self._scope: trio.CancelScope | None = None
@@ -51,6 +54,8 @@ class App:
                     await nursery.start(self.pool.run)
                     # Drivers get their own scope so stop() can silence them before draining.
                     try:
+                        # The maintenance channel first: sinks publish results on it.
+                        await nursery.start(self.maintenance.run)
                         await nursery.start(self._run_drivers)
                     except DriverError as exc:
                         failure = exc
@@ -126,6 +131,10 @@ class App:
             raise ShuttingDown(f"app {self.name} is {self.state}")
         return self.pool.submit(event, payload)
 
+    def publish(self, topic: str, value: Any) -> None:
+        """Publish on the app's maintenance channel (sinks' results, for example)."""
+        self.maintenance.publish(topic, value)
+
     def crashlog(self) -> list[str]:
         return list(self.pool.crashlog())
 
@@ -151,4 +160,5 @@ class App:
                        "concurrency": self.manifest.engine.concurrency},
             "pool": self.pool.info(),
             "drivers": drivers,
+            "pubsub": self.maintenance.address,
         }

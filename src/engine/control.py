@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 VerbFn = Callable[["Node", Any], Awaitable[Any]]
 VERBS: dict[str, VerbFn] = {}
 # Modules that register more verbs when imported (e.g. a scheduler's "schedule").
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = ["engine.drivers.scheduler"]
 
 
 def verb(name: str) -> Callable[[VerbFn], VerbFn]:

@@ -101,6 +101,8 @@ class Node:
         except TransportError as exc:  # e.g. the port is taken
             return exc
         log.info("control endpoint on %s", self.control_address)
+        # Slaves inherit this: a handler can reach its own node (e.g. to schedule events).
+        os.environ["ENGINE_NODE"] = self.control_address
         return None
 
     async def shutdown(self) -> None:

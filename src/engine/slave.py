@@ -75,7 +75,9 @@ class SlaveProcess:
         chan = EnvelopeChannel(from_socket(ours))
         self._chan = chan
         try:
-            env = dict(os.environ, PYTHONUNBUFFERED="1")  # output reaches the crashlog at once
+            # PYTHONUNBUFFERED: output reaches the crashlog at once; ENGINE_APP: handlers
+            # that schedule events (engine.drivers.scheduler.schedule) know their app.
+            env = dict(os.environ, PYTHONUNBUFFERED="1", ENGINE_APP=self.app)
             fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
             try:
                 self._proc = proc = await trio.lowlevel.open_process(

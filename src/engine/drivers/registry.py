@@ -17,7 +17,11 @@ from ..errors import ManifestError
 _DRIVERS: dict[str, type] = {}
 _ALIASES: dict[str, str] = {}
 # Modules that register built-in drivers when imported.
-BUILTIN_MODULES: list[str] = []
+BUILTIN_MODULES: list[str] = [
+    "engine.drivers.timers", "engine.drivers.cron", "engine.drivers.fsmonitor",
+    "engine.drivers.nng_server", "engine.drivers.nng_sink", "engine.drivers.raw_socket",
+    "engine.drivers.native", "engine.drivers.scheduler",
+]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""``native-server`` and ``native-sink``: the engine's own protocol (transport/rpc.py).
+
+Clients use :class:`transport.rpc.RpcClient` (or any binding speaking the envelope
+format of docs/protocol.md): ``REQUEST [target, event, payload]``; the target and
+event are ignored (the manifest's ``emit`` is the event), so any client of the
+node's control endpoint works unchanged against a driver's own ``endpoint``.
+
+native-server
+    Answers ``RESULT value``, or ``CHUNK``… ``CHOKE`` as the handler streams them
+    (chunks are forwarded as the slave produces them), or ``ERROR {code,...}``;
+    ``queue-full`` when the pool has no room.  Without ``endpoint`` the driver opens
+    no socket: the app is reached through the node's control endpoint, which speaks
+    the same protocol.
+native-sink
+    Answers ``RESULT null`` as soon as the job is *accepted*; while the pool is full
+    the acknowledgement waits, so producers that wait for it are slowed down (the
+    sink's backpressure).  With ``"publish": true`` outcomes go to the app's pubsub
+    channel under ``result.<driver name>``, as for nng-sink.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from transport.errors import RemoteError, TransportError
+from transport.rpc import Request, RpcServer
+
+from ..errors import DriverError
+from .base import NO_ROOM, DriverStats, bare_driver_errors, check_keys, opt_bool, opt_str, sole_leaf, submit_holding
+from .nng_sink import SinkOptions, SinkOutcomes
+from .registry import OptionContext, register
+
+RPC_SCHEMES = ("tcp://", "ipc://", "unix://", "nng+tcp://", "nng+ipc://")  # see transport/links.py
+
+
+@dataclass(frozen=True)
+class NativeOptions:
+    endpoint: str | None = None
+
+
+def _endpoint(raw: dict, ctx: OptionContext, *, required: bool) -> str | None:
+    endpoint = opt_str(raw, ctx, "endpoint") if required else opt_str(raw, ctx, "endpoint", default=None)
+    if endpoint is not None and not endpoint.startswith(RPC_SCHEMES):
+        raise ctx.error("endpoint", "an address like tcp://127.0.0.1:9100, ipc:///path or nng+tcp://127.0.0.1:9100",
+                        endpoint)
+    return endpoint
+
+
+async def _serve_rpc(server: RpcServer, task_status) -> None:
+    """Run the server; failing to bind becomes a bare DriverError (raised outside any
+    nursery, so the app sees the DriverError itself, not an exception group)."""
+    failure: DriverError | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            address = await nursery.start(server.run)
+        except BaseException as exc:
+            leaf = sole_leaf(exc)  # the server's own nursery wraps its failure
+            if not isinstance(leaf, (TransportError, OSError)):
+                raise
+            failure = DriverError(f"cannot listen on {server.requested_address}: {leaf}")
+        else:
+            task_status.started(address)
+    if failure is not None:
+        raise failure
+
+
+@register("native-server")
+class NativeServer:
+    def __init__(self, spec):
+        self.spec = spec
+        self.options: NativeOptions = spec.options
+        self.stats = DriverStats()
+        self.server: RpcServer | None = None
+
+    @staticmethod
+    def parse_options(raw: Any, ctx: OptionContext) -> NativeOptions:
+        check_keys(raw, ctx, ["endpoint"])
+        return NativeOptions(endpoint=_endpoint(raw, ctx, required=False))
+
+    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from ..control import answer  # streams a job's chunks as the RpcServer wants
+
+        async def handle(req: Request) -> Any:
+            self.stats.ticks += 1
+            try:
+                job = app.submit(self.spec.emit, req.payload)
+            except NO_ROOM:
+                self.stats.skipped += 1
+                raise
+            self.stats.submitted += 1
+            try:
+                reply = await answer(job)
+            except RemoteError as exc:
+                self.stats.failed(exc)
+                raise
+            self.stats.done += 1
+            return reply
+
+        if self.options.endpoint is None:
+            task_status.started(None)
+            await trio.sleep_forever()
+        self.server = RpcServer(self.options.endpoint, handle)
+        await _serve_rpc(self.server, task_status)
+
+    def info(self) -> dict:
+        endpoint = self.server.address if self.server else self.options.endpoint
+        return {"type": "native-server", "emit": self.spec.emit, "endpoint": endpoint or "(node control)",
+                **self.stats.as_dict()}
+
+
+@register("native-sink")
+class NativeSink:
+    def __init__(self, spec):
+        self.spec = spec
+        self.options: SinkOptions = spec.options
+        self.stats = DriverStats()
+        self.outcomes = SinkOutcomes(spec, self.options, self.stats)
+        self.server: RpcServer | None = None
+
+    @staticmethod
+    def parse_options(raw: Any, ctx: OptionContext) -> SinkOptions:
+        check_keys(raw, ctx, ["endpoint", "publish"])
+        return SinkOptions(endpoint=_endpoint(raw, ctx, required=True),
+                           publish=opt_bool(raw, ctx, "publish", default=False))
+
+    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.outcomes.bind(app)
+        with bare_driver_errors():
+            async with trio.open_nursery() as nursery:
+                async def handle(req: Request) -> None:
+                    self.stats.ticks += 1
+                    job = await submit_holding(app, self.spec.emit, req.payload, self.stats)
+                    nursery.start_soon(self.outcomes.follow, job, req.payload)
+                    return None
+
+                self.server = RpcServer(self.options.endpoint, handle)
+                await _serve_rpc(self.server, task_status)
+
+    def info(self) -> dict:
+        endpoint = self.server.address if self.server else self.options.endpoint
+        return {"type": "native-sink", "emit": self.spec.emit, "endpoint": endpoint,
+                "publish": self.options.publish, **self.stats.as_dict()}

@@ -1,0 +1,105 @@
+"""``nng-sink`` (alias ``zeromq-sink``): fire-and-forget jobs from any nng Push socket.
+
+A producer dials ``endpoint`` with an nng **Push0** socket and sends msgpack payloads;
+nothing comes back on that socket.  With ``"publish": true`` each job's outcome is
+published on the app's pubsub channel under the topic ``result.<driver name>``
+(``{"result": value}`` or ``{"error": {...}}``, plus the ``payload``).
+
+Backpressure: while the pool is full the driver stops reading; nng's receive buffer
+fills, then the producers' sends block (Push0 has no drop policy), so a fast producer
+is slowed down rather than losing jobs.  Payloads that are not msgpack are counted as
+errors and dropped: there is nobody to answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pynng
+import trio
+from transport.codec import unpack
+from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
+from transport.sockets import TrioSocket
+
+from ..errors import DriverError
+from .base import DriverStats, check_keys, opt_bool, run_job, submit_holding
+from .nng_server import listen, parse_nng_endpoint
+from .registry import OptionContext, register
+
+# Messages nng may hold for us while we are not reading: small, so backpressure
+# reaches producers quickly instead of piling up here.
+SINK_BUFFER = 16
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    endpoint: str
+    publish: bool = False
+
+
+def parse_sink_options(raw: Any, ctx: OptionContext) -> SinkOptions:
+    check_keys(raw, ctx, ["endpoint", "publish"])
+    return SinkOptions(endpoint=parse_nng_endpoint(raw, ctx),
+                       publish=opt_bool(raw, ctx, "publish", default=False))
+
+
+class SinkOutcomes:
+    """Counts a sink's jobs and, if asked, publishes each outcome."""
+
+    def __init__(self, spec, options: SinkOptions, stats: DriverStats):
+        self.spec, self.options, self.stats = spec, options, stats
+        self.publish = None
+        self.topic = f"result.{spec.name}"
+
+    def bind(self, app) -> None:
+        if self.options.publish:
+            self.publish = getattr(app, "publish", None)
+            if self.publish is None:
+                raise DriverError("publish is true but the app has no pubsub channel")
+
+    async def follow(self, job, payload: Any) -> None:
+        try:
+            outcome = {"result": await run_job(job, self.stats)}
+        except RemoteError as exc:
+            outcome = {"error": error_to_body(exc)}
+        if self.publish is not None:
+            self.publish(self.topic, {"driver": self.spec.name, "payload": payload, **outcome})
+
+
+@register("nng-sink", "zeromq-sink")
+class NngSink:
+    def __init__(self, spec):
+        self.spec = spec
+        self.options: SinkOptions = spec.options
+        self.stats = DriverStats()
+        self.outcomes = SinkOutcomes(spec, self.options, self.stats)
+        self.address: str | None = None
+
+    @staticmethod
+    def parse_options(raw: Any, ctx: OptionContext) -> SinkOptions:
+        return parse_sink_options(raw, ctx)
+
+    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.outcomes.bind(app)
+        raw = pynng.Pull0()
+        self.address = listen(raw, self.options.endpoint)
+        sock = TrioSocket(raw, buffer=SINK_BUFFER)
+        try:
+            async with trio.open_nursery() as jobs:
+                task_status.started(self.address)
+                while True:
+                    body = await sock.recv()
+                    self.stats.ticks += 1
+                    try:
+                        payload = unpack(body)
+                    except CodecError as exc:
+                        self.stats.failed(BadMessage(f"payload is not msgpack: {exc}"))
+                        continue
+                    job = await submit_holding(app, self.spec.emit, payload, self.stats)
+                    jobs.start_soon(self.outcomes.follow, job, payload)
+        finally:
+            sock.close()
+
+    def info(self) -> dict:
+        return {"type": "nng-sink", "emit": self.spec.emit, "endpoint": self.address or self.options.endpoint,
+                "publish": self.options.publish, **self.stats.as_dict()}
