@@ -228,8 +228,10 @@ def crashlog_command(p: argparse.ArgumentParser) -> Runner:
 def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(module)
-    parser = argparse.ArgumentParser(prog="python -m engine",
-                                     description="engine-trio: host apps, or talk to a node")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine", description="engine-trio: host apps, or talk to a node",
+        epilog="also: `python -m engine monitor [--once] [--json] ...` lists every mesh "
+               "component it discovers (the same as `python -m transport monitor`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, setup) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -242,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import EngineError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["monitor"]:
+        # The mesh's Monitor, reachable from the engine's CLI too: one tool to learn.
+        from transport.__main__ import main as transport_main
+
+        return transport_main(argv)
     args = build_parser().parse_args(argv)
     try:
         return trio.run(args.runner, args)

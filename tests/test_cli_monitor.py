@@ -1,0 +1,35 @@
+"""`python -m engine monitor` is the mesh Monitor, reachable from the engine's CLI."""
+import json
+import socket
+import subprocess
+import sys
+
+import trio
+
+from transport import DiscoveryConfig, Responder
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_engine_monitor_lists_a_live_responder():
+    port = free_udp_port()
+    cfg = DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.3, expiry=2.0)
+    rep = Responder("seen-by-monitor", namespace="ops", responds_to=["ping"], discovery=cfg)
+
+    @rep.on("ping")
+    async def ping(req):
+        return "pong"
+
+    with trio.fail_after(20):
+        async with rep:
+            done = await trio.run_process(
+                [sys.executable, "-m", "engine", "monitor", "--json", "--wait", "1.5",
+                 "--port", str(port), "--interface", "127.0.0.1"],
+                capture_stdout=True, capture_stderr=True)
+    rows = json.loads(done.stdout)
+    names = {(row["name"], row["namespace"]) for row in rows}
+    assert ("seen-by-monitor", "ops") in names, done.stdout
