@@ -4,12 +4,9 @@ from the node's log) and ends every process it started."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,53 +16,12 @@ import trio
 
 from engine.client import connect
 from engine.errors import AppNotFound, QueueFull
+from nodes import slave_pids
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "examples" / "echo"
-ADDRESS_RE = re.compile(r"control endpoint on (tcp://127\.0\.0\.1:\d+)")
-
-
-class NodeProcess:
-    def __init__(self, proc: subprocess.Popen, log: Path):
-        self.proc = proc
-        self.log = log
-        self.address: str | None = None
-
-    @property
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait_ready(self, timeout: float = 30) -> str:
-        with trio.fail_after(timeout):
-            while True:
-                text = self.stderr
-                match = ADDRESS_RE.search(text)
-                if match and "serving" in text:
-                    self.address = match.group(1)
-                    return self.address
-                assert self.proc.poll() is None, f"node exited early:\n{text}"
-                await trio.sleep(0.05)
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    async def wait_exit(self, timeout: float) -> int:
-        with trio.fail_after(timeout):
-            while self.proc.poll() is None:
-                await trio.sleep(0.05)
-        return self.proc.returncode
-
-    async def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        with trio.fail_after(timeout + 10):
-            return await trio.run_process(
-                [sys.executable, "-m", "engine", *args, "--node", self.address,
-                 "--timeout", str(timeout)],
-                capture_stdout=True, capture_stderr=True, check=False)
 
 
 @pytest.fixture
@@ -78,47 +34,6 @@ def apps_dir(tmp_path):
     manifest["engine"].update({"pool-limit": 4, "termination-timeout": 10})
     (apps / "echo" / "manifest.json").write_text(json.dumps(manifest))
     return apps
-
-
-@pytest.fixture
-def start_node(tmp_path):
-    started: list[NodeProcess] = []
-
-    async def start(*paths: Path) -> NodeProcess:
-        log = tmp_path / f"node{len(started)}.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "engine", "run", *map(str, paths),
-                 "--control", "tcp://127.0.0.1:0"],
-                stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        node = NodeProcess(proc, log)
-        started.append(node)
-        await node.wait_ready()
-        return node
-
-    yield start
-    for node in started:   # whatever a test left running
-        leftovers = node.descendants()
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
-            try:
-                node.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait(10)
-        for p in psutil.wait_procs(leftovers, timeout=10)[1]:
-            p.kill()
-
-
-def slave_pids(node: NodeProcess) -> set[int]:
-    return {p.pid for p in node.descendants() if "engine.worker" in " ".join(_cmdline(p))}
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
 
 
 # -- tests ------------------------------------------------------------------------------------

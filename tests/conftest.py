@@ -1,0 +1,21 @@
+"""Shared fixtures for the test suite."""
+from __future__ import annotations
+
+import pytest
+
+from nodes import NodeProcess, start_node_process, stop_node
+
+
+@pytest.fixture
+def start_node(tmp_path):
+    """``node = await start_node(*paths)``: a real node on loopback, stopped after the test."""
+    started: list[NodeProcess] = []
+
+    async def start(*paths, extra: tuple[str, ...] = ()) -> NodeProcess:
+        node = await start_node_process(paths, tmp_path / f"node{len(started)}.log", tmp_path, *extra)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        stop_node(node)
