@@ -106,7 +106,13 @@ class _Info:
         return self._info
 
 
-async def live(client, *, interval: float = 1.0, out=print) -> None:
+def _draw(text: str) -> None:
+    # Flush every frame: piped into `tee` or a pager, stdout is block-buffered and a
+    # live view would otherwise show nothing until it exits.
+    print(text, flush=True)
+
+
+async def live(client, *, interval: float = 1.0, out=_draw) -> None:
     """Redraw until cancelled (Ctrl-C); rediscover apps every few seconds."""
     while True:
         infos, endpoints = await _discover(client)

@@ -84,6 +84,25 @@ def parse_host_port(text: str, ctx: OptionContext, name: str) -> tuple[str, int]
     return host, int(port)
 
 
+# Schemes whose address is host:port (ws/wss may add a path after it).
+_HOST_PORT_SCHEMES = ("tcp", "tls+tcp", "nng+tcp", "ws", "wss")
+
+
+def check_url(text: str, ctx: OptionContext, name: str) -> str:
+    """Catch at manifest load what would otherwise fail only when the driver binds:
+    ``scheme://host:port`` needs a port in 0..65535 (host may be empty: every
+    interface); ``ipc://``, ``unix://``, ``inproc://``... need a path or name."""
+    scheme, sep, rest = text.partition("://")
+    if scheme in _HOST_PORT_SCHEMES:
+        hostport = rest.split("/", 1)[0] if scheme in ("ws", "wss") else rest
+        _host, colon, port = hostport.rpartition(":")
+        if not colon or not port.isdigit() or int(port) > 65535:
+            raise ctx.error(name, f"{scheme}://host:port with a port in 0-65535", text)
+    elif not sep or not rest.strip("/"):
+        raise ctx.error(name, f"{scheme}:// followed by a path", text)
+    return text
+
+
 def sole_leaf(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups (or exc itself)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:

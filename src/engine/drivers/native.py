@@ -27,7 +27,7 @@ from transport.errors import RemoteError, TransportError
 from transport.rpc import Request, RpcServer
 
 from ..errors import DriverError
-from .base import NO_ROOM, DriverStats, bare_driver_errors, check_keys, opt_bool, opt_str, sole_leaf, submit_holding
+from .base import NO_ROOM, DriverStats, bare_driver_errors, check_keys, check_url, opt_bool, opt_str, sole_leaf, submit_holding
 from .nng_sink import SinkOptions, SinkOutcomes
 from .registry import OptionContext, register
 
@@ -44,7 +44,7 @@ def _endpoint(raw: dict, ctx: OptionContext, *, required: bool) -> str | None:
     if endpoint is not None and not endpoint.startswith(RPC_SCHEMES):
         raise ctx.error("endpoint", "an address like tcp://127.0.0.1:9100, ipc:///path or nng+tcp://127.0.0.1:9100",
                         endpoint)
-    return endpoint
+    return endpoint if endpoint is None else check_url(endpoint, ctx, "endpoint")
 
 
 async def _serve_rpc(server: RpcServer, task_status) -> None:

@@ -24,7 +24,7 @@ from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
 from transport.sockets import TrioSocket, bound_address
 
 from ..errors import DriverError
-from .base import NO_ROOM, DriverStats, check_keys, opt_str, run_job
+from .base import NO_ROOM, DriverStats, check_keys, check_url, opt_str, run_job
 from .registry import OptionContext, register
 
 NNG_SCHEMES = ("tcp://", "ipc://", "inproc://", "ws://", "tls+tcp://")
@@ -39,7 +39,7 @@ def parse_nng_endpoint(raw: Any, ctx: OptionContext) -> str:
     endpoint = opt_str(raw, ctx, "endpoint")
     if not endpoint.startswith(NNG_SCHEMES):
         raise ctx.error("endpoint", "an nng address like tcp://127.0.0.1:9100 or ipc:///tmp/app.sock", endpoint)
-    return endpoint
+    return check_url(endpoint, ctx, "endpoint")
 
 
 def listen(sock: pynng.Socket, endpoint: str) -> str:

@@ -138,6 +138,7 @@ class RawSocketServer:
         self.stats = DriverStats()
         self.address: tuple[str, int] | None = None
         self.connections = 0
+        self.resets = 0          # connections the client reset before all replies went out
         line = self.options.framing == "line"
         self._framer = LineFramer if line else LengthPrefixedFramer
         self._encode = encode_line_reply if line else encode_frame_reply
@@ -171,8 +172,11 @@ class RawSocketServer:
                 nursery.start_soon(self._writer, stream, receive, nursery.cancel_scope)
                 async with send:
                     await self._reader(app, stream, send, nursery)
-        except trio.BrokenResourceError:
-            pass  # the client reset the connection; its pending replies have nowhere to go
+        except* trio.BrokenResourceError:
+            # The client reset the connection (the reader or the writer saw it, inside
+            # the nursery, hence except*); its pending replies have nowhere to go.  One
+            # client's reset must never reach serve_listeners: that would stop the app.
+            self.resets += 1
         finally:
             self.connections -= 1
 
@@ -228,4 +232,5 @@ class RawSocketServer:
     def info(self) -> dict:
         host, port = self.address or (self.options.host, self.options.port)
         return {"type": "raw-socket-server", "emit": self.spec.emit, "endpoint": f"{host}:{port}",
-                "framing": self.options.framing, "connections": self.connections, **self.stats.as_dict()}
+                "framing": self.options.framing, "connections": self.connections, "resets": self.resets,
+                **self.stats.as_dict()}

@@ -71,14 +71,16 @@ class ManualScheduler:
         return SchedulerOptions(max_pending=opt_number(raw, ctx, "max-pending", default=10_000,
                                                        minimum=1, integer=True))
 
-    def schedule(self, delay: float, payload: Any = None) -> dict:
-        """Queue ``payload`` to fire in ``delay`` seconds (sync; raises QueueFull)."""
+    def schedule(self, delay: float, payload: Any = None, *, now: float | None = None) -> dict:
+        """Queue ``payload`` to fire in ``delay`` seconds (sync; raises QueueFull).
+        ``now``: the wall-clock reading (unix s) ``delay`` was computed from, so the
+        ``due`` reported for an ``at`` time is that time exactly."""
         if len(self._heap) >= self.options.max_pending:
             raise QueueFull(f"{self.spec.name}: {len(self._heap)} events already scheduled")
         event_id = next(self._ids)
         heapq.heappush(self._heap, (trio.current_time() + delay, event_id, payload))
         self._changed.set()
-        due = datetime.now(timezone.utc).timestamp() + delay
+        due = (datetime.now(timezone.utc).timestamp() if now is None else now) + delay
         return {"id": event_id, "due": datetime.fromtimestamp(due, timezone.utc).isoformat()}
 
     async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -117,7 +119,9 @@ async def schedule_verb(node: Any, args: Any) -> dict:
     driver = getattr(app, "drivers", {}).get(args["driver"])
     if not isinstance(driver, ManualScheduler):
         raise UnknownEvent(f"app {args['app']} has no manual-scheduler driver {args['driver']!r}")
-    return driver.schedule(parse_when(args.get("in"), args.get("at")), args.get("payload"))
+    now = datetime.now(timezone.utc)
+    return driver.schedule(parse_when(args.get("in"), args.get("at"), now=now), args.get("payload"),
+                           now=now.timestamp())
 
 
 try:  # registered when the control module is importable (the node's side)
@@ -153,19 +157,32 @@ def _register_cli() -> None:
         cli.node_options(p)
         p.add_argument("app")
         p.add_argument("driver")
+        # The payload may follow the time (`--in 5 '{"k": 1}'`, the documented form):
+        # on Python < 3.12 argparse hands an optional positional an empty match when it
+        # sits after an option, so the time options collect it themselves.
         when = p.add_mutually_exclusive_group(required=True)
-        when.add_argument("--in", dest="in_", type=float, metavar="S", help="seconds from now")
-        when.add_argument("--at", metavar="ISO", help="an ISO-8601 time (naive = the node's local time)")
+        when.add_argument("--in", dest="in_", nargs="+", metavar=("S", "JSON"), help="seconds from now")
+        when.add_argument("--at", nargs="+", metavar=("ISO", "JSON"),
+                          help="an ISO-8601 time (naive = the node's local time)")
         p.add_argument("payload", nargs="?", help="JSON payload (default null)")
 
         async def run(args) -> int:
-            import json
-            payload = json.loads(args.payload) if args.payload else None
+            given = args.in_ if args.in_ is not None else args.at
+            texts = given[1:] + ([args.payload] if args.payload is not None else [])
+            if len(texts) > 1:
+                raise SystemExit("error: schedule takes one JSON payload, got "
+                                 + " ".join(repr(t) for t in texts))
+            if args.in_ is not None:
+                try:
+                    when = {"in": float(given[0])}
+                except ValueError:
+                    raise SystemExit(f"error: --in expects seconds, got {given[0]!r}") from None
+            else:
+                when = {"at": given[0]}
+            payload = cli._parse_json_arg(texts[0] if texts else None)
             async with cli.connect_node(args) as client:
                 reply = await client.verb("schedule", {"app": args.app, "driver": args.driver,
-                                                       "payload": payload,
-                                                       **({"in": args.in_} if args.in_ is not None
-                                                          else {"at": args.at})})
+                                                       "payload": payload, **when})
             print(cli.to_json(reply))
             return 0
         return run
