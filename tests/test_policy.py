@@ -7,8 +7,8 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.errors import AppBroken, QueueFull, ShuttingDown
-from engine.policy import READY, STARTING, Assign, Fail, PoolPolicy, Retire, Spawn
+from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown
+from engine.policy import READY, STARTING, Assign, Cancel, Fail, PoolPolicy, Retire, Spawn
 
 
 class PolicyMachine(RuleBasedStateMachine):
@@ -28,6 +28,7 @@ class PolicyMachine(RuleBasedStateMachine):
         self.on_slave: dict[int, set] = {}     # slave -> jobs it runs (model of sessions)
         self.handshaked: set[int] = set()
         self.retiring: set[int] = set()
+        self.cancel_answered: set[int] = set()  # running jobs whose caller got JobCancelled
 
     def apply(self, decisions):
         for d in decisions:
@@ -47,6 +48,17 @@ class PolicyMachine(RuleBasedStateMachine):
                 self.retiring.add(d.slave)
             elif isinstance(d, Fail):
                 self.answered[d.job] += 1
+            elif isinstance(d, Cancel):
+                assert d.job in self.on_slave[d.slave], d  # only a job that slave holds
+                assert d.job not in self.cancel_answered   # one Cancel per job
+                self.cancel_answered.add(d.job)
+                self.answered[d.job] += 1                  # the shell answers the caller now
+
+    def slave_done_with(self, job):
+        """The slave answered (or the session failed) ``job``; its caller hears of it
+        unless it was answered at cancel time."""
+        if job not in self.cancel_answered:
+            self.answered[job] += 1
 
     @rule()
     def submit(self):
@@ -78,7 +90,7 @@ class PolicyMachine(RuleBasedStateMachine):
             job = data.draw(st.sampled_from(running))
             for jobs in self.on_slave.values():
                 jobs.discard(job)
-            self.answered[job] += 1
+            self.slave_done_with(job)
             self.apply(self.p.job_finished(job, self.now))
 
     @rule(data=st.data())
@@ -87,12 +99,24 @@ class PolicyMachine(RuleBasedStateMachine):
             slave = data.draw(st.sampled_from(sorted(self.on_slave)))
             self.apply(self.p.slave_stopping(slave, self.now))
             for job in sorted(self.on_slave[slave]):  # the session fails what it held
-                self.answered[job] += 1
+                self.slave_done_with(job)
                 self.apply(self.p.job_finished(job, self.now))
             del self.on_slave[slave]
             self.apply(self.p.slave_gone(slave, self.now, handshaked=slave in self.handshaked,
                                          reason="test"))
             self.retiring.discard(slave)
+
+    @rule(data=st.data())
+    def cancel(self, data):
+        """A caller gives up on any job it submitted: queued, running or answered."""
+        if self.accepted:
+            job = data.draw(st.sampled_from(self.accepted))
+            was_queued = job in self.p.queue
+            out = self.p.cancel(job, self.now)
+            if was_queued:
+                assert isinstance(out[0], Fail) and isinstance(out[0].error, JobCancelled)
+                assert job not in self.p.queue
+            self.apply(out)
 
     @rule(dt=st.sampled_from([0.1, 1.0, 3.0, 6.0]))
     def advance(self, dt):
@@ -115,8 +139,11 @@ class PolicyMachine(RuleBasedStateMachine):
     def every_job_in_exactly_one_place(self):
         assert all(n == 1 for n in self.answered.values()), self.answered
         for job in self.accepted:
-            places = (job in self.p.queue) + (job in self.p.owner) + (self.answered[job] == 1)
+            running = job in self.p.owner and job not in self.cancel_answered
+            places = (job in self.p.queue) + running + (self.answered[job] == 1)
             assert places == 1, job
+        # a cancelled job keeps its slave's slot until the slave is done with it
+        assert self.p.cancelled == self.cancel_answered & set(self.p.owner)
 
     @invariant()
     def fifo(self):
@@ -192,3 +219,22 @@ def test_grow_threshold_spawns_per_queued_jobs():
     p = PoolPolicy(pool_limit=10, queue_limit=100, grow_threshold=2)
     spawned = [d for i in range(7) for d in p.submit(i, 0.0) if isinstance(d, Spawn)]
     assert len(spawned) == 4  # 7 queued > 2 * 3 slaves -> a fourth
+
+
+def test_cancel_queued_running_and_answered_jobs():
+    p = PoolPolicy(pool_limit=1, queue_limit=5)
+    assert p.submit(1, 0.0) == [Spawn(1)]
+    p.submit(2, 0.0)
+    p.submit(3, 0.0)
+    assert p.slave_ready(1, 1, 0.5) == [Assign(1, 1)]
+    [fail] = p.cancel(2, 1.0)                       # queued: leaves the queue, answered
+    assert fail.job == 2 and isinstance(fail.error, JobCancelled)
+    assert list(p.queue) == [3] and p.cancel(2, 1.0) == []
+    assert p.cancel(1, 1.0) == [Cancel(1, 1)]       # running: once
+    assert p.cancel(1, 1.1) == [] and p.info()["cancelling"] == 1
+    assert p.submit(4, 1.2) == []                   # the slot stays taken until the slave is done
+    assert p.job_finished(1, 2.0) == [Assign(3, 1)] and p.info()["cancelling"] == 0
+    assert p.cancel(1, 2.0) == []                   # answered: nothing
+    assert p.cancel(3, 2.0) == [Cancel(3, 1)]
+    assert p.slave_gone(1, 3.0, handshaked=True) == [Spawn(2)]  # no second answer for job 3
+    assert p.cancelled == set() and list(p.queue) == [4]

@@ -13,9 +13,11 @@ import psutil
 import pytest
 import trio
 
-from engine.errors import AppBroken, QueueFull, ShuttingDown, SlaveDied, SlaveHung, UnknownEvent
+from engine.errors import (AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveDied, SlaveHung,
+                           UnknownEvent)
 from engine.manifest import EngineConfig
 from engine.pool import SlavePool
+from engine.protocol import STREAM_WINDOW
 from transport.errors import HandlerError
 
 pytestmark = pytest.mark.e2e
@@ -63,6 +65,24 @@ async def slow(data):
 def spin(data):
     while True:
         pass
+
+@on("flood")
+def flood(data):
+    for i in range(data):
+        yield i
+
+@on("aflood")
+async def aflood(data):
+    i = 0
+    while data is None or i < data:
+        yield i
+        i += 1
+
+@on("stubborn")
+async def stubborn(data):
+    with trio.CancelScope(shield=True):  # ignores cancellation: the node must kill it
+        await trio.sleep(data)
+    return "finished"
 
 @on("die")
 def die(data):
@@ -301,3 +321,182 @@ async def test_slaves_exit_when_the_node_is_sigkilled(tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left
+
+
+# -- cancellation and flow control ------------------------------------------------------
+
+def slave_jobs(pool) -> list[int]:
+    return [s["jobs"] for s in pool.info()["slaves"]]
+
+
+async def test_cancel_queued_and_running_jobs_answers_at_once_and_frees_the_slave(tmp_path):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=1) as pool:
+            pid = await pool.submit("pid", None).result()
+            running = pool.submit("slow", 30)
+            queued = pool.submit("echo", "never")
+            await wait_until(lambda: slave_jobs(pool) == [1])
+            queued.cancel()
+            with pytest.raises(JobCancelled, match="queued"):
+                await queued.result()
+            assert pool.info()["queue"] == 0
+            t0 = trio.current_time()
+            running.cancel()
+            running.cancel()  # idempotent
+            with pytest.raises(JobCancelled, match="running"):
+                await running.result()
+            await wait_until(lambda: slave_jobs(pool) == [0], timeout=10)
+            assert trio.current_time() - t0 < 5  # the async handler stopped at its await
+            assert await pool.submit("pid", None).result() == pid  # same slave, not a new one
+            info = pool.info()
+            assert info["cancelled"] == 2 and info["failed"] == 0 and info["crashes"] == 0
+            assert not pool.policy.owner and not pool.policy.cancelled and not pool._jobs
+            running.cancel()  # answered: no effect
+            assert pool.info()["cancelled"] == 2
+
+
+@pytest.mark.parametrize("event", ["flood", "aflood"])
+async def test_cancelling_an_endless_stream_stops_the_generator(tmp_path, event):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=1) as pool:
+            job = pool.submit(event, 10**9 if event == "flood" else None)
+            got = []
+            with pytest.raises(JobCancelled):
+                async for chunk in job:
+                    got.append(chunk)
+                    if len(got) == 3:
+                        job.cancel()
+            assert got == [0, 1, 2]
+            await wait_until(lambda: slave_jobs(pool) == [0], timeout=10)
+            assert await pool.submit("echo", "next").result() == "next"
+            assert pool.info()["crashes"] == 0
+
+
+async def test_a_handler_that_ignores_cancel_is_killed_after_termination_timeout(tmp_path):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=1, termination_timeout=1.0) as pool:
+            job = pool.submit("stubborn", 30)
+            await wait_until(lambda: slave_jobs(pool) == [1])
+            job.cancel()
+            with pytest.raises(JobCancelled):
+                await job.result()
+            await wait_until(lambda: pool.info()["crashes"] == 1, timeout=15)
+            assert "CANCEL" in pool.crashlog()[-1]
+            assert await pool.submit("echo", "replaced").result() == "replaced"
+            assert not pool.policy.owner and not pool.policy.cancelled
+
+
+@pytest.mark.parametrize("event", ["flood", "aflood"])
+async def test_a_slow_consumer_bounds_the_buffered_chunks(tmp_path, event):
+    n = 100_000
+    with trio.fail_after(55):
+        async with running_pool(tmp_path, pool_limit=1) as pool:
+            job = pool.submit(event, n)
+            most, expected = 0, 0
+            async for chunk in job:
+                assert chunk == expected
+                expected += 1
+                most = max(most, job.buffered)
+                if expected % 2000 == 0:
+                    await trio.sleep(0.02)  # the slave keeps producing meanwhile
+            assert expected == n
+            assert STREAM_WINDOW // 2 <= most <= STREAM_WINDOW + 1, most
+            # result() consumes as it collects: a long stream through it completes too
+            assert await pool.submit(event, 5000).result() == list(range(5000))
+
+
+SLEEPER = """
+import os, trio
+from engine import on
+
+@on("slow")
+async def slow(seconds):
+    await trio.sleep(seconds)
+    return "woke up"
+
+@on("pid")
+def pid(data):
+    return os.getpid()
+
+@on("forever")
+async def forever(data):
+    i = 0
+    while True:
+        yield i
+        i += 1
+        await trio.sleep(0.001)
+"""
+
+
+async def test_cli_call_timeout_cancels_the_job_on_the_node(tmp_path):
+    """`python -m engine call APP slow --timeout 0.3` on a 30 s async handler: the
+    client's CANCEL reaches the pool, the slave stops the handler and is free again."""
+    import json
+    import re
+
+    from engine.client import connect
+
+    app = tmp_path / "apps" / "sleeper"
+    app.mkdir(parents=True)
+    (app / "app.py").write_text(textwrap.dedent(SLEEPER))
+    (app / "manifest.json").write_text(json.dumps({
+        "type": "python", "args": "app.py",
+        "engine": {"pool-limit": 1, "termination-timeout": 5, "heartbeat-timeout": 30}}))
+    log = tmp_path / "node.log"
+    with open(log, "wb") as err:
+        node = subprocess.Popen([sys.executable, "-m", "engine", "run", str(app.parent),
+                                 "--control", "tcp://127.0.0.1:0"],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
+    try:
+        with trio.fail_after(50):
+            address = None
+            while address is None or "serving" not in log.read_text():
+                assert node.poll() is None, log.read_text()
+                m = re.search(r"control endpoint on (tcp://127\.0\.0\.1:\d+)", log.read_text())
+                address = m and m.group(1)
+                await trio.sleep(0.05)
+            async with connect(address, timeout=10) as client:
+                pid = await client.call("sleeper", "pid")
+                t0 = time.monotonic()
+                cli = await trio.run_process(
+                    [sys.executable, "-m", "engine", "call", "sleeper", "slow", "30",
+                     "--node", address, "--timeout", "0.3"],
+                    capture_stdout=True, capture_stderr=True, check=False)
+                assert cli.returncode != 0, cli
+                assert b"Timeout" in cli.stderr or b"timeout" in cli.stderr, cli.stderr
+                exited = time.monotonic()
+                with trio.fail_after(10):  # without cancellation: held for 30 s
+                    while True:
+                        pool = (await client.info("sleeper"))["pool"]
+                        if pool["cancelled"] == 1 and [s["jobs"] for s in pool["slaves"]] == [0]:
+                            break
+                        await trio.sleep(0.02)
+                freed_after = time.monotonic() - exited
+                print(f"slave free {freed_after:.3f}s after the CLI exited "
+                      f"({exited - t0:.2f}s CLI run)")
+                assert pool["running"] == pool["cancelling"] == pool["queue"] == 0, pool
+                assert pool["spawned"] == 1 and pool["crashes"] == 0
+                assert await client.call("sleeper", "pid") == pid  # the same slave serves on
+
+                # a client leaving an endless stream early frees the slave too
+                got = []
+                async with client.stream("sleeper", "forever") as chunks:
+                    async for chunk in chunks:
+                        got.append(chunk)
+                        if len(got) == 3:
+                            break
+                assert got == [0, 1, 2]
+                with trio.fail_after(10):
+                    while True:
+                        pool = (await client.info("sleeper"))["pool"]
+                        if pool["cancelled"] == 2 and [s["jobs"] for s in pool["slaves"]] == [0]:
+                            break
+                        await trio.sleep(0.02)
+                assert await client.call("sleeper", "pid") == pid
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(20)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait(10)

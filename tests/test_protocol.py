@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import ShuttingDown, SlaveDied, SlaveHung
-from engine.protocol import (PROTOCOL_VERSION, Chunk, Failed, Finished, Kill, ProtocolError, Ready,
+from engine.errors import JobCancelled, ShuttingDown, SlaveDied, SlaveHung
+from engine.protocol import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, Kill, ProtocolError, Ready,
                              Send, SlaveSession, State, Stopping)
 from transport.codec import Envelope, Kind
 from transport.errors import HandlerError, error_to_body
@@ -124,3 +124,35 @@ def test_kill_with_a_chosen_error_type():
     kill, failed = s.kill("drain timeout", ShuttingDown)
     assert isinstance(kill, Kill) and isinstance(failed.error, ShuttingDown)
     assert s.kill("again") == []
+
+
+def test_cancel_sends_once_drops_late_chunks_and_frees_on_acknowledgement():
+    s = session()
+    hello(s)
+    s.invoke(1, "a", "count", None)
+    s.invoke(2, "b", "count", None)
+    assert s.cancel(1, 1.0) == [Send(Envelope(Kind.CANCEL, 1, None))]
+    assert s.cancel(1, 1.1) == [] and s.cancel(99, 1.1) == []
+    assert s.free == 0                      # the slot stays taken until the slave says so
+    assert s.receive(Envelope(Kind.CHUNK, 1, "late"), 1.2) == []  # the caller left
+    assert s.receive(Envelope(Kind.CHUNK, 2, "x"), 1.2) == [Chunk("b", "x")]
+    assert s.grant(1, 16) == []             # no credit for a cancelled stream
+    assert s.grant(2, 16) == [Send(Envelope(Kind.CREDIT, 2, 16))]
+    [ack] = s.receive(Envelope(Kind.ERROR, 1, error_to_body(JobCancelled("x"))), 1.3)
+    assert ack.job == "a" and isinstance(ack.error, JobCancelled)
+    assert s.free == 1 and not s.cancelling
+    assert s.grant(1, 16) == []             # finished: nothing to grant
+
+
+def test_cancel_not_acknowledged_within_termination_timeout_kills_the_slave():
+    s = session(termination_timeout=2, heartbeat_timeout=30)
+    hello(s)
+    s.invoke(1, "a", "stubborn", None)
+    s.invoke(2, "b", "other", None)
+    s.cancel(1, 10.0)
+    assert s.next_deadline() == 12.0
+    s.receive(Envelope(Kind.HEARTBEAT, 0, None), 11.5)  # alive, but job 1 goes on
+    assert s.tick(11.9) == []
+    kill, *failed = s.tick(12.0)
+    assert isinstance(kill, Kill) and "CANCEL" in kill.reason
+    assert {f.job for f in failed} == {"a", "b"} and not s.cancelling

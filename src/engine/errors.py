@@ -8,7 +8,8 @@ from __future__ import annotations
 from transport.errors import QueueFull, RemoteError, UnknownEvent, register_error
 
 __all__ = [
-    "AppBroken", "AppNotFound", "DriverError", "EngineError", "ManifestError", "QueueFull",
+    "AppBroken", "AppNotFound", "DriverError", "EngineError", "JobCancelled", "ManifestError",
+    "QueueFull",
     "ShuttingDown", "SlaveDied", "SlaveHung", "UnknownEvent",
 ]
 
@@ -73,3 +74,12 @@ class ShuttingDown(RemoteError):
 
     code = "shutting-down"
     retryable = True
+
+
+@register_error
+class JobCancelled(RemoteError):
+    """The job was cancelled (its caller gave up: a timeout, a disconnect,
+    ``Job.cancel()``) before it was answered.  On the slave link, also the slave's
+    acknowledgement of a CANCEL."""
+
+    code = "cancelled"

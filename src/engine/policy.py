@@ -4,8 +4,13 @@ spawn, when to retire, when the app is broken.  No I/O, no trio, time passed in.
 The shell (``engine/pool.py``) reports what happened (a job was submitted, a slave
 handshaked or went away, a job was answered, the clock moved) and carries out the
 *decisions* returned: :class:`Spawn`, :class:`Assign`, :class:`Retire`,
-:class:`Fail`.  A job is owned by exactly one place at a time (queue -> slave ->
-answered), which makes "every accepted job is answered exactly once" checkable.
+:class:`Fail`, :class:`Cancel`.  A job is owned by exactly one place at a time (queue ->
+slave -> answered), which makes "every accepted job is answered exactly once" checkable.
+
+Cancellation: a queued job leaves the queue and is answered with JobCancelled
+(:class:`Fail`); a job on a slave gets one :class:`Cancel` (the shell answers the
+caller and asks the slave to stop) and keeps its slot until the slave is done with
+it (:meth:`job_finished`), so a slave never holds more jobs than its capacity.
 
 Growth: spawn while ``queued > grow_threshold * (slaves starting or ready)`` and
 below ``pool_limit``.  Retirement: a ready slave idle for ``idle_timeout`` while
@@ -23,7 +28,7 @@ from typing import Hashable
 
 from transport.errors import RemoteError
 
-from .errors import AppBroken, QueueFull, ShuttingDown, SlaveDied
+from .errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveDied
 
 STARTING, READY, RETIRING, STOPPING = "starting", "ready", "retiring", "stopping"
 # RETIRING: we asked an idle slave to exit.  STOPPING: it is going away for another
@@ -50,6 +55,14 @@ class Retire:
 class Fail:
     job: Hashable
     error: RemoteError
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Answer ``job``'s caller with JobCancelled and ask ``slave`` to stop it; the slot
+    is freed by job_finished once the slave acknowledges."""
+    job: Hashable
+    slave: int
 
 
 @dataclass
@@ -79,6 +92,7 @@ class PoolPolicy:
         self.queue: deque = deque()
         self.slaves: dict[int, SlaveView] = {}
         self.owner: dict[Hashable, int] = {}   # assigned job -> slave
+        self.cancelled: set = set()            # assigned jobs whose caller gave up
         self._next_slave = 1
         self.draining = False
         self.closed = False                    # the pool is stopping: decide nothing more
@@ -115,7 +129,8 @@ class PoolPolicy:
             counts[s.state] += 1
         return {
             "state": self.state, "reason": self.broken_reason, "queue": len(self.queue),
-            "running": len(self.owner), "slaves": len(self.slaves), **counts,
+            "running": len(self.owner), "cancelling": len(self.cancelled),
+            "slaves": len(self.slaves), **counts,
             "spawned": self.spawned, "retired": self.retired,
             "startup_failures": self.startup_failures,
         }
@@ -144,8 +159,24 @@ class PoolPolicy:
         self.next_spawn_at = 0.0
         return self._step(now)
 
+    def cancel(self, job: Hashable, now: float) -> list:
+        """The caller gave up on ``job``.  Queued: it leaves the queue, answered with
+        JobCancelled.  On a slave: one Cancel decision.  Unknown or already
+        cancelled/answered: nothing."""
+        if job in self.owner:
+            if job in self.cancelled:
+                return []
+            self.cancelled.add(job)
+            return [Cancel(job, self.owner[job])]
+        try:
+            self.queue.remove(job)  # O(queue), bounded by queue_limit
+        except ValueError:
+            return []
+        return [Fail(job, JobCancelled("cancelled by its caller while queued")), *self._step(now)]
+
     def job_finished(self, job: Hashable, now: float) -> list:
         """The job was answered by its slave (result, end of stream or error)."""
+        self.cancelled.discard(job)
         slave = self.owner.pop(job, None)
         if slave is not None:
             view = self.slaves[slave]
@@ -161,6 +192,9 @@ class PoolPolicy:
         out = []
         for job in sorted(view.jobs, key=repr):
             del self.owner[job]
+            if job in self.cancelled:  # its caller was answered already
+                self.cancelled.discard(job)
+                continue
             out.append(Fail(job, SlaveDied(f"slave went away: {reason}")))
         if view.state == RETIRING:
             self.retired += 1

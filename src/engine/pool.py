@@ -13,8 +13,13 @@ Contract (docs/architecture.md)::
     await nursery.start(pool.run)
     job = pool.submit(event, payload)     # QueueFull / ShuttingDown / AppBroken at once
     value = await job.result()            # or: async for chunk in job
+    job.cancel()                          # caller gives up: queued -> dropped, running -> CANCEL
     await pool.drain(timeout)
     pool.info(); pool.crashlog()
+
+A streamed reply is flow-controlled: the slave runs at most ``STREAM_WINDOW``
+chunks ahead of what the job's consumer has taken (``async for`` or ``result()``),
+which the pool reports back to the slave with CREDIT envelopes.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from transport.errors import RemoteError
 
 from . import policy as P
 from . import protocol as S
-from .errors import ShuttingDown
+from .errors import JobCancelled, ShuttingDown
 from .manifest import EngineConfig
 from .slave import SlaveProcess
 
@@ -44,9 +49,11 @@ LATENCY_WINDOW = 1024  # jobs over which p50/p99 are computed
 
 class Job:
     __slots__ = ("id", "event", "payload", "streaming", "submitted_at", "finished_at",
-                 "_items", "_value", "_value_taken", "_error", "_done", "_changed")
+                 "_items", "_value", "_value_taken", "_error", "_done", "_changed",
+                 "_pool", "_taken", "_collected")
 
-    def __init__(self, id: int, event: str, payload: Any, submitted_at: float):
+    def __init__(self, id: int, event: str, payload: Any, submitted_at: float,
+                 pool: "SlavePool | None" = None):
         self.id = id
         self.event = event
         self.payload = payload
@@ -59,6 +66,9 @@ class Job:
         self._error: RemoteError | None = None
         self._done = False
         self._changed = trio.Event()
+        self._pool = pool
+        self._taken = 0                  # chunks consumed and not yet granted back as credit
+        self._collected: list | None = None  # result()'s list of a streamed reply
 
     def __repr__(self) -> str:
         state = "done" if self._done else "pending"
@@ -68,14 +78,38 @@ class Job:
     def done(self) -> bool:
         return self._done
 
+    @property
+    def buffered(self) -> int:
+        """Chunks received and not yet consumed (bounded by the stream window)."""
+        return len(self._items)
+
     # -- the caller's side -----------------------------------------------------------
     async def result(self) -> Any:
-        """The single value, or the list of chunks if the handler streamed."""
-        while not self._done:
+        """The single value, or the list of chunks if the handler streamed (chunks
+        already taken by ``async for`` are not in it).  Collecting consumes, so the
+        slave keeps streaming while this waits."""
+        if self._collected is None:
+            self._collected = []
+        while True:
+            while self._items:
+                self._collected.append(self._take())
+            if self._done:
+                break
             await self._changed.wait()
         if self._error is not None:
             raise self._error
-        return list(self._items) if self.streaming else self._value
+        return list(self._collected) if self.streaming else self._value
+
+    def cancel(self) -> None:
+        """Give up on the job.  Queued: it is dropped.  Running: the slave is told to
+        stop it (an async handler stops at its next await; a sync handler runs to its
+        end, a sync generator to its next item) and the slot is free once the slave
+        acknowledges.  Anyone awaiting the job gets :class:`JobCancelled` at once.
+        No effect on a job already answered."""
+        if not self._done and self._pool is not None:
+            self._pool._cancel(self)
+            if self._done:
+                self._items.clear()  # the caller gave up: chunks still buffered are moot
 
     def __aiter__(self) -> "Job":
         return self
@@ -83,7 +117,7 @@ class Job:
     async def __anext__(self) -> Any:
         while True:
             if self._items:
-                return self._items.popleft()  # consumed chunks are not kept
+                return self._take()  # consumed chunks are not kept
             if self._done:
                 if self._error is not None:
                     raise self._error
@@ -92,6 +126,14 @@ class Job:
                     return self._value
                 raise StopAsyncIteration
             await self._changed.wait()
+
+    def _take(self) -> Any:
+        item = self._items.popleft()
+        self._taken += 1
+        if self._taken >= S.CREDIT_BATCH and not self._done and self._pool is not None:
+            self._pool._grant(self.id, self._taken)
+            self._taken = 0
+        return item
 
     # -- the pool's side: each returns False if the job was already answered ----------
     def _wake(self) -> None:
@@ -144,6 +186,11 @@ class SlavePool:
         self.entry = Path(entry)
         self.config = config
         self.python = python
+        if getattr(config, "backend", "process") == "thread":
+            # Not implemented: a thread cannot be killed, and rlimits, crashlog capture
+            # and the per-process handler registry do not fit (see docs/manifest.md).
+            log.warning("%s: backend \"thread\" is not implemented; slaves run as processes",
+                        app_name)
         self.policy = P.PoolPolicy(
             pool_limit=config.pool_limit, queue_limit=config.queue_limit,
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
@@ -161,6 +208,7 @@ class SlavePool:
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.done = 0
         self.failed = 0
+        self.cancelled = 0
         self.crashes = 0
 
     # -- lifetime --------------------------------------------------------------------
@@ -191,7 +239,7 @@ class SlavePool:
         job_id = self._next_job
         decisions = self.policy.submit(job_id, now)  # raises QueueFull / ShuttingDown / AppBroken
         self._next_job += 1
-        job = self._jobs[job_id] = Job(job_id, event, payload, now)
+        job = self._jobs[job_id] = Job(job_id, event, payload, now, self)
         self._apply(decisions, now)
         return job
 
@@ -201,7 +249,7 @@ class SlavePool:
         now = trio.current_time()
         self._apply(self.policy.drain(now), now)
         with trio.move_on_after(timeout):
-            while self._jobs:
+            while self._jobs or self.policy.owner:  # owner: cancelled jobs not yet acknowledged
                 self._quiet = trio.Event()
                 await self._quiet.wait()
         now = trio.current_time()
@@ -227,8 +275,9 @@ class SlavePool:
                            "state": sess.state.value if sess else "spawning",
                            "jobs": len(sess.jobs) if sess else 0})
         return {"app": self.app_name, "state": p["state"], "reason": p["reason"], "slaves": slaves,
-                "queue": p["queue"], "running": p["running"], "done": self.done,
-                "failed": self.failed, "spawned": p["spawned"], "retired": p["retired"],
+                "queue": p["queue"], "running": p["running"], "cancelling": p["cancelling"],
+                "done": self.done,
+                "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
                 "crashes": self.crashes, "latency_ms": {"p50": q(0.5), "p99": q(0.99)}}
 
     def crashlog(self) -> list[str]:
@@ -249,6 +298,11 @@ class SlavePool:
                 self._wake_timer(slave.session.next_deadline())
             elif isinstance(d, P.Fail):
                 self._answer_fail(d.job, d.error, now)
+            elif isinstance(d, P.Cancel):
+                self._answer_fail(d.job, JobCancelled("cancelled by its caller while running"), now)
+                slave = self._slaves[d.slave]
+                self._act(slave, slave.session.cancel(d.job, now), now)
+                self._wake_timer(slave.session.next_deadline())  # the acknowledgement deadline
         if decisions:
             self._wake_timer(self.policy.next_deadline())
 
@@ -256,13 +310,15 @@ class SlavePool:
         """Carry out what a slave's session asks for."""
         for a in actions:
             if isinstance(a, S.Chunk):
-                self._jobs[a.job]._chunk(a.value)
+                job = self._jobs.get(a.job)
+                if job is not None:
+                    job._chunk(a.value)
             elif isinstance(a, S.Send):
                 slave.process.send(*a.envelope)
             elif isinstance(a, (S.Finished, S.Failed)):
                 job = self._jobs.pop(a.job, None)
                 if job is None:
-                    pass  # already answered (pool stopping)
+                    pass  # already answered (cancelled, or the pool is stopping)
                 elif isinstance(a, S.Finished):
                     if job._finish(a.value, a.streamed, now):
                         self.done += 1
@@ -283,10 +339,24 @@ class SlavePool:
             elif isinstance(a, S.Stopping):
                 self._apply(self.policy.slave_stopping(slave.id, now), now)
 
+    def _cancel(self, job: Job) -> None:
+        if self._jobs.get(job.id) is job:
+            now = trio.current_time()
+            self._apply(self.policy.cancel(job.id, now), now)
+
+    def _grant(self, job_id: int, chunks: int) -> None:
+        slave = self._slaves.get(self.policy.owner.get(job_id))
+        if slave is not None and slave.session is not None:
+            for a in slave.session.grant(job_id, chunks):
+                slave.process.send(*a.envelope)
+
     def _answer_fail(self, job_id: int, error: RemoteError, now: float) -> None:
         job = self._jobs.pop(job_id, None)
         if job is not None and job._fail(error, now):
-            self.failed += 1
+            if isinstance(error, JobCancelled):
+                self.cancelled += 1
+            else:
+                self.failed += 1
         if not self._jobs:
             self._quiet.set()
 

@@ -15,6 +15,16 @@ States::
 
 Every job handed over with :meth:`invoke` is answered exactly once, by a reply
 from the slave or by the session itself when the slave hangs or dies.
+
+Cancellation: :meth:`cancel` sends ``CANCEL`` and keeps the job (its slot stays
+taken) until the slave's acknowledgement (an ``ERROR`` with code ``cancelled``, or
+whatever reply was already on its way); chunks in between are dropped.  A slave
+that does not acknowledge within ``termination_timeout`` is killed, so a handler
+that ignores cancellation cannot hold the slot for ever.
+
+Flow control: the slave sends at most :data:`STREAM_WINDOW` chunks of a job beyond
+what the node granted back with ``CREDIT`` (:meth:`grant`), so a fast producer and a
+slow consumer meet at a bounded buffer (docs/protocol.md).
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ from transport.errors import RemoteError, body_to_error
 from .errors import SlaveDied, SlaveHung
 
 PROTOCOL_VERSION = 1
+STREAM_WINDOW = 64  # chunks a slave may send of one job beyond the node's CREDITs
+CREDIT_BATCH = 16   # the node grants credit in steps of this many consumed chunks
 
 
 class State(str, Enum):
@@ -98,6 +110,7 @@ class SlaveSession:
         self.termination_timeout = termination_timeout
         self.concurrency = concurrency      # what we asked for; the handshake confirms it
         self.jobs: dict[int, Hashable] = {}  # sid -> job
+        self.cancelling: dict[int, float] = {}  # sid -> deadline of the slave's acknowledgement
         self.handshaked = False
         self.startup_error: RemoteError | None = None  # what a failing slave said before dying
         self.kill_reason: str | None = None
@@ -115,10 +128,14 @@ class SlaveSession:
         if self.state is State.SPAWNING:
             return self.started_at + self.startup_timeout
         if self.state is State.READY:
-            return self.last_seen + self.heartbeat_timeout
-        if self.state is State.TERMINATING:
-            return self._terminate_deadline
-        return None
+            deadline = self.last_seen + self.heartbeat_timeout
+        elif self.state is State.TERMINATING:
+            deadline = self._terminate_deadline
+        else:
+            return None
+        if self.cancelling:
+            deadline = min(deadline, min(self.cancelling.values()))
+        return deadline
 
     # -- events from the shell -----------------------------------------------------------
     def invoke(self, sid: int, job: Hashable, event: str, payload: Any) -> list:
@@ -129,6 +146,21 @@ class SlaveSession:
             raise ProtocolError(f"sid {sid} already in use on slave {self.pid}")
         self.jobs[sid] = job
         return [Send(Envelope(Kind.INVOKE, sid, [event, payload]))]
+
+    def cancel(self, sid: int, now: float) -> list:
+        """Ask the slave to stop job ``sid``; it stays held until acknowledged."""
+        if sid not in self.jobs or sid in self.cancelling \
+                or self.state not in (State.READY, State.TERMINATING):
+            return []
+        self.cancelling[sid] = now + self.termination_timeout
+        return [Send(Envelope(Kind.CANCEL, sid, None))]
+
+    def grant(self, sid: int, chunks: int) -> list:
+        """The job's consumer took ``chunks`` more chunks: let the slave send as many."""
+        if sid not in self.jobs or sid in self.cancelling or chunks <= 0 \
+                or self.state not in (State.READY, State.TERMINATING):
+            return []
+        return [Send(Envelope(Kind.CREDIT, sid, chunks))]
 
     def receive(self, env: Envelope, now: float) -> list:
         """One envelope from the slave. Anything it sends proves it alive."""
@@ -156,8 +188,9 @@ class SlaveSession:
                 self.unknown_sids += 1
                 return []
             if kind == Kind.CHUNK:
-                return [Chunk(job, body)]
+                return [] if sid in self.cancelling else [Chunk(job, body)]
             del self.jobs[sid]
+            self.cancelling.pop(sid, None)
             if kind == Kind.RESULT:
                 return [Finished(job, body, streamed=False)]
             if kind == Kind.CHOKE:
@@ -170,6 +203,10 @@ class SlaveSession:
         deadline = self.next_deadline()
         if deadline is None or now < deadline:
             return []
+        late = [sid for sid, t in self.cancelling.items() if now >= t]
+        if late:
+            return self._kill(f"job {late[0]} still running {self.termination_timeout:g}s after "
+                              f"CANCEL (termination-timeout)", SlaveDied)
         if self.state is State.SPAWNING:
             return self._kill(f"no handshake within startup-timeout {self.startup_timeout:g}s",
                               SlaveDied)
@@ -230,6 +267,7 @@ class SlaveSession:
         # one error instance per job: an exception object raised in two tasks mixes tracebacks
         failed = [Failed(job, error_type(message)) for job in self.jobs.values()]
         self.jobs.clear()
+        self.cancelling.clear()
         return failed
 
 

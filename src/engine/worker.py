@@ -13,6 +13,12 @@ inherited end ``N`` of a Unix socketpair (docs/protocol.md).  Lifetime rules:
   handler call (or one step of a sync generator) must finish within the
   heartbeat-timeout, and blocks the slave's other jobs while it runs.
 - A handler's exception is sent as an ERROR on its stream; the slave lives on.
+- ``CANCEL`` on a job's sid cancels that handler's task: an async handler or async
+  generator stops at its next await, a sync generator before its next item; a sync
+  handler cannot be interrupted and runs to its end (its reply is then dropped by
+  the node).  The acknowledgement is an ERROR with code ``cancelled``.
+- Streams are flow-controlled: at most ``STREAM_WINDOW`` chunks of a job beyond the
+  node's ``CREDIT`` grants; a handler whose window is used up waits (heartbeats go on).
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ from transport.errors import Closed, UnknownEvent, error_to_body
 from transport.streams import from_fd
 
 from . import api
-from .protocol import PROTOCOL_VERSION
+from .errors import JobCancelled
+from .protocol import PROTOCOL_VERSION, STREAM_WINDOW
 
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 3
@@ -108,12 +115,26 @@ def load_app(entry: Path) -> dict:
     return api.handlers()
 
 
+class _Running:
+    """One running job: its cancel scope and its stream's send window."""
+    __slots__ = ("scope", "window", "credited")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()  # may be cancelled before the task enters it
+        self.window = STREAM_WINDOW      # chunks it may still send without more CREDIT
+        self.credited = trio.Event()
+
+
 class Runtime:
     def __init__(self, chan: EnvelopeChannel, handlers: dict, nursery: trio.Nursery):
         self.chan = chan
         self.handlers = handlers
         self.nursery = nursery
-        self.running = 0
+        self.jobs: dict[int, _Running] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self.jobs)
 
     async def heartbeat(self, interval: float) -> None:
         while True:
@@ -128,53 +149,84 @@ class Runtime:
                 return
             for kind, sid, body in envelopes:
                 if kind == Kind.INVOKE:
-                    if isinstance(body, list) and len(body) == 2 and isinstance(body[0], str):
-                        self.running += 1
-                        self.nursery.start_soon(self.run_job, sid, body[0], body[1])
+                    if isinstance(body, list) and len(body) == 2 and isinstance(body[0], str) \
+                            and sid not in self.jobs:
+                        job = self.jobs[sid] = _Running()
+                        self.nursery.start_soon(self.run_job, sid, job, body[0], body[1])
                     else:
                         from transport.errors import BadMessage
                         self.chan.send_nowait(Kind.ERROR, sid, error_to_body(
                             BadMessage(f"INVOKE body must be [event, payload], got {body!r:.80}")))
+                elif kind == Kind.CANCEL:
+                    job = self.jobs.get(sid)
+                    if job is not None:  # else it has finished: its reply is on its way
+                        job.scope.cancel()
+                elif kind == Kind.CREDIT:
+                    job = self.jobs.get(sid)
+                    if job is not None and type(body) is int and body > 0:
+                        job.window += body
+                        job.credited.set()
                 elif kind == Kind.TERMINATE:
                     self.chan.send_nowait(Kind.TERMINATE, 0, None)
                     await self.chan.flush()
                     return
 
-    async def run_job(self, sid: int, event: str, payload: Any) -> None:
+    async def run_job(self, sid: int, job: _Running, event: str, payload: Any) -> None:
+        """Run one handler; exactly one of RESULT / CHOKE / ERROR ends its sid."""
         send = self.chan.send_nowait
         try:
-            fn = self.handlers.get(event)
-            if fn is None:
-                raise UnknownEvent(f"no handler for event {event!r}; the app handles "
-                                   f"{sorted(self.handlers)}")
-            if inspect.isasyncgenfunction(fn):
-                await self._stream_async(sid, fn(payload))
-            elif inspect.iscoroutinefunction(fn):
-                send(Kind.RESULT, sid, await fn(payload))
-            else:
-                out = fn(payload)  # on the trio thread on purpose: see the module docstring
-                if inspect.isgenerator(out):
-                    for item in out:
-                        await self.chan.send(Kind.CHUNK, sid, item)  # a checkpoint per item
-                    send(Kind.CHOKE, sid, None)
-                elif inspect.isasyncgen(out):
-                    await self._stream_async(sid, out)
-                elif inspect.isawaitable(out):
-                    send(Kind.RESULT, sid, await out)
-                else:
-                    send(Kind.RESULT, sid, out)
-        except Exception as exc:  # the caller gets type + message; the slave lives on
-            send(Kind.ERROR, sid, error_to_body(exc))
+            with job.scope:
+                try:
+                    await self._call(sid, job, event, payload)
+                except Exception as exc:  # the caller gets type + message; the slave lives on
+                    send(Kind.ERROR, sid, error_to_body(exc))
+            if job.scope.cancelled_caught:  # the handler stopped at a checkpoint: acknowledge
+                send(Kind.ERROR, sid, error_to_body(JobCancelled("cancelled by the node")))
         finally:
-            self.running -= 1
+            del self.jobs[sid]
 
-    async def _stream_async(self, sid: int, agen) -> None:
+    async def _call(self, sid: int, job: _Running, event: str, payload: Any) -> None:
+        send = self.chan.send_nowait
+        fn = self.handlers.get(event)
+        if fn is None:
+            raise UnknownEvent(f"no handler for event {event!r}; the app handles "
+                               f"{sorted(self.handlers)}")
+        if inspect.isasyncgenfunction(fn):
+            await self._stream_async(sid, job, fn(payload))
+        elif inspect.iscoroutinefunction(fn):
+            send(Kind.RESULT, sid, await fn(payload))
+        else:
+            out = fn(payload)  # on the trio thread on purpose: see the module docstring
+            if inspect.isgenerator(out):
+                try:
+                    for item in out:
+                        await self._chunk(sid, job, item)  # a checkpoint per item
+                finally:
+                    out.close()  # cancelled: run the generator's own cleanup
+                send(Kind.CHOKE, sid, None)
+            elif inspect.isasyncgen(out):
+                await self._stream_async(sid, job, out)
+            elif inspect.isawaitable(out):
+                send(Kind.RESULT, sid, await out)
+            else:
+                send(Kind.RESULT, sid, out)
+
+    async def _stream_async(self, sid: int, job: _Running, agen) -> None:
         try:
             async for item in agen:
-                await self.chan.send(Kind.CHUNK, sid, item)
+                await self._chunk(sid, job, item)
         finally:
             await agen.aclose()
         self.chan.send_nowait(Kind.CHOKE, sid, None)
+
+    async def _chunk(self, sid: int, job: _Running, item: Any) -> None:
+        """Send one chunk once the window allows (the node grants CREDIT as its
+        consumer takes chunks), so a slow consumer bounds what is in flight."""
+        while job.window <= 0:
+            job.credited = trio.Event()
+            await job.credited.wait()
+        job.window -= 1
+        await self.chan.send(Kind.CHUNK, sid, item)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -194,6 +246,7 @@ async def serve(args: argparse.Namespace) -> int:
             chan.send_nowait(Kind.HANDSHAKE, 0, {
                 "version": PROTOCOL_VERSION, "pid": os.getpid(), "app": args.app,
                 "concurrency": args.concurrency, "events": sorted(handlers),
+                "window": STREAM_WINDOW,
             })
             runtime = Runtime(chan, handlers, nursery)
             nursery.start_soon(runtime.heartbeat, args.heartbeat)
