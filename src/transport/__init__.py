@@ -1,37 +1,57 @@
-"""Transport: trio over nng, one msgpack envelope format, and (soon) zero-config mesh components."""
-from .codec import Envelope, Kind, decode, encode
-from .errors import (
-    BadMessage,
-    Closed,
-    CodecError,
-    HandlerError,
-    QueueFull,
-    RemoteError,
-    TimeoutError_,
-    TransportError,
-    UnknownEvent,
-    Unreachable,
-    body_to_error,
-    error_to_body,
-    register_error,
-)
-from .sockets import TrioSocket
+"""Transport: trio over nng and framed sockets, one msgpack envelope format, and the
+zero-config mesh components (cote's half).
 
-__all__ = [
-    "BadMessage", "Closed", "CodecError", "Envelope", "HandlerError", "Kind", "QueueFull",
-    "RemoteError", "TimeoutError_", "TransportError", "TrioSocket", "UnknownEvent",
-    "Unreachable", "body_to_error", "decode", "encode", "error_to_body", "register_error",
-]
+Every name below is importable from ``transport`` as before, but imported on first
+use (PEP 562): a slave process imports ``transport.streams``/``transport.channel``
+only, and must not pay for pynng and the mesh (several MB of RSS per slave).
+"""
+from __future__ import annotations
 
-# Mesh components (cote's half): zero-config discovery, request/response, pub/sub.
-from .discovery import Discovery, DiscoveryConfig  # noqa: E402
-from .monitor import Monitor  # noqa: E402
-from .peers import Beacon, PeerTable, matches  # noqa: E402
-from .pubsub import Event, Publisher, Subscriber  # noqa: E402
-from .requester import Requester  # noqa: E402
-from .responder import Responder  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ += [
-    "Beacon", "Discovery", "DiscoveryConfig", "Event", "Monitor", "PeerTable", "Publisher",
-    "Requester", "Responder", "Subscriber", "matches",
-]
+# name -> the submodule that defines it
+_EXPORTS = {
+    # the envelope format and typed errors
+    "Envelope": "codec", "Kind": "codec", "decode": "codec", "encode": "codec",
+    "BadMessage": "errors", "Closed": "errors", "CodecError": "errors",
+    "HandlerError": "errors", "QueueFull": "errors", "RemoteError": "errors",
+    "TimeoutError_": "errors", "TransportError": "errors", "UnknownEvent": "errors",
+    "Unreachable": "errors", "body_to_error": "errors", "error_to_body": "errors",
+    "register_error": "errors",
+    "TrioSocket": "sockets",
+    # mesh components: zero-config discovery, request/response, pub/sub
+    "Discovery": "discovery", "DiscoveryConfig": "discovery", "Monitor": "monitor",
+    "Beacon": "peers", "PeerTable": "peers", "matches": "peers",
+    "Event": "pubsub", "Publisher": "pubsub", "Subscriber": "pubsub",
+    "Requester": "requester", "Responder": "responder",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transport' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .codec import Envelope, Kind, decode, encode  # noqa: F401
+    from .discovery import Discovery, DiscoveryConfig  # noqa: F401
+    from .errors import (  # noqa: F401
+        BadMessage, Closed, CodecError, HandlerError, QueueFull, RemoteError, TimeoutError_,
+        TransportError, UnknownEvent, Unreachable, body_to_error, error_to_body, register_error)
+    from .monitor import Monitor  # noqa: F401
+    from .peers import Beacon, PeerTable, matches  # noqa: F401
+    from .pubsub import Event, Publisher, Subscriber  # noqa: F401
+    from .requester import Requester  # noqa: F401
+    from .responder import Responder  # noqa: F401
+    from .sockets import TrioSocket  # noqa: F401

@@ -13,19 +13,22 @@ caused them).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .codec import Kind, decode, encode_envelope, join_frame
+from .codec import Envelope, Kind, decode, encode_envelope, join_frame
 from .errors import BadMessage, Closed, CodecError, error_to_body
-from .sockets import TrioSocket
+
+if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynng is heavy
+    from .sockets import TrioSocket
+    from .streams import FramedStream
 
 MAX_BATCH = 512  # envelopes per frame; keeps one frame's encode/decode short
 
 
 class EnvelopeChannel:
-    def __init__(self, sock: TrioSocket, *, high_water: int = 4096):
+    def __init__(self, sock: "TrioSocket | FramedStream", *, high_water: int = 4096):
         self.sock = sock
         self.high_water = high_water
         self._outbox: list[bytes] = []  # packed envelopes (codec.encode_envelope)
@@ -81,6 +84,10 @@ class EnvelopeChannel:
             flush = getattr(self.sock, "flush", None)
             while True:
                 await self._wakeup.wait()
+                # Let the tasks already runnable queue theirs too: one frame (one system
+                # call, one wake-up of the peer) instead of several small ones.
+                if self._outbox:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 self._wakeup = trio.Event()
                 if flush is not None:
                     await flush()
@@ -97,16 +104,25 @@ class EnvelopeChannel:
 
     # -- receiving ----------------------------------------------------------------
     async def receive(self) -> list[Envelope]:
-        """The next frame's envelopes. Malformed frames are counted and skipped."""
+        """The envelopes of the next frame, or of every frame already arrived (over a
+        stream: one wake-up per burst).  Malformed frames are counted and skipped."""
+        recv_many = getattr(self.sock, "recv_many", None)
         while True:
-            frame = await self.sock.recv()
-            try:
-                envelopes = decode(frame)
-            except CodecError:
-                self.bad_frames += 1
-                continue
-            self.frames_received += 1
-            return envelopes
+            frames = await recv_many() if recv_many is not None else [await self.sock.recv()]
+            out: list[Envelope] = []
+            for frame in frames:
+                try:
+                    envelopes = decode(frame)
+                except CodecError:
+                    self.bad_frames += 1
+                    continue
+                self.frames_received += 1
+                if out:
+                    out.extend(envelopes)
+                else:
+                    out = envelopes
+            if out:
+                return out
 
     def close(self) -> None:
         self._closed = True

@@ -8,6 +8,7 @@ and calls made while disconnected wait (bounded by their timeout) for the link.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from typing import Any, AsyncIterator
 
@@ -20,21 +21,31 @@ from .links import connect_stream, is_stream, nng_url
 from .sockets import TrioSocket
 
 MAX_BATCH = 512
+_INF = float("inf")
+_park = trio.lowlevel.wait_task_rescheduled
+_reschedule = trio.lowlevel.reschedule
+SWEEP_IDLE = 0.1  # s: the deadline sweeper's shortest sleep when no call is overdue
 RECONNECT_MIN = 0.01
 RECONNECT_MAX = 1.0
 
 
 class _Pending:
-    """The client side of one request: replies arrive here from the reader task."""
+    """The client side of one request: replies arrive here from the reader task.
 
-    __slots__ = ("items", "done", "error", "streamed", "changed")
+    The caller parks on the slot itself (trio's lowlevel park/reschedule) rather than on
+    a fresh ``trio.Event`` per wait: at tens of thousands of calls a second the Event
+    and its parking lot are a visible share of the cost."""
+
+    __slots__ = ("items", "done", "error", "streamed", "waiter", "deadline", "expired")
 
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
         self.done = False
         self.error: RemoteError | None = None
         self.streamed = False
-        self.changed = trio.Event()
+        self.waiter = None              # the task parked in wait(), if any
+        self.deadline = _INF            # when the deadline sweeper gives up on it
+        self.expired = False            # the sweeper gave up (call() raises TimeoutError_)
 
     def push(self, kind: int, body: Any) -> bool:
         """Record one reply envelope; True when the request is finished."""
@@ -52,18 +63,38 @@ class _Pending:
             self.done = True
         else:
             return False
-        self.changed.set()
+        self._wake()
         return self.done
 
     def fail(self, error: RemoteError) -> None:
         if not self.done:
             self.error = error
             self.done = True
-            self.changed.set()
+            self._wake()
+
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            self.done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        task = self.waiter
+        if task is not None:
+            self.waiter = None
+            _reschedule(task)
 
     async def wait(self) -> None:
-        await self.changed.wait()
-        self.changed = trio.Event()
+        """Until the next push/fail (returns at once if done)."""
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.waiter = trio.lowlevel.current_task()
+        await _park(self._abort)
+
+    def _abort(self, _raise_cancel) -> trio.lowlevel.Abort:
+        self.waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class RpcClient:
@@ -85,6 +116,11 @@ class RpcClient:
         self._cancel_scope: trio.CancelScope | None = None
         self._running = False
         self._closed = False
+        # One deadline sweeper for every call (instead of a CancelScope per call):
+        # it sleeps until the earliest deadline it knows of and expires overdue calls.
+        self._next_deadline = _INF
+        self._last_limit = _INF
+        self._sweeper_wakeup = trio.Event()
 
     # -- lifetime -----------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -93,6 +129,7 @@ class RpcClient:
             with trio.CancelScope() as self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
+                    nursery.start_soon(self._sweep_deadlines)
                     if is_stream(self.address):
                         nursery.start_soon(self._keep_stream_connected)
                         task_status.started(self)
@@ -181,7 +218,8 @@ class RpcClient:
             self._link_up(stream)
             try:
                 while True:
-                    self._on_frame(await stream.recv())
+                    for frame in await stream.recv_many():
+                        self._on_frame(frame)
             except (Closed, CodecError):
                 pass
             finally:
@@ -204,6 +242,10 @@ class RpcClient:
     async def _writer(self) -> None:
         while True:
             await self._wakeup.wait()
+            # Let the tasks already runnable queue theirs too: one frame (one system
+            # call, one wake-up of the peer) instead of several small ones.
+            if self._outbox:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             self._wakeup = trio.Event()
             link = self._link
             if link is None:
@@ -221,6 +263,37 @@ class RpcClient:
                     await link.send(frame)
                 except Closed:
                     break  # the reader sees the link go down and fails the calls
+
+    async def _sweep_deadlines(self) -> None:
+        while True:
+            self._sweeper_wakeup = trio.Event()
+            with trio.move_on_at(self._next_deadline):
+                await self._sweeper_wakeup.wait()
+            now = trio.current_time()
+            # Sleep at most one timeout of the latest call (at least SWEEP_IDLE): calls
+            # with the same timeout have later deadlines and need not wake us, so quick
+            # calls do not wake the sweeper one by one.  (Any call whose deadline is
+            # earlier than our wake-up wakes us, so this bound is only an economy.)
+            earliest = now + max(self._last_limit, SWEEP_IDLE)
+            overdue = []
+            for sid, slot in self._pending.items():
+                if slot.deadline <= now:
+                    overdue.append(sid)
+                elif slot.deadline < earliest:
+                    earliest = slot.deadline
+            self._next_deadline = earliest
+            for sid in overdue:
+                slot = self._pending.get(sid)
+                if slot is not None:
+                    self._abandon(sid)  # tells the server to stop working on it
+                    slot.expire()
+
+    def _set_deadline(self, slot: _Pending, limit: float) -> None:
+        self._last_limit = limit
+        slot.deadline = deadline = trio.current_time() + limit
+        if deadline < self._next_deadline:
+            self._next_deadline = deadline
+            self._sweeper_wakeup.set()
 
     # -- calls ----------------------------------------------------------------------
     def _start(self, target: str, event: str, payload: Any) -> tuple[int, _Pending]:
@@ -260,18 +333,23 @@ class RpcClient:
         """One request; the RESULT value, or the list of chunks of a streamed reply."""
         sid, slot = self._start(target, event, payload)
         limit = self._timeout(timeout)
-        try:
-            with trio.move_on_after(limit):
-                while not slot.done:
-                    await slot.wait()
-            if not slot.done:
-                raise TimeoutError_(f"no answer to {target}/{event} from {self.address} within {limit:g} s")
-            if slot.error is not None:
-                raise slot.error
-            return list(slot.items) if slot.streamed else slot.items[0]
-        finally:
-            if not slot.done:
+        if limit != _INF:
+            if limit <= 0 or math.isnan(limit):
+                slot.expire()
                 self._abandon(sid)
+            else:
+                self._set_deadline(slot, limit)
+        try:
+            while not slot.done:
+                await slot.wait()
+        finally:
+            if not slot.done:  # cancelled while waiting
+                self._abandon(sid)
+        if slot.expired:
+            raise TimeoutError_(f"no answer to {target}/{event} from {self.address} within {limit:g} s")
+        if slot.error is not None:
+            raise slot.error
+        return list(slot.items) if slot.streamed else slot.items[0]
 
     def stream(self, target: str, event: str, payload: Any = None, *,
                timeout: float | None = None) -> "ReplyStream":
