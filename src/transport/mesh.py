@@ -18,6 +18,7 @@ import trio
 from .discovery import Discovery, DiscoveryConfig
 from .errors import CodecError
 from .peers import Beacon
+from .service import Service
 
 TAG = 16  # bytes of HMAC-SHA256 kept per frame: forging one is a 2**-128 guess
 
@@ -63,7 +64,7 @@ def _names(value: Any, what: str) -> tuple[str, ...]:
     return out
 
 
-class Component:
+class Component(Service):
     role = ""
 
     def __init__(self, name: str, *, namespace: str = "", key: str = "",
@@ -117,20 +118,6 @@ class Component:
     def close(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
-
-    async def __aenter__(self):
-        self._nursery_cm = trio.open_nursery()
-        nursery = await self._nursery_cm.__aenter__()
-        try:
-            await nursery.start(self.run)
-        except BaseException as exc:
-            await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info) -> bool | None:
-        self.close()
-        return await self._nursery_cm.__aexit__(*exc_info)
 
     def peers(self):
         """The peers this component currently sees (same namespace and key)."""

@@ -18,6 +18,7 @@ import trio
 from .codec import Kind, decode, encode_envelope, join_frame
 from .errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
 from .links import connect_stream, is_stream, nng_url
+from .service import Service
 from .sockets import TrioSocket
 
 MAX_BATCH = 512
@@ -97,7 +98,7 @@ class _Pending:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
-class RpcClient:
+class RpcClient(Service):
     """Calls to one RpcServer.
 
     Use as ``async with RpcClient(address) as client`` or ``await nursery.start(client.run)``.
@@ -138,20 +139,6 @@ class RpcClient:
         finally:
             self._closed = True
             self._fail_all(Unreachable(f"client to {self.address} closed"))
-
-    async def __aenter__(self) -> "RpcClient":
-        self._nursery_cm = trio.open_nursery()
-        nursery = await self._nursery_cm.__aenter__()
-        try:
-            await nursery.start(self.run)
-        except BaseException as exc:
-            await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info) -> bool | None:
-        self.close()
-        return await self._nursery_cm.__aexit__(*exc_info)
 
     def close(self) -> None:
         if self._cancel_scope is not None:
