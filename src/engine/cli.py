@@ -33,7 +33,7 @@ Runner = Callable[[argparse.Namespace], Awaitable[int]]
 Setup = Callable[[argparse.ArgumentParser], Runner]
 COMMANDS: dict[str, tuple[str, Setup]] = {}
 # Modules that add commands when imported (other helpers' verbs: schedule, monitor...).
-COMMAND_MODULES: list[str] = ["engine.top", "engine.drivers.scheduler"]
+COMMAND_MODULES: list[str] = ["engine.top", "engine.drivers.scheduler", "engine.cluster_commands"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 

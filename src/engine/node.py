@@ -54,8 +54,11 @@ def find_manifests(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
 
 class Node:
     def __init__(self, *, control: str | None = DEFAULT_CONTROL,
-                 app_factory: Callable[[AppManifest], App] = App):
+                 app_factory: Callable[[AppManifest], App] = App, cluster: Any = None):
         self.control_requested = control
+        # Cluster (engine/cluster.py): its ClusterOptions, and the running Cluster.
+        self.cluster_options = cluster
+        self.cluster = None
         self.control_address: str | None = None   # the bound address, once running
         self.app_factory = app_factory
         self.apps: dict[str, App] = {}
@@ -76,6 +79,8 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     failure = await self._start_control(nursery)
+                    if failure is None and self.cluster_options is not None:
+                        failure = await self._start_cluster(nursery)
                     if failure is None:
                         self.state = "running"
                         task_status.started(self)
@@ -95,7 +100,10 @@ class Node:
 
         from .control import ControlHandler
 
-        self._control_server = RpcServer(self.control_requested, ControlHandler(self))
+        handler_class = ControlHandler
+        if self.cluster_options is not None:
+            from .cluster import ClusterControlHandler as handler_class
+        self._control_server = RpcServer(self.control_requested, handler_class(self))
         try:
             self.control_address = await nursery.start(self._control_server.run)
         except TransportError as exc:  # e.g. the port is taken
@@ -103,6 +111,19 @@ class Node:
         log.info("control endpoint on %s", self.control_address)
         # Slaves inherit this: a handler can reach its own node (e.g. to schedule events).
         os.environ["ENGINE_NODE"] = self.control_address
+        return None
+
+    async def _start_cluster(self, nursery: trio.Nursery) -> Exception | None:
+        from .cluster import Cluster
+
+        if self.control_address is None:
+            return ValueError("a clustered node needs a control endpoint (peers call it)")
+        cluster = Cluster(self, self.cluster_options)
+        try:
+            await nursery.start(cluster.run)
+        except OSError as exc:  # e.g. the discovery port cannot be bound
+            return exc
+        self.cluster = cluster
         return None
 
     async def shutdown(self) -> None:
@@ -232,10 +253,15 @@ class Node:
         }
 
 
-async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL) -> int:
+async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL,
+                cluster: Any = None) -> int:
     """``python -m engine run``: host the apps under ``paths`` until SIGINT/SIGTERM,
-    then drain and stop everything. A second signal skips the drain."""
-    node = Node(control=control)
+    then drain and stop everything. A second signal skips the drain.  ``cluster``:
+    ClusterOptions (default: from ENGINE_CLUSTER... when set)."""
+    if cluster is None:
+        from .cluster import ClusterOptions
+        cluster = ClusterOptions.from_env()
+    node = Node(control=control, cluster=cluster)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)

@@ -1,0 +1,316 @@
+"""The cluster end to end: real `python -m engine run --cluster` processes on loopback,
+discovery confined to 127.0.0.1 on a port of their own; plus the bundle and message
+checks in process.  Every test ends the processes it started and checks none is left."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+
+from engine.client import connect
+from engine.errors import AppNotFound, QueueFull
+from engine.cluster import Cluster, ClusterOptions
+from engine.cluster_bundle import BundleError, check_bundle, digest_of, write_bundle
+from transport.errors import BadMessage
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = ROOT / "examples" / "echo"
+ADDRESS_RE = re.compile(r"control endpoint on (tcp://127\.0\.0\.1:\d+)")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def echo_app(where: Path, name: str, **engine) -> Path:
+    folder = where / name
+    shutil.copytree(ECHO, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"].update({"termination-timeout": 2, **engine})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+class Node:
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        self.proc, self.log, self.address = proc, log, ""
+        self.family: list[psutil.Process] = []
+
+    async def wait_ready(self, timeout: float = 20) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                text = self.log.read_text(errors="replace")
+                match = ADDRESS_RE.search(text)
+                if match and "serving" in text:
+                    self.address = match.group(1)
+                    return
+                assert self.proc.poll() is None, f"node exited early:\n{text}"
+                await trio.sleep(0.05)
+
+    def remember_children(self) -> None:
+        try:
+            self.family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    port, name = free_udp_port(), f"t-{uuid.uuid4().hex[:8]}"
+    started: list[Node] = []
+
+    async def start(*paths: Path) -> Node:
+        i = len(started)
+        log = tmp_path / f"node{i}.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "engine", "run", *map(str, paths),
+                 "--control", "tcp://127.0.0.1:0", "--cluster", name,
+                 "--state-dir", str(tmp_path / f"state{i}"), "--discovery-port", str(port),
+                 "--discovery-interface", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
+        node = Node(proc, log)
+        started.append(node)
+        await node.wait_ready()
+        return node
+
+    yield start
+    for node in started:
+        node.remember_children()
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+    for node in started:
+        try:
+            node.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait(5)
+        gone, alive = psutil.wait_procs(node.family, timeout=10)
+        for p in alive:
+            p.kill()
+        assert not alive, f"processes left behind by node {node.proc.pid}: {alive}"
+
+
+async def wait_for(predicate, timeout: float, what: str):
+    """Poll an async predicate until it returns a truthy value; return that value."""
+    deadline = trio.current_time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if trio.current_time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await trio.sleep(0.1)
+
+
+async def node_ids(client) -> set[str]:
+    return {n["id"] for n in (await client.verb("nodes"))["nodes"]}
+
+
+async def apps_of(client) -> set[str]:
+    return set((await client.list())["apps"])
+
+
+async def test_discovery_deploy_sync_on_join_and_undeploy(cluster, tmp_path):
+    with trio.fail_after(60):
+        a, b = await cluster(), await cluster()
+        async with connect(a.address, timeout=20) as ca, connect(b.address, timeout=20) as cb:
+            t0 = time.monotonic()
+            await wait_for(lambda: _count(ca, 2), 10, "A to see 2 nodes")
+            await wait_for(lambda: _count(cb, 2), 10, "B to see 2 nodes")
+            discovered_in = time.monotonic() - t0
+            assert discovered_in < 5, discovered_in     # ~0.1 s idle; the machine is loaded
+
+            app = echo_app(tmp_path / "apps", "echo")
+            result = await ca.deploy(app / "manifest.json")
+            assert result["app"] == "echo"
+            assert list(result["peers"].values()) == ["deployed"]
+            assert "echo" in await apps_of(cb)
+            assert await cb.call("echo", "echo", {"via": "b"}) == {"via": "b"}
+            assert await cb.call("echo", "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
+            # B ran them itself: idle nodes keep their requests.
+            assert (await cb.info("echo"))["pool"]["done"] == 2
+            installed = list((tmp_path / "state1" / "apps").iterdir())
+            assert [p.name.split("-")[0] for p in installed] == ["echo"]
+
+            c = await cluster()                          # a late joiner syncs the apps
+            async with connect(c.address, timeout=20) as cc:
+                await wait_for(lambda: _has(cc, "echo"), 10, "C to sync echo")
+                assert await cc.call("echo", "echo", 7) == 7
+                await wait_for(lambda: _count(ca, 3), 10, "A to see 3 nodes")
+
+                result = await ca.undeploy("echo", drain=1)
+                assert sorted(result["peers"].values()) == ["undeployed", "undeployed"]
+                for client in (ca, cb, cc):
+                    assert "echo" not in await apps_of(client)
+                await trio.sleep(1.5)                    # several report rounds: no re-sync
+                for client in (ca, cb, cc):
+                    assert "echo" not in await apps_of(client)
+
+
+async def _count(client, n: int) -> bool:
+    return len(await node_ids(client)) == n
+
+
+async def _routable(client, app: str, n: int) -> bool:
+    """``n`` nodes, each connected and serving ``app``, as ``client``'s node sees them."""
+    nodes = (await client.verb("nodes"))["nodes"]
+    return sum(1 for v in nodes if v["connected"] and v["apps"].get(app, {}).get("state")
+               == "running") == n
+
+
+async def _has(client, app: str) -> bool:
+    return app in await apps_of(client)
+
+
+async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_path):
+    app = echo_app(tmp_path / "apps", "slow", **{"pool-limit": 1, "queue-limit": 50})
+    with trio.fail_after(60):
+        a = await cluster(app)
+        b = await cluster()
+        async with connect(a.address, timeout=30) as ca, connect(b.address, timeout=30) as cb:
+            await wait_for(lambda: _has(cb, "slow"), 10, "B to sync the app")
+            await wait_for(lambda: _routable(ca, "slow", 2), 10, "A to route to B")
+            # Warm both pools (a slave each) so the burst measures balancing, not spawning.
+            await ca.call("slow", "echo", 0)
+            await cb.call("slow", "echo", 0)
+
+            results = []
+
+            async def one(i: int) -> None:
+                results.append(await ca.call("slow", "sleep", 0.4))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(one, i)
+            assert len(results) == 8
+            done_b = (await cb.info("slow"))["pool"]["done"]
+            view = await ca.verb("nodes")
+            assert view["stats"]["forwarded"] >= 1 and done_b >= 2, (view["stats"], done_b)
+
+            b.remember_children()
+            b.proc.kill()                            # SIGKILL: no bye, the link just drops
+            b.proc.wait(10)
+            results.clear()
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(one, i)
+            assert len(results) == 4                 # served locally, even mid-failure
+            await wait_for(lambda: _count(ca, 1), 6, "A to drop B")
+            gone, alive = psutil.wait_procs(b.family, timeout=10)
+            assert not alive, alive                  # B's slaves died with it
+
+
+async def test_nodes_cli_and_errors_only_when_no_node_can_serve(cluster, tmp_path):
+    app = echo_app(tmp_path / "apps", "echo", **{"pool-limit": 1, "queue-limit": 1})
+    with trio.fail_after(45):
+        a = await cluster(app)
+        b = await cluster()
+        async with connect(b.address, timeout=20) as cb, connect(a.address, timeout=20) as ca:
+            await wait_for(lambda: _has(cb, "echo"), 10, "B to sync")
+            await wait_for(lambda: _count(cb, 2), 10, "B to see A")
+            await wait_for(lambda: _routable(ca, "echo", 2), 10, "A to route to B")
+            with pytest.raises(AppNotFound):
+                await ca.call("nope", "echo", 1)
+            await ca.call("echo", "echo", 0)       # a slave each, so queue-limit counts
+            await cb.call("echo", "echo", 0)
+            served, refused = [], []
+
+            async def one() -> None:
+                try:
+                    served.append(await ca.call("echo", "sleep", 1.5))
+                except QueueFull as exc:
+                    refused.append(str(exc))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(7):
+                    nursery.start_soon(one)
+            # Each node holds one running + one queued: 4 served (every node is tried
+            # before refusing), the rest refused naming every node tried.
+            assert len(served) >= 4 and refused and len(served) + len(refused) == 7, \
+                (served, refused, await ca.verb("nodes"))
+            assert all("no node of cluster" in r and r.count("QueueFull") >= 3 for r in refused), refused
+
+            # Undeploy on A alone (the peer verb, as a peer would send it): every call to
+            # A now goes to B, streams relayed chunk by chunk.
+            name = (await ca.verb("nodes"))["cluster"]
+            assert await ca.verb("cluster.undeploy", {"cluster": name, "key": "",
+                                                      "body": {"app": "echo", "drain": 1}}) == "undeployed"
+            before = (await cb.info("echo"))["pool"]["done"]
+            assert await ca.call("echo", "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
+            chunks = [c async for c in ca.stream("echo", "count", {"n": 2})]
+            assert chunks == [{"i": 0}, {"i": 1}]
+            assert await ca.call("echo", "echo", "hop") == "hop"
+            assert (await cb.info("echo"))["pool"]["done"] == before + 3
+            assert "echo" not in await apps_of(ca)        # the tombstone: not synced back
+        out = await trio.run_process([sys.executable, "-m", "engine", "nodes", "--node", a.address],
+                                     capture_stdout=True, capture_stderr=True, check=False)
+        text = out.stdout.decode()
+        assert out.returncode == 0, out.stderr.decode()
+        assert text.startswith("cluster t-") and "2 node(s)" in text, text
+        assert text.count("  echo\trunning") == 1 and "(this node)" in text, text   # B only, now
+
+
+async def test_nodes_verb_on_a_node_outside_any_cluster(tmp_path):
+    from engine.node import Node as EngineNode
+
+    node = EngineNode(control="tcp://127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        import engine.cluster_commands  # noqa: F401  (the verbs a clustered node has)
+        async with connect(node.control_address, timeout=5) as client:
+            with pytest.raises(BadMessage, match="not in a cluster"):
+                await client.verb("nodes")
+        nursery.cancel_scope.cancel()
+
+
+# -- in process: bundles and sealed messages -------------------------------------------
+
+def test_bundle_checks_paths_size_and_digest(tmp_path):
+    files = {"app.py": b"x = 1\n", "lib/util.py": b"y = 2\n"}
+    good = {"name": "echo", "manifest": {"args": "app.py"}, "files": files,
+            "digest": digest_of({"args": "app.py"}, files)}
+    assert check_bundle(good) is good
+    folder = write_bundle(good, tmp_path)
+    assert (folder / "lib" / "util.py").read_bytes() == b"y = 2\n"
+    assert json.loads((folder / "manifest.json").read_text()) == {"args": "app.py"}
+    for rel in ("../evil.py", "/etc/passwd", "a/../../b", "manifest.json", "a\\b"):
+        bad = dict(good, files={rel: b""})
+        bad["digest"] = digest_of(bad["manifest"], bad["files"])
+        with pytest.raises(BundleError):
+            check_bundle(bad)
+    with pytest.raises(BundleError, match="digest"):
+        check_bundle(dict(good, files={"app.py": b"tampered"}))
+    with pytest.raises(BundleError, match="exceeds"):
+        check_bundle(good, limit=5)
+    with pytest.raises(BundleError):
+        check_bundle(dict(good, name="../x"))
+
+
+def test_messages_are_sealed_with_the_secret(tmp_path):
+    def make(secret, name="c", key=""):
+        return Cluster(None, ClusterOptions(name=name, key=key, secret=secret, state_dir=tmp_path))
+
+    ours, theirs = make("s3cret"), make("other")
+    msg = ours.seal({"app": "echo"})
+    assert make("s3cret").open(msg) == {"app": "echo"}
+    with pytest.raises(BadMessage, match="signature"):
+        theirs.open(msg)
+    with pytest.raises(BadMessage, match="signature"):
+        ours.open(dict(msg, body={"app": "evil"}))
+    with pytest.raises(BadMessage, match="not a message"):
+        make(None, key="k").open(make(None).seal(1))
+    assert make(None).open(make(None).seal([1, 2])) == [1, 2]
