@@ -139,19 +139,31 @@ def _find_address(value: Any) -> str | None:
 # at once (the manifest's engine.concurrency), so the node batches INVOKEs per frame.
 # The main native-server row keeps the default (1 job per slave at a time).
 CONCURRENT = 32
+# The separate "prefetch" row: concurrency 1 (the target's configuration) but each slave
+# may hold PREFETCH more jobs queued (the manifest's engine.prefetch, opt-in), so the next
+# job is already there when one ends.  Not counted for the concurrency-1 target either.
+PREFETCH = 16
 
 
 async def native_server_concurrent(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
     return await native_server(settings, concurrency=CONCURRENT)
 
 
-async def native_server(settings: Settings, *, concurrency: int | None = None
-                        ) -> tuple[RRFigures, dict[str, Any]]:
+async def native_server_prefetch(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
+    return await native_server(settings, prefetch=PREFETCH)
+
+
+async def native_server(settings: Settings, *, concurrency: int | None = None,
+                        prefetch: int | None = None) -> tuple[RRFigures, dict[str, Any]]:
     from engine.client import connect
     from transport.rpc import RpcClient
 
     drivers = {"rpc": {"type": "native-server", "emit": "echo", **NATIVE_SERVER_OPTIONS}}
-    engine_options = {} if concurrency is None else {"concurrency": concurrency}
+    engine_options: dict[str, Any] = {}
+    if concurrency is not None:
+        engine_options["concurrency"] = concurrency
+    if prefetch is not None:
+        engine_options["prefetch"] = prefetch
     async with node_hosting(manifest(drivers, **engine_options)) as node:
         async with connect(node.ready, timeout=10) as control:
             info = await control.info(APP)
@@ -175,3 +187,48 @@ async def native_server(settings: Settings, *, concurrency: int | None = None
                 after_warmup=lambda: memory.__setitem__("after_warmup", _memory(node)))
             memory["after_run"] = _memory(node)
     return figures, memory
+
+
+# -- the pool alone, in this process (no client, no node process) -----------------------
+
+async def pool_direct(settings: Settings, *, prefetch: int = 0) -> RRFigures:
+    """``SlavePool.submit(...).result()`` from this process to 2 slaves: the engine's
+    own share of the request path, without the client -> node hop."""
+    from engine.manifest import EngineConfig
+    from engine.pool import SlavePool
+
+    config = EngineConfig(pool_limit=SLAVES, queue_limit=4096, idle_timeout=600, prefetch=prefetch)
+    pool = SlavePool(APP, APP_ENTRY, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+
+        async def call():
+            await pool.submit("echo", PAYLOAD).result()
+
+        with trio.fail_after(20):   # grow the pool to both slaves first
+            async with trio.open_nursery() as burst:
+                for _ in range(8):
+                    burst.start_soon(pool.submit("sleep", 0.05).result)
+        figures = await measure_rr(lambda: call, settings)
+        nursery.cancel_scope.cancel()
+    return figures
+
+
+def main() -> None:
+    """``python -m bench.engine``: the engine rows only (native-server with and without
+    prefetch, and the in-process pool), for quick before/after comparisons."""
+    from .report import print_rr_table
+
+    settings = Settings()
+    systems: dict[str, RRFigures | str] = {}
+    for label, fn in (("native-server (2 slaves, concurrency 1)", native_server),
+                      (f"native-server, prefetch {PREFETCH}", native_server_prefetch)):
+        systems[label] = trio.run(fn, settings)[0]
+    for prefetch in (0, PREFETCH):
+        systems[f"SlavePool in-process, prefetch {prefetch}"] = trio.run(
+            lambda s: pool_direct(s, prefetch=prefetch), settings)
+    print_rr_table(systems, settings.inflight)
+
+
+if __name__ == "__main__":
+    main()

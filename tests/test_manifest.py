@@ -134,14 +134,14 @@ def test_every_engine_key(app_dir):
     m = load_manifest(write(app_dir, {"engine": {
         "pool-limit": 3, "queue-limit": 7, "heartbeat-timeout": 2.5, "grow-threshold": 2,
         "startup-timeout": 4, "idle-timeout": 0.5, "termination-timeout": 0,
-        "backend": "thread", "concurrency": 8, "crashlog-limit": 0,
+        "backend": "thread", "concurrency": 8, "prefetch": 16, "crashlog-limit": 0,
         "resource-limits": {"cpuset": {"cpuset.cpus": "0-1,5,7-8"}, "memory": "512M",
                             "cpu-time": 30, "open-files": 256},
     }}))
     assert m.engine == EngineConfig(
         pool_limit=3, queue_limit=7, heartbeat_timeout=2.5, grow_threshold=2,
         startup_timeout=4.0, idle_timeout=0.5, termination_timeout=0.0, backend="thread",
-        concurrency=8, crashlog_limit=0,
+        concurrency=8, prefetch=16, crashlog_limit=0,
         resource_limits=ResourceLimits(cpus=frozenset({0, 1, 5, 7, 8}), memory_bytes=512 << 20,
                                        cpu_seconds=30, open_files=256),
     )
@@ -188,6 +188,10 @@ def test_parse_manifest_from_data_and_relative_file_in_messages(app_dir, monkeyp
     ({"engine": {"backend": "fork"}}, "engine.backend", "process, thread"),
     ({"engine": {"concurrency": 0}}, "engine.concurrency", "positive integer"),
     ({"engine": {"crashlog-limit": -2}}, "engine.crashlog-limit", "non-negative"),
+    ({"engine": {"prefetch": -1}}, "engine.prefetch", "0 to 1024"),
+    ({"engine": {"prefetch": 5000}}, "engine.prefetch", "0 to 1024"),
+    ({"engine": {"prefetch": True}}, "engine.prefetch", "0 to 1024"),
+    ({"engine": {"prefetch": 2.5}}, "engine.prefetch", "0 to 1024"),
     ({"engine": {"grow-threshold": 1.5}}, "engine.grow-threshold", "positive integer"),
     ({"engine": []}, "engine", "JSON object"),
     ({"engine": {"resource-limits": {"memory": "lots"}}}, "engine.resource-limits.memory", "512M"),

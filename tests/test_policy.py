@@ -15,11 +15,12 @@ class PolicyMachine(RuleBasedStateMachine):
     """Plays the pool shell: carries out decisions and reports slave events."""
 
     @initialize(pool_limit=st.integers(1, 4), queue_limit=st.integers(0, 5),
-                grow=st.integers(0, 3), concurrency=st.integers(1, 3))
-    def setup(self, pool_limit, queue_limit, grow, concurrency):
+                grow=st.integers(0, 3), concurrency=st.integers(1, 3),
+                prefetch=st.sampled_from([0, 0, 1, 3]))
+    def setup(self, pool_limit, queue_limit, grow, concurrency, prefetch):
         self.p = PoolPolicy(pool_limit=pool_limit, queue_limit=queue_limit, grow_threshold=grow,
                             idle_timeout=5.0, concurrency=concurrency, restart_intensity=2,
-                            backoff_base=1.0, backoff_cap=8.0)
+                            backoff_base=1.0, backoff_cap=8.0, prefetch=prefetch)
         self.now = 0.0
         self.next_job = 1
         self.accepted: list[int] = []
@@ -136,6 +137,12 @@ class PolicyMachine(RuleBasedStateMachine):
         assert set(self.p.slaves) == set(self.on_slave)
 
     @invariant()
+    def a_slave_never_holds_more_than_concurrency_plus_prefetch(self):
+        for slave, jobs in self.on_slave.items():
+            assert len(jobs) <= self.p.concurrency + self.p.prefetch, (slave, jobs)
+            assert self.p.slaves[slave].jobs == jobs
+
+    @invariant()
     def every_job_in_exactly_one_place(self):
         assert all(n == 1 for n in self.answered.values()), self.answered
         for job in self.accepted:
@@ -164,6 +171,13 @@ class PolicyMachine(RuleBasedStateMachine):
         if p.queue and p.broken_reason is None and self.now >= p.next_spawn_at:
             live = sum(1 for v in p.slaves.values() if v.state in (STARTING, READY))
             assert len(p.slaves) == p.pool_limit or len(p.queue) <= p.grow_threshold * live
+        if p.prefetch and p.broken_reason is None and self.now >= p.next_spawn_at:
+            # jobs prefetched by a slave (beyond what it runs) are demand like queued ones
+            live = sum(1 for v in p.slaves.values() if v.state in (STARTING, READY))
+            held_over = sum(max(0, len(v.jobs) - p.concurrency)
+                            for v in p.slaves.values() if v.state == READY)
+            waiting = len(p.queue) + held_over
+            assert len(p.slaves) == p.pool_limit or waiting <= p.grow_threshold * live
 
     @invariant()
     def broken_means_nothing_waits(self):
@@ -238,3 +252,25 @@ def test_cancel_queued_running_and_answered_jobs():
     assert p.cancel(3, 2.0) == [Cancel(3, 1)]
     assert p.slave_gone(1, 3.0, handshaked=True) == [Spawn(2)]  # no second answer for job 3
     assert p.cancelled == set() and list(p.queue) == [4]
+
+
+def test_prefetch_hands_a_slave_concurrency_plus_prefetch_jobs_and_they_count_as_demand():
+    p = PoolPolicy(pool_limit=2, queue_limit=1, concurrency=1, prefetch=2)
+    assert p.submit(1, 0.0) == [Spawn(1)]
+    assert p.slave_ready(1, 1, 0.1) == [Assign(1, 1)]
+    assert p.submit(2, 0.2) == [Assign(2, 1)]            # prefetched: it waits in slave 1
+    assert p.submit(3, 0.3) == [Assign(3, 1), Spawn(2)]  # capacity 1 + 2 reached; 2 waiting > 1
+    assert p.submit(4, 0.4) == []                        # queued here (queue-limit 1)
+    with pytest.raises(QueueFull):
+        p.submit(5, 0.5)
+    assert p.slaves[1].jobs == {1, 2, 3} and list(p.queue) == [4]
+    assert p.cancel(2, 0.6) == [Cancel(2, 1)]            # a prefetched job is cancelled on its slave
+    assert p.job_finished(1, 0.7) == [Assign(4, 1)]
+    assert p.job_finished(2, 0.8) == []                  # the slave acknowledged the cancel
+    assert p.slave_ready(2, 1, 0.9) == []                # jobs already on slave 1 stay there
+    assert p.submit(6, 1.0) == [Assign(6, 2)]            # the least loaded slave first
+
+
+def test_prefetch_must_not_be_negative():
+    with pytest.raises(ValueError):
+        PoolPolicy(pool_limit=1, queue_limit=1, prefetch=-1)

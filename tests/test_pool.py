@@ -264,6 +264,62 @@ async def test_concurrency_runs_async_handlers_overlapped(tmp_path):
             assert max(starts) < min(ends)  # all four were running at once
 
 
+async def test_prefetched_jobs_wait_on_the_slave_and_run_one_after_another(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1, concurrency=1, prefetch=2) as pool:
+            pid = await pool.submit("pid", None).result()  # the slave is up
+            jobs = [pool.submit("slow", 0.3) for _ in range(3)]
+            assert slave_jobs(pool) == [3]       # all handed over at once: 1 running + 2 prefetched
+            assert pool.info()["queue"] == 0
+            results = [await j.result() for j in jobs]
+            assert {p for *_, p in results} == {pid}
+            for (_, end, _), (start, _, _) in zip(results, results[1:]):
+                assert start >= end                # concurrency 1: one at a time, in order
+            # sync handlers (run inline by the slave) and errors keep their order and answers
+            mixed = [pool.submit("echo", 1), pool.submit("boom", 2), pool.submit("echo", 3)]
+            assert await mixed[0].result() == 1
+            with pytest.raises(HandlerError, match="bad input 2"):
+                await mixed[1].result()
+            assert await mixed[2].result() == 3
+            assert pool.info()["crashes"] == 0
+
+
+async def test_cancelling_a_prefetched_job_answers_it_and_frees_its_slot_at_once(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1, concurrency=1, prefetch=1) as pool:
+            await pool.submit("pid", None).result()
+            running = pool.submit("slow", 3)
+            prefetched = pool.submit("echo", "never")
+            assert slave_jobs(pool) == [2]
+            prefetched.cancel()
+            with pytest.raises(JobCancelled, match="running"):
+                await prefetched.result()
+            # the slave drops it from its queue and acknowledges without waiting for `slow`
+            await wait_until(lambda: slave_jobs(pool) == [1], timeout=2.5)
+            assert not running.done
+            assert len(await running.result()) == 3
+            assert await pool.submit("echo", "after").result() == "after"
+            info = pool.info()
+            assert info["cancelled"] == 1 and info["failed"] == 0 and info["crashes"] == 0
+
+
+async def test_done_callbacks_run_once_when_a_job_is_answered(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1) as pool:
+            seen = []
+            job = pool.submit("echo", "x")
+            job.add_done_callback(seen.append)
+            job.add_done_callback(lambda j: 1 / 0)  # logged, does not break the pool
+            assert await job.result() == "x" and seen == [job]
+            job.add_done_callback(seen.append)      # already answered: called at once
+            assert seen == [job, job]
+            failed = pool.submit("boom", 1)
+            failed.add_done_callback(seen.append)
+            with pytest.raises(HandlerError):
+                await failed.result()
+            assert seen[-1] is failed and failed.done
+
+
 async def test_drain_finishes_work_then_refuses(tmp_path):
     with trio.fail_after(30):
         async with running_pool(tmp_path, pool_limit=1) as pool:

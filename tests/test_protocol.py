@@ -156,3 +156,19 @@ def test_cancel_not_acknowledged_within_termination_timeout_kills_the_slave():
     kill, *failed = s.tick(12.0)
     assert isinstance(kill, Kill) and "CANCEL" in kill.reason
     assert {f.job for f in failed} == {"a", "b"} and not s.cancelling
+
+
+def test_prefetch_lets_the_session_hand_over_jobs_beyond_concurrency():
+    s = session(concurrency=1, prefetch=2)
+    assert hello(s, concurrency=1) == [Ready(1)]
+    assert s.capacity == 3 and s.free == 3
+    for sid in (1, 2, 3):
+        s.invoke(sid, f"j{sid}", "echo", sid)
+    assert s.free == 0
+    with pytest.raises(ProtocolError, match="3/3"):
+        s.invoke(4, "j4", "echo", 4)
+    assert s.cancel(3, 1.0) == [Send(Envelope(Kind.CANCEL, 3, None))]  # prefetched: cancellable
+    [failed] = s.receive(Envelope(Kind.ERROR, 3, error_to_body(JobCancelled("before it started"))), 1.1)
+    assert failed.job == "j3" and isinstance(failed.error, JobCancelled) and s.free == 1
+    assert s.receive(Envelope(Kind.RESULT, 1, 1), 1.2) == [Finished("j1", 1)]
+    assert [f.job for f in s.exited(-9)] == ["j2"]  # held jobs fail with the slave, prefetched too

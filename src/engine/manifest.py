@@ -24,6 +24,7 @@ from .errors import ManifestError
 MANIFEST_FILE = "manifest.json"
 LANGUAGES = ("python",)
 BACKENDS = ("process", "thread")
+MAX_PREFETCH = 1024  # engine.prefetch: jobs queued in one slave beyond its concurrency
 # App and driver names end up in CLI arguments, log lines and socket paths.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
@@ -50,6 +51,7 @@ class EngineConfig:
     termination_timeout: float = 5.0         # seconds
     backend: str = "process"                 # "process" | "thread"
     concurrency: int = 1                     # jobs one slave may run at once
+    prefetch: int = 0                        # INVOKEs a slave may hold queued beyond concurrency
     crashlog_limit: int = 100                # lines kept from a dead slave's output
     resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
 
@@ -210,6 +212,7 @@ class _Parser:
             "termination-timeout": ("termination_timeout", self.non_negative_seconds),
             "backend": ("backend", self.backend),
             "concurrency": ("concurrency", self.positive_int),
+            "prefetch": ("prefetch", self.prefetch),
             "crashlog-limit": ("crashlog_limit", self.non_negative_int),
             "resource-limits": ("resource_limits", self.resource_limits),
         }
@@ -221,6 +224,11 @@ class _Parser:
     def positive_int(self, value: Any, path: str) -> int:
         if not _is_int(value) or value <= 0:
             raise self.error(path, "a positive integer", value)
+        return value
+
+    def prefetch(self, value: Any, path: str) -> int:
+        if not _is_int(value) or not 0 <= value <= MAX_PREFETCH:
+            raise self.error(path, f"a whole number of jobs from 0 to {MAX_PREFETCH}", value)
         return value
 
     def non_negative_int(self, value: Any, path: str) -> int:

@@ -12,8 +12,15 @@ Cancellation: a queued job leaves the queue and is answered with JobCancelled
 caller and asks the slave to stop) and keeps its slot until the slave is done with
 it (:meth:`job_finished`), so a slave never holds more jobs than its capacity.
 
-Growth: spawn while ``queued > grow_threshold * (slaves starting or ready)`` and
-below ``pool_limit``.  Retirement: a ready slave idle for ``idle_timeout`` while
+Prefetch (opt-in, ``prefetch`` > 0): a ready slave's capacity is ``concurrency +
+prefetch`` jobs, so queued jobs move to slaves early and wait there (in the slave's
+own queue) instead of here; the slave runs at most ``concurrency`` of them at once.
+Jobs a slave holds beyond its concurrency still count as waiting for growth.  The
+price is head-of-line blocking: a prefetched job waits behind a slow one on its slave
+even if another slave goes idle meanwhile.
+
+Growth: spawn while ``waiting > grow_threshold * (slaves starting or ready)`` and
+below ``pool_limit``, where waiting = queued + prefetched.  Retirement: a ready slave idle for ``idle_timeout`` while
 nothing waits.  Broken state (an Erlang supervisor's restart intensity): after
 ``restart_intensity`` slaves in a row die before their handshake, the app is
 broken; queued jobs fail with AppBroken, new ones are refused, and one probe slave
@@ -69,7 +76,7 @@ class Cancel:
 class SlaveView:
     state: str
     spawned_at: float
-    capacity: int = 1
+    capacity: int = 1                # concurrency + prefetch
     jobs: set = field(default_factory=set)
     idle_since: float = 0.0
 
@@ -77,14 +84,17 @@ class SlaveView:
 class PoolPolicy:
     def __init__(self, *, pool_limit: int, queue_limit: int, grow_threshold: int = 1,
                  idle_timeout: float = 600.0, concurrency: int = 1, restart_intensity: int = 3,
-                 backoff_base: float = 0.5, backoff_cap: float = 30.0):
-        if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1:
-            raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1")
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0, prefetch: int = 0):
+        if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1 \
+                or prefetch < 0:
+            raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1, "
+                             "prefetch>=0")
         self.pool_limit = pool_limit
         self.queue_limit = queue_limit
         self.grow_threshold = grow_threshold
         self.idle_timeout = idle_timeout
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.restart_intensity = restart_intensity
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -152,7 +162,7 @@ class PoolPolicy:
         view = self.slaves[slave]
         if view.state == STARTING:
             view.state = READY
-            view.capacity = max(1, concurrency)
+            view.capacity = max(1, concurrency) + self.prefetch
             view.idle_since = now
         self.startup_failures = 0
         self.broken_reason = None
@@ -255,8 +265,9 @@ class PoolPolicy:
             if now >= self.next_spawn_at and not self._starting() and len(self.slaves) < self.pool_limit:
                 out.append(self._spawn(now))  # the probe
         elif now >= self.next_spawn_at:
+            waiting = len(self.queue) + (self._prefetched() if self.prefetch else 0)
             while (len(self.slaves) < self.pool_limit
-                   and len(self.queue) > self.grow_threshold * self._live()):
+                   and waiting > self.grow_threshold * self._live()):
                 out.append(self._spawn(now))
         # 3. retire idle slaves, but only when nothing waits
         if not self.queue:
@@ -277,6 +288,15 @@ class PoolPolicy:
                     best, key = sid, k
         return best
 
+    def _prefetched(self) -> int:
+        """Jobs held by slaves beyond what they run at once (waiting in a slave)."""
+        extra = 0
+        for s in self.slaves.values():
+            over = len(s.jobs) - (s.capacity - self.prefetch)
+            if over > 0 and s.state == READY:
+                extra += over
+        return extra
+
     def _starting(self) -> int:
         return sum(1 for s in self.slaves.values() if s.state == STARTING)
 
@@ -286,7 +306,8 @@ class PoolPolicy:
     def _spawn(self, now: float) -> Spawn:
         sid = self._next_slave
         self._next_slave += 1
-        self.slaves[sid] = SlaveView(STARTING, now, capacity=self.concurrency, idle_since=now)
+        self.slaves[sid] = SlaveView(STARTING, now, capacity=self.concurrency + self.prefetch,
+                                     idle_since=now)
         self.spawned += 1
         return Spawn(sid)
 

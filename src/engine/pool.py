@@ -72,7 +72,8 @@ class SlavePool:
             pool_limit=config.pool_limit, queue_limit=config.queue_limit,
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
             concurrency=config.concurrency, restart_intensity=restart_intensity,
-            backoff_base=backoff_base, backoff_cap=backoff_cap)
+            backoff_base=backoff_base, backoff_cap=backoff_cap,
+            prefetch=getattr(config, "prefetch", 0))
         self._jobs: dict[int, Job] = {}          # accepted jobs the policy still tracks
         self._slaves: dict[int, _Slave] = {}
         self._next_job = 1
@@ -162,11 +163,17 @@ class SlavePool:
 
     # -- carrying out decisions ----------------------------------------------------------
     def _apply(self, decisions: list, now: float) -> None:
+        # Only assignments (the common case: a job reaching a slave) cannot bring a
+        # policy deadline nearer: a slave that had room took the job, and no slave is
+        # idle while jobs wait.  Anything else re-reads the policy's next deadline.
+        rearm = False
         for d in decisions:
-            if isinstance(d, P.Assign):
+            if type(d) is P.Assign:
                 slave, job = self._slaves[d.slave], self._jobs[d.job]
                 self._act(slave, slave.session.invoke(job.id, job.id, job.event, job.payload), now)
-            elif isinstance(d, P.Spawn):
+                continue
+            rearm = True
+            if isinstance(d, P.Spawn):
                 slave = self._slaves[d.slave] = _Slave(d.slave)
                 self._nursery.start_soon(self._supervise, slave, name=f"slave-{self.app_name}-{d.slave}")
             elif isinstance(d, P.Retire):
@@ -180,19 +187,20 @@ class SlavePool:
                 slave = self._slaves[d.slave]
                 self._act(slave, slave.session.cancel(d.job, now), now)
                 self._wake_timer(slave.session.next_deadline())  # the acknowledgement deadline
-        if decisions:
+        if rearm:
             self._wake_timer(self.policy.next_deadline())
 
     def _act(self, slave: _Slave, actions: list, now: float) -> None:
         """Carry out what a slave's session asks for."""
         for a in actions:
-            if isinstance(a, S.Chunk):
+            kind = type(a)
+            if kind is S.Send:
+                slave.process.send(*a.envelope)
+            elif kind is S.Chunk:
                 job = self._jobs.get(a.job)
                 if job is not None:
                     job._chunk(a.value)
-            elif isinstance(a, S.Send):
-                slave.process.send(*a.envelope)
-            elif isinstance(a, (S.Finished, S.Failed)):
+            elif kind is S.Finished or kind is S.Failed:
                 job = self._jobs.pop(a.job, None)
                 if job is None:
                     pass  # already answered (cancelled, or the pool is stopping)
@@ -205,7 +213,11 @@ class SlavePool:
                 if not self._jobs:
                     self._quiet.set()
                 self._apply(self.policy.job_finished(a.job, now), now)
-                self._wake_timer(self.policy.next_deadline())  # maybe a slave went idle
+                # Maybe that slave went idle: its retirement deadline is now + idle-timeout
+                # (no other deadline moves when a job ends); skip the full scan when the
+                # timer is due before that anyway.
+                if now + self.policy.idle_timeout < self._timer_at:
+                    self._wake_timer(self.policy.next_deadline())
             elif isinstance(a, S.Ready):
                 self._apply(self.policy.slave_ready(slave.id, a.concurrency, now), now)
                 self._wake_timer(slave.session.next_deadline())
@@ -251,13 +263,18 @@ class SlavePool:
                 slave.session = sess = S.SlaveSession(
                     pid=proc.pid, now=now, startup_timeout=cfg.startup_timeout,
                     heartbeat_timeout=cfg.heartbeat_timeout,
-                    termination_timeout=cfg.termination_timeout, concurrency=cfg.concurrency)
+                    termination_timeout=cfg.termination_timeout, concurrency=cfg.concurrency,
+                    prefetch=self.policy.prefetch)
                 self._wake_timer(sess.next_deadline())
+                receive, act, clock = sess.receive, self._act, trio.current_time
+
+                def on_frame(frame: list) -> None:
+                    now = clock()
+                    for env in frame:
+                        act(slave, receive(env, now), now)
+
                 try:
-                    while (frame := await proc.receive()) is not None:
-                        now = trio.current_time()
-                        for env in frame:
-                            self._act(slave, sess.receive(env, now), now)
+                    await proc.pump(on_frame)
                 except trio.Cancelled:
                     # Tell the callers now, not after the graceful stop below.
                     # (no Kill: the graceful TERMINATE/SIGTERM/SIGKILL stop follows)

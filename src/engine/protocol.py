@@ -8,7 +8,7 @@ deadlines (startup, heartbeat, termination) are tested without clocks.
 
 States::
 
-    spawning --HANDSHAKE--> ready (0..concurrency jobs; "busy" when > 0)
+    spawning --HANDSHAKE--> ready (0..concurrency+prefetch jobs; "busy" when > 0)
     ready    --terminate()--> terminating --exit--> dead
     any      --deadline missed--> killing --exit--> dead
     any      --exit--> dead
@@ -21,6 +21,10 @@ taken) until the slave's acknowledgement (an ``ERROR`` with code ``cancelled``, 
 whatever reply was already on its way); chunks in between are dropped.  A slave
 that does not acknowledge within ``termination_timeout`` is killed, so a handler
 that ignores cancellation cannot hold the slot for ever.
+
+Prefetch: with ``prefetch`` > 0 the session hands the slave up to that many INVOKEs
+beyond its ``concurrency``; the slave queues them and starts each as a slot frees, so
+the next job is already there when one ends (no node round trip between jobs).
 
 Flow control: the slave sends at most :data:`STREAM_WINDOW` chunks of a job beyond
 what the node granted back with ``CREDIT`` (:meth:`grant`), so a fast producer and a
@@ -100,7 +104,7 @@ class ProtocolError(Exception):
 
 class SlaveSession:
     def __init__(self, *, pid: int, now: float, startup_timeout: float, heartbeat_timeout: float,
-                 termination_timeout: float, concurrency: int = 1):
+                 termination_timeout: float, concurrency: int = 1, prefetch: int = 0):
         self.pid = pid
         self.state = State.SPAWNING
         self.started_at = now
@@ -109,6 +113,7 @@ class SlaveSession:
         self.heartbeat_timeout = heartbeat_timeout
         self.termination_timeout = termination_timeout
         self.concurrency = concurrency      # what we asked for; the handshake confirms it
+        self.prefetch = prefetch            # INVOKEs the slave may hold queued beyond that
         self.jobs: dict[int, Hashable] = {}  # sid -> job
         self.cancelling: dict[int, float] = {}  # sid -> deadline of the slave's acknowledgement
         self.handshaked = False
@@ -121,8 +126,13 @@ class SlaveSession:
 
     # -- queries ---------------------------------------------------------------------
     @property
+    def capacity(self) -> int:
+        """Jobs the slave may hold at once: running plus prefetched."""
+        return self.concurrency + self.prefetch
+
+    @property
     def free(self) -> int:
-        return self.concurrency - len(self.jobs) if self.state is State.READY else 0
+        return self.capacity - len(self.jobs) if self.state is State.READY else 0
 
     def next_deadline(self) -> float | None:
         if self.state is State.SPAWNING:
@@ -139,9 +149,9 @@ class SlaveSession:
 
     # -- events from the shell -----------------------------------------------------------
     def invoke(self, sid: int, job: Hashable, event: str, payload: Any) -> list:
-        if self.state is not State.READY or len(self.jobs) >= self.concurrency:
+        if self.state is not State.READY or len(self.jobs) >= self.concurrency + self.prefetch:
             raise ProtocolError(f"slave {self.pid} cannot take a job in state {self.state.value} "
-                                f"with {len(self.jobs)}/{self.concurrency} jobs")
+                                f"with {len(self.jobs)}/{self.capacity} jobs")
         if sid in self.jobs:
             raise ProtocolError(f"sid {sid} already in use on slave {self.pid}")
         self.jobs[sid] = job

@@ -2,7 +2,7 @@
 
 ``SlaveProcess.open()`` makes a Unix socketpair, starts ``python -m engine.worker``
 with one end (``pass_fds``) and yields the :class:`EnvelopeChannel` over the other;
-:meth:`receive` returns frames until the process has exited.  Leaving the context
+:meth:`pump` hands its frames to a callback until the process has exited.  Leaving the context
 (normally or by cancellation) always ends the process and reaps it: TERMINATE,
 then SIGTERM, then SIGKILL of its whole process group, each after a bounded wait.
 
@@ -21,7 +21,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import trio
 
@@ -104,25 +104,34 @@ class SlaveProcess:
         finally:
             chan.close()
 
-    async def receive(self) -> list[Envelope] | None:
-        """The next frame from the slave, or None once it has exited and nothing is left."""
+    async def pump(self, on_frame: Callable[[list[Envelope]], None]) -> None:
+        """Hand every frame from the slave to ``on_frame`` until it has exited and
+        nothing is left.  One cancel scope for the whole life (not one per frame):
+        the exit watcher cancels it, then frames the slave sent just before dying are
+        still collected for a short grace period."""
         assert self._chan is not None
+        receive = self._chan.receive
         if not self.exited.is_set():
             with trio.CancelScope() as scope:
                 self._recv_scope = scope
                 try:
-                    return await self._chan.receive()
+                    while True:
+                        on_frame(await receive())
                 except Closed:
-                    return None
+                    return
                 finally:
                     self._recv_scope = None
         # Exited: frames it sent just before dying may still be on their way.
-        with trio.move_on_after(EXIT_GRACE):
-            try:
-                return await self._chan.receive()
-            except Closed:
-                return None
-        return None
+        while True:
+            frame = None
+            with trio.move_on_after(EXIT_GRACE):
+                try:
+                    frame = await receive()
+                except Closed:
+                    return
+            if frame is None:  # nothing within the grace period
+                return
+            on_frame(frame)
 
     def send(self, kind: int, sid: int, body=None) -> None:
         if self._chan is not None:

@@ -13,6 +13,9 @@ inherited end ``N`` of a Unix socketpair (docs/protocol.md).  Lifetime rules:
   handler call (or one step of a sync generator) must finish within the
   heartbeat-timeout, and blocks the slave's other jobs while it runs.
 - A handler's exception is sent as an ERROR on its stream; the slave lives on.
+- At most ``--concurrency`` jobs run at once; INVOKEs beyond that (the node's
+  ``engine.prefetch``) wait in arrival order and start as slots free.  A ``CANCEL``
+  of one that has not started answers it with ``cancelled`` at once.
 - ``CANCEL`` on a job's sid cancels that handler's task: an async handler or async
   generator stops at its next await, a sync generator before its next item; a sync
   handler cannot be interrupted and runs to its end (its reply is then dropped by
@@ -44,7 +47,7 @@ from transport.errors import Closed, UnknownEvent, error_to_body
 from transport.streams import from_fd
 
 from . import api
-from .errors import JobCancelled
+from .errors import JobCancelled, ShuttingDown
 from .protocol import PROTOCOL_VERSION, STREAM_WINDOW
 
 PR_SET_PDEATHSIG = 1
@@ -116,7 +119,7 @@ def load_app(entry: Path) -> dict:
 
 
 class _Running:
-    """One running job: its cancel scope and its stream's send window."""
+    """One job running on a task: its cancel scope and its stream's send window."""
     __slots__ = ("scope", "window", "credited")
 
     def __init__(self) -> None:
@@ -125,12 +128,35 @@ class _Running:
         self.credited = trio.Event()
 
 
+SYNC, ASYNC, ASYNC_GEN = "sync", "async", "async-gen"
+
+
+def handler_kind(fn) -> str:
+    if inspect.isasyncgenfunction(fn):
+        return ASYNC_GEN
+    if inspect.iscoroutinefunction(fn):
+        return ASYNC
+    return SYNC
+
+
 class Runtime:
-    def __init__(self, chan: EnvelopeChannel, handlers: dict, nursery: trio.Nursery):
+    """Serves INVOKEs.  At most ``concurrency`` jobs run at once; INVOKEs beyond that
+    (the node's ``prefetch``) wait here in arrival order and start as slots free.
+
+    A plain sync handler runs inline, in the frame loop, and its reply is sent before
+    the next envelope is looked at: no task per job (on the trio thread either way, see
+    the module docstring).  Async handlers, generators and a sync handler's awaitable
+    result get a task each, so they can overlap and be cancelled."""
+
+    def __init__(self, chan: EnvelopeChannel, handlers: dict, nursery: trio.Nursery,
+                 concurrency: int = 1):
         self.chan = chan
-        self.handlers = handlers
+        self.handlers = {name: (fn, handler_kind(fn)) for name, fn in handlers.items()}
         self.nursery = nursery
-        self.jobs: dict[int, _Running] = {}
+        self.concurrency = max(1, concurrency)
+        self.jobs: dict[int, _Running] = {}          # running on a task
+        self.waiting: dict[int, tuple[str, Any]] = {}  # sid -> (event, payload), FIFO
+        self.stopping = False
 
     @property
     def running(self) -> int:
@@ -142,6 +168,13 @@ class Runtime:
             await trio.sleep(interval)
 
     async def serve(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            self.stopping = True
+
+    async def _serve(self) -> None:
+        send = self.chan.send_nowait
         while True:
             try:
                 envelopes = await self.chan.receive()
@@ -149,67 +182,97 @@ class Runtime:
                 return
             for kind, sid, body in envelopes:
                 if kind == Kind.INVOKE:
-                    if isinstance(body, list) and len(body) == 2 and isinstance(body[0], str) \
-                            and sid not in self.jobs:
-                        job = self.jobs[sid] = _Running()
-                        self.nursery.start_soon(self.run_job, sid, job, body[0], body[1])
+                    if type(body) is list and len(body) == 2 and type(body[0]) is str \
+                            and sid not in self.jobs and sid not in self.waiting:
+                        if self.waiting or len(self.jobs) >= self.concurrency:
+                            self.waiting[sid] = (body[0], body[1])  # prefetched: wait for a slot
+                        else:
+                            self.start(sid, body[0], body[1])
                     else:
                         from transport.errors import BadMessage
-                        self.chan.send_nowait(Kind.ERROR, sid, error_to_body(
+                        send(Kind.ERROR, sid, error_to_body(
                             BadMessage(f"INVOKE body must be [event, payload], got {body!r:.80}")))
                 elif kind == Kind.CANCEL:
                     job = self.jobs.get(sid)
-                    if job is not None:  # else it has finished: its reply is on its way
+                    if job is not None:
                         job.scope.cancel()
+                    elif self.waiting.pop(sid, None) is not None:  # prefetched, never started
+                        send(Kind.ERROR, sid, error_to_body(
+                            JobCancelled("cancelled by the node before it started")))
+                    # else it has finished: its reply is on its way
                 elif kind == Kind.CREDIT:
                     job = self.jobs.get(sid)
                     if job is not None and type(body) is int and body > 0:
                         job.window += body
                         job.credited.set()
                 elif kind == Kind.TERMINATE:
-                    self.chan.send_nowait(Kind.TERMINATE, 0, None)
+                    self.stopping = True
+                    for sid in list(self.waiting):  # prefetched jobs: answered, not dropped
+                        del self.waiting[sid]
+                        send(Kind.ERROR, sid, error_to_body(
+                            ShuttingDown("the slave is exiting; the job never started")))
+                    send(Kind.TERMINATE, 0, None)
                     await self.chan.flush()
                     return
 
-    async def run_job(self, sid: int, job: _Running, event: str, payload: Any) -> None:
-        """Run one handler; exactly one of RESULT / CHOKE / ERROR ends its sid."""
+    def start(self, sid: int, event: str, payload: Any) -> None:
+        """Run one job: inline to its end (a plain sync handler), or on a task."""
+        send = self.chan.send_nowait
+        entry = self.handlers.get(event)
+        if entry is None:
+            send(Kind.ERROR, sid, error_to_body(UnknownEvent(
+                f"no handler for event {event!r}; the app handles {sorted(self.handlers)}")))
+            return
+        fn, kind = entry
+        try:
+            out = fn(payload)  # sync: on the trio thread on purpose (module docstring)
+        except Exception as exc:  # the caller gets type + message; the slave lives on
+            send(Kind.ERROR, sid, error_to_body(exc))
+            return
+        if kind is SYNC and not (inspect.isgenerator(out) or inspect.isasyncgen(out)
+                                 or inspect.isawaitable(out)):
+            send(Kind.RESULT, sid, out)
+            return
+        job = self.jobs[sid] = _Running()
+        self.nursery.start_soon(self.run_job, sid, job, out)
+
+    def _start_waiting(self) -> None:
+        waiting = self.waiting
+        while waiting and len(self.jobs) < self.concurrency and not self.stopping:
+            sid = next(iter(waiting))
+            event, payload = waiting.pop(sid)
+            self.start(sid, event, payload)
+
+    async def run_job(self, sid: int, job: _Running, out: Any) -> None:
+        """Finish one job on its task; exactly one of RESULT / CHOKE / ERROR ends its sid.
+        ``out`` is what the handler returned: a coroutine or other awaitable, an async
+        generator, or a sync generator."""
         send = self.chan.send_nowait
         try:
             with job.scope:
                 try:
-                    await self._call(sid, job, event, payload)
+                    if inspect.isasyncgen(out):
+                        await self._stream_async(sid, job, out)
+                    elif inspect.isgenerator(out):
+                        await self._stream_sync(sid, job, out)
+                    else:
+                        send(Kind.RESULT, sid, await out)
                 except Exception as exc:  # the caller gets type + message; the slave lives on
                     send(Kind.ERROR, sid, error_to_body(exc))
             if job.scope.cancelled_caught:  # the handler stopped at a checkpoint: acknowledge
                 send(Kind.ERROR, sid, error_to_body(JobCancelled("cancelled by the node")))
         finally:
             del self.jobs[sid]
+            if self.waiting:
+                self._start_waiting()
 
-    async def _call(self, sid: int, job: _Running, event: str, payload: Any) -> None:
-        send = self.chan.send_nowait
-        fn = self.handlers.get(event)
-        if fn is None:
-            raise UnknownEvent(f"no handler for event {event!r}; the app handles "
-                               f"{sorted(self.handlers)}")
-        if inspect.isasyncgenfunction(fn):
-            await self._stream_async(sid, job, fn(payload))
-        elif inspect.iscoroutinefunction(fn):
-            send(Kind.RESULT, sid, await fn(payload))
-        else:
-            out = fn(payload)  # on the trio thread on purpose: see the module docstring
-            if inspect.isgenerator(out):
-                try:
-                    for item in out:
-                        await self._chunk(sid, job, item)  # a checkpoint per item
-                finally:
-                    out.close()  # cancelled: run the generator's own cleanup
-                send(Kind.CHOKE, sid, None)
-            elif inspect.isasyncgen(out):
-                await self._stream_async(sid, job, out)
-            elif inspect.isawaitable(out):
-                send(Kind.RESULT, sid, await out)
-            else:
-                send(Kind.RESULT, sid, out)
+    async def _stream_sync(self, sid: int, job: _Running, gen) -> None:
+        try:
+            for item in gen:
+                await self._chunk(sid, job, item)  # a checkpoint per item
+        finally:
+            gen.close()  # cancelled: run the generator's own cleanup
+        self.chan.send_nowait(Kind.CHOKE, sid, None)
 
     async def _stream_async(self, sid: int, job: _Running, agen) -> None:
         try:
@@ -248,7 +311,7 @@ async def serve(args: argparse.Namespace) -> int:
                 "concurrency": args.concurrency, "events": sorted(handlers),
                 "window": STREAM_WINDOW,
             })
-            runtime = Runtime(chan, handlers, nursery)
+            runtime = Runtime(chan, handlers, nursery, args.concurrency)
             nursery.start_soon(runtime.heartbeat, args.heartbeat)
             await runtime.serve()
             nursery.cancel_scope.cancel()
