@@ -17,22 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .codec import Envelope, Kind, decode, encode_envelope, join_frame
+from .codec import Envelope, Kind, decode, encode_envelope
 from .errors import BadMessage, Closed, CodecError, error_to_body
+from .outbox import Outbox
 
 if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynng is heavy
     from .sockets import TrioSocket
     from .streams import FramedStream
-
-MAX_BATCH = 512  # envelopes per frame; keeps one frame's encode/decode short
 
 
 class EnvelopeChannel:
     def __init__(self, sock: "TrioSocket | FramedStream", *, high_water: int = 4096):
         self.sock = sock
         self.high_water = high_water
-        self._outbox: list[bytes] = []  # packed envelopes (codec.encode_envelope)
-        self._wakeup = trio.Event()
+        self._outbox = Outbox()
         self._drained = trio.Event()
         self._closed = False
         self.frames_sent = 0
@@ -50,17 +48,8 @@ class EnvelopeChannel:
         except CodecError as exc:
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(f"message could not be encoded: {exc}")))
-        if not self._outbox and not self._wakeup.is_set():
-            # First send since the writer last ran: put it on the wire now, so a
-            # lone message pays no scheduler pass.  Later sends before the writer
-            # runs again queue up behind it and leave as one frame.
-            try_send = getattr(self.sock, "try_send_nowait", None)
-            if try_send is not None and try_send(join_frame([packed])):
-                self.frames_sent += 1
-                self._wakeup.set()
-                return
-        self._outbox.append(packed)
-        self._wakeup.set()
+        if not self._outbox.put(packed, getattr(self.sock, "try_send_nowait", None)):
+            self.frames_sent += 1
 
     async def send(self, kind: int, sid: int, body: Any = None) -> None:
         while len(self._outbox) >= self.high_water:
@@ -83,18 +72,10 @@ class EnvelopeChannel:
         try:
             flush = getattr(self.sock, "flush", None)
             while True:
-                await self._wakeup.wait()
-                # Let the tasks already runnable queue theirs too: one frame (one system
-                # call, one wake-up of the peer) instead of several small ones.
-                if self._outbox:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                self._wakeup = trio.Event()
+                await self._outbox.wait()
                 if flush is not None:
                     await flush()
-                while self._outbox:
-                    batch = self._outbox[:MAX_BATCH]
-                    del self._outbox[:MAX_BATCH]
-                    frame = join_frame(batch)
+                for frame, _ in self._outbox.frames():
                     await self.sock.send(frame)
                     self.frames_sent += 1
                 self._drained.set()

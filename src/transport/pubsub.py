@@ -24,20 +24,12 @@ import trio
 from .codec import Kind
 from .errors import CodecError, QueueFull
 from .mesh import Component, _names
+from .outbox import Outbox
 from .peers import matches
 from .sockets import TrioSocket, bound_address
 
-MAX_BATCH = 512
 log = logging.getLogger(__name__)
 _packb = msgpack.Packer(use_bin_type=True).pack
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 65536:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
 
 
 class Publisher(Component):
@@ -49,8 +41,7 @@ class Publisher(Component):
         self.nng_buffer = nng_buffer  # frames queued per subscriber before Pub0 drops
         self.broadcasts = _names(broadcasts, "broadcasts")
         self.high_water = high_water
-        self._outbox: list[bytes] = []     # packed envelopes, joined into frames by the writer
-        self._wakeup = trio.Event()
+        self._outbox = Outbox()
         self._drained = trio.Event()
         self._seq = 0
         self._sock: TrioSocket | None = None
@@ -76,9 +67,8 @@ class Publisher(Component):
         except (TypeError, ValueError, OverflowError) as exc:
             raise CodecError(f"cannot encode event {topic!r}: {exc}") from None
         self._seq = seq
-        self._outbox.append(packed)
+        self._outbox.put(packed)
         self.stats["published"] += 1
-        self._wakeup.set()
 
     async def flush(self) -> None:
         """Wait until every queued event has been handed to nng."""
@@ -91,12 +81,8 @@ class Publisher(Component):
         guard = self.guard(b"pubsub")
         sock = self._sock
         while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            while self._outbox:
-                batch = self._outbox[:MAX_BATCH]
-                del self._outbox[:MAX_BATCH]
-                frame = _array_header(len(batch)) + b"".join(batch)
+            await self._outbox.wait()
+            for frame, _ in self._outbox.frames():
                 if guard is not None:
                     frame = guard.seal(frame)
                 await sock.send(frame)

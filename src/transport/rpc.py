@@ -25,12 +25,12 @@ from typing import Any, AsyncIterable, Awaitable, Callable, Protocol
 import pynng
 import trio
 
-from .codec import Kind, decode, encode_envelope, join_frame
+from .codec import Kind, decode, encode_envelope
 from .errors import BadMessage, Closed, CodecError, QueueFull, TransportError, error_to_body
 from .links import is_stream, listen_stream, nng_url
+from .outbox import Outbox
 from .sockets import TrioSocket, bound_address
 
-MAX_BATCH = 512
 # Worker tasks kept parked for the next request once a burst is over (the rest end).
 MAX_IDLE_WORKERS = 512
 _park = trio.lowlevel.wait_task_rescheduled
@@ -70,15 +70,14 @@ class _Connection:
     """One client as the server sees it: its replies queue here until its writer
     task packs them into frames."""
 
-    __slots__ = ("id", "send", "try_send", "outbox", "wakeup", "running")
+    __slots__ = ("id", "send", "try_send", "outbox", "running")
 
     def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
                  try_send: Callable[[bytes], bool] | None = None):
         self.id = conn_id
         self.send = send
         self.try_send = try_send  # writes a frame now if the link takes it without blocking
-        self.outbox: list[bytes] = []  # packed envelopes (codec.encode_envelope)
-        self.wakeup = trio.Event()
+        self.outbox = Outbox()
         self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
 
 
@@ -208,10 +207,9 @@ class RpcServer:
             return
         for worker in conn.running.values():
             worker.scope.cancel()
-        self._queued -= len(conn.outbox)
-        conn.outbox.clear()
+        self._queued -= conn.outbox.clear()
         conn.send = None  # tells its writer to stop
-        conn.wakeup.set()
+        conn.outbox.wake()
 
     def _on_frame(self, conn: _Connection, frame: bytes) -> None:
         try:
@@ -302,19 +300,13 @@ class RpcServer:
         except CodecError as exc:  # a reply msgpack cannot carry fails its caller, not the batch
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(f"reply could not be encoded: {exc}")))
-        if conn.try_send is not None and not conn.outbox and not conn.wakeup.is_set() \
-                and self.guard is None:
-            # The writer is idle: answer now instead of one scheduler pass later.  Answers
-            # emitted before the writer runs again queue up behind this one and batch.
-            try:
-                if conn.try_send(join_frame([packed])):
-                    conn.wakeup.set()
-                    return
-            except Closed:
-                return  # the client is gone; its reader drops the connection
-        conn.outbox.append(packed)
-        self._queued += 1
-        conn.wakeup.set()
+        # A lone answer goes out at once when the writer is idle (not through a guard,
+        # which seals whole frames); the rest queue and batch.
+        try:
+            if conn.outbox.put(packed, conn.try_send if self.guard is None else None):
+                self._queued += 1
+        except Closed:
+            pass  # the client is gone; its reader drops the connection
 
     async def flush(self) -> None:
         """Wait until every request in flight has been answered and every answer handed
@@ -330,20 +322,12 @@ class RpcServer:
 
     async def _writer(self, conn: _Connection) -> None:
         while True:
-            await conn.wakeup.wait()
-            # Let the tasks already runnable queue theirs too: one frame (one system
-            # call, one wake-up of the peer) instead of several small ones.
-            if conn.outbox:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            conn.wakeup = trio.Event()
+            await conn.outbox.wait()
             send = conn.send
             if send is None:
                 return
-            while conn.outbox:
-                batch = conn.outbox[:MAX_BATCH]
-                del conn.outbox[:MAX_BATCH]
-                self._queued -= len(batch)
-                frame = join_frame(batch)
+            for frame, count in conn.outbox.frames():
+                self._queued -= count
                 if self.guard is not None:
                     frame = self.guard.seal(frame)
                 try:

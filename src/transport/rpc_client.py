@@ -15,13 +15,13 @@ from typing import Any, AsyncIterator
 import pynng
 import trio
 
-from .codec import Kind, decode, encode_envelope, join_frame
+from .codec import Kind, decode, encode_envelope
 from .errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
 from .links import connect_stream, is_stream, nng_url
+from .outbox import Outbox
 from .service import Service
 from .sockets import TrioSocket
 
-MAX_BATCH = 512
 _INF = float("inf")
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
@@ -110,8 +110,7 @@ class RpcClient(Service):
         self.guard = guard
         self._sids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._outbox: list[bytes] = []  # packed envelopes (codec.encode_envelope)
-        self._wakeup = trio.Event()
+        self._outbox = Outbox()
         self._link = None          # what frames are sent through while connected
         self._connected = trio.Event()
         self._cancel_scope: trio.CancelScope | None = None
@@ -158,7 +157,7 @@ class RpcClient(Service):
     def _link_up(self, link) -> None:
         self._link = link
         self._connected.set()
-        self._wakeup.set()  # anything queued while we were away can go now
+        self._outbox.wake()  # anything queued while we were away can go now
 
     def _link_down(self) -> None:
         self._link = None
@@ -228,22 +227,14 @@ class RpcClient(Service):
 
     async def _writer(self) -> None:
         while True:
-            await self._wakeup.wait()
-            # Let the tasks already runnable queue theirs too: one frame (one system
-            # call, one wake-up of the peer) instead of several small ones.
-            if self._outbox:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            self._wakeup = trio.Event()
+            await self._outbox.wait()
             link = self._link
             if link is None:
                 continue  # _link_up wakes us again
             flush = getattr(link, "flush", None)
             if flush is not None:
                 await flush()
-            while self._outbox:
-                batch = self._outbox[:MAX_BATCH]
-                del self._outbox[:MAX_BATCH]
-                frame = join_frame(batch)
+            for frame, _ in self._outbox.frames():
                 if self.guard is not None:
                     frame = self.guard.seal(frame)
                 try:
@@ -292,24 +283,18 @@ class RpcClient(Service):
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
         slot = self._pending[sid] = _Pending()
-        link = self._link
-        if not self._outbox and not self._wakeup.is_set() and self.guard is None:
-            # A lone request goes out at once: one scheduler pass less of latency.
-            try_send = getattr(link, "try_send_nowait", None)
-            try:
-                if try_send is not None and try_send(join_frame([env])):
-                    self._wakeup.set()  # later requests before the writer runs batch up
-                    return sid, slot
-            except Closed:
-                pass  # the link just died: the reader sees it and fails this call Unreachable
-        self._outbox.append(env)
-        self._wakeup.set()
+        # A lone request goes out at once: one scheduler pass less of latency (not
+        # through a guard, which seals whole frames).
+        try_send = getattr(self._link, "try_send_nowait", None) if self.guard is None else None
+        try:
+            self._outbox.put(env, try_send)
+        except Closed:  # the link just died: the reader sees it and fails this call Unreachable
+            self._outbox.put(env)
         return sid, slot
 
     def _abandon(self, sid: int) -> None:
         if self._pending.pop(sid, None) is not None and not self._closed:
-            self._outbox.append(encode_envelope(Kind.CANCEL, sid, None))
-            self._wakeup.set()
+            self._outbox.put(encode_envelope(Kind.CANCEL, sid, None))
 
     def _timeout(self, timeout: float | None) -> float:
         t = self.default_timeout if timeout is None else timeout
