@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodes import NodeProcess, start_node_process, stop_node
+from support import NodeProcess, start_node_process, stop_node
 
 
 @pytest.fixture
@@ -17,5 +17,5 @@ def start_node(tmp_path):
         return node
 
     yield start
-    for node in started:
-        stop_node(node)
+    left = [p for node in started for p in stop_node(node)]
+    assert not left, f"processes left behind after the node stopped: {left}"

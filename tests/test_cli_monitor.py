@@ -1,18 +1,11 @@
 """`python -m engine monitor` is the mesh Monitor, reachable from the engine's CLI."""
 import json
-import socket
-import subprocess
 import sys
 
 import trio
 
+from support import free_udp_port
 from transport import DiscoveryConfig, Responder
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_engine_monitor_lists_a_live_responder():

@@ -4,11 +4,7 @@ checks in process.  Every test ends the processes it started and checks none is 
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -22,17 +18,11 @@ from engine.client import connect
 from engine.errors import AppNotFound, QueueFull
 from engine.cluster import Cluster, ClusterOptions
 from engine.cluster_bundle import BundleError, check_bundle, digest_of, write_bundle
+from support import NodeProcess, free_udp_port, start_node_process, stop_node
 from transport.errors import BadMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "examples" / "echo"
-ADDRESS_RE = re.compile(r"control endpoint on (tcp://127\.0\.0\.1:\d+)")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def echo_app(where: Path, name: str, **engine) -> Path:
@@ -44,64 +34,25 @@ def echo_app(where: Path, name: str, **engine) -> Path:
     return folder
 
 
-class Node:
-    def __init__(self, proc: subprocess.Popen, log: Path):
-        self.proc, self.log, self.address = proc, log, ""
-        self.family: list[psutil.Process] = []
-
-    async def wait_ready(self, timeout: float = 20) -> None:
-        with trio.fail_after(timeout):
-            while True:
-                text = self.log.read_text(errors="replace")
-                match = ADDRESS_RE.search(text)
-                if match and "serving" in text:
-                    self.address = match.group(1)
-                    return
-                assert self.proc.poll() is None, f"node exited early:\n{text}"
-                await trio.sleep(0.05)
-
-    def remember_children(self) -> None:
-        try:
-            self.family = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-
-
 @pytest.fixture
 def cluster(tmp_path):
+    """``node = await cluster(*paths)``: a real node in this test's own cluster (its own
+    name and discovery port, confined to loopback), stopped after the test."""
     port, name = free_udp_port(), f"t-{uuid.uuid4().hex[:8]}"
-    started: list[Node] = []
+    started: list[NodeProcess] = []
 
-    async def start(*paths: Path) -> Node:
+    async def start(*paths: Path) -> NodeProcess:
         i = len(started)
-        log = tmp_path / f"node{i}.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "engine", "run", *map(str, paths),
-                 "--control", "tcp://127.0.0.1:0", "--cluster", name,
-                 "--state-dir", str(tmp_path / f"state{i}"), "--discovery-port", str(port),
-                 "--discovery-interface", "127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        node = Node(proc, log)
+        node = await start_node_process(
+            paths, tmp_path / f"node{i}.log", tmp_path,
+            "--cluster", name, "--state-dir", str(tmp_path / f"state{i}"),
+            "--discovery-port", str(port), "--discovery-interface", "127.0.0.1")
         started.append(node)
-        await node.wait_ready()
         return node
 
     yield start
-    for node in started:
-        node.remember_children()
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
-    for node in started:
-        try:
-            node.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait(5)
-        gone, alive = psutil.wait_procs(node.family, timeout=10)
-        for p in alive:
-            p.kill()
-        assert not alive, f"processes left behind by node {node.proc.pid}: {alive}"
+    left = [p for node in started for p in stop_node(node)]
+    assert not left, f"processes left behind by the cluster's nodes: {left}"
 
 
 async def wait_for(predicate, timeout: float, what: str):
@@ -201,7 +152,7 @@ async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_pat
             view = await ca.verb("nodes")
             assert view["stats"]["forwarded"] >= 1 and done_b >= 2, (view["stats"], done_b)
 
-            b.remember_children()
+            b_slaves = b.descendants()
             b.proc.kill()                            # SIGKILL: no bye, the link just drops
             b.proc.wait(10)
             results.clear()
@@ -210,7 +161,7 @@ async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_pat
                     nursery.start_soon(one, i)
             assert len(results) == 4                 # served locally, even mid-failure
             await wait_for(lambda: _count(ca, 1), 6, "A to drop B")
-            gone, alive = psutil.wait_procs(b.family, timeout=10)
+            gone, alive = psutil.wait_procs(b_slaves, timeout=10)
             assert not alive, alive                  # B's slaves died with it
 
 

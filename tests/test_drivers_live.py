@@ -2,8 +2,8 @@
 manual-scheduler (CLI and from a handler), nng-sink results and the state on the
 maintenance channel, `engine top`, `make demo`'s command, and apps whose driver
 cannot start beside one that serves.  Every process a test starts is ended in the
-fixture's teardown (SIGTERM, then SIGKILL), which also checks with psutil that no
-node or slave is left behind."""
+`start_node` fixture's teardown (tests/conftest.py: SIGTERM, then SIGKILL), which also
+checks with psutil that no node or slave is left behind."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import msgpack
-import psutil
 import pynng
 import pytest
 import trio
@@ -33,80 +32,12 @@ from engine.client import connect
 from engine.drivers.cron import CronDriver
 from engine.maintenance import split_frame
 from engine.manifest import load_manifest
+from support import free_tcp_port
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-ADDRESS_RE = re.compile(r"control endpoint on (tcp://127\.0\.0\.1:\d+)")
 ENGINE = [sys.executable, "-m", "engine"]
-
-
-# -- a node subprocess, and a fixture that always ends it -----------------------------------
-
-class Node:
-    def __init__(self, proc: subprocess.Popen, log: Path):
-        self.proc, self.log, self.address = proc, log, ""
-
-    @property
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait_ready(self, timeout: float = 30) -> None:
-        with trio.fail_after(timeout):
-            while not (ADDRESS_RE.search(self.stderr) and " serving " in self.stderr):
-                assert self.proc.poll() is None, f"node exited early:\n{self.stderr}"
-                await trio.sleep(0.05)
-        self.address = ADDRESS_RE.search(self.stderr).group(1)
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    async def cli(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:
-        with trio.fail_after(timeout + 10):
-            return await trio.run_process([*ENGINE, *args, "--node", self.address, "--timeout", str(timeout)],
-                                          capture_stdout=True, capture_stderr=True, check=False)
-
-
-@pytest.fixture
-def start_node(tmp_path):
-    nodes: list[Node] = []
-
-    async def start(*paths: Path) -> Node:
-        log = tmp_path / f"node{len(nodes)}.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen([*ENGINE, "run", *map(str, paths), "--control", "tcp://127.0.0.1:0"],
-                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        node = Node(proc, log)
-        nodes.append(node)
-        await node.wait_ready()
-        return node
-
-    yield start
-    left: list[psutil.Process] = []
-    for node in nodes:
-        family = [psutil.Process(node.proc.pid)] if node.proc.poll() is None else []
-        family += node.descendants()
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
-            try:
-                node.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait(10)
-        gone, alive = psutil.wait_procs(family, timeout=10)
-        for p in alive:
-            p.kill()
-        left += alive
-    assert not left, f"processes left behind after the node stopped: {left}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_app(root: Path, name: str, app_py: str, drivers: dict, **extra) -> Path:
@@ -386,7 +317,7 @@ async def test_make_demo_command_starts_every_example_app(tmp_path, start_node):
     for leftover in (examples / "pipeline" / "inbox").glob("*.txt"):
         if leftover.name != "README.txt":
             leftover.unlink()
-    api_port, pubsub_port = free_port(), free_port()
+    api_port, pubsub_port = free_tcp_port(), free_tcp_port()
     manifest_path = examples / "pipeline" / "manifest.json"
     text = manifest_path.read_text()
     assert ":9210" in text and ":9211" in text   # the demo's fixed ports, rewritten here

@@ -16,7 +16,7 @@ import trio
 
 from engine.client import connect
 from engine.errors import AppNotFound, QueueFull
-from nodes import slave_pids
+from support import slave_pids
 
 pytestmark = pytest.mark.e2e
 

@@ -1,10 +1,11 @@
-"""A real node subprocess (`python -m engine run`) for end-to-end tests: started on a
-port the node picks (read back from its log), driven through the CLI, and ended by the
-test with every process it started."""
+"""Shared test support: free loopback ports, and a real node subprocess (`python -m
+engine run`) for end-to-end tests: started on a port the node picks (read back from its
+log), driven through the CLI, and ended by the test with every process it started."""
 from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,9 @@ async def start_node_process(paths, log: Path, cwd: Path, *extra: str) -> NodePr
     return node
 
 
-def stop_node(node: NodeProcess) -> None:
-    """SIGTERM, then SIGKILL; and whatever it left behind is killed too."""
+def stop_node(node: NodeProcess) -> list[psutil.Process]:
+    """SIGTERM, then SIGKILL; whatever it left behind is killed too, and returned (a
+    node that shut down properly leaves nothing)."""
     leftovers = node.descendants()
     if node.proc.poll() is None:
         node.proc.send_signal(signal.SIGTERM)
@@ -82,8 +84,22 @@ def stop_node(node: NodeProcess) -> None:
         except subprocess.TimeoutExpired:
             node.proc.kill()
             node.proc.wait(10)
-    for p in psutil.wait_procs(leftovers, timeout=10)[1]:
+    alive = psutil.wait_procs(leftovers, timeout=10)[1]
+    for p in alive:
         p.kill()
+    return alive
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def slave_pids(node: NodeProcess) -> set[int]:
