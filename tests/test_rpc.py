@@ -216,3 +216,16 @@ async def test_flush_waits_for_answers_in_flight(nursery):
                     await trio.sleep(0.01)
                 await srv.flush()
                 assert srv.inflight == 0 and srv.served == 1
+
+
+async def test_reply_stream_says_whether_it_streamed(server):
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            single = client.stream("app", "echo", 1)
+            assert single.streamed is None          # nothing arrived yet
+            assert [x async for x in single] == [1] and single.streamed is False
+            stream = client.stream("app", "count", 1)
+            chunks = stream.__aiter__()
+            assert await chunks.__anext__() == {"i": 0}
+            assert stream.streamed is True          # a one-chunk stream is still a stream
+            await chunks.aclose()

@@ -376,7 +376,7 @@ class Cluster:
             await chunks.aclose()
             raise
         # RESULT or CHUNK: the reply stream knows once the first reply arrived.
-        if not _streamed(replies):
+        if not replies.streamed:
             self.table.note_done(pid, app)
             await chunks.aclose()
             return first
@@ -426,12 +426,6 @@ class Cluster:
         return {"cluster": self.options.name, "self": self.id, "nodes": nodes,
                 "stats": dict(self.stats), "tombstones": sorted(self.tombstones),
                 "sync_failed": {f"{a}@{d[:12]}": why for (a, d), why in self.sync_failed.items()}}
-
-
-def _streamed(replies: Any) -> bool:
-    # RpcClient's ReplyStream has no public "streamed" yet: its pending slot knows
-    # (CHUNK vs RESULT) once the first reply arrived.
-    return bool(getattr(getattr(replies, "_slot", None), "streamed", False))
 
 
 async def _nothing():

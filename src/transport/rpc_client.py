@@ -347,6 +347,15 @@ class ReplyStream:
     async def __aexit__(self, *exc_info) -> None:
         self.aclose()
 
+    @property
+    def streamed(self) -> bool | None:
+        """True once a CHUNK arrived, False once a RESULT did, None before any reply:
+        lets a relay tell a single value from a one-chunk stream."""
+        slot = self._slot
+        if slot is not None and slot.streamed:
+            return True
+        return False if slot is not None and slot.done else None
+
     def aclose(self) -> None:
         if self._slot is not None and not self._slot.done:
             self._client._abandon(self._sid)
