@@ -238,7 +238,32 @@ async def test_bounded_pending_queue(disco):
         await trio.sleep(0.05)
         with pytest.raises(QueueFull, match="2 requests outstanding"):
             await rq.send({"type": "nobody"})
+        assert rq.stats == {"sent": 2, "answered": 0, "failed": 0, "retried": 0, "refused": 1}
         nursery.cancel_scope.cancel()
+
+
+async def test_stats_unknown_event_zero_timeout_and_closed(disco):
+    from transport.errors import Closed, UnknownEvent
+
+    rep = responder(disco, types=("randomRequest",))
+    rep.responds_to = ("randomRequest", "unhandled")  # advertised, but no handler
+    async with rep, Requester("req", discovery=disco) as rq:
+        await wait_links(rq, 1)
+        with trio.fail_after(5):
+            for i in range(3):
+                assert (await rq.send({"type": "randomRequest", "val": i}))["val"] == i
+            with pytest.raises(UnknownEvent, match="unhandled"):
+                await rq.send({"type": "unhandled"})
+        # No time at all: refused before dispatch, and the responder is not blamed.
+        with pytest.raises(TimeoutError_, match="within 0 s"):
+            await rq.send({"type": "randomRequest"}, timeout=0)
+        [link] = rq.links.values()
+        assert link.breaker.failures == 0 and link.breaker.state == "closed"
+        assert rq.stats == {"sent": 5, "answered": 3, "failed": 2, "retried": 0, "refused": 0}
+        assert len(rep.served) == 3
+    with pytest.raises(Closed):
+        await rq.send({"type": "randomRequest"})
+    assert rq.stats["sent"] == 5
 
 
 async def test_pubsub_late_joiner_and_wildcards(disco):

@@ -165,3 +165,42 @@ def test_breaker_opens_half_opens_and_closes():
     br.on_success()
     assert br.state == "closed" and br.allows(3.3)
     assert backoff(1) < backoff(2) < backoff(3) and backoff(50) == 1.0
+
+
+class BreakerMachine(RuleBasedStateMachine):
+    """The Requester's fast path skips the breaker when ``failures == 0``: that must
+    mean closed, allowing, with nothing for on_dispatch/on_success to change."""
+
+    def __init__(self):
+        super().__init__()
+        self.br = CircuitBreaker(threshold=2, cooldown=1.0, max_cooldown=4.0)
+        self.now = 0.0
+
+    @rule(dt=st.floats(0, 5))
+    def tick(self, dt):
+        self.now += dt
+
+    @rule()
+    def ask_and_dispatch(self):
+        if self.br.allows(self.now):
+            self.br.on_dispatch()
+
+    @rule()
+    def fail(self):
+        self.br.on_failure(self.now)
+
+    @rule()
+    def succeed(self):
+        self.br.on_success()
+
+    @invariant()
+    def no_failures_means_untouched_closed(self):
+        if self.br.failures == 0:
+            before = (self.br.state, self.br.current_cooldown, self.br.trial_in_flight)
+            assert before == ("closed", 0.0, False) and self.br.allows(self.now)
+            self.br.on_dispatch()
+            assert (self.br.state, self.br.current_cooldown, self.br.trial_in_flight) == before
+
+
+TestBreakerFastPathInvariant = BreakerMachine.TestCase
+TestBreakerFastPathInvariant.settings = settings(max_examples=200, deadline=None)
