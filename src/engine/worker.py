@@ -43,7 +43,7 @@ import trio
 
 from transport.channel import EnvelopeChannel
 from transport.codec import Kind
-from transport.errors import Closed, UnknownEvent, error_to_body
+from transport.errors import BadMessage, Closed, UnknownEvent, error_to_body
 from transport.streams import from_fd
 
 from . import api
@@ -189,7 +189,6 @@ class Runtime:
                         else:
                             self.start(sid, body[0], body[1])
                     else:
-                        from transport.errors import BadMessage
                         send(Kind.ERROR, sid, error_to_body(
                             BadMessage(f"INVOKE body must be [event, payload], got {body!r:.80}")))
                 elif kind == Kind.CANCEL:
