@@ -28,7 +28,7 @@ from transport.errors import BadMessage
 
 from .cli import COMMANDS, EXIT_OK, command, connect_node, node_options, to_json
 from .cluster import ClusterOptions
-from .control import _app_arg, answer, verb
+from .control import _app_arg, _drain_arg, answer, verb
 from .control import deploy as plain_deploy
 from .control import undeploy as plain_undeploy
 from .errors import AppNotFound
@@ -122,9 +122,7 @@ async def undeploy_everywhere(node, args: Any) -> Any:
     if cluster is None:
         return await plain_undeploy(node, args)
     name = _app_arg(args)
-    drain = args.get("drain") if isinstance(args, dict) else None
-    if drain is not None and (not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0):
-        raise BadMessage(f"undeploy: drain must be a non-negative number of seconds, got {drain!r:.60}")
+    drain = _drain_arg(args)
     peers: dict[str, str] = {}
 
     async def to_peers() -> None:

@@ -111,6 +111,14 @@ def _app_arg(args: Any) -> str:
     raise BadMessage(f"expected an app name or {{\"app\": name}}, got {args!r:.100}")
 
 
+def _drain_arg(args: Any) -> float | None:
+    """``undeploy``'s optional ``"drain"``: seconds to let in-flight jobs finish."""
+    drain = args.get("drain") if isinstance(args, dict) else None
+    if drain is not None and (not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0):
+        raise BadMessage(f"undeploy: drain must be a non-negative number of seconds, got {drain!r:.60}")
+    return drain
+
+
 @verb("list")
 async def list_apps(node: "Node", args: Any) -> Any:
     return node.list()
@@ -149,8 +157,5 @@ async def deploy(node: "Node", args: Any) -> Any:
 @verb("undeploy")
 async def undeploy(node: "Node", args: Any) -> Any:
     name = _app_arg(args)
-    drain = args.get("drain") if isinstance(args, dict) else None
-    if drain is not None and (not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0):
-        raise BadMessage(f"undeploy: drain must be a non-negative number of seconds, got {drain!r:.60}")
-    await node.undeploy(name, drain)
+    await node.undeploy(name, _drain_arg(args))
     return {"app": name, "state": "stopped"}
