@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 
 import trio
 
-from .harness import BENCH_DIR, PAYLOAD, PEERS_DIR, RRFigures, Settings, child_process
+from .harness import BENCH_DIR, PAYLOAD, PEERS_DIR, RRFigures, Settings, child_process, free_udp_port
 
 COTE_VERSION = "1.2.0"
 SCRIPTS = BENCH_DIR / "peers"
@@ -48,17 +47,11 @@ def ensure_installed() -> str:
     return json.loads(package.read_text())["version"]
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _envs(count: int) -> list[dict[str, str]]:
     """One environment per cote process: own loopback address, shared discovery."""
     addresses = [f"127.0.0.{i + 2}" for i in range(count)]
     shared = dict(os.environ,
-                  BENCH_COTE_DISCOVERY_PORT=str(_free_udp_port()),
+                  BENCH_COTE_DISCOVERY_PORT=str(free_udp_port()),
                   BENCH_COTE_UNICAST=",".join(addresses),
                   BENCH_COTE_KEY=f"bench-{os.getpid()}",
                   COTE_PEERS_DIR=str(PEERS_DIR))

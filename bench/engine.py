@@ -82,20 +82,28 @@ async def control_path(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
     async with node_hosting(manifest()) as node:
         memory: dict[str, Any] = {"idle_node": _memory(node)["node"]}
         async with connect(node.ready, timeout=10) as client:
-            async def call():
-                await client.call(APP, "echo", PAYLOAD)
-
-            # Make both slaves exist before measuring: a short burst grows the pool.
-            with trio.fail_after(20):
-                async with trio.open_nursery() as nursery:
-                    for _ in range(8):
-                        nursery.start_soon(call)
-            figures = await measure_rr(
-                lambda: call, settings,
-                after_warmup=lambda: memory.__setitem__("after_warmup", _memory(node)))
-            memory["after_run"] = _memory(node)
+            figures = await _measure_echo(client, node, settings, memory)
             memory["stream_mb_s"] = await stream_rate(client, settings)
     return figures, memory
+
+
+async def _measure_echo(client: Any, node: Child, settings: Settings,
+                        memory: dict[str, Any]) -> RRFigures:
+    """Echo round trips through ``client`` (anything with ``call(app, event, payload)``),
+    with the node's memory after warm-up and after the run recorded in ``memory``."""
+    async def call():
+        await client.call(APP, "echo", PAYLOAD)
+
+    # Make both slaves exist before measuring: a short burst grows the pool.
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(call)
+    figures = await measure_rr(
+        lambda: call, settings,
+        after_warmup=lambda: memory.__setitem__("after_warmup", _memory(node)))
+    memory["after_run"] = _memory(node)
+    return figures
 
 
 STREAM_CHUNK = 64 * 1024
@@ -174,18 +182,7 @@ async def native_server(settings: Settings, *, concurrency: int | None = None,
         memory: dict[str, Any] = {}
         async with RpcClient(address, timeout=10) as client:
             await client.wait_connected()
-
-            async def call():
-                await client.call(APP, "echo", PAYLOAD)
-
-            with trio.fail_after(20):   # grow the pool to both slaves first
-                async with trio.open_nursery() as nursery:
-                    for _ in range(8):
-                        nursery.start_soon(call)
-            figures = await measure_rr(
-                lambda: call, settings,
-                after_warmup=lambda: memory.__setitem__("after_warmup", _memory(node)))
-            memory["after_run"] = _memory(node)
+            figures = await _measure_echo(client, node, settings, memory)
     return figures, memory
 
 

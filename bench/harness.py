@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -155,6 +156,13 @@ async def measure_rr(make_call: Callable[[], Call], settings: Settings,
     rate, p50, p99 = await sequential(call, settings.seq_calls)
     tput = {k: await throughput(make_call, k, settings.duration) for k in settings.inflight}
     return RRFigures(rate, p50, p99, tput)
+
+
+def free_udp_port() -> int:
+    """A UDP port free on loopback now (discovery ports: one per run, so runs don't meet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- child processes -----------------------------------------------------------------

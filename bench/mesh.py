@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
 import trio
 
-from .harness import PAYLOAD, RRFigures, Settings, child_process, measure_rr, python_child
+from .harness import (PAYLOAD, RRFigures, Settings, child_process, free_udp_port, measure_rr,
+                      python_child)
 
 
 def available() -> str | None:
@@ -29,12 +29,6 @@ def available() -> str | None:
     return None
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _discovery(port: int):
     from transport.discovery import DiscoveryConfig
 
@@ -44,7 +38,7 @@ def _discovery(port: int):
 async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
     from transport.requester import Requester
 
-    port, key = _free_udp_port(), f"bench-{os.getpid()}"
+    port, key = free_udp_port(), f"bench-{os.getpid()}"
     memory: dict[str, float] = {}
     async with child_process(python_child("bench.servers", "mesh-responder",
                                           port, key)) as responder:
@@ -69,7 +63,7 @@ async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
 async def pubsub(settings: Settings) -> dict[str, Any]:
     from transport.pubsub import Subscriber
 
-    port, key = _free_udp_port(), f"bench-{os.getpid()}"
+    port, key = free_udp_port(), f"bench-{os.getpid()}"
     n = settings.pubsub_messages
     counts = {"received": 0, "first": 0.0, "last": 0.0}
     async with Subscriber("bench-sub", subscribes_to=["tick"], key=key,

@@ -19,8 +19,7 @@ from typing import Any
 
 import trio
 
-from .harness import Settings, child_process, measure_rr, python_child
-from .mesh import _free_udp_port
+from .harness import Settings, child_process, free_udp_port, measure_rr, python_child
 
 CLIENTS = 100
 CONNECTIONS = 8         # request callers share these: at most 256 / 8 in flight on each
@@ -69,7 +68,7 @@ class _WsCaller:
 async def sockend_bench(settings: Settings) -> dict[str, Any]:
     from trio_websocket import open_websocket_url
 
-    port, key = _free_udp_port(), f"bench-{os.getpid()}"
+    port, key = free_udp_port(), f"bench-{os.getpid()}"
     out: dict[str, Any] = {}
     async with child_process(python_child("bench.servers", "mesh-responder", port, key)), \
             child_process(python_child("bench.servers", "sockend", port, key)) as sockend:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from support import NodeProcess, start_node_process, stop_node
+from support import NodeProcess, free_udp_port, start_node_process, stop_node
+from transport.discovery import DiscoveryConfig
 
 
 @pytest.fixture
@@ -19,3 +20,11 @@ def start_node(tmp_path):
     yield start
     left = [p for node in started for p in stop_node(node)]
     assert not left, f"processes left behind after the node stopped: {left}"
+
+
+@pytest.fixture
+def disco():
+    """Mesh discovery confined to loopback on a port of this test's own, so tests
+    running side by side never see each other's components."""
+    return DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1",
+                           hello_interval=0.5, expiry=2.0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from support import free_udp_port
 from transport import (
     DiscoveryConfig, HandlerError, Publisher, QueueFull, RemoteError, Requester, Responder,
     Subscriber, TimeoutError_, register_error,
@@ -20,18 +21,6 @@ from transport.codec import Kind, encode_one
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def disco():
-    return DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1",
-                           hello_interval=0.5, expiry=2.0)
 
 
 def responder(disco, name="rep", types=("randomRequest",), reply=None, **kw):

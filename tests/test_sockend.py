@@ -20,7 +20,8 @@ from trio_websocket import (ConnectionClosed, ConnectionRejected, HandshakeError
 from sockend import EventOutbox, Sockend, SockendConfig, TransportMesh
 from sockend.http import resolve_static
 from sockend.protocol import SKIPPED_EVENT, BadFrame, BadPath, namespace_from_path, parse_request
-from transport import DiscoveryConfig, HandlerError, Publisher, Responder, TimeoutError_
+from support import free_udp_port
+from transport import HandlerError, Publisher, Responder, TimeoutError_
 
 # -- pure: the wire format -------------------------------------------------------------
 
@@ -341,18 +342,6 @@ async def test_a_failed_mesh_link_closes_its_browsers_with_1011_and_recovers():
 
 
 # -- the server against the real mesh on loopback ----------------------------------------------
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def disco():
-    return DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1",
-                           hello_interval=0.5, expiry=2.0)
-
 
 def random_responder(disco, namespace, tag):
     rep = Responder(f"rep-{tag}", namespace=namespace, responds_to=["randomRequest"], discovery=disco)
