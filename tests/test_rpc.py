@@ -229,3 +229,32 @@ async def test_reply_stream_says_whether_it_streamed(server):
             assert await chunks.__anext__() == {"i": 0}
             assert stream.streamed is True          # a one-chunk stream is still a stream
             await chunks.aclose()
+
+
+async def test_a_stream_left_early_runs_its_cleanup_at_once(nursery):
+    cleaned = trio.Event()
+    inflight_during_cleanup = []
+
+    async def endless(req):
+        async def items():
+            try:
+                while True:
+                    yield "tick"   # never awaits: the server waits for room instead
+            finally:
+                inflight_during_cleanup.append(srv.inflight)
+                cleaned.set()
+        return Stream(items())
+
+    # high_water 1: after every chunk the server waits for its writer, so the CANCEL
+    # lands in the server's wait, outside the generator
+    srv = RpcServer("tcp://127.0.0.1:0", endless, high_water=1)
+    await nursery.start(srv.run)
+    with trio.fail_after(10):
+        async with RpcClient(srv.address) as client:
+            async with client.stream("app", "ticks") as replies:
+                async for tick in replies:
+                    break          # the caller leaves: CANCEL goes to the server
+            await cleaned.wait()
+    # closed by the request's own worker, still counted in flight: not left to the
+    # garbage collector's finalizer, which would run it later, elsewhere
+    assert inflight_during_cleanup == [1]

@@ -278,10 +278,18 @@ class RpcServer:
         try:
             result = await self.handler(req)
             if isinstance(result, Stream):
-                async for item in result.items:
-                    self._emit(conn, Kind.CHUNK, req.sid, item)
-                    if self._queued >= self.high_water:
-                        await self._wait_room()
+                items = result.items
+                try:
+                    async for item in items:
+                        self._emit(conn, Kind.CHUNK, req.sid, item)
+                        if self._queued >= self.high_water:
+                            await self._wait_room()
+                finally:
+                    # A stream left early (CANCEL, the client gone) runs its cleanup now,
+                    # e.g. cancelling the job behind it, not whenever it is collected.
+                    aclose = getattr(items, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
                 self._emit(conn, Kind.CHOKE, req.sid, None)
             else:
                 self._emit(conn, Kind.RESULT, req.sid, result)
