@@ -73,7 +73,7 @@ async def test_server_reuses_workers_and_a_cancelled_request_only_ends_its_own(n
             while server.inflight:  # the CANCEL reached the sleeping worker
                 await trio.sleep(0.01)
             assert await client.call("t", "echo", "after") == "after"
-            assert all(w.req is None for w in server._idle)
+            assert all(w.work is None for w in server._idle)
 
 
 async def test_deadline_sweeper_expires_each_call_at_its_own_deadline(nursery):

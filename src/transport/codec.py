@@ -46,6 +46,20 @@ class Envelope(NamedTuple):
 
 
 _packer_opts = dict(use_bin_type=True)
+# One Packer reused for every envelope: ``msgpack.packb`` builds a new one per call,
+# which is over half its cost for a small envelope (0.72 against 0.30 µs here).  Safe
+# because packing never awaits (one trio thread) and a failed pack leaves it reset.  Its
+# buffer keeps the size of the largest value packed, so after a big one it is replaced.
+_packer = msgpack.Packer(**_packer_opts)
+_KEEP_PACKER_BELOW = 1 << 20
+
+
+def _pack(value: Any) -> bytes:
+    global _packer
+    packed = _packer.pack(value)
+    if len(packed) >= _KEEP_PACKER_BELOW:
+        _packer = msgpack.Packer(**_packer_opts)
+    return packed
 
 
 def encode(envelopes: Iterable[Envelope]) -> bytes:
@@ -68,7 +82,7 @@ def encode_envelope(kind: int, sid: int, body: Any = None) -> bytes:
     without packing them again (senders encode once, at the time they send, so a
     value msgpack cannot carry fails there, for that caller only)."""
     try:
-        return msgpack.packb((kind, sid, body), **_packer_opts)
+        return _pack((kind, sid, body))
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode: {exc}") from exc
 
@@ -88,23 +102,24 @@ def join_frame(packed: list[bytes]) -> bytes:
 
 def decode(frame: bytes) -> list[Envelope]:
     """Unpack one frame into envelopes, validating the outer shape."""
+    return [Envelope(*item) for item in decode_lists(frame)]
+
+
+def decode_lists(frame: bytes) -> list[list]:
+    """:func:`decode` for the hot paths: the same checks, but each envelope is left as
+    the ``[kind, sid, body]`` list msgpack made (unpack it like the tuple); building an
+    :class:`Envelope` per message costs as much as the unpacking itself."""
     try:
         items = msgpack.unpackb(frame, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types for garbage input
         raise CodecError(f"not a msgpack frame: {exc.__class__.__name__}: {exc}") from None
-    if not isinstance(items, list):
+    if type(items) is not list:
         raise CodecError(f"frame must be an array of envelopes, got {type(items).__name__}")
-    out = []
     for item in items:
-        if (
-            not isinstance(item, list)
-            or len(item) != 3
-            or type(item[0]) is not int
-            or type(item[1]) is not int
-        ):
+        if type(item) is not list or len(item) != 3 or type(item[0]) is not int \
+                or type(item[1]) is not int:
             raise CodecError(f"envelope must be [int kind, int sid, body], got {item!r:.120}")
-        out.append(Envelope(item[0], item[1], item[2]))
-    return out
+    return items
 
 
 def pack(value: Any) -> bytes:

@@ -1,14 +1,17 @@
 """``Outbox``: packed envelopes waiting for one writer task, sent as few frames as can be.
 
 Every sender in this package follows the same rule.  An envelope is packed once, when it
-is queued (:func:`codec.encode_envelope`).  When the writer is idle and the link takes a
-frame without blocking, that first envelope goes out at once, so a lone message pays no
-scheduler pass.  Whatever is queued after it waits for the writer, which first lets the
-tasks already runnable add theirs, then sends everything as frames of up to
-``MAX_BATCH`` envelopes: one system call and one wake-up of the peer instead of many.
+is queued (:func:`codec.encode_envelope`).  When nothing is queued and the link takes a
+frame without blocking, the envelope goes out at once: a lone message pays no scheduler
+pass, and the writer task is not woken for it either.  So that a burst does not become a
+system call per envelope, only one envelope per ``DIRECT_GAP`` goes out that way; the
+rest are queued for the writer, which first lets the tasks already runnable add theirs,
+then sends everything as frames of up to ``MAX_BATCH`` envelopes: one system call and one
+wake-up of the peer instead of many.
 """
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Callable, Iterator
 
 import trio
@@ -16,25 +19,36 @@ import trio
 from .codec import join_frame
 
 MAX_BATCH = 512  # envelopes per frame; keeps one frame's encode/decode short
+# s between direct writes: longer than the gap between two envelopes of one burst (a
+# few µs), shorter than a round trip to another process (~40 µs and up here), so lone
+# request/reply traffic always goes direct and bursts always batch.
+DIRECT_GAP = 20e-6
 
 
 class Outbox:
-    __slots__ = ("items", "_wakeup")
+    __slots__ = ("items", "held", "_wakeup", "_direct_at")
 
     def __init__(self) -> None:
         self.items: list[bytes] = []
+        # True while the sender knows more envelopes follow at once (a frame of many
+        # requests being answered, a batch of calls being started): nothing goes direct,
+        # so the whole burst leaves as one frame instead of the first alone + the rest.
+        self.held = False
         self._wakeup = trio.Event()
+        self._direct_at = -1.0  # perf_counter() of the last direct write
 
     def __len__(self) -> int:
         return len(self.items)
 
     def put(self, packed: bytes, try_send: Callable[[bytes], bool] | None = None) -> bool:
-        """Queue one packed envelope, or, when the writer is idle, write it at once
-        through ``try_send`` (which returns False if the link would block).  Returns
-        True if it was queued.  Whatever ``try_send`` raises propagates, nothing queued."""
-        if try_send is not None and not self.items and not self._wakeup.is_set():
-            if try_send(join_frame([packed])):
-                self._wakeup.set()  # later envelopes, until the writer runs, batch up
+        """Queue one packed envelope, or, when nothing is queued, write it at once
+        through ``try_send`` (which returns False if the link would block or the writer
+        is mid-frame).  Returns True if it was queued.  Whatever ``try_send`` raises
+        propagates, nothing queued."""
+        if try_send is not None and not self.items and not self.held:
+            now = perf_counter()
+            if now - self._direct_at >= DIRECT_GAP and try_send(join_frame([packed])):
+                self._direct_at = now
                 return False
         self.items.append(packed)
         self._wakeup.set()

@@ -21,7 +21,7 @@ import msgpack
 import pynng
 import trio
 
-from .codec import Kind
+from .codec import Kind, encode_envelope
 from .errors import CodecError, QueueFull
 from .mesh import Component, _names
 from .outbox import Outbox
@@ -29,7 +29,6 @@ from .peers import matches
 from .sockets import TrioSocket, bound_address
 
 log = logging.getLogger(__name__)
-_packb = msgpack.Packer(use_bin_type=True).pack
 
 
 class Publisher(Component):
@@ -63,9 +62,10 @@ class Publisher(Component):
             raise QueueFull(f"publisher {self.name!r} has {self.high_water} events queued")
         seq = self._seq + 1
         try:
-            packed = _packb((Kind.PUBLISH, seq, (topic, data, seq)))
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise CodecError(f"cannot encode event {topic!r}: {exc}") from None
+            packed = encode_envelope(Kind.PUBLISH, seq, (topic, data, seq))
+        except CodecError as exc:
+            reason = str(exc).removeprefix("cannot encode: ")
+            raise CodecError(f"cannot encode event {topic!r}: {reason}") from None
         self._seq = seq
         self._outbox.put(packed)
         self.stats["published"] += 1

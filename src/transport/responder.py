@@ -1,13 +1,18 @@
 """Responder: answers the request types it advertises, on an RpcServer.
 
-``@responder.on("user.*")`` registers an ``async def handler(req)`` where ``req`` is the
+``@responder.on("user.*")`` registers a handler ``handler(req)`` where ``req`` is the
 request as the Requester sent it (a dict with ``type``); the return value is the answer,
 a raised :class:`~transport.errors.RemoteError` keeps its code and ``retryable`` flag,
 anything else reaches the caller as a ``HandlerError``.
+
+The handler may be ``async def`` (it runs on a task and may await anything) or a plain
+``def``: that one runs where the request arrives, with no task and no scheduler pass,
+which is the fastest way to answer quick work, but it blocks the Responder while it
+runs, so keep it to computation that takes microseconds, not I/O.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import trio
 
@@ -16,7 +21,7 @@ from .mesh import Component, _names
 from .peers import matches
 from .rpc import Request, RpcServer
 
-Handler = Callable[[Any], Awaitable[Any]]
+Handler = Callable[[Any], Any]  # plain or async def
 
 
 class Responder(Component):
@@ -61,11 +66,12 @@ class Responder(Component):
             self._resolved[event] = fn
         return fn
 
-    async def _dispatch(self, req: Request) -> Any:
+    def _dispatch(self, req: Request) -> Any:
+        """A value (plain handler) or a coroutine the RpcServer awaits on a task."""
         fn = self._handler_for(req.event)
         if fn is None:
             raise UnknownEvent(f"responder {self.name!r} has no handler for {req.event!r}")
-        return await fn(req.payload)
+        return fn(req.payload)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         self.server = RpcServer(f"tcp://{self.bind}:0", self._dispatch,

@@ -11,24 +11,34 @@ nng Pair1 (any nng binding can talk to it; best-effort under overload).  Every f
   ``CHUNK item``… ``CHOKE``, or ``ERROR {code,type,message,retryable}``
   (a stream may also end with ``ERROR``).
 
-A handler is ``async def handler(req: Request) -> Any``: its return value is the
-``RESULT``; returning :class:`Stream` (any async iterable) streams ``CHUNK``s and a
-``CHOKE``; raising sends ``ERROR`` (a :class:`~transport.errors.RemoteError` keeps its
-code, anything else becomes a ``HandlerError`` with the exception's type and message).
+A handler is called as ``handler(req: Request)`` where the request arrives, and what it
+returns says how the answer is made:
+
+- a plain value is the ``RESULT``, sent at once: a plain ``def`` handler costs no task
+  and no scheduler pass (keep it quick: it runs on the connection's reader);
+- a coroutine (an ``async def`` handler) is awaited on a worker task, and its value is
+  answered the same way;
+- :class:`Stream` (any async iterable) streams ``CHUNK``s and a ``CHOKE``, on a worker;
+- :class:`Deferred`: the answer comes later from elsewhere (e.g. a job in a slave
+  pool), settled by a callback, with no task waiting for it.
+
+Raising sends ``ERROR`` (a :class:`~transport.errors.RemoteError` keeps its code,
+anything else becomes a ``HandlerError`` with the exception's type and message).
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, AsyncIterable, Awaitable, Callable, Protocol
+from types import CoroutineType
+from typing import Any, Awaitable, Callable
 
 import pynng
 import trio
 
-from .codec import Kind, decode, encode_envelope
+from .codec import Kind, decode_lists, encode_envelope
 from .errors import BadMessage, Closed, CodecError, QueueFull, TransportError, error_to_body
 from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
+from .rpc_handlers import _FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream
 from .sockets import TrioSocket, bound_address
 
 # Worker tasks kept parked for the next request once a burst is over (the rest end).
@@ -37,40 +47,11 @@ _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 
 
-class FrameGuard(Protocol):
-    """Optional frame authentication (the mesh's shared secret): ``seal`` wraps an
-    outgoing frame, ``open`` unwraps an incoming one or raises CodecError."""
-
-    def seal(self, frame: bytes) -> bytes: ...
-    def open(self, frame: bytes) -> bytes: ...
-
-
-@dataclass(slots=True)
-class Request:
-    sid: int
-    target: str
-    event: str
-    payload: Any
-    peer: int  # which client connection it came on
-
-
-class Stream:
-    """Return this from a handler to stream ``items`` as CHUNKs then CHOKE."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: AsyncIterable[Any]):
-        self.items = items
-
-
-Handler = Callable[[Request], Awaitable[Any]]
-
-
 class _Connection:
     """One client as the server sees it: its replies queue here until its writer
     task packs them into frames."""
 
-    __slots__ = ("id", "send", "try_send", "outbox", "running")
+    __slots__ = ("id", "send", "try_send", "outbox", "running", "deferred")
 
     def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
                  try_send: Callable[[bytes], bool] | None = None):
@@ -79,10 +60,12 @@ class _Connection:
         self.try_send = try_send  # writes a frame now if the link takes it without blocking
         self.outbox = Outbox()
         self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
+        self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
 
 
 class _Worker:
-    """A task that serves requests one after another.
+    """A task that finishes requests one after another: awaits a handler's coroutine,
+    or streams a :class:`Stream`.
 
     Spawning a task and opening a cancel scope for every request costs more than a
     quick handler itself (~8 + 5 µs here), so requests go to parked workers instead:
@@ -90,13 +73,14 @@ class _Worker:
     cancelling a request (CANCEL, or its client leaving) cancels the worker serving
     it, which ends after that request and is replaced on demand."""
 
-    __slots__ = ("task", "scope", "conn", "req")
+    __slots__ = ("task", "scope", "conn", "sid", "work")
 
-    def __init__(self, conn: _Connection, req: Request):
+    def __init__(self, conn: _Connection, sid: int, work: Any):
         self.task = None
         self.scope = trio.CancelScope()
         self.conn: _Connection | None = conn
-        self.req: Request | None = req
+        self.sid = sid
+        self.work: Any = work  # the coroutine or Stream to finish
 
 
 class RpcServer:
@@ -154,6 +138,10 @@ class RpcServer:
                     while True:
                         for frame in await stream.recv_many():
                             self._on_frame(conn, frame)
+                        if self._queued >= self.high_water:
+                            # Answers pile up faster than clients read them: stop
+                            # reading requests until they drain (TCP pushes back).
+                            await self._wait_room()
                 except (Closed, CodecError):
                     pass  # the client went away, or spoke garbage framing: drop it
                 nursery.cancel_scope.cancel()
@@ -207,6 +195,8 @@ class RpcServer:
             return
         for worker in conn.running.values():
             worker.scope.cancel()
+        for sid in list(conn.deferred):
+            self._cancel_deferred(conn, sid)
         self._queued -= conn.outbox.clear()
         conn.send = None  # tells its writer to stop
         conn.outbox.wake()
@@ -215,18 +205,25 @@ class RpcServer:
         try:
             if self.guard is not None:
                 frame = self.guard.open(frame)
-            envelopes = decode(frame)
+            envelopes = decode_lists(frame)
         except CodecError:
             self.bad_frames += 1
             return
-        for kind, sid, body in envelopes:
-            if kind == Kind.REQUEST:
-                self._on_request(conn, sid, body)
-            elif kind == Kind.CANCEL:
-                worker = conn.running.get(sid)
-                if worker is not None:
-                    worker.scope.cancel()
-            # other kinds from a client are meaningless: ignored, like unknown frames
+        # Answers to a frame of many requests leave together, as one frame.
+        conn.outbox.held = len(envelopes) > 1
+        try:
+            for kind, sid, body in envelopes:
+                if kind == Kind.REQUEST:
+                    self._on_request(conn, sid, body)
+                elif kind == Kind.CANCEL:
+                    worker = conn.running.get(sid)
+                    if worker is not None:
+                        worker.scope.cancel()
+                    elif sid in conn.deferred:
+                        self._cancel_deferred(conn, sid)
+                # other kinds from a client are meaningless: ignored, like unknown frames
+        finally:
+            conn.outbox.held = False
 
     def _on_request(self, conn: _Connection, sid: int, body: Any) -> None:
         if not (isinstance(body, list) and len(body) == 3 and isinstance(body[1], str)):
@@ -239,15 +236,65 @@ class RpcServer:
                 QueueFull(f"server has {self.max_inflight} requests in flight")))
             return
         target = body[0] if isinstance(body[0], str) else ""
-        req = Request(sid, target, body[1], body[2], conn.id)
         self._inflight += 1
+        try:
+            out = self.handler(Request(sid, target, body[1], body[2], conn.id))
+        except Exception as exc:  # the handler's failure is the caller's answer
+            self._answered(conn, sid, Kind.ERROR, error_to_body(exc), failed=True)
+            return
+        if type(out) is CoroutineType or isinstance(out, Stream):
+            self._to_worker(conn, sid, out)
+        elif isinstance(out, Deferred):
+            conn.deferred[sid] = out
+            out._bind(self, conn, sid)
+        elif hasattr(type(out), "__await__"):  # some other awaitable
+            self._to_worker(conn, sid, out)
+        else:
+            self._answered(conn, sid, Kind.RESULT, out)
+
+    def _answered(self, conn: _Connection, sid: int, kind: int, body: Any,
+                  failed: bool = False) -> None:
+        """A request finished without a worker: send its answer, count it."""
+        self._emit(conn, kind, sid, body)
+        if failed:
+            self.failed += 1
+        else:
+            self.served += 1
+        self._inflight -= 1
+        if not self._inflight:
+            self._room.set()
+
+    def _settled(self, conn: _Connection, sid: int, how: int, value: Any) -> None:
+        """A :class:`Deferred` got its answer."""
+        if conn.deferred.pop(sid, None) is None:
+            return  # its caller gave up meanwhile; that was counted then
+        if how == _RESOLVED:
+            self._answered(conn, sid, Kind.RESULT, value)
+        elif how == _FAILED:
+            self._answered(conn, sid, Kind.ERROR, error_to_body(value), failed=True)
+        else:
+            self._to_worker(conn, sid, Stream(value))
+
+    def _cancel_deferred(self, conn: _Connection, sid: int) -> None:
+        deferred = conn.deferred.pop(sid)
+        self._inflight -= 1
+        if not self._inflight:
+            self._room.set()
+        if deferred.on_cancel is not None:
+            try:
+                deferred.on_cancel()
+            except Exception:  # its owner's bug must not take the connection down
+                pass
+
+    def _to_worker(self, conn: _Connection, sid: int, work: Any) -> None:
+        """Finish ``work`` (a coroutine, an awaitable or a Stream) on a worker task."""
         if self._idle:
             worker = self._idle.pop()
-            worker.conn, worker.req = conn, req
+            worker.conn, worker.sid, worker.work = conn, sid, work
             conn.running[sid] = worker
             _reschedule(worker.task)
         else:
-            worker = conn.running[sid] = _Worker(conn, req)
+            worker = conn.running[sid] = _Worker(conn, sid, work)
             self._nursery.start_soon(self._work, worker)
 
     async def _work(self, worker: _Worker) -> None:
@@ -260,28 +307,28 @@ class RpcServer:
 
         with worker.scope:
             while True:
-                conn, req = worker.conn, worker.req
+                conn, sid, work = worker.conn, worker.sid, worker.work
                 try:
-                    await self._serve(conn, req)
+                    await self._finish(conn, sid, work)
                 finally:
-                    worker.conn = worker.req = None
+                    worker.conn = worker.work = None
                     self._inflight -= 1
-                    conn.running.pop(req.sid, None)
+                    conn.running.pop(sid, None)
                     if not self._inflight:
                         self._room.set()
                 if len(idle) >= MAX_IDLE_WORKERS:
                     return
                 idle.append(worker)
-                await _park(abort)  # until _on_request hands us the next one
+                await _park(abort)  # until _to_worker hands us the next one
 
-    async def _serve(self, conn: _Connection, req: Request) -> None:
+    async def _finish(self, conn: _Connection, sid: int, work: Any) -> None:
         try:
-            result = await self.handler(req)
+            result = work if isinstance(work, Stream) else await work
             if isinstance(result, Stream):
                 items = result.items
                 try:
                     async for item in items:
-                        self._emit(conn, Kind.CHUNK, req.sid, item)
+                        self._emit(conn, Kind.CHUNK, sid, item)
                         if self._queued >= self.high_water:
                             await self._wait_room()
                 finally:
@@ -290,15 +337,15 @@ class RpcServer:
                     aclose = getattr(items, "aclose", None)
                     if aclose is not None:
                         await aclose()
-                self._emit(conn, Kind.CHOKE, req.sid, None)
+                self._emit(conn, Kind.CHOKE, sid, None)
             else:
-                self._emit(conn, Kind.RESULT, req.sid, result)
+                self._emit(conn, Kind.RESULT, sid, result)
             self.served += 1
         except trio.Cancelled:
             raise
         except Exception as exc:  # the handler's failure is the caller's answer
             self.failed += 1
-            self._emit(conn, Kind.ERROR, req.sid, error_to_body(exc))
+            self._emit(conn, Kind.ERROR, sid, error_to_body(exc))
 
     def _emit(self, conn: _Connection, kind: int, sid: int, body: Any) -> None:
         if conn.send is None:
@@ -347,4 +394,5 @@ class RpcServer:
 
 from .rpc_client import ReplyStream, RpcClient  # noqa: E402  (the client half; re-exported)
 
-__all__ = ["FrameGuard", "Handler", "ReplyStream", "Request", "RpcClient", "RpcServer", "Stream"]
+__all__ = ["Deferred", "FrameGuard", "Handler", "ReplyStream", "Request", "RpcClient", "RpcServer",
+           "Stream"]

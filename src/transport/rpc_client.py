@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 import pynng
 import trio
 
-from .codec import Kind, decode, encode_envelope
+from .codec import Kind, decode_lists, encode_envelope
 from .errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
 from .links import connect_stream, is_stream, nng_url
 from .outbox import Outbox
@@ -30,23 +30,49 @@ RECONNECT_MIN = 0.01
 RECONNECT_MAX = 1.0
 
 
-class _Pending:
+class PendingCall:
     """The client side of one request: replies arrive here from the reader task.
 
-    The caller parks on the slot itself (trio's lowlevel park/reschedule) rather than on
-    a fresh ``trio.Event`` per wait: at tens of thousands of calls a second the Event
-    and its parking lot are a visible share of the cost."""
+    :meth:`RpcClient.start` returns one, so a caller can keep many requests in flight
+    from one task: ``while not call.done: await call.wait()``, then
+    :meth:`outcome`.  The caller parks on the call itself (trio's lowlevel
+    park/reschedule) rather than on a fresh ``trio.Event`` per wait: at tens of
+    thousands of calls a second the Event and its parking lot are a visible share of
+    the cost."""
 
-    __slots__ = ("items", "done", "error", "streamed", "waiter", "deadline", "expired")
+    __slots__ = ("items", "done", "error", "streamed", "waiter", "deadline", "expired",
+                 "client", "sid", "event", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, client: "RpcClient", sid: int, event: str) -> None:
         self.items: deque[Any] = deque()
         self.done = False
         self.error: RemoteError | None = None
         self.streamed = False
         self.waiter = None              # the task parked in wait(), if any
         self.deadline = _INF            # when the deadline sweeper gives up on it
-        self.expired = False            # the sweeper gave up (call() raises TimeoutError_)
+        self.expired = False            # the sweeper gave up (outcome() raises TimeoutError_)
+        self.client = client
+        self.sid = sid
+        self.event = event
+        self.limit = _INF
+
+    def outcome(self) -> Any:
+        """The answer of a finished call: the RESULT value, or the list of chunks of a
+        streamed reply; raises its error, or TimeoutError_ if it expired."""
+        if self.expired:
+            raise TimeoutError_(f"no answer to {self.event!r} from {self.client.address} "
+                                f"within {self.limit:g} s")
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            raise RuntimeError("outcome() of a call still in flight")
+        return list(self.items) if self.streamed else self.items[0]
+
+    def cancel(self) -> None:
+        """Give up on it: the server is told to stop and the call is forgotten (it will
+        not finish, so nobody should wait on it after this)."""
+        if not self.done:
+            self.client._abandon(self.sid)
 
     def push(self, kind: int, body: Any) -> bool:
         """Record one reply envelope; True when the request is finished."""
@@ -109,7 +135,7 @@ class RpcClient(Service):
         self.default_timeout = timeout
         self.guard = guard
         self._sids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, PendingCall] = {}
         self._outbox = Outbox()
         self._link = None          # what frames are sent through while connected
         self._connected = trio.Event()
@@ -216,7 +242,7 @@ class RpcClient(Service):
         try:
             if self.guard is not None:
                 frame = self.guard.open(frame)
-            envelopes = decode(frame)
+            envelopes = decode_lists(frame)
         except CodecError:
             return  # a corrupt frame answers nobody; its callers time out
         pending = self._pending
@@ -266,7 +292,7 @@ class RpcClient(Service):
                     self._abandon(sid)  # tells the server to stop working on it
                     slot.expire()
 
-    def _set_deadline(self, slot: _Pending, limit: float) -> None:
+    def _set_deadline(self, slot: PendingCall, limit: float) -> None:
         self._last_limit = limit
         slot.deadline = deadline = trio.current_time() + limit
         if deadline < self._next_deadline:
@@ -274,7 +300,7 @@ class RpcClient(Service):
             self._sweeper_wakeup.set()
 
     # -- calls ----------------------------------------------------------------------
-    def _start(self, target: str, event: str, payload: Any) -> tuple[int, _Pending]:
+    def _start(self, target: str, event: str, payload: Any) -> tuple[int, PendingCall]:
         if self._closed or not self._running:
             raise Closed(f"client to {self.address} is not running")
         sid = next(self._sids)
@@ -282,7 +308,7 @@ class RpcClient(Service):
             env = encode_envelope(Kind.REQUEST, sid, (target, event, payload))
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
-        slot = self._pending[sid] = _Pending()
+        slot = self._pending[sid] = PendingCall(self, sid, event)
         # A lone request goes out at once: one scheduler pass less of latency (not
         # through a guard, which seals whole frames).
         try_send = getattr(self._link, "try_send_nowait", None) if self.guard is None else None
@@ -300,28 +326,37 @@ class RpcClient(Service):
         t = self.default_timeout if timeout is None else timeout
         return float("inf") if t is None else t
 
-    async def call(self, target: str, event: str, payload: Any = None, *,
-                   timeout: float | None = None) -> Any:
-        """One request; the RESULT value, or the list of chunks of a streamed reply."""
+    def hold(self, held: bool) -> None:
+        """While held, started requests queue for the writer instead of the first going
+        out alone: a caller starting a batch holds, starts them all, releases, and the
+        batch leaves as one frame."""
+        self._outbox.held = held
+
+    def start(self, target: str, event: str, payload: Any = None, *,
+              timeout: float | None = None) -> PendingCall:
+        """Send one request and return at once: many can be in flight from one task
+        (see :class:`PendingCall`).  Raises what :meth:`call` raises before sending."""
         sid, slot = self._start(target, event, payload)
-        limit = self._timeout(timeout)
+        slot.limit = limit = self._timeout(timeout)
         if limit != _INF:
             if limit <= 0 or math.isnan(limit):
                 slot.expire()
                 self._abandon(sid)
             else:
                 self._set_deadline(slot, limit)
+        return slot
+
+    async def call(self, target: str, event: str, payload: Any = None, *,
+                   timeout: float | None = None) -> Any:
+        """One request; the RESULT value, or the list of chunks of a streamed reply."""
+        slot = self.start(target, event, payload, timeout=timeout)
         try:
             while not slot.done:
                 await slot.wait()
         finally:
             if not slot.done:  # cancelled while waiting
-                self._abandon(sid)
-        if slot.expired:
-            raise TimeoutError_(f"no answer to {target}/{event} from {self.address} within {limit:g} s")
-        if slot.error is not None:
-            raise slot.error
-        return list(slot.items) if slot.streamed else slot.items[0]
+                self._abandon(slot.sid)
+        return slot.outcome()
 
     def stream(self, target: str, event: str, payload: Any = None, *,
                timeout: float | None = None) -> "ReplyStream":
@@ -339,7 +374,7 @@ class ReplyStream:
         self._args = (target, event, payload)
         self._timeout = timeout
         self._sid: int | None = None
-        self._slot: _Pending | None = None
+        self._slot: PendingCall | None = None
 
     async def __aenter__(self) -> "ReplyStream":
         return self

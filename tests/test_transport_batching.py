@@ -1,0 +1,262 @@
+"""What makes many small requests cheap (issue 6): plain handlers answered inline,
+Deferred answers, Requester.send_many, held outboxes and the shared packer."""
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import msgpack
+import pytest
+import trio
+
+from transport import codec
+from transport.codec import Kind, decode, decode_lists, encode_envelope, join_frame
+from transport.errors import BadMessage, CodecError, HandlerError, QueueFull, TimeoutError_
+from transport.outbox import Outbox
+from transport.requester import Requester
+from transport.responder import Responder
+from transport.rpc import Deferred, RpcClient, RpcServer, Stream
+
+
+# -- RpcServer: what a handler returns decides how it is answered ----------------------
+
+def plain(req):
+    if req.event == "boom":
+        raise ValueError("plain boom")
+    return {"echo": req.payload}
+
+
+async def test_plain_handler_is_answered_inline_without_a_worker_task(nursery):
+    server = RpcServer("tcp://127.0.0.1:0", plain)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            results = {}
+
+            async def call(i):
+                results[i] = await client.call("t", "echo", i)
+
+            async with trio.open_nursery() as calls:
+                for i in range(50):
+                    calls.start_soon(call, i)
+            assert results == {i: {"echo": i} for i in range(50)}
+            with pytest.raises(HandlerError) as err:
+                await client.call("t", "boom")
+            assert err.value.type == "ValueError" and "plain boom" in str(err.value)
+    # No worker task was ever needed: an async handler would leave one parked.
+    assert server._idle == [] and server.inflight == 0
+    assert (server.served, server.failed) == (50, 1)
+
+
+async def test_deferred_answers_resolve_fail_stream_and_settle_early(nursery):
+    waiting: dict[str, Deferred] = {}
+
+    def handler(req):
+        deferred = Deferred()
+        if req.event == "early":
+            deferred.resolve("settled before the handler returned")
+        else:
+            waiting[req.event] = deferred
+        return deferred
+
+    async def chunks():
+        for i in range(3):
+            yield i
+
+    server = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            assert await client.call("t", "early") == "settled before the handler returned"
+            got = {}
+
+            async def call(event):
+                try:
+                    got[event] = await client.call("t", event)
+                except QueueFull as exc:
+                    got[event] = exc
+
+            async with trio.open_nursery() as calls:
+                for event in ("value", "error", "stream"):
+                    calls.start_soon(call, event)
+                while len(waiting) < 3:
+                    await trio.sleep(0.01)
+                assert server.inflight == 3 and got == {}  # nobody waits on a task for them
+                waiting["value"].resolve(42)
+                waiting["value"].resolve(43)  # a second settlement is ignored
+                waiting["error"].fail(QueueFull("full, try later"))
+                waiting["stream"].stream(chunks())
+            assert got["value"] == 42 and got["stream"] == [0, 1, 2]
+            assert isinstance(got["error"], QueueFull) and got["error"].retryable
+    assert server.inflight == 0
+
+
+async def test_a_caller_giving_up_cancels_its_deferred(nursery):
+    cancelled = trio.Event()
+    deferreds = []
+
+    def handler(req):
+        deferreds.append(Deferred(on_cancel=cancelled.set))
+        if req.event == "now":
+            deferreds[-1].resolve("now")
+        return deferreds[-1]
+
+    server = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            with pytest.raises(TimeoutError_):
+                await client.call("t", "slow", timeout=0.1)
+            await cancelled.wait()   # the CANCEL reached the deferred's owner
+            assert server.inflight == 0
+            deferreds[0].resolve("too late")  # ignored: nobody to answer
+            assert await client.call("t", "now") == "now"
+    assert server.inflight == 0 and server.served == 1
+
+
+# -- Requester.send_many --------------------------------------------------------------
+
+def watched_responder(disco, *, window_seen: list[int], delay: float = 0.0):
+    rep = Responder("rep", responds_to=["work"], discovery=disco)
+    running = [0]
+
+    @rep.on("work")
+    async def work(req):
+        running[0] += 1
+        window_seen.append(running[0])
+        try:
+            await trio.sleep(delay)
+            if req.get("fail"):
+                raise QueueFull("refused on purpose")  # retryable, but every try fails
+            if req.get("bad"):
+                raise ValueError("bad input")
+            return req["n"] * 2
+        finally:
+            running[0] -= 1
+
+    return rep
+
+
+async def test_send_many_answers_in_order_with_at_most_window_in_flight(disco):
+    seen: list[int] = []
+    async with watched_responder(disco, window_seen=seen, delay=0.001) as rep, \
+            Requester("req", requests=["work"], discovery=disco) as rq:
+        with trio.fail_after(20):
+            answers = [a async for a in rq.send_many(({"type": "work", "n": n} for n in range(300)),
+                                                     window=20)]
+    assert answers == [n * 2 for n in range(300)]
+    assert max(seen) <= 20 and max(seen) >= 10   # the window is used, never exceeded
+    assert rq.outstanding == 0 and rq.stats["answered"] == 300
+    assert rep.server.inflight == 0
+
+
+async def test_send_many_errors_in_place_or_raised_and_leaving_early_cancels(disco):
+    seen: list[int] = []
+    async with watched_responder(disco, window_seen=seen, delay=0.0) as rep, \
+            Requester("req", requests=["work"], discovery=disco, retries=1) as rq:
+        with trio.fail_after(20):
+            requests = [{"type": "work", "n": 1}, {"type": "work", "n": 2, "bad": True},
+                        {"type": "work", "n": 3}, {"type": "work", "n": 4, "payload": object()}]
+            answers = [a async for a in rq.send_many(requests, return_exceptions=True)]
+            assert answers[0] == 2 and answers[2] == 6
+            assert isinstance(answers[1], HandlerError) and answers[1].type == "ValueError"
+            assert isinstance(answers[3], BadMessage)  # could not even be encoded
+            with pytest.raises(HandlerError):
+                async for _ in rq.send_many(requests):
+                    pass
+            # A retryable failure goes through send()'s retries before it is given up.
+            with pytest.raises(QueueFull):
+                async for _ in rq.send_many([{"type": "work", "n": 0, "fail": True}]):
+                    pass
+            assert rq.stats["retried"] >= 1
+
+        with trio.fail_after(20):
+            got = []
+            async with aclosing(rq.send_many(({"type": "work", "n": n} for n in range(10_000)),
+                                             window=50)) as answers:
+                async for answer in answers:
+                    got.append(answer)
+                    if len(got) == 5:
+                        break
+            assert got == [0, 2, 4, 6, 8]
+            assert rq.outstanding == 0   # the rest were given up at once
+            while rep.server.inflight:   # and the Responder was told to stop them
+                await trio.sleep(0.01)
+
+
+async def test_send_many_waits_for_a_responder_like_send(disco):
+    async with Requester("req", requests=["work"], discovery=disco) as rq:
+        answers = []
+
+        async def consume():
+            async for answer in rq.send_many([{"type": "work", "n": 5}], timeout=10):
+                answers.append(answer)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await trio.sleep(0.2)        # no Responder yet: the request waits
+                async with watched_responder(disco, window_seen=[]):
+                    while not answers:
+                        await trio.sleep(0.01)
+    assert answers == [10]
+
+
+# -- outbox and codec ---------------------------------------------------------------
+
+async def test_outbox_sends_one_envelope_direct_and_batches_a_burst():
+    sent = []
+
+    def try_send(frame):
+        sent.append(frame)
+        return True
+
+    box = Outbox()
+    assert box.put(b"\x01", try_send) is False      # alone: written at once
+    assert box.put(b"\x02", try_send) is True       # right after: queued for the writer
+    assert box.put(b"\x03", try_send) is True
+    assert sent == [join_frame([b"\x01"])]
+    assert [frame for frame, _ in box.frames()] == [join_frame([b"\x02", b"\x03"])]
+    await trio.sleep(0.001)                          # quiet again: the next goes direct
+    assert box.put(b"\x04", try_send) is False
+    box.held = True                                  # a burst is being assembled
+    await trio.sleep(0.001)
+    assert box.put(b"\x05", try_send) is True
+    assert len(sent) == 2
+
+
+def test_shared_packer_recovers_from_errors_and_big_values():
+    good = encode_envelope(Kind.RESULT, 7, {"a": [1, b"x"]})
+    with pytest.raises(CodecError):
+        encode_envelope(Kind.RESULT, 8, {"a": object()})
+    assert encode_envelope(Kind.RESULT, 7, {"a": [1, b"x"]}) == good  # nothing left over
+    packer = codec._packer
+    big = encode_envelope(Kind.CHUNK, 1, b"z" * (2 << 20))
+    assert msgpack.unpackb(big) == [Kind.CHUNK, 1, b"z" * (2 << 20)]
+    assert codec._packer is not packer  # its grown buffer was let go
+    assert encode_envelope(Kind.RESULT, 7, {"a": [1, b"x"]}) == good
+
+
+@pytest.mark.parametrize("frame", [
+    join_frame([encode_envelope(Kind.REQUEST, 1, ["t", "e", None]), encode_envelope(Kind.CANCEL, 1)]),
+    msgpack.packb([[1, 2]]), msgpack.packb({"a": 1}), msgpack.packb([[1, "x", 3]]), b"\xc1",
+])
+def test_decode_lists_checks_what_decode_checks(frame):
+    try:
+        expected = decode(frame)
+    except CodecError:
+        with pytest.raises(CodecError):
+            decode_lists(frame)
+    else:
+        assert [tuple(env) for env in decode_lists(frame)] == expected
+
+
+async def test_stream_returned_by_a_plain_handler_goes_to_a_worker(nursery):
+    async def items():
+        for i in range(4):
+            yield i
+
+    server = RpcServer("tcp://127.0.0.1:0", lambda req: Stream(items()))
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            assert [c async for c in client.stream("t", "s")] == [0, 1, 2, 3]
