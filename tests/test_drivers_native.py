@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from transport.errors import HandlerError, QueueFull
+from transport.errors import HandlerError, QueueFull, TimeoutError_
 from transport.rpc import RpcClient
 
 from engine.drivers.native import NativeServer, NativeSink
@@ -65,6 +65,27 @@ async def test_native_server_queue_full_and_no_endpoint():
         assert bare.info()["endpoint"] == "(node control)"
         nursery.cancel_scope.cancel()
     assert driver.stats.skipped == 1
+
+
+async def test_native_server_answers_from_the_job_and_a_caller_giving_up_cancels_it():
+    async def slow(event, payload):
+        await trio.sleep(payload)
+        return payload
+    app = FakeApp(slow)
+    driver = make(NativeServer, endpoint="tcp://127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(driver.run, app)
+        with trio.fail_after(15):
+            async with RpcClient(address, timeout=10) as client:
+                assert await client.call("a", "b", 0) == 0
+                with pytest.raises(TimeoutError_):
+                    await client.call("a", "b", 30, timeout=0.2)
+                while not app.submitted[1].cancelled:  # the CANCEL reached the job
+                    await trio.sleep(0.01)
+                assert driver.server.inflight == 0
+                assert driver.server._idle == []  # answered from callbacks: no worker task
+        nursery.cancel_scope.cancel()
+    assert app.submitted[0].cancelled is False
 
 
 async def test_native_sink_acks_and_publishes():

@@ -30,6 +30,22 @@ class FakeJob:
     def cancel(self):
         self.cancelled = True
 
+    # The callback side of engine.job.Job (the control endpoint answers through it):
+    # this fake knows its outcome at once.
+    @property
+    def error(self):
+        if self.event in ("echo", "count"):
+            return None
+        return HandlerError(f"no handler for {self.event}", type="UnknownEvent")
+
+    def result_nowait(self):
+        if self.error is not None:
+            raise self.error
+        return self.payload
+
+    def add_reply_callback(self, fn):
+        fn(self)
+
     async def __aiter__(self):
         await trio.sleep(0)
         if self.event == "echo":

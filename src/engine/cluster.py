@@ -437,11 +437,11 @@ class ClusterControlHandler(ControlHandler):
     """The control handler of a clustered node: app requests go through
     :meth:`Cluster.serve`; node verbs as usual."""
 
-    async def __call__(self, req: Request) -> Any:
+    def __call__(self, req: Request) -> Any:
         cluster = getattr(self.node, "cluster", None)
         if req.target == "" or cluster is None:
-            return await super().__call__(req)
-        return await cluster.serve(req.target, req.event, req.payload)
+            return super().__call__(req)
+        return cluster.serve(req.target, req.event, req.payload)  # a coroutine: on a task
 
 
 from . import cluster_commands  # noqa: E402,F401  (registers the cluster.* verbs)

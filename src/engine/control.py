@@ -20,7 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from transport.errors import BadMessage, UnknownEvent
-from transport.rpc import Request, Stream
+from transport.rpc import Deferred, Request, Stream
 
 if TYPE_CHECKING:
     from .node import Node
@@ -50,15 +50,44 @@ class ControlHandler:
         self.node = node
         _load_verb_modules()
 
-    async def __call__(self, req: Request) -> Any:
+    def __call__(self, req: Request) -> Any:
+        """A verb's coroutine (the RpcServer runs it on a task), or an app job's
+        :func:`reply_later` (answered from the pool, no task)."""
         if req.target == "":
             fn = VERBS.get(req.event)
             if fn is None:
                 raise UnknownEvent(f"no node verb {req.event!r} (verbs: {', '.join(sorted(VERBS))})")
-            return await fn(self.node, req.payload)
+            return fn(self.node, req.payload)
         app = self.node.get(req.target)
-        job = app.submit(req.event, req.payload)
-        return await answer(job)
+        return reply_later(app.submit(req.event, req.payload))
+
+
+def reply_later(job: Any) -> Deferred:
+    """A job's reply as an RpcServer :class:`Deferred`: a single value or an error is
+    answered from the job's reply callback, inside the pool's bookkeeping, so a
+    request costs no task and no scheduler pass on its way back; a streamed reply
+    goes to a worker task from its first chunk on (as :func:`answer` streams it).  A
+    caller that gives up cancels the job."""
+    deferred = Deferred(on_cancel=job.cancel)
+
+    def on_reply(job: Any) -> None:
+        if job.streaming:
+            deferred.stream(_follow(job))
+        elif job.error is not None:
+            deferred.fail(job.error)
+        else:
+            deferred.resolve(job.result_nowait())
+
+    job.add_reply_callback(on_reply)
+    return deferred
+
+
+async def _follow(job: Any) -> AsyncIterator[Any]:
+    try:
+        async for chunk in job:
+            yield chunk
+    finally:
+        _cancel(job)  # the caller left early (CANCEL, disconnect): free the slave's slot
 
 
 async def answer(job: Any) -> Any:

@@ -3,8 +3,10 @@
 ``await job.result()`` gives the single value, or the list of chunks of a streamed
 reply; ``async for chunk in job`` takes chunks as they arrive.  Taking chunks grants
 the slave credit to send more (see the stream window in docs/protocol.md).
-``job.add_done_callback(fn)`` runs ``fn(job)`` once the job is answered, for code that
-wants the outcome without a task waiting on it.
+``job.add_done_callback(fn)`` runs ``fn(job)`` once the job is answered, and
+``job.add_reply_callback(fn)`` once its first reply is there (a chunk, or the answer), for
+code that wants the outcome without a task waiting on it (the native-server driver
+answers its clients that way).
 
 Hot path: a job is created and answered tens of thousands of times a second, so
 waiters park directly on the job (one reschedule to wake them) instead of on a
@@ -36,7 +38,7 @@ _ABORTED = trio.lowlevel.Abort.SUCCEEDED
 class Job:
     __slots__ = ("id", "event", "payload", "streaming", "submitted_at", "finished_at",
                  "_items", "_value", "_value_taken", "_error", "_done", "_waiters",
-                 "_callbacks", "_pool", "_taken", "_collected")
+                 "_callbacks", "_on_reply", "_pool", "_taken", "_collected")
 
     def __init__(self, id: int, event: str, payload: Any, submitted_at: float,
                  pool: "SlavePool | None" = None):
@@ -53,6 +55,7 @@ class Job:
         self._done = False
         self._waiters: list | None = None    # tasks parked in _wait()
         self._callbacks: list | None = None  # add_done_callback()
+        self._on_reply: list | None = None   # add_reply_callback(), until the first reply
         self._pool = pool
         self._taken = 0                      # chunks consumed and not yet granted back as credit
         self._collected: list | None = None  # result()'s list of a streamed reply
@@ -64,6 +67,22 @@ class Job:
     @property
     def done(self) -> bool:
         return self._done
+
+    @property
+    def error(self) -> RemoteError | None:
+        """Why the job failed, once it has (None while pending or if it succeeded)."""
+        return self._error
+
+    def result_nowait(self) -> Any:
+        """The single value of a job answered without streaming; raises its error.
+        For a streamed reply use ``async for`` (its chunks are not kept here)."""
+        if not self._done:
+            raise RuntimeError(f"{self!r} is not answered yet")
+        if self._error is not None:
+            raise self._error
+        if self.streaming:
+            raise RuntimeError(f"{self!r} streamed its reply: iterate it instead")
+        return self._value
 
     @property
     def buffered(self) -> int:
@@ -112,6 +131,17 @@ class Job:
             self._callbacks = [fn]
         else:
             self._callbacks.append(fn)
+
+    def add_reply_callback(self, fn: Callable[["Job"], Any]) -> None:
+        """Call ``fn(job)`` once, when the first reply arrives: the first chunk of a
+        streamed reply (``job.streaming`` is then True) or the answer, whichever comes
+        first (at once if one has).  Same rules as :meth:`add_done_callback`."""
+        if self._done or self.streaming:
+            _call_back(fn, self)
+        elif self._on_reply is None:
+            self._on_reply = [fn]
+        else:
+            self._on_reply.append(fn)
 
     def __aiter__(self) -> "Job":
         return self
@@ -168,6 +198,8 @@ class Job:
             self._items = deque()
         self._items.append(value)
         self._wake()
+        if self._on_reply:
+            self._replied()
         return True
 
     def _finish(self, value: Any, streamed: bool, now: float) -> bool:
@@ -192,8 +224,15 @@ class Job:
         self._answered()
         return True
 
+    def _replied(self) -> None:
+        callbacks, self._on_reply = self._on_reply, None
+        for fn in callbacks:
+            _call_back(fn, self)
+
     def _answered(self) -> None:
         self._wake()
+        if self._on_reply:
+            self._replied()
         callbacks = self._callbacks
         if callbacks:
             self._callbacks = None

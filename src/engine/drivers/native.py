@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from transport.errors import RemoteError, TransportError
+from transport.errors import TransportError
 from transport.rpc import Request, RpcServer
 
 from ..errors import DriverError
@@ -79,23 +79,26 @@ class NativeServer:
         return NativeOptions(endpoint=_endpoint(raw, ctx, required=False))
 
     async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from ..control import answer  # streams a job's chunks as the RpcServer wants
+        from ..control import reply_later  # answers from the job's callbacks, no task
 
-        async def handle(req: Request) -> Any:
-            self.stats.ticks += 1
+        stats = self.stats
+
+        def count(job) -> None:
+            if job.error is None:
+                stats.done += 1
+            else:
+                stats.failed(job.error)
+
+        def handle(req: Request) -> Any:
+            stats.ticks += 1
             try:
                 job = app.submit(self.spec.emit, req.payload)
             except NO_ROOM:
-                self.stats.skipped += 1
+                stats.skipped += 1
                 raise
-            self.stats.submitted += 1
-            try:
-                reply = await answer(job)
-            except RemoteError as exc:
-                self.stats.failed(exc)
-                raise
-            self.stats.done += 1
-            return reply
+            stats.submitted += 1
+            job.add_done_callback(count)
+            return reply_later(job)
 
         if self.options.endpoint is None:
             task_status.started(None)

@@ -3,7 +3,9 @@
 ``FakeApp(handler, queue_limit)`` has the driver-facing surface of
 :class:`engine.app.App`: ``name``, ``submit(event, payload) -> job`` (sync; raises
 ``QueueFull`` past ``queue_limit`` jobs not yet finished), jobs with
-``await job.result()`` and ``async for chunk in job``, and ``publish(topic, value)``.
+``await job.result()``, ``async for chunk in job``, ``cancel()`` and the callback side of
+:class:`engine.job.Job` (``add_reply_callback``, ``add_done_callback``, ``error``,
+``result_nowait()``), and ``publish(topic, value)``.
 ``handler(event, payload)`` is an async function (one value) or an async generator
 function (a streamed reply); what it raises reaches the driver as a RemoteError.
 """
@@ -30,6 +32,43 @@ class FakeJob:
         self._new_chunk = trio.Event()
         # Like the pool's Job: whether the reply is a stream of chunks.
         self.streaming = inspect.isasyncgenfunction(app.handler)
+        self.cancelled = False
+        self._on_reply: list[Callable] = []
+        self._on_done: list[Callable] = []
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def error(self) -> RemoteError | None:
+        return self._error
+
+    def result_nowait(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def add_reply_callback(self, fn: Callable) -> None:
+        if self._chunks or self.done:
+            fn(self)
+        else:
+            self._on_reply.append(fn)
+
+    def add_done_callback(self, fn: Callable) -> None:
+        if self.done:
+            fn(self)
+        else:
+            self._on_done.append(fn)
+
+    def _call(self, callbacks: list[Callable]) -> None:
+        pending = list(callbacks)
+        callbacks.clear()
+        for fn in pending:
+            fn(self)
 
     async def _run(self) -> None:
         handler = self.app.handler
@@ -39,6 +78,7 @@ class FakeJob:
                     self._chunks.append(chunk)
                     self._new_chunk.set()
                     self._new_chunk = trio.Event()
+                    self._call(self._on_reply)
                 self._value = list(self._chunks)
             else:
                 self._value = await handler(self.event, self.payload)
@@ -54,6 +94,8 @@ class FakeJob:
             self.app.finished.append(self)
             self._done.set()
             self._new_chunk.set()
+            self._call(self._on_reply)
+            self._call(self._on_done)
 
     async def result(self) -> Any:
         await self._done.wait()

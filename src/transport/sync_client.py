@@ -1,0 +1,191 @@
+"""A blocking client of an :class:`~transport.rpc.RpcServer`, for code that does not run
+trio: scripts, threads, WSGI apps calling into the engine.
+
+```python
+from transport.sync_client import SyncRpcClient
+
+with SyncRpcClient("tcp://127.0.0.1:9300", timeout=5) as node:      # a node's control endpoint
+    node.call("echo", "echo", {"hello": 1})
+    for chunk in node.stream("echo", "count", {"n": 3}):
+        print(chunk)
+```
+
+It speaks the same frames as :class:`~transport.rpc.RpcClient` (docs/protocol.md) over
+``tcp://`` and ``ipc://`` (``unix://``) addresses, so it reaches the control endpoint,
+a ``native-server`` driver and a mesh Responder without a secret.  One request at a time
+per client (calls from several threads take turns); a request that times out is
+cancelled on the server and its late answer is skipped.  When the connection drops the
+call fails with :class:`~transport.errors.Unreachable` and the next call reconnects.
+
+No scheduler sits between the caller and the socket: a sequential round trip costs one
+``send`` and one blocking ``recv``, which is the cheapest way to make one request at a
+time (use the trio client for many in flight).
+"""
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any, Iterator
+
+from .codec import Kind, decode_lists, encode_envelope, join_frame
+from .errors import BadMessage, CodecError, TimeoutError_, TransportError, Unreachable, body_to_error
+from .links import _split_host_port, _unix_path
+from .streams import MAX_FRAME
+
+_HEADER = struct.Struct(">I")
+_END = (Kind.RESULT, Kind.CHOKE, Kind.ERROR)
+
+
+class SyncRpcClient:
+    def __init__(self, address: str, *, timeout: float | None = None):
+        if address.startswith("tcp://"):
+            self._family, self._target = socket.AF_INET, _split_host_port(address, "tcp://")
+        elif address.startswith(("ipc://", "unix://")):
+            self._family, self._target = socket.AF_UNIX, _unix_path(address)
+        else:
+            raise TransportError(f"{address!r}: SyncRpcClient speaks tcp:// and ipc:// only")
+        self.address = address
+        self.default_timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._frames: deque[list] = deque()  # envelopes read but not yet looked at
+        self._sids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "SyncRpcClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer.clear()
+        self._frames.clear()
+
+    # -- calls --------------------------------------------------------------------------
+    def call(self, target: str, event: str, payload: Any = None, *,
+             timeout: float | None = None) -> Any:
+        """The RESULT value, or the list of chunks of a streamed reply."""
+        chunks = []
+        with self._lock:
+            for kind, body in self._exchange(target, event, payload, timeout):
+                if kind == Kind.RESULT:
+                    return body
+                if kind == Kind.CHUNK:
+                    chunks.append(body)
+        return chunks  # the stream ended with CHOKE
+
+    def stream(self, target: str, event: str, payload: Any = None, *,
+               timeout: float | None = None) -> Iterator[Any]:
+        """Chunks as they arrive (a RESULT is one chunk); ``timeout`` bounds the wait
+        for each.  Leaving the loop early cancels the request on the server."""
+        with self._lock:
+            for kind, body in self._exchange(target, event, payload, timeout, per_reply=True):
+                if kind != Kind.CHOKE:
+                    yield body
+
+    def _exchange(self, target: str, event: str, payload: Any, timeout: float | None,
+                  per_reply: bool = False) -> Iterator[tuple[int, Any]]:
+        """Send one REQUEST and yield its replies ``(kind, body)`` up to the last; an
+        ERROR is raised.  Abandoned early (timeout, the caller left), it sends CANCEL."""
+        limit = self.default_timeout if timeout is None else timeout
+        sid = next(self._sids)
+        try:
+            request = encode_envelope(Kind.REQUEST, sid, (target, event, payload))
+        except CodecError as exc:
+            raise BadMessage(f"request payload cannot be encoded: {exc}") from None
+        self._send(join_frame([request]))
+        deadline = None if limit is None else time.monotonic() + limit
+        finished = False
+        try:
+            while True:
+                kind, body = self._next_reply(sid, deadline, event)
+                if kind == Kind.ERROR:
+                    finished = True
+                    raise body_to_error(body)
+                finished = kind in _END
+                yield kind, body
+                if finished:
+                    return
+                if per_reply and limit is not None:
+                    deadline = time.monotonic() + limit
+        finally:
+            if not finished and self._sock is not None:
+                try:
+                    self._send(join_frame([encode_envelope(Kind.CANCEL, sid, None)]))
+                except Unreachable:
+                    pass
+
+    # -- the socket ---------------------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                sock = socket.socket(self._family, socket.SOCK_STREAM)
+                if self._family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.connect(self._target)
+            except OSError as exc:
+                sock.close()
+                raise Unreachable(f"cannot connect to {self.address}: {exc}") from None
+            self._sock = sock
+        return self._sock
+
+    def _send(self, frame: bytes) -> None:
+        sock = self._connect()
+        try:
+            sock.settimeout(None)
+            sock.sendall(_HEADER.pack(len(frame)) + frame)
+        except OSError as exc:
+            self.close()
+            raise Unreachable(f"connection to {self.address} lost: {exc}") from None
+
+    def _next_reply(self, sid: int, deadline: float | None, event: str) -> tuple[int, Any]:
+        """The next envelope for ``sid``; envelopes for other (abandoned) sids are skipped."""
+        while True:
+            while self._frames:
+                kind, env_sid, body = self._frames.popleft()
+                if env_sid == sid:
+                    return kind, body
+            self._read_frames(deadline, event)
+
+    def _read_frames(self, deadline: float | None, event: str) -> None:
+        sock = self._sock
+        if sock is None:
+            raise Unreachable(f"connection to {self.address} lost")
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= 4:
+                (length,) = _HEADER.unpack_from(buffer)
+                if length > MAX_FRAME:
+                    self.close()
+                    raise Unreachable(f"{self.address} sent a frame of {length} bytes")
+                if len(buffer) >= 4 + length:
+                    frame = bytes(buffer[4:4 + length])
+                    del buffer[:4 + length]
+                    try:
+                        self._frames.extend(decode_lists(frame))
+                    except CodecError:
+                        continue  # a corrupt frame answers nobody, as in RpcClient
+                    return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError_(f"no answer to {event!r} from {self.address}")
+            try:
+                sock.settimeout(left)
+                data = sock.recv(1 << 16)
+            except socket.timeout:
+                raise TimeoutError_(f"no answer to {event!r} from {self.address}") from None
+            except OSError as exc:
+                self.close()
+                raise Unreachable(f"connection to {self.address} lost: {exc}") from None
+            if not data:
+                self.close()
+                raise Unreachable(f"{self.address} closed the connection")
+            buffer += data
