@@ -88,6 +88,12 @@ def test_minimal_manifest_takes_every_default(app_dir):
         m.name = "other"  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("value", ["auto", 0, 1, 16, 1024])
+def test_prefetch_is_auto_by_default_or_a_fixed_number(app_dir, value):
+    assert load_manifest(write(app_dir, {})).engine.prefetch == "auto"
+    assert load_manifest(write(app_dir, {"engine": {"prefetch": value}})).engine.prefetch == value
+
+
 def test_load_accepts_the_folder(app_dir):
     write(app_dir, {"name": "named"})
     assert load_manifest(app_dir).name == "named"
@@ -192,6 +198,10 @@ def test_parse_manifest_from_data_and_relative_file_in_messages(app_dir, monkeyp
     ({"engine": {"prefetch": 5000}}, "engine.prefetch", "0 to 1024"),
     ({"engine": {"prefetch": True}}, "engine.prefetch", "0 to 1024"),
     ({"engine": {"prefetch": 2.5}}, "engine.prefetch", "0 to 1024"),
+    ({"engine": {"prefetch": "fast"}}, "engine.prefetch", '"auto" or a whole number'),
+    ({"engine": {"prefetch": 2000}}, "engine.prefetch", '"auto" or a whole number'),
+    ({"engine": {"prefetch": "Auto"}}, "engine.prefetch", '"auto"'),
+    ({"engine": {"prefetch": None}}, "engine.prefetch", '"auto"'),
     ({"engine": {"grow-threshold": 1.5}}, "engine.grow-threshold", "positive integer"),
     ({"engine": []}, "engine", "JSON object"),
     ({"engine": {"resource-limits": {"memory": "lots"}}}, "engine.resource-limits.memory", "512M"),

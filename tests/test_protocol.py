@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import JobCancelled, ShuttingDown, SlaveDied, SlaveHung
+from engine.prefetch import AUTO_PREFETCH_MAX
 from engine.protocol import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, Kill, ProtocolError, Ready,
                              Send, SlaveSession, State, Stopping)
 from transport.codec import Envelope, Kind
@@ -172,3 +173,29 @@ def test_prefetch_lets_the_session_hand_over_jobs_beyond_concurrency():
     assert failed.job == "j3" and isinstance(failed.error, JobCancelled) and s.free == 1
     assert s.receive(Envelope(Kind.RESULT, 1, 1), 1.2) == [Finished("j1", 1)]
     assert [f.job for f in s.exited(-9)] == ["j2"]  # held jobs fail with the slave, prefetched too
+
+
+def test_the_session_allows_the_deepest_prefetch_the_policy_may_use():
+    s = session(concurrency=1, prefetch=AUTO_PREFETCH_MAX)  # what the pool passes in auto mode
+    hello(s, concurrency=1)
+    assert s.capacity == 1 + AUTO_PREFETCH_MAX
+    for sid in range(1, 2 + AUTO_PREFETCH_MAX):
+        s.invoke(sid, sid, "echo", None)
+    with pytest.raises(ProtocolError, match="17/17"):
+        s.invoke(99, 99, "echo", None)
+
+
+def test_failed_says_whether_the_slave_itself_answered():
+    s = session()
+    hello(s)
+    s.invoke(1, "a", "boom", None)
+    s.invoke(2, "b", "echo", None)
+    [failed] = s.receive(Envelope(Kind.ERROR, 1, error_to_body(ValueError("no"))), 1.0)
+    assert failed.from_slave                    # a reply: it says how long the job took
+    [died] = s.exited(-9)
+    assert died.job == "b" and not died.from_slave and isinstance(died.error, SlaveDied)
+    s = session()
+    hello(s)
+    s.invoke(1, "a", "spin", None)
+    kill, hung = s.tick(10.0)                   # heartbeat missed: failed by the session
+    assert isinstance(kill, Kill) and not hung.from_slave

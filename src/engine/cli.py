@@ -174,6 +174,12 @@ def format_app_info(info: dict) -> str:
         f"running {pool.get('running', '?')}  done {pool.get('done', '?')}  "
         f"failed {pool.get('failed', '?')}  crashes {pool.get('crashes', '?')}  "
         f"latency p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms")
+    prefetch = pool.get("prefetch")
+    if prefetch:
+        times = ", ".join(f"{event} {ms} ms" for event, ms in prefetch.get("service_ms", {}).items())
+        lines.append(f"  prefetch {prefetch.get('mode')} (up to {prefetch.get('max')}; "
+                     f"{pool.get('prefetched', 0)} queued on slaves now)"
+                     + (f"  service: {times}" if times else ""))
     for s in slaves:
         lines.append(f"  slave {s.get('id')} pid {s.get('pid')} {s.get('state')} jobs {s.get('jobs')}")
     for name, d in info.get("drivers", {}).items():

@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from .errors import ManifestError
 
@@ -51,7 +51,9 @@ class EngineConfig:
     termination_timeout: float = 5.0         # seconds
     backend: str = "process"                 # "process" | "thread"
     concurrency: int = 1                     # jobs one slave may run at once
-    prefetch: int = 0                        # INVOKEs a slave may hold queued beyond concurrency
+    # INVOKEs a slave may hold queued beyond concurrency: "auto" (by measured job
+    # duration, engine/prefetch.py) or a fixed number (0 = off)
+    prefetch: int | Literal["auto"] = "auto"
     crashlog_limit: int = 100                # lines kept from a dead slave's output
     resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
 
@@ -226,10 +228,10 @@ class _Parser:
             raise self.error(path, "a positive integer", value)
         return value
 
-    def prefetch(self, value: Any, path: str) -> int:
-        if not _is_int(value) or not 0 <= value <= MAX_PREFETCH:
-            raise self.error(path, f"a whole number of jobs from 0 to {MAX_PREFETCH}", value)
-        return value
+    def prefetch(self, value: Any, path: str) -> int | Literal["auto"]:
+        if value == "auto" or _is_int(value) and 0 <= value <= MAX_PREFETCH:
+            return value
+        raise self.error(path, f'"auto" or a whole number of jobs from 0 to {MAX_PREFETCH}', value)
 
     def non_negative_int(self, value: Any, path: str) -> int:
         if not _is_int(value) or value < 0:

@@ -12,16 +12,18 @@ Cancellation: a queued job leaves the queue and is answered with JobCancelled
 caller and asks the slave to stop) and keeps its slot until the slave is done with
 it (:meth:`job_finished`), so a slave never holds more jobs than its capacity.
 
-Prefetch (opt-in, ``prefetch`` > 0): a ready slave's capacity is ``concurrency +
-prefetch`` jobs, so queued jobs move to slaves early and wait there (in the slave's
-own queue) instead of here; the slave runs at most ``concurrency`` of them at once.
-Jobs a slave holds beyond its concurrency still count as waiting for growth.  The
-price is head-of-line blocking: a prefetched job waits behind a slow one on its slave
-even if another slave goes idle meanwhile.
+Prefetch (:mod:`engine.prefetch`): a ready slave may be handed jobs beyond its
+concurrency, which it queues and starts as slots free; :class:`PrefetchRule` says when
+(by default only behind jobs expected to finish within ~2 ms).  The policy measures
+what the rule needs: each answered job's service time, as ``now - max(assigned at,
+that slave's previous answer)`` (it cannot have started before either), per event;
+cancelled jobs and jobs failed by a slave's death are not samples.  Prefetched jobs
+count as waiting: for growth, and against ``queue_limit`` (so prefetch never changes
+how many jobs an app accepts).
 
 Growth: spawn while ``waiting > grow_threshold * (slaves starting or ready)`` and
-below ``pool_limit``, where waiting = queued + prefetched.  Retirement: a ready slave idle for ``idle_timeout`` while
-nothing waits.  Broken state (an Erlang supervisor's restart intensity): after
+below ``pool_limit``, where waiting = queued + prefetched.  Retirement: a ready slave
+idle for ``idle_timeout`` while nothing waits.  Broken state (an Erlang supervisor's restart intensity): after
 ``restart_intensity`` slaves in a row die before their handshake, the app is
 broken; queued jobs fail with AppBroken, new ones are refused, and one probe slave
 is spawned after an exponential backoff (``backoff_base * 2**n``, capped).  A
@@ -36,6 +38,7 @@ from typing import Hashable
 from transport.errors import RemoteError
 
 from .errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveDied
+from .prefetch import PrefetchRule, Setting
 
 STARTING, READY, RETIRING, STOPPING = "starting", "ready", "retiring", "stopping"
 # RETIRING: we asked an idle slave to exit.  STOPPING: it is going away for another
@@ -76,25 +79,27 @@ class Cancel:
 class SlaveView:
     state: str
     spawned_at: float
-    capacity: int = 1                # concurrency + prefetch
+    concurrency: int = 1             # jobs it runs at once (the handshake's); more are prefetched
     jobs: set = field(default_factory=set)
     idle_since: float = 0.0
+    last_done_at: float = float("-inf")  # when it last answered a job (service-time samples)
+    held: dict = field(default_factory=dict)  # event -> how many of its jobs it holds
 
 
 class PoolPolicy:
     def __init__(self, *, pool_limit: int, queue_limit: int, grow_threshold: int = 1,
                  idle_timeout: float = 600.0, concurrency: int = 1, restart_intensity: int = 3,
-                 backoff_base: float = 0.5, backoff_cap: float = 30.0, prefetch: int = 0):
-        if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1 \
-                or prefetch < 0:
-            raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1, "
-                             "prefetch>=0")
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0, prefetch: Setting = 0):
+        if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1:
+            raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1")
         self.pool_limit = pool_limit
         self.queue_limit = queue_limit
         self.grow_threshold = grow_threshold
         self.idle_timeout = idle_timeout
         self.concurrency = concurrency
-        self.prefetch = prefetch
+        self.rule = PrefetchRule(prefetch)     # raises ValueError for a bad setting
+        self.prefetch = prefetch               # the setting: "auto" or a fixed number
+        self.max_prefetch = self.rule.limit    # no slave ever holds more beyond concurrency
         self.restart_intensity = restart_intensity
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -102,6 +107,8 @@ class PoolPolicy:
         self.queue: deque = deque()
         self.slaves: dict[int, SlaveView] = {}
         self.owner: dict[Hashable, int] = {}   # assigned job -> slave
+        self.events: dict[Hashable, str] = {}  # accepted job -> its event
+        self.assigned: dict[Hashable, float] = {}  # assigned job -> when
         self.cancelled: set = set()            # assigned jobs whose caller gave up
         self._next_slave = 1
         self.draining = False
@@ -137,32 +144,38 @@ class PoolPolicy:
         counts = {STARTING: 0, READY: 0, RETIRING: 0, STOPPING: 0}
         for s in self.slaves.values():
             counts[s.state] += 1
+        prefetched = self._prefetched()
         return {
-            "state": self.state, "reason": self.broken_reason, "queue": len(self.queue),
-            "running": len(self.owner), "cancelling": len(self.cancelled),
+            "state": self.state, "reason": self.broken_reason,
+            "queue": len(self.queue) + prefetched, "prefetched": prefetched,
+            "running": len(self.owner) - prefetched, "cancelling": len(self.cancelled),
             "slaves": len(self.slaves), **counts,
             "spawned": self.spawned, "retired": self.retired,
-            "startup_failures": self.startup_failures,
+            "startup_failures": self.startup_failures, "prefetch": self.rule.info(),
         }
 
     # -- events --------------------------------------------------------------------
-    def submit(self, job: Hashable, now: float) -> list:
+    def submit(self, job: Hashable, now: float, event: str = "") -> list:
         """Accept a job or raise (QueueFull / ShuttingDown / AppBroken) without side effects."""
         if self.draining or self.closed:
             raise ShuttingDown("the app is draining and accepts no new jobs")
         if self.broken_reason is not None:
             raise AppBroken(f"{self.broken_reason}; next restart in "
                             f"{max(0.0, self.next_spawn_at - now):.1f}s")
-        if len(self.queue) >= self.queue_limit and not self._free_slave():
+        waiting = len(self.queue)
+        if waiting < self.queue_limit and self.max_prefetch:
+            waiting += self._prefetched()
+        if waiting >= self.queue_limit and not self._free_slot():
             raise QueueFull(f"queue-limit {self.queue_limit} reached")
         self.queue.append(job)
+        self.events[job] = event
         return self._step(now)
 
     def slave_ready(self, slave: int, concurrency: int, now: float) -> list:
         view = self.slaves[slave]
         if view.state == STARTING:
             view.state = READY
-            view.capacity = max(1, concurrency) + self.prefetch
+            view.concurrency = max(1, concurrency)
             view.idle_since = now
         self.startup_failures = 0
         self.broken_reason = None
@@ -182,15 +195,29 @@ class PoolPolicy:
             self.queue.remove(job)  # O(queue), bounded by queue_limit
         except ValueError:
             return []
+        del self.events[job]
         return [Fail(job, JobCancelled("cancelled by its caller while queued")), *self._step(now)]
 
-    def job_finished(self, job: Hashable, now: float) -> list:
-        """The job was answered by its slave (result, end of stream or error)."""
+    def job_finished(self, job: Hashable, now: float, *, answered: bool = True) -> list:
+        """The job is done: answered by its slave (result, end of stream or error), or,
+        with ``answered`` False, failed by the session because its slave died or was
+        killed (which says nothing about how long jobs take)."""
+        was_cancelled = job in self.cancelled
         self.cancelled.discard(job)
         slave = self.owner.pop(job, None)
         if slave is not None:
             view = self.slaves[slave]
             view.jobs.discard(job)
+            assigned_at = self.assigned.pop(job)
+            event = self.events.pop(job)
+            n = view.held.pop(event) - 1
+            if n:
+                view.held[event] = n
+            if answered and not was_cancelled:
+                # It started no earlier than its assignment nor, on a busy slave, than
+                # the slave's previous answer.
+                self.rule.sample(event, now - max(assigned_at, view.last_done_at))
+                view.last_done_at = now
             if not view.jobs:
                 view.idle_since = now
         return self._step(now)
@@ -202,6 +229,8 @@ class PoolPolicy:
         out = []
         for job in sorted(view.jobs, key=repr):
             del self.owner[job]
+            del self.assigned[job]
+            del self.events[job]
             if job in self.cancelled:  # its caller was answered already
                 self.cancelled.discard(job)
                 continue
@@ -242,6 +271,8 @@ class PoolPolicy:
 
     def fail_queued(self, error_type: type[RemoteError], message: str) -> list:
         out = [Fail(job, error_type(message)) for job in self.queue]
+        for job in self.queue:
+            del self.events[job]
         self.queue.clear()
         return out
 
@@ -259,13 +290,16 @@ class PoolPolicy:
             view = self.slaves[slave]
             view.jobs.add(job)
             self.owner[job] = slave
+            event = self.events[job]
+            view.held[event] = view.held.get(event, 0) + 1
+            self.assigned[job] = now
             out.append(Assign(job, slave))
         # 2. grow
         if self.broken_reason is not None:
             if now >= self.next_spawn_at and not self._starting() and len(self.slaves) < self.pool_limit:
                 out.append(self._spawn(now))  # the probe
-        elif now >= self.next_spawn_at:
-            waiting = len(self.queue) + (self._prefetched() if self.prefetch else 0)
+        elif now >= self.next_spawn_at and len(self.slaves) < self.pool_limit:
+            waiting = len(self.queue) + (self._prefetched() if self.max_prefetch else 0)
             while (len(self.slaves) < self.pool_limit
                    and waiting > self.grow_threshold * self._live()):
                 out.append(self._spawn(now))
@@ -278,21 +312,31 @@ class PoolPolicy:
         return out
 
     def _free_slave(self) -> int | None:
-        """Least loaded ready slave with room; ties go to the most recently busy one,
-        so the others stay idle and can be retired."""
-        best, key = None, None
+        """The ready slave to give the next job: least loaded first, where load is jobs
+        held minus concurrency, so a free slot anywhere wins over queueing behind a busy
+        slave, which only happens where the prefetch rule allows; ties go to the most
+        recently busy one, so the others stay idle and can be retired.  Runs per submit
+        and per assignment: no allocation."""
+        allows = self.rule.allows
+        best, best_load, best_since = None, 0, 0.0
         for sid, s in self.slaves.items():
-            if s.state == READY and len(s.jobs) < s.capacity:
-                k = (len(s.jobs), -s.idle_since)
-                if key is None or k < key:
-                    best, key = sid, k
+            if s.state != READY:
+                continue
+            load = len(s.jobs) - s.concurrency
+            if load >= 0 and not allows(load, s.held, s.concurrency):
+                continue
+            if best is None or load < best_load or (load == best_load and s.idle_since > best_since):
+                best, best_load, best_since = sid, load, s.idle_since
         return best
+
+    def _free_slot(self) -> bool:
+        return any(s.state == READY and len(s.jobs) < s.concurrency for s in self.slaves.values())
 
     def _prefetched(self) -> int:
         """Jobs held by slaves beyond what they run at once (waiting in a slave)."""
         extra = 0
         for s in self.slaves.values():
-            over = len(s.jobs) - (s.capacity - self.prefetch)
+            over = len(s.jobs) - s.concurrency
             if over > 0 and s.state == READY:
                 extra += over
         return extra
@@ -306,8 +350,7 @@ class PoolPolicy:
     def _spawn(self, now: float) -> Spawn:
         sid = self._next_slave
         self._next_slave += 1
-        self.slaves[sid] = SlaveView(STARTING, now, capacity=self.concurrency + self.prefetch,
-                                     idle_since=now)
+        self.slaves[sid] = SlaveView(STARTING, now, concurrency=self.concurrency, idle_since=now)
         self.spawned += 1
         return Spawn(sid)
 

@@ -73,7 +73,7 @@ class SlavePool:
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
             concurrency=config.concurrency, restart_intensity=restart_intensity,
             backoff_base=backoff_base, backoff_cap=backoff_cap,
-            prefetch=getattr(config, "prefetch", 0))
+            prefetch=config.prefetch)
         self._jobs: dict[int, Job] = {}          # accepted jobs the policy still tracks
         self._slaves: dict[int, _Slave] = {}
         self._next_job = 1
@@ -115,7 +115,7 @@ class SlavePool:
             raise ShuttingDown(f"the slave pool of {self.app_name!r} is not running")
         now = trio.current_time()
         job_id = self._next_job
-        decisions = self.policy.submit(job_id, now)  # raises QueueFull / ShuttingDown / AppBroken
+        decisions = self.policy.submit(job_id, now, event)  # raises QueueFull / ShuttingDown / AppBroken
         self._next_job += 1
         job = self._jobs[job_id] = Job(job_id, event, payload, now, self)
         self._apply(decisions, now)
@@ -153,10 +153,12 @@ class SlavePool:
                            "state": sess.state.value if sess else "spawning",
                            "jobs": len(sess.jobs) if sess else 0})
         return {"app": self.app_name, "state": p["state"], "reason": p["reason"], "slaves": slaves,
-                "queue": p["queue"], "running": p["running"], "cancelling": p["cancelling"],
+                "queue": p["queue"], "prefetched": p["prefetched"], "running": p["running"],
+                "cancelling": p["cancelling"],
                 "done": self.done,
                 "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
-                "crashes": self.crashes, "latency_ms": {"p50": q(0.5), "p99": q(0.99)}}
+                "crashes": self.crashes, "latency_ms": {"p50": q(0.5), "p99": q(0.99)},
+                "prefetch": p["prefetch"]}
 
     def crashlog(self) -> list[str]:
         return list(self._crashlog)
@@ -212,7 +214,9 @@ class SlavePool:
                     self.failed += 1
                 if not self._jobs:
                     self._quiet.set()
-                self._apply(self.policy.job_finished(a.job, now), now)
+                # only a slave's own answer says how long a job took
+                answered = kind is S.Finished or a.from_slave
+                self._apply(self.policy.job_finished(a.job, now, answered=answered), now)
                 # Maybe that slave went idle: its retirement deadline is now + idle-timeout
                 # (no other deadline moves when a job ends); skip the full scan when the
                 # timer is due before that anyway.
@@ -264,7 +268,7 @@ class SlavePool:
                     pid=proc.pid, now=now, startup_timeout=cfg.startup_timeout,
                     heartbeat_timeout=cfg.heartbeat_timeout,
                     termination_timeout=cfg.termination_timeout, concurrency=cfg.concurrency,
-                    prefetch=self.policy.prefetch)
+                    prefetch=self.policy.max_prefetch)  # a bound: the policy decides
                 self._wake_timer(sess.next_deadline())
                 receive, act, clock = sess.receive, self._act, trio.current_time
 

@@ -22,9 +22,11 @@ whatever reply was already on its way); chunks in between are dropped.  A slave
 that does not acknowledge within ``termination_timeout`` is killed, so a handler
 that ignores cancellation cannot hold the slot for ever.
 
-Prefetch: with ``prefetch`` > 0 the session hands the slave up to that many INVOKEs
-beyond its ``concurrency``; the slave queues them and starts each as a slot frees, so
-the next job is already there when one ends (no node round trip between jobs).
+Prefetch: with ``prefetch`` > 0 the session lets the shell hand the slave up to that
+many INVOKEs beyond its ``concurrency``; the slave queues them and starts each as a
+slot frees, so the next job is already there when one ends (no node round trip
+between jobs).  ``prefetch`` is only the bound (the deepest the pool policy may go,
+e.g. ``AUTO_PREFETCH_MAX`` in auto mode); the policy decides how deep it goes.
 
 Flow control: the slave sends at most :data:`STREAM_WINDOW` chunks of a job beyond
 what the node granted back with ``CREDIT`` (:meth:`grant`), so a fast producer and a
@@ -88,8 +90,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
+    """The job failed: ``from_slave`` True -> the slave answered with an ERROR; False
+    -> the session failed it (the slave died, hung or was killed)."""
     job: Hashable
     error: RemoteError
+    from_slave: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ class SlaveSession:
         self.heartbeat_timeout = heartbeat_timeout
         self.termination_timeout = termination_timeout
         self.concurrency = concurrency      # what we asked for; the handshake confirms it
-        self.prefetch = prefetch            # INVOKEs the slave may hold queued beyond that
+        self.prefetch = prefetch            # most INVOKEs it may hold queued beyond that
         self.jobs: dict[int, Hashable] = {}  # sid -> job
         self.cancelling: dict[int, float] = {}  # sid -> deadline of the slave's acknowledgement
         self.handshaked = False
@@ -127,7 +132,7 @@ class SlaveSession:
     # -- queries ---------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        """Jobs the slave may hold at once: running plus prefetched."""
+        """Most jobs the slave may hold at once: running plus prefetched."""
         return self.concurrency + self.prefetch
 
     @property
@@ -149,7 +154,7 @@ class SlaveSession:
 
     # -- events from the shell -----------------------------------------------------------
     def invoke(self, sid: int, job: Hashable, event: str, payload: Any) -> list:
-        if self.state is not State.READY or len(self.jobs) >= self.concurrency + self.prefetch:
+        if self.state is not State.READY or len(self.jobs) >= self.capacity:
             raise ProtocolError(f"slave {self.pid} cannot take a job in state {self.state.value} "
                                 f"with {len(self.jobs)}/{self.capacity} jobs")
         if sid in self.jobs:
@@ -205,7 +210,7 @@ class SlaveSession:
                 return [Finished(job, body, streamed=False)]
             if kind == Kind.CHOKE:
                 return [Finished(job, None, streamed=True)]
-            return [Failed(job, body_to_error(body))]
+            return [Failed(job, body_to_error(body), from_slave=True)]
         return []  # unknown kinds are ignored: newer slaves may say more
 
     def tick(self, now: float) -> list:
