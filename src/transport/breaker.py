@@ -38,6 +38,8 @@ class CircuitBreaker:
             self.trial_in_flight = True
 
     def on_success(self) -> None:
+        if not self.failures and self.state == "closed":
+            return  # already healthy (the common case, once per answer)
         self.failures = 0
         self.state = "closed"
         self.current_cooldown = 0.0

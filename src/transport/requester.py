@@ -242,12 +242,21 @@ class Requester(Component):
                     self._refill(source, in_flight, window, limit)
                 if not in_flight:
                     return
-                try:
-                    answer = await self._landed(*in_flight.popleft(), limit)
-                except RemoteError as exc:
-                    if not return_exceptions:
-                        raise
-                    answer = exc
+                request, link, call = in_flight.popleft()
+                if type(call) is PendingCall and call.done and call.error is None \
+                        and not call.expired and not call.streamed:
+                    # Answered already, with a plain value: the common case, kept short.
+                    self._outstanding -= 1
+                    self.stats["answered"] += 1
+                    link.breaker.on_success()
+                    answer = call.items[0]
+                else:
+                    try:
+                        answer = await self._landed(request, link, call, limit)
+                    except RemoteError as exc:
+                        if not return_exceptions:
+                            raise
+                        answer = exc
                 yield answer
         finally:
             for _, _, call in in_flight:  # left early: the rest are given up
@@ -262,6 +271,7 @@ class Requester(Component):
         self._check_running()
         chosen: dict[str, _Link | None] = {}
         now = trio.current_time()
+        before = len(in_flight)
         for link in self.links.values():
             link.client.hold(True)
         try:
@@ -278,14 +288,17 @@ class Requester(Component):
                     in_flight.append((request, None, None))
                     continue
                 try:
-                    call = link.client.start(self.namespace, event, request, timeout=limit)
+                    call = link.client.start(self.namespace, event, request, timeout=limit,
+                                             now=now)
                 except RemoteError as exc:  # e.g. a payload msgpack cannot carry
                     in_flight.append((request, None, exc))
                     continue
-                link.breaker.on_dispatch()
+                if link.breaker.state != "closed":  # half-open: one trial, not a burst
+                    link.breaker.on_dispatch()
+                    del chosen[event]
                 self._outstanding += 1
-                self.stats["sent"] += 1
                 in_flight.append((request, link, call))
+            self.stats["sent"] += len(in_flight) - before
         finally:
             for link in self.links.values():
                 link.client.hold(False)

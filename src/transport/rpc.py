@@ -41,6 +41,12 @@ from .outbox import Outbox
 from .rpc_handlers import _FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream
 from .sockets import TrioSocket, bound_address
 
+# The kinds on the hot paths as plain ints: an enum member lookup costs more than
+# the comparison it feeds (~75 ns each).
+_REQUEST, _CANCEL, _RESULT = int(Kind.REQUEST), int(Kind.CANCEL), int(Kind.RESULT)
+# Handler results that are certainly answers (not coroutines, Streams or Deferreds).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+
 # Worker tasks kept parked for the next request once a burst is over (the rest end).
 MAX_IDLE_WORKERS = 512
 _park = trio.lowlevel.wait_task_rescheduled
@@ -213,9 +219,9 @@ class RpcServer:
         conn.outbox.held = len(envelopes) > 1
         try:
             for kind, sid, body in envelopes:
-                if kind == Kind.REQUEST:
+                if kind == _REQUEST:
                     self._on_request(conn, sid, body)
-                elif kind == Kind.CANCEL:
+                elif kind == _CANCEL:
                     worker = conn.running.get(sid)
                     if worker is not None:
                         worker.scope.cancel()
@@ -242,7 +248,9 @@ class RpcServer:
         except Exception as exc:  # the handler's failure is the caller's answer
             self._answered(conn, sid, Kind.ERROR, error_to_body(exc), failed=True)
             return
-        if type(out) is CoroutineType or isinstance(out, Stream):
+        if type(out) in _PLAIN:
+            self._answered(conn, sid, _RESULT, out)
+        elif type(out) is CoroutineType or isinstance(out, Stream):
             self._to_worker(conn, sid, out)
         elif isinstance(out, Deferred):
             conn.deferred[sid] = out
@@ -250,7 +258,7 @@ class RpcServer:
         elif hasattr(type(out), "__await__"):  # some other awaitable
             self._to_worker(conn, sid, out)
         else:
-            self._answered(conn, sid, Kind.RESULT, out)
+            self._answered(conn, sid, _RESULT, out)
 
     def _answered(self, conn: _Connection, sid: int, kind: int, body: Any,
                   failed: bool = False) -> None:
