@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 import trio
 
 from .harness import (BENCH_DIR, PAYLOAD, Child, RRFigures, Settings, child_process,
-                      measure_rr, python_child, tree_rss_mb)
+                      measure_rr, percentile, python_child, tree_rss_mb)
 
 APP = "bench-echo"
 APP_ENTRY = BENCH_DIR / "echo_app.py"
@@ -147,18 +147,18 @@ def _find_address(value: Any) -> str | None:
 # at once (the manifest's engine.concurrency), so the node batches INVOKEs per frame.
 # The main native-server row keeps the default (1 job per slave at a time).
 CONCURRENT = 32
-# The separate "prefetch" row: concurrency 1 (the target's configuration) but each slave
-# may hold PREFETCH more jobs queued (the manifest's engine.prefetch, opt-in), so the next
-# job is already there when one ends.  Not counted for the concurrency-1 target either.
-PREFETCH = 16
+# The separate "prefetch 0" row: the target's configuration but with the manifest's
+# engine.prefetch turned off (it defaults to "auto"), so a slave always waits a node round
+# trip between jobs: what the engine did before auto prefetch.
+NO_PREFETCH = 0
 
 
 async def native_server_concurrent(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
     return await native_server(settings, concurrency=CONCURRENT)
 
 
-async def native_server_prefetch(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
-    return await native_server(settings, prefetch=PREFETCH)
+async def native_server_no_prefetch(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
+    return await native_server(settings, prefetch=NO_PREFETCH)
 
 
 async def native_server(settings: Settings, *, concurrency: int | None = None,
@@ -183,12 +183,35 @@ async def native_server(settings: Settings, *, concurrency: int | None = None,
         async with RpcClient(address, timeout=10) as client:
             await client.wait_connected()
             figures = await _measure_echo(client, node, settings, memory)
+        memory["sync_client"] = await trio.to_thread.run_sync(sync_sequential, address, settings)
     return figures, memory
+
+
+def sync_sequential(address: str, settings: Settings) -> RRFigures:
+    """Sequential round trips through :class:`transport.sync_client.SyncRpcClient`: the
+    same requests from a blocking client, which puts no scheduler of its own between a
+    reply and the next request (run in a thread, off the bench's trio loop)."""
+    from transport.sync_client import SyncRpcClient
+
+    clock = time.perf_counter
+    with SyncRpcClient(address, timeout=10) as client:
+        for _ in range(settings.warmup_calls):
+            client.call(APP, "echo", PAYLOAD)
+        lat = []
+        t0 = clock()
+        for _ in range(settings.seq_calls):
+            s = clock()
+            client.call(APP, "echo", PAYLOAD)
+            lat.append(clock() - s)
+        elapsed = clock() - t0
+    lat.sort()
+    return RRFigures(settings.seq_calls / elapsed, percentile(lat, 0.5) * 1e6,
+                     percentile(lat, 0.99) * 1e6, {})
 
 
 # -- the pool alone, in this process (no client, no node process) -----------------------
 
-async def pool_direct(settings: Settings, *, prefetch: int = 0) -> RRFigures:
+async def pool_direct(settings: Settings, *, prefetch: int | str = "auto") -> RRFigures:
     """``SlavePool.submit(...).result()`` from this process to 2 slaves: the engine's
     own share of the request path, without the client -> node hop."""
     from engine.manifest import EngineConfig
@@ -219,9 +242,9 @@ def main() -> None:
     settings = Settings()
     systems: dict[str, RRFigures | str] = {}
     for label, fn in (("native-server (2 slaves, concurrency 1)", native_server),
-                      (f"native-server, prefetch {PREFETCH}", native_server_prefetch)):
+                      ("native-server, prefetch 0", native_server_no_prefetch)):
         systems[label] = trio.run(fn, settings)[0]
-    for prefetch in (0, PREFETCH):
+    for prefetch in ("auto", NO_PREFETCH):
         systems[f"SlavePool in-process, prefetch {prefetch}"] = trio.run(
             lambda s: pool_direct(s, prefetch=prefetch), settings)
     print_rr_table(systems, settings.inflight)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -35,7 +36,13 @@ def _discovery(port: int):
     return DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.2, expiry=1.0)
 
 
-async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
+PIPELINE_WINDOW = 100
+
+
+async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float], float]:
+    """Per-caller figures (k tasks, each awaiting ``send``, like cote's requester's k
+    async workers), the memory samples, and requests/s through ``send_many`` with
+    ``PIPELINE_WINDOW`` in flight from one task."""
     from transport.requester import Requester
 
     port, key = free_udp_port(), f"bench-{os.getpid()}"
@@ -56,8 +63,27 @@ async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
                 lambda: call, settings,
                 after_warmup=lambda: memory.__setitem__("responder_after_warmup",
                                                         responder.rss_mb()))
+            pipelined = await send_many_rate(requester, request, PIPELINE_WINDOW,
+                                             settings.duration)
         memory["responder_after_run"] = responder.rss_mb()
-    return figures, memory
+    return figures, memory, pipelined
+
+
+async def send_many_rate(requester, request: dict, window: int, duration: float) -> float:
+    """Answers/s from ``requester.send_many`` keeping ``window`` in flight for ``duration``."""
+    clock = time.perf_counter
+    deadline = clock() + duration
+
+    def requests():
+        while clock() < deadline:
+            yield request
+
+    answered = 0
+    t0 = clock()
+    async with aclosing(requester.send_many(requests(), window=window)) as answers:
+        async for _ in answers:
+            answered += 1
+    return answered / (clock() - t0)
 
 
 async def pubsub(settings: Settings) -> dict[str, Any]:

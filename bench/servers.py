@@ -88,8 +88,10 @@ def serve_mesh_responder(port: str, key: str) -> None:
         responder = Responder("bench-rep", responds_to=["echo"], key=key,
                               discovery=_mesh_discovery(port))
 
+        # A plain function, like cote's `req => Promise.resolve(req.p)`: it answers
+        # where the request arrives, with no task (transport/responder.py).
         @responder.on("echo")
-        async def echo(req):
+        def echo(req):
             return req["p"]
 
         async with responder:

@@ -8,7 +8,6 @@ as states arrive.  An app whose channel is silent or missing is shown from its
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pynng
 import trio
