@@ -293,7 +293,7 @@ def family_pool(settings: Settings, results: Results) -> None:
                         _cote_rss(results), "MB"))
 
 
-# -- 4./5. not there yet ----------------------------------------------------------------------
+# -- 4. streaming ------------------------------------------------------------------------
 
 def family_streaming(settings: Settings, results: Results) -> None:
     ours = (results.figures.get("control_memory") or {}).get("stream_mb_s")
@@ -305,8 +305,18 @@ def family_streaming(settings: Settings, results: Results) -> None:
                              settings)
         results.add(Row("streaming", "streamed reply MB/s, slave->node->client vs TCP",
                         ours, base, "MB", note=err or ""))
-    results.add(skip("streaming", "streaming MB/s through a two-stage pipeline",
-                     "skipped: not implemented yet"))
+    reason = engine.available()
+    if reason is not None:
+        results.add(skip("streaming", "streaming MB/s through a two-stage pipeline", reason))
+        return
+    piped, err = _measure("two-stage pipeline (relay app -> echo app)", engine.pipeline_rate,
+                          settings)
+    results.figures["pipeline_mb_s"] = piped
+    if piped is None:
+        results.add(skip("streaming", "streaming MB/s through a two-stage pipeline", err))
+    else:
+        results.add(Row("streaming", "streaming MB/s, two-stage pipeline vs one app", piped,
+                        ours, "MB", note="client <- relay app <- echo app (engine.astream)"))
 
 
 def family_sockend(settings: Settings, results: Results) -> dict[str, RRFigures | str]:

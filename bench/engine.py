@@ -60,14 +60,17 @@ def native_server_available() -> str | None:
 
 
 @asynccontextmanager
-async def node_hosting(app_manifest: dict[str, Any]) -> AsyncIterator[Child]:
-    """A node child process hosting one app; READY carries its control address."""
+async def node_hosting(*app_manifests: dict[str, Any]) -> AsyncIterator[Child]:
+    """A node child process hosting these apps; READY carries its control address."""
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
-        folder = Path(tmp) / APP
-        folder.mkdir()
-        (folder / "manifest.json").write_text(json.dumps(app_manifest))
+        folders = []
+        for app_manifest in app_manifests:
+            folder = Path(tmp) / app_manifest["name"]
+            folder.mkdir()
+            (folder / "manifest.json").write_text(json.dumps(app_manifest))
+            folders.append(folder)
         async with child_process(python_child("bench.servers", "node", "tcp://127.0.0.1:0",
-                                              folder)) as node:
+                                              *folders)) as node:
             yield node
 
 
@@ -107,21 +110,36 @@ async def _measure_echo(client: Any, node: Child, settings: Settings,
 
 
 STREAM_CHUNK = 64 * 1024
+RELAY_APP = "bench-relay"
+RELAY_ENTRY = BENCH_DIR / "relay_app.py"
 
 
-async def stream_rate(client, settings: Settings) -> float:
+async def stream_rate(client, settings: Settings, app: str = APP, event: str = "chunks") -> float:
     """MB/s of one streamed reply (64 KiB chunks) from a slave through the node."""
     n = 20 if settings.quick else 200
     spec = {"n": n, "size": STREAM_CHUNK}
     received = 0
     with trio.fail_after(60):
         t0 = time.perf_counter()
-        async for chunk in client.stream(APP, "chunks", spec):
+        async for chunk in client.stream(app, event, spec):
             received += len(chunk)
         elapsed = time.perf_counter() - t0
     if received != n * STREAM_CHUNK:
         raise RuntimeError(f"streamed {received} bytes, expected {n * STREAM_CHUNK}")
     return received / elapsed / 1e6
+
+
+async def pipeline_rate(settings: Settings) -> float:
+    """MB/s through two apps on one node: the client streams ``bench-relay``'s reply,
+    which relays ``bench-echo``'s chunks (engine.astream): slave -> node -> slave ->
+    node -> client."""
+    from engine.client import connect
+
+    relay = dict(manifest(), name=RELAY_APP, args=str(RELAY_ENTRY))
+    async with node_hosting(manifest(), relay) as node:
+        async with connect(node.ready, timeout=10) as client:
+            await stream_rate(client, Settings.quick_mode(), RELAY_APP, "relay")  # warm up
+            return await stream_rate(client, settings, RELAY_APP, "relay")
 
 
 # The driver's options: its listening address on loopback, port chosen by nng.  If the

@@ -46,7 +46,7 @@ from transport.codec import Kind
 from transport.errors import BadMessage, Closed, UnknownEvent, error_to_body
 from transport.streams import from_fd
 
-from . import api
+from . import api, calls
 from .errors import JobCancelled, ShuttingDown
 from .protocol import PROTOCOL_VERSION, STREAM_WINDOW
 
@@ -311,6 +311,7 @@ async def serve(args: argparse.Namespace) -> int:
                 "window": STREAM_WINDOW,
             })
             runtime = Runtime(chan, handlers, nursery, args.concurrency)
+            calls.bind_runtime(nursery)  # acall/astream: their client runs in this nursery
             nursery.start_soon(runtime.heartbeat, args.heartbeat)
             await runtime.serve()
             nursery.cancel_scope.cancel()
