@@ -17,6 +17,7 @@ from engine.errors import (AppBroken, JobCancelled, QueueFull, ShuttingDown, Sla
                            UnknownEvent)
 from engine.manifest import EngineConfig
 from engine.pool import SlavePool
+from engine.prefetch import AUTO_PREFETCH_MAX
 from engine.protocol import STREAM_WINDOW
 from transport.errors import HandlerError
 
@@ -557,3 +558,47 @@ async def test_cli_call_timeout_cancels_the_job_on_the_node(tmp_path):
         except subprocess.TimeoutExpired:
             node.kill()
             node.wait(10)
+
+
+# -- auto prefetch (the default) with real slaves ----------------------------------------
+
+async def test_auto_prefetch_queues_quick_jobs_on_busy_slaves_within_the_session_bound(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=2, queue_limit=1000) as pool:
+            assert pool.config.prefetch == "auto"  # the default
+            assert pool.info()["prefetch"] == {"mode": "auto", "max": AUTO_PREFETCH_MAX,
+                                               "service_ms": {}}
+            assert await pool.submit("echo", 0).result() == 0
+            most = 0
+            jobs = [pool.submit("echo", i) for i in range(300)]
+            for slave in pool._slaves.values():
+                if slave.session is not None:
+                    assert slave.session.capacity == 1 + AUTO_PREFETCH_MAX
+                    most = max(most, len(slave.session.jobs))
+            assert [await job.result() for job in jobs] == list(range(300))
+            assert 1 < most <= 1 + AUTO_PREFETCH_MAX   # echoes were queued on busy slaves
+            assert pool.info()["prefetch"]["service_ms"]["echo"] > 0
+
+
+async def test_a_dying_slave_is_no_sample_and_slow_jobs_are_never_prefetched(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1) as pool:
+            with pytest.raises(SlaveDied):
+                await pool.submit("die", "exit").result()
+            assert pool.info()["prefetch"]["service_ms"] == {}  # a death says nothing
+            pid = (await pool.submit("slow", 0.05).result())[2]
+            assert pool.info()["prefetch"]["service_ms"]["slow"] >= 50
+            running, waiting = pool.submit("slow", 0.3), pool.submit("slow", 0)
+            info = pool.info()
+            assert info["prefetched"] == 0 and info["queue"] == 1  # not handed to the busy slave
+            assert (await running.result())[2] == (await waiting.result())[2] == pid
+
+
+def test_engine_info_shows_the_prefetch_rule_and_what_it_measured():
+    from engine.cli import format_app_info
+
+    text = format_app_info({"name": "a", "state": "running", "pool": {
+        "queue": 3, "prefetched": 2, "running": 1,
+        "prefetch": {"mode": "auto", "max": 16, "service_ms": {"report": 50.0, "echo": 0.1}}}})
+    assert "prefetch auto (up to 16; 2 queued on slaves now)" in text
+    assert "service: report 50.0 ms, echo 0.1 ms" in text
