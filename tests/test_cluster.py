@@ -20,6 +20,7 @@ from engine.cluster import Cluster, ClusterOptions
 from engine.cluster_bundle import BundleError, check_bundle, digest_of, write_bundle
 from support import NodeProcess, free_udp_port, start_node_process, stop_node
 from transport.errors import BadMessage
+from transport.rpc import RpcClient
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "examples" / "echo"
@@ -163,6 +164,37 @@ async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_pat
             await wait_for(lambda: _count(ca, 1), 6, "A to drop B")
             gone, alive = psutil.wait_procs(b_slaves, timeout=10)
             assert not alive, alive                  # B's slaves died with it
+
+
+async def test_native_server_requests_are_balanced_across_the_cluster(cluster, tmp_path):
+    app = echo_app(tmp_path / "apps", "nslow", **{"pool-limit": 1, "queue-limit": 50})
+    manifest = json.loads((app / "manifest.json").read_text())
+    manifest["drivers"] = {"rpc": {"type": "native-server", "emit": "sleep",
+                                   "endpoint": "tcp://127.0.0.1:0"}}
+    (app / "manifest.json").write_text(json.dumps(manifest))
+    with trio.fail_after(60):
+        a = await cluster(app)
+        b = await cluster()
+        async with connect(a.address, timeout=30) as ca, connect(b.address, timeout=30) as cb:
+            await wait_for(lambda: _has(cb, "nslow"), 10, "B to sync the app")
+            await wait_for(lambda: _routable(ca, "nslow", 2), 10, "A to route to B")
+            await ca.call("nslow", "echo", 0)   # a slave each, so the burst measures balancing
+            await cb.call("nslow", "echo", 0)
+            endpoint = (await ca.info("nslow"))["drivers"]["rpc"]["endpoint"]
+            results = []
+            async with RpcClient(endpoint, timeout=30) as native:
+                async def one() -> None:
+                    results.append(await native.call("", "", 0.4))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(one)
+            assert results == [{"slept": 0.4}] * 8
+            done_b = (await cb.info("nslow"))["pool"]["done"]
+            stats = (await ca.verb("nodes"))["stats"]
+            driver = (await ca.info("nslow"))["drivers"]["rpc"]
+            assert stats["forwarded"] >= 1 and done_b >= 2, (stats, done_b)
+            assert driver["submitted"] == driver["done"] == 8 and driver["errors"] == 0, driver
 
 
 async def test_nodes_cli_and_errors_only_when_no_node_can_serve(cluster, tmp_path):

@@ -31,6 +31,7 @@ class App:
                  pool_factory: Callable[[AppManifest], Any] = _default_pool_factory):
         self.manifest = manifest
         self.name = manifest.name
+        self.node = None  # the Node hosting it, set by the node (drivers reach its cluster)
         self.pool = pool_factory(manifest)
         self.drivers: dict[str, Any] = {}
         pubsub = manifest.pubsub.endpoint if manifest.pubsub else None

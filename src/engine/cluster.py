@@ -334,6 +334,12 @@ class Cluster:
                 and not (pid in self._clients and self._clients[pid].connected)}
         return self.table.pick(app, self.id, now, exclude=down | set(exclude))
 
+    @property
+    def has_peers(self) -> bool:
+        """Whether requests may go elsewhere (a peer was discovered); without one,
+        :meth:`serve` only ever runs them here."""
+        return bool(self._clients)
+
     async def serve(self, app: str, event: str, payload: Any) -> Any:
         """Run an app request here or on the peer :meth:`route` picks; a node that did
         not run it (unreachable, queue full, app missing) hands it to the next one."""

@@ -180,6 +180,7 @@ class Node:
             raise ManifestError(str(manifest.source), "name",
                                 f"an app name not already deployed (taken by {other})", manifest.name)
         app = self.app_factory(manifest)
+        app.node = self
         self.apps[app.name] = app          # reserve the name while it starts
         try:
             await self._nursery.start(self._host, app)

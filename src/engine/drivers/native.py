@@ -10,7 +10,9 @@ native-server
     (chunks are forwarded as the slave produces them), or ``ERROR {code,...}``;
     ``queue-full`` when the pool has no room.  Without ``endpoint`` the driver opens
     no socket: the app is reached through the node's control endpoint, which speaks
-    the same protocol.
+    the same protocol.  On a node in a cluster with peers, requests are balanced like
+    the control endpoint's (engine/cluster.py: run here, or on a less-loaded peer when
+    this node is saturated); alone, a job is answered straight from its callbacks.
 native-sink
     Answers ``RESULT null`` as soon as the job is *accepted*; while the pool is full
     the acknowledgement waits, so producers that wait for it are slowed down (the
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from transport.errors import TransportError
+from transport.errors import RemoteError, TransportError
 from transport.rpc import Request, RpcServer
 
 from ..errors import DriverError
@@ -91,6 +93,9 @@ class NativeServer:
 
         def handle(req: Request) -> Any:
             stats.ticks += 1
+            cluster = getattr(getattr(app, "node", None), "cluster", None)
+            if cluster is not None and cluster.has_peers:
+                return self._balanced(cluster, app.name, req.payload)  # on a worker task
             try:
                 job = app.submit(self.spec.emit, req.payload)
             except NO_ROOM:
@@ -105,6 +110,20 @@ class NativeServer:
             await trio.sleep_forever()
         self.server = RpcServer(self.options.endpoint, handle)
         await _serve_rpc(self.server, task_status)
+
+    async def _balanced(self, cluster, app_name: str, payload: Any) -> Any:
+        try:
+            reply = await cluster.serve(app_name, self.spec.emit, payload)
+        except NO_ROOM:
+            self.stats.skipped += 1  # no node of the cluster had room
+            raise
+        except RemoteError as exc:
+            self.stats.submitted += 1
+            self.stats.failed(exc)
+            raise
+        self.stats.submitted += 1
+        self.stats.done += 1
+        return reply
 
     def info(self) -> dict:
         endpoint = self.server.address if self.server else self.options.endpoint
