@@ -329,6 +329,7 @@ async def test_make_demo_command_starts_every_example_app(tmp_path, start_node):
     async with connect(node.address, timeout=15) as client:
         assert await client.call("echo", "echo", {"hi": 1}) == {"hi": 1}
         assert await client.call("echo", "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
+        assert await client.call("pipeline", "squares", 4) == [0, 1, 4, 9]   # app -> app
 
         (examples / "pipeline" / "inbox" / "note.txt").write_text("hello brave new world\n")
         reply = await trio.to_thread.run_sync(nng_request, f"tcp://127.0.0.1:{api_port}", "inbox/note.txt")

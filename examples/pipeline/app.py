@@ -1,15 +1,17 @@
 """A small pipeline: text files dropped into ``inbox/`` are counted (filesystem
-monitor), a timer logs a heartbeat, and an nng server answers word counts.
+monitor), a timer logs a heartbeat, an nng server answers word counts, and ``squares``
+is a second stage on top of the ``echo`` app's streamed counter.
 
 Try it (with ``make demo`` running)::
 
     echo "hello brave new world" > examples/pipeline/inbox/note.txt
     python -c "import pynng, msgpack; s = pynng.Req0(dial='tcp://127.0.0.1:9210'); \
 s.send(msgpack.packb('inbox/note.txt')); print(msgpack.unpackb(s.recv()))"
+    python -m engine call pipeline squares 4      # echo's count, squared as it streams
 """
 from pathlib import Path
 
-from engine import on
+from engine import astream, on
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,3 +37,10 @@ def stats(name):
         raise ValueError("only files inside the app's folder")
     text = path.read_text(errors="replace")
     return {"file": str(name), "lines": text.count("\n"), "words": len(text.split())}
+
+
+@on("squares")
+async def squares(n):
+    """Streams echo's ``count`` reply, squared chunk by chunk: two apps, one stream."""
+    async for chunk in astream("echo", "count", {"n": int(n)}):
+        yield chunk["i"] ** 2
