@@ -3,7 +3,7 @@ every encodable envelope list survives a round trip."""
 import msgpack
 from hypothesis import given, settings, strategies as st
 
-from transport.codec import Envelope, decode, encode
+from transport.codec import Envelope, decode, decode_lists, encode, encode_envelope, join_frame
 from transport.errors import CodecError, RemoteError, body_to_error, error_to_body
 
 payloads = st.recursive(
@@ -38,6 +38,27 @@ def test_decode_wellformed_msgpack_of_wrong_shape(values):
 @given(st.lists(envelopes, max_size=20))
 def test_round_trip(batch):
     assert decode(encode(batch)) == batch
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.binary(max_size=200), st.lists(payloads, max_size=5).map(msgpack.packb),
+                 st.lists(envelopes, max_size=8).map(encode)))
+def test_the_hot_path_decoder_accepts_and_refuses_exactly_what_decode_does(data):
+    try:
+        expected = decode(data)
+    except CodecError:
+        try:
+            decode_lists(data)
+        except CodecError:
+            return
+        raise AssertionError("decode_lists accepted a frame decode refuses")
+    assert [Envelope(*env) for env in decode_lists(data)] == expected
+
+
+@settings(max_examples=300)
+@given(st.lists(envelopes, max_size=20))
+def test_envelopes_packed_one_by_one_join_into_the_frame_encode_makes(batch):
+    assert join_frame([encode_envelope(*env) for env in batch]) == encode(batch)
 
 
 @given(payloads)
