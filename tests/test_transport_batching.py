@@ -15,6 +15,7 @@ from transport.outbox import Outbox
 from transport.requester import Requester
 from transport.responder import Responder
 from transport.rpc import Deferred, RpcClient, RpcServer, Stream
+from transport.streams import READ_SIZE
 
 
 # -- RpcServer: what a handler returns decides how it is answered ----------------------
@@ -260,3 +261,35 @@ async def test_stream_returned_by_a_plain_handler_goes_to_a_worker(nursery):
     with trio.fail_after(10):
         async with RpcClient(server.address) as client:
             assert [c async for c in client.stream("t", "s")] == [0, 1, 2, 3]
+
+
+async def test_a_client_that_never_reads_its_answers_is_not_read_either(nursery):
+    """Its answers queue up to high_water, then the server stops reading its requests
+    (TCP pushes back on it); other clients are still served."""
+    server = RpcServer("tcp://127.0.0.1:0", lambda req: b"x" * 1024, high_water=64)
+    await nursery.start(server.run)
+    host, port = server.address[len("tcp://"):].rsplit(":", 1)
+    greedy = await trio.open_tcp_stream(host, int(port))
+    requests = b"".join(
+        len(frame).to_bytes(4, "big") + frame
+        for frame in (join_frame([encode_envelope(Kind.REQUEST, sid, ["t", "e", None])])
+                      for sid in range(1, 20_001)))
+
+    async def flood():
+        try:
+            await greedy.send_all(requests)  # blocks for good once the server stops reading
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # closed under it at the end of the test
+
+    with trio.fail_after(20):
+        nursery.start_soon(flood)
+        while not server._connections:
+            await trio.sleep(0.01)
+        [conn] = server._connections.values()
+        await trio.sleep(0.5)
+        per_read = READ_SIZE // (len(requests) // 20_000)  # requests one 64 KiB read holds
+        assert len(conn.outbox) < 64 + 2 * per_read   # bounded: it is not read while over
+        assert server.served < 20_000                 # it stopped reading the flood
+        async with RpcClient(server.address) as other:
+            assert await other.call("t", "e") == b"x" * 1024
+    await greedy.aclose()

@@ -144,9 +144,9 @@ class RpcServer:
                     while True:
                         for frame in await stream.recv_many():
                             self._on_frame(conn, frame)
-                        if self._queued >= self.high_water:
-                            # Answers pile up faster than clients read them: stop
-                            # reading requests until they drain (TCP pushes back).
+                        while len(conn.outbox) >= self.high_water:
+                            # This client reads its answers slower than it asks: stop
+                            # reading its requests until they drain (TCP pushes back).
                             await self._wait_room()
                 except (Closed, CodecError):
                     pass  # the client went away, or spoke garbage framing: drop it
