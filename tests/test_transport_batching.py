@@ -156,11 +156,13 @@ async def test_send_many_errors_in_place_or_raised_and_leaving_early_cancels(dis
             Requester("req", requests=["work"], discovery=disco, retries=1) as rq:
         with trio.fail_after(20):
             requests = [{"type": "work", "n": 1}, {"type": "work", "n": 2, "bad": True},
-                        {"type": "work", "n": 3}, {"type": "work", "n": 4, "payload": object()}]
+                        {"type": "work", "n": 3}, {"type": "work", "n": 4, "payload": object()},
+                        "not a request", {"type": "work", "n": 5}]
             answers = [a async for a in rq.send_many(requests, return_exceptions=True)]
-            assert answers[0] == 2 and answers[2] == 6
+            assert answers[0] == 2 and answers[2] == 6 and answers[5] == 10
             assert isinstance(answers[1], HandlerError) and answers[1].type == "ValueError"
             assert isinstance(answers[3], BadMessage)  # could not even be encoded
+            assert isinstance(answers[4], BadMessage)  # each in its own place
             with pytest.raises(HandlerError):
                 async for _ in rq.send_many(requests):
                     pass

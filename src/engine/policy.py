@@ -23,11 +23,11 @@ how many jobs an app accepts).
 
 Growth: spawn while ``waiting > grow_threshold * (slaves starting or ready)`` and
 below ``pool_limit``, where waiting = queued + prefetched.  Retirement: a ready slave
-idle for ``idle_timeout`` while nothing waits.  Broken state (an Erlang supervisor's restart intensity): after
-``restart_intensity`` slaves in a row die before their handshake, the app is
-broken; queued jobs fail with AppBroken, new ones are refused, and one probe slave
-is spawned after an exponential backoff (``backoff_base * 2**n``, capped).  A
-handshake ends the broken state.
+idle for ``idle_timeout`` while nothing waits.  Broken state (an Erlang supervisor's
+restart intensity): after ``restart_intensity`` slaves in a row die before their
+handshake, the app is broken; queued jobs fail with AppBroken, new ones are refused,
+and one probe slave is spawned after an exponential backoff (``backoff_base * 2**n``,
+capped).  A handshake ends the broken state.
 """
 from __future__ import annotations
 

@@ -271,7 +271,7 @@ class Requester(Component):
         self._check_running()
         chosen: dict[str, _Link | None] = {}
         now = trio.current_time()
-        before = len(in_flight)
+        started = 0
         for link in self.links.values():
             link.client.hold(True)
         try:
@@ -279,7 +279,11 @@ class Requester(Component):
                 request = next(source, _END)
                 if request is _END:
                     break
-                self._admit(request)
+                try:
+                    self._admit(request)
+                except RemoteError as exc:  # not a request, or too many outstanding:
+                    in_flight.append((request, None, exc))  # its answer, in its place
+                    continue
                 event = request["type"]
                 link = chosen.get(event, _END)
                 if link is _END:
@@ -297,8 +301,9 @@ class Requester(Component):
                     link.breaker.on_dispatch()
                     del chosen[event]
                 self._outstanding += 1
+                started += 1
                 in_flight.append((request, link, call))
-            self.stats["sent"] += len(in_flight) - before
+            self.stats["sent"] += started
         finally:
             for link in self.links.values():
                 link.client.hold(False)
