@@ -111,6 +111,7 @@ def family_rr(settings: Settings, results: Results) -> dict[str, RRFigures | str
                 out, err = _measure(f"engine native-server driver, {setting}", measure, settings)
                 if out:
                     ours[key] = out[0]
+                    ours[f"{key}_sync"] = out[1]["sync_client"]
                 systems[f"native-server, {setting}"] = ours.get(key) or err
     else:
         systems["native-server"] = reason
@@ -155,6 +156,12 @@ def _rr_rows(results: Results, tcp: RRFigures | None, pynng_fig: RRFigures | Non
                         10_000.0, "/s", "> 10,000/s", verdict(native.inflight[256] > 10_000)))
     # Not the target's configuration (that is the defaults above): what the same engine
     # does with other manifest settings; shown, not judged.
+    sync = ours.get("native_threads_sync")
+    if tcp and sync:
+        results.add(Row("rr", "(backend thread) native-server seq rt/s vs trio TCP echo",
+                        sync.seq_rate, tcp.seq_rate, "/s", ">= 0.33x", "info",
+                        "manifest engine.backend = thread (handlers in the node process), "
+                        "not the default; client: SyncRpcClient"))
     for key, setting, _ in _native_variants():
         fig = ours.get(key)
         if fig is not None and 256 in fig.inflight:
@@ -169,7 +176,8 @@ def _native_variants() -> list[tuple[str, str, Callable]]:
     """(figures key, manifest setting, measurement) of the opt-in native-server rows."""
     return [("native_concurrent", f"concurrency {engine.CONCURRENT}", engine.native_server_concurrent),
             ("native_no_prefetch", f"prefetch {engine.NO_PREFETCH}",
-             engine.native_server_no_prefetch)]
+             engine.native_server_no_prefetch),
+            ("native_threads", "backend thread", engine.native_server_threads)]
 
 
 def _cote_reason(settings: Settings, results: Results) -> str | None:

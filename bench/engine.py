@@ -179,8 +179,14 @@ async def native_server_no_prefetch(settings: Settings) -> tuple[RRFigures, dict
     return await native_server(settings, prefetch=NO_PREFETCH)
 
 
+async def native_server_threads(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
+    """The same app with ``engine.backend: "thread"``: handlers in the node process."""
+    return await native_server(settings, backend="thread")
+
+
 async def native_server(settings: Settings, *, concurrency: int | None = None,
-                        prefetch: int | None = None) -> tuple[RRFigures, dict[str, Any]]:
+                        prefetch: int | None = None,
+                        backend: str | None = None) -> tuple[RRFigures, dict[str, Any]]:
     from engine.client import connect
     from transport.rpc import RpcClient
 
@@ -190,6 +196,8 @@ async def native_server(settings: Settings, *, concurrency: int | None = None,
         engine_options["concurrency"] = concurrency
     if prefetch is not None:
         engine_options["prefetch"] = prefetch
+    if backend is not None:
+        engine_options["backend"] = backend
     async with node_hosting(manifest(drivers, **engine_options)) as node:
         async with connect(node.ready, timeout=10) as control:
             info = await control.info(APP)

@@ -140,17 +140,25 @@ def test_every_engine_key(app_dir):
     m = load_manifest(write(app_dir, {"engine": {
         "pool-limit": 3, "queue-limit": 7, "heartbeat-timeout": 2.5, "grow-threshold": 2,
         "startup-timeout": 4, "idle-timeout": 0.5, "termination-timeout": 0,
-        "backend": "thread", "concurrency": 8, "prefetch": 16, "crashlog-limit": 0,
+        "backend": "process", "concurrency": 8, "prefetch": 16, "crashlog-limit": 0,
         "resource-limits": {"cpuset": {"cpuset.cpus": "0-1,5,7-8"}, "memory": "512M",
                             "cpu-time": 30, "open-files": 256},
     }}))
     assert m.engine == EngineConfig(
         pool_limit=3, queue_limit=7, heartbeat_timeout=2.5, grow_threshold=2,
-        startup_timeout=4.0, idle_timeout=0.5, termination_timeout=0.0, backend="thread",
+        startup_timeout=4.0, idle_timeout=0.5, termination_timeout=0.0, backend="process",
         concurrency=8, prefetch=16, crashlog_limit=0,
         resource_limits=ResourceLimits(cpus=frozenset({0, 1, 5, 7, 8}), memory_bytes=512 << 20,
                                        cpu_seconds=30, open_files=256),
     )
+
+
+def test_thread_backend_refuses_resource_limits_it_could_not_apply(app_dir):
+    assert load_manifest(write(app_dir, {"engine": {"backend": "thread"}})).engine.backend == "thread"
+    with pytest.raises(ManifestError) as err:
+        load_manifest(write(app_dir, {"engine": {"backend": "thread",
+                                                 "resource-limits": {"memory": "1G"}}}))
+    assert "engine.resource-limits" in str(err.value) and "node's process" in str(err.value)
 
 
 @pytest.mark.parametrize("memory, expected", [

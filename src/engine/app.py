@@ -21,7 +21,12 @@ from .manifest import AppManifest
 
 
 def _default_pool_factory(manifest: AppManifest):
-    from .pool import SlavePool  # imported late: the pool pulls in subprocess machinery
+    # Imported late: the pools pull in subprocess and threading machinery.
+    if manifest.engine.backend == "thread":
+        from .thread_pool import ThreadPool
+
+        return ThreadPool(manifest.name, manifest.entry, manifest.engine)
+    from .pool import SlavePool
 
     return SlavePool(manifest.name, manifest.entry, manifest.engine)
 

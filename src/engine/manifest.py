@@ -221,6 +221,10 @@ class _Parser:
         self.reject_unknown(raw, tuple(specs), "engine.")
         values = {attr: check(raw[key], f"engine.{key}")
                   for key, (attr, check) in specs.items() if key in raw}
+        if values.get("backend") == "thread" and raw.get("resource-limits"):
+            # Silently ignoring them would be worse than refusing the manifest.
+            raise self.error("engine.resource-limits", 'no resource limits with backend "thread" '
+                             "(its handlers share the node's process)", raw["resource-limits"])
         return EngineConfig(**values)
 
     def positive_int(self, value: Any, path: str) -> int:

@@ -63,11 +63,6 @@ class SlavePool:
         self.entry = Path(entry)
         self.config = config
         self.python = python
-        if getattr(config, "backend", "process") == "thread":
-            # Not implemented: a thread cannot be killed, and rlimits, crashlog capture
-            # and the per-process handler registry do not fit (see docs/manifest.md).
-            log.warning("%s: backend \"thread\" is not implemented; slaves run as processes",
-                        app_name)
         self.policy = P.PoolPolicy(
             pool_limit=config.pool_limit, queue_limit=config.queue_limit,
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,

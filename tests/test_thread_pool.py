@@ -1,0 +1,164 @@
+"""backend "thread": handlers in the node's process, same contract as the slave pool."""
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from engine.client import connect
+from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
+from engine.manifest import EngineConfig
+from engine.thread_pool import ThreadPool
+from transport.errors import HandlerError, UnknownEvent
+
+APP = """
+import threading, time
+import trio
+from engine import on
+
+@on("echo")
+def echo(data):
+    return data
+
+@on("where")
+def where(data):
+    return threading.current_thread().name
+
+@on("double")
+async def double(data):
+    await trio.sleep(0)
+    return data * 2
+
+@on("count")
+def count(n):
+    for i in range(n):
+        yield i
+
+@on("acount")
+async def acount(n):
+    for i in range(n):
+        yield i
+
+@on("boom")
+def boom(data):
+    raise ValueError(f"bad {data}")
+
+@on("block")
+def block(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+@on("asleep")
+async def asleep(seconds):
+    await trio.sleep(seconds)
+    return "slept"
+"""
+
+
+@asynccontextmanager
+async def running_pool(tmp_path, source=APP, name="threads", **cfg):
+    entry = tmp_path / f"{name}.py"
+    entry.write_text(textwrap.dedent(source))
+    pool = ThreadPool(name, entry, EngineConfig(backend="thread", **cfg))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        try:
+            yield pool
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_every_kind_of_handler_runs_and_errors_are_typed(tmp_path):
+    with trio.fail_after(20):
+        async with running_pool(tmp_path) as pool:
+            assert await pool.submit("echo", {"a": 1}).result() == {"a": 1}
+            # A plain function runs on a thread until its calls have proved quick, then
+            # inline on the node's loop (a thread hop costs more than such a call).
+            main = threading.main_thread().name
+            seen = [await pool.submit("where", None).result() for _ in range(30)]
+            assert seen[0] != main and seen[-1] == main, seen
+            assert await pool.submit("double", 21).result() == 42
+            assert await pool.submit("count", 4).result() == [0, 1, 2, 3]
+            assert [c async for c in pool.submit("acount", 3)] == [0, 1, 2]
+            with pytest.raises(HandlerError) as err:
+                await pool.submit("boom", 7).result()
+            assert err.value.type == "ValueError" and "bad 7" in str(err.value)
+            with pytest.raises(UnknownEvent):
+                await pool.submit("nope", None).result()
+            info = pool.info()
+            assert info["backend"] == "thread" and info["done"] == 34 and info["failed"] == 2
+            assert any("bad 7" in line for line in pool.crashlog())
+
+
+async def test_limits_queue_full_cancel_and_a_hung_thread(tmp_path):
+    with trio.fail_after(20):
+        async with running_pool(tmp_path, pool_limit=1, queue_limit=1,
+                                heartbeat_timeout=0.5) as pool:
+            running = pool.submit("asleep", 30)
+            queued = pool.submit("echo", "later")
+            await trio.sleep(0.05)
+            assert (pool.info()["running"], pool.info()["queue"]) == (1, 1)
+            with pytest.raises(QueueFull):
+                pool.submit("echo", "refused")
+            running.cancel()
+            with pytest.raises(JobCancelled):
+                await running.result()
+            assert await queued.result() == "later"   # the slot went to the queued job
+            hung = pool.submit("block", 5)            # a thread cannot be stopped...
+            with pytest.raises(SlaveHung):            # ...but its job fails and frees the slot
+                await hung.result()
+            assert await pool.submit("echo", "after").result() == "after"
+            assert pool.info()["cancelled"] == 1 and pool.info()["crashes"] == 1
+
+
+async def test_two_apps_in_one_process_keep_their_own_handlers(tmp_path):
+    other = 'from engine import on\n\n@on("echo")\ndef echo(data):\n    return ["other", data]\n'
+    with trio.fail_after(20):
+        async with running_pool(tmp_path) as one, running_pool(tmp_path, other, name="other") as two:
+            assert await one.submit("echo", 1).result() == 1
+            assert await two.submit("echo", 1).result() == ["other", 1]
+            with pytest.raises(UnknownEvent):
+                await two.submit("double", 1).result()
+
+
+async def test_an_app_that_does_not_import_is_broken_not_the_node(tmp_path):
+    with trio.fail_after(20):
+        async with running_pool(tmp_path, "raise RuntimeError('no config')\n") as pool:
+            assert pool.info()["state"] == "broken"
+            with pytest.raises(AppBroken, match="no config"):
+                pool.submit("echo", 1)
+            assert any("no config" in line for line in pool.crashlog())
+
+
+async def test_drain_finishes_what_it_can_then_answers_the_rest(tmp_path):
+    with trio.fail_after(20):
+        async with running_pool(tmp_path, pool_limit=1) as pool:
+            quick, slow = pool.submit("asleep", 0.05), pool.submit("asleep", 30)
+            await pool.drain(0.5)
+            assert await quick.result() == "slept"
+            with pytest.raises(ShuttingDown):
+                await slow.result()
+            with pytest.raises(ShuttingDown):
+                pool.submit("echo", 1)
+
+
+async def test_a_node_serves_a_thread_backend_app(tmp_path, start_node):
+    folder = tmp_path / "apps" / "inproc"
+    folder.mkdir(parents=True)
+    (folder / "app.py").write_text(textwrap.dedent(APP))
+    (folder / "manifest.json").write_text(json.dumps({
+        "args": "app.py", "engine": {"backend": "thread", "pool-limit": 2},
+        "drivers": {"rpc": {"type": "native-server", "emit": "double",
+                            "endpoint": "tcp://127.0.0.1:0"}}}))
+    node = await start_node(folder)
+    async with connect(node.address, timeout=20) as client:
+        with trio.fail_after(20):
+            assert await client.call("inproc", "echo", "hi") == "hi"
+            assert await client.call("inproc", "count", 3) == [0, 1, 2]
+            info = await client.info("inproc")
+            assert info["pool"]["backend"] == "thread"
+    assert not node.descendants()  # no slave processes at all
