@@ -22,7 +22,9 @@ raised here.  Chunks flow as the target produces them, flow-controlled end to en
 
 Blocking calls hold the slave's only thread: its heartbeats wait too, so a blocking call
 (or the wait for one chunk) must end within the app's ``heartbeat-timeout``, or the node
-takes the slave for hung.  ``acall``/``astream`` have no such limit.  An app that calls
+takes the slave for hung.  ``acall``/``astream`` have no such limit, but need a slave:
+in a ``backend: "thread"`` app use ``call``/``stream`` from plain handlers (they run on
+threads there, since a call takes longer than the inline threshold).  An app that calls
 itself (directly or round a cycle) can use up its own pool and wait for ever; give
 such calls a timeout.
 """
