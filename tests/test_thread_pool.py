@@ -56,6 +56,13 @@ def block(seconds):
 async def asleep(seconds):
     await trio.sleep(seconds)
     return "slept"
+
+@on("maybe_call")
+def maybe_call(data):
+    if data:
+        from engine import call
+        return call("elsewhere", "x", node="tcp://127.0.0.1:1", timeout=1)
+    return "quick"
 """
 
 
@@ -113,6 +120,15 @@ async def test_limits_queue_full_cancel_and_a_hung_thread(tmp_path):
                 await hung.result()
             assert await pool.submit("echo", "after").result() == "after"
             assert pool.info()["cancelled"] == 1 and pool.info()["crashes"] == 1
+
+
+async def test_a_quick_handler_inline_on_the_loop_may_not_block_it_on_a_call(tmp_path):
+    with trio.fail_after(20):
+        async with running_pool(tmp_path) as pool:
+            for _ in range(30):   # quick every time: it ends up inline on the node's loop
+                assert await pool.submit("maybe_call", False).result() == "quick"
+            with pytest.raises(HandlerError, match="would wait for itself"):
+                await pool.submit("maybe_call", True).result()
 
 
 async def test_two_apps_in_one_process_keep_their_own_handlers(tmp_path):

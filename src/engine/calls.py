@@ -31,6 +31,7 @@ such calls a timeout.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, AsyncIterator, Iterator
 
@@ -65,6 +66,9 @@ def _sync_client(node: str | None) -> Iterator[Any]:
     while iterating a stream never reads that stream's replies."""
     from transport.sync_client import SyncRpcClient
 
+    if _inline_in_node():
+        raise RuntimeError("call()/stream() from a handler running inline on the node's own "
+                           "loop would wait for itself: the node cannot answer while it runs")
     address = _node(node)
     idle = _idle_sync.setdefault(address, [])
     client = idle.pop() if idle else SyncRpcClient(address)
@@ -87,6 +91,12 @@ def stream(app: str, event: str, payload: Any = None, *, timeout: float = DEFAUL
     leaving the loop early cancels the rest."""
     with _sync_client(node) as client:
         yield from client.stream(app, event, payload, timeout=timeout)
+
+
+def _inline_in_node() -> bool:
+    """A backend "thread" app's quick handler, run on the node's loop (engine.thread_pool)."""
+    thread_pool = sys.modules.get("engine.thread_pool")
+    return thread_pool is not None and getattr(thread_pool.inline, "active", False)
 
 
 async def _async_client(node: str | None) -> Any:

@@ -55,6 +55,7 @@ _import_lock = threading.Lock()  # api.HANDLERS is one registry: one app imports
 _DONE = object()
 # A plain handler whose calls have averaged less than this runs inline on the node's loop.
 INLINE_BELOW = 0.0005
+inline = threading.local()  # .active: a handler is running inline on the node's loop now
 
 
 def load_isolated(entry: Path, app_name: str) -> dict[str, Callable]:
@@ -251,7 +252,11 @@ class ThreadPool:
         t0 = time.perf_counter()
         try:
             if quick:
-                return fn(*args)
+                inline.active = True  # engine.calls refuses to block the loop from here
+                try:
+                    return fn(*args)
+                finally:
+                    inline.active = False
             return await self._in_thread(job, fn, *args)
         finally:
             took = time.perf_counter() - t0
