@@ -83,7 +83,7 @@ class FakePool:
             self.running = False
             self.exited.set()
 
-    def submit(self, event, payload):
+    def submit(self, event, payload, chunks=None):
         self.submitted += 1
         return FakeJob(event, payload)
 

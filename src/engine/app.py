@@ -131,11 +131,14 @@ class App:
         await self._stopped.wait()
 
     # -- use --------------------------------------------------------------------------
-    def submit(self, event: str, payload: Any):
-        """Queue a job (see SlavePool.submit); raises QueueFull / ShuttingDown / AppBroken at once."""
+    def submit(self, event: str, payload: Any, chunks: Any = None):
+        """Queue a job (see SlavePool.submit); raises QueueFull / ShuttingDown / AppBroken
+        at once.  ``chunks``: a chunked request's chunks, for the handler to read."""
         if self.state != "running":
             raise ShuttingDown(f"app {self.name} is {self.state}")
-        return self.pool.submit(event, payload)
+        if chunks is None:
+            return self.pool.submit(event, payload)
+        return self.pool.submit(event, payload, chunks)
 
     def publish(self, topic: str, value: Any) -> None:
         """Publish on the app's maintenance channel (sinks' results, for example)."""

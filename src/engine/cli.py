@@ -112,15 +112,29 @@ def call_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("app")
     p.add_argument("event")
     p.add_argument("payload", nargs="?", metavar="JSON", help="the payload as JSON (default null)")
+    p.add_argument("--upload", metavar="FILE",
+                   help="send FILE ('-': stdin) as the request's chunks, 64 KiB each "
+                        "(a chunked request: the handler reads them as its second argument)")
     node_options(p)
 
     async def run(args: argparse.Namespace) -> int:
         payload = _parse_json_arg(args.payload)
         async with connect_node(args) as node:
+            if args.upload is not None:
+                reply = await node.call(args.app, args.event, payload, timeout=args.timeout,
+                                        chunks=_file_chunks(args.upload))
+                print(to_json(reply), flush=True)
+                return EXIT_OK
             async for chunk in node.stream(args.app, args.event, payload, timeout=args.timeout):
                 print(to_json(chunk), flush=True)
         return EXIT_OK
     return run
+
+
+def _file_chunks(path: str, size: int = 64 * 1024):
+    with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-" else open(path, "rb")) as f:
+        while block := f.read(size):
+            yield block
 
 
 @command("list", "list the node's apps and the manifests it rejected")

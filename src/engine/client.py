@@ -37,9 +37,10 @@ class NodeClient:
 
     # -- app calls --------------------------------------------------------------------
     async def call(self, app: str, event: str, payload: Any = None, *,
-                   timeout: float | None = None) -> Any:
-        """The reply's value, or the list of chunks of a streamed reply."""
-        return await self.rpc.call(app, event, payload, timeout=timeout)
+                   timeout: float | None = None, chunks: Any = None) -> Any:
+        """The reply's value, or the list of chunks of a streamed reply.  ``chunks`` (an
+        iterable or async iterable) makes it a chunked request (docs/protocol.md)."""
+        return await self.rpc.call(app, event, payload, timeout=timeout, chunks=chunks)
 
     def stream(self, app: str, event: str, payload: Any = None, *,
                timeout: float | None = None) -> ReplyStream:

@@ -445,8 +445,8 @@ class ClusterControlHandler(ControlHandler):
 
     def __call__(self, req: Request) -> Any:
         cluster = getattr(self.node, "cluster", None)
-        if req.target == "" or cluster is None:
-            return super().__call__(req)
+        if req.target == "" or cluster is None or req.chunks is not None:
+            return super().__call__(req)  # a chunked request runs where its chunks arrive
         return cluster.serve(req.target, req.event, req.payload)  # a coroutine: on a task
 
 

@@ -59,7 +59,7 @@ class ControlHandler:
                 raise UnknownEvent(f"no node verb {req.event!r} (verbs: {', '.join(sorted(VERBS))})")
             return fn(self.node, req.payload)
         app = self.node.get(req.target)
-        return reply_later(app.submit(req.event, req.payload))
+        return reply_later(app.submit(req.event, req.payload, req.chunks))
 
 
 def reply_later(job: Any) -> Deferred:

@@ -36,15 +36,16 @@ _ABORTED = trio.lowlevel.Abort.SUCCEEDED
 
 
 class Job:
-    __slots__ = ("id", "event", "payload", "streaming", "submitted_at", "finished_at",
+    __slots__ = ("id", "event", "payload", "input", "streaming", "submitted_at", "finished_at",
                  "_items", "_value", "_value_taken", "_error", "_done", "_waiters",
                  "_callbacks", "_on_reply", "_pool", "_taken", "_collected")
 
     def __init__(self, id: int, event: str, payload: Any, submitted_at: float,
-                 pool: "SlavePool | None" = None):
+                 pool: "SlavePool | None" = None, input: Any = None):
         self.id = id
         self.event = event
         self.payload = payload
+        self.input = input                   # a chunked request's chunks (async iterable)
         self.streaming: bool | None = None   # known after the first reply
         self.submitted_at = submitted_at
         self.finished_at: float | None = None

@@ -34,7 +34,9 @@ from typing import Any
 
 import trio
 
+from transport.codec import Kind
 from transport.errors import RemoteError
+from transport.inbound import SendWindow
 
 from . import policy as P
 from . import protocol as S
@@ -79,6 +81,7 @@ class SlavePool:
         self._quiet = trio.Event()                # set when no accepted job is pending
         self._crashlog: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._input_windows: dict[int, SendWindow] = {}  # chunked jobs: chunks the slave takes
         self.done = 0
         self.failed = 0
         self.cancelled = 0
@@ -105,14 +108,16 @@ class SlavePool:
             os.close(death_r)
             os.close(death_w)
 
-    def submit(self, event: str, payload: Any = None) -> Job:
+    def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
+        """``chunks``: a chunked request's chunks (an async iterable, e.g. an rpc
+        request's InputStream), forwarded to the slave as its handler takes them."""
         if self._nursery is None or self._nursery.cancel_scope.cancel_called:
             raise ShuttingDown(f"the slave pool of {self.app_name!r} is not running")
         now = trio.current_time()
         job_id = self._next_job
         decisions = self.policy.submit(job_id, now, event)  # raises QueueFull / ShuttingDown / AppBroken
         self._next_job += 1
-        job = self._jobs[job_id] = Job(job_id, event, payload, now, self)
+        job = self._jobs[job_id] = Job(job_id, event, payload, now, self, chunks)
         self._apply(decisions, now)
         return job
 
@@ -167,7 +172,11 @@ class SlavePool:
         for d in decisions:
             if type(d) is P.Assign:
                 slave, job = self._slaves[d.slave], self._jobs[d.job]
-                self._act(slave, slave.session.invoke(job.id, job.id, job.event, job.payload), now)
+                chunked = job.input is not None
+                self._act(slave, slave.session.invoke(job.id, job.id, job.event, job.payload,
+                                                      chunked), now)
+                if chunked:
+                    self._nursery.start_soon(self._send_input, slave, job)
                 continue
             rearm = True
             if isinstance(d, P.Spawn):
@@ -217,6 +226,10 @@ class SlavePool:
                 # timer is due before that anyway.
                 if now + self.policy.idle_timeout < self._timer_at:
                     self._wake_timer(self.policy.next_deadline())
+            elif kind is S.InputCredit:
+                window = self._input_windows.get(a.job)
+                if window is not None:
+                    window.credit(a.chunks)
             elif isinstance(a, S.Ready):
                 self._apply(self.policy.slave_ready(slave.id, a.concurrency, now), now)
                 self._wake_timer(slave.session.next_deadline())
@@ -249,6 +262,25 @@ class SlavePool:
             self._quiet.set()
 
     # -- tasks -------------------------------------------------------------------------
+    async def _send_input(self, slave: _Slave, job: Job) -> None:
+        """Forward a chunked job's chunks to its slave, never more than the slave's
+        window ahead of its handler; stops when the job is answered (or its slave gone)."""
+        window = self._input_windows[job.id] = SendWindow()
+        try:
+            with trio.CancelScope() as scope:
+                job.add_done_callback(lambda _: scope.cancel())
+                try:
+                    async for item in job.input:
+                        await window.wait()
+                        window.left -= 1
+                        slave.process.send(Kind.CHUNK, job.id, item)
+                    slave.process.send(Kind.CHOKE, job.id, None)
+                except RemoteError:  # the caller's chunks broke off (it left, or overran)
+                    job.cancel()
+        finally:
+            self._input_windows.pop(job.id, None)
+
+
     async def _supervise(self, slave: _Slave) -> None:
         """One slave's whole life: spawn, talk, reap, report."""
         cfg = self.config

@@ -98,6 +98,13 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class InputCredit:
+    """The slave took chunks of a chunked job: it may be sent ``chunks`` more."""
+    job: Hashable
+    chunks: int
+
+
+@dataclass(frozen=True)
 class Ready:
     """Handshake accepted: the slave may take ``concurrency`` jobs."""
     concurrency: int
@@ -153,14 +160,16 @@ class SlaveSession:
         return deadline
 
     # -- events from the shell -----------------------------------------------------------
-    def invoke(self, sid: int, job: Hashable, event: str, payload: Any) -> list:
+    def invoke(self, sid: int, job: Hashable, event: str, payload: Any,
+               chunked: bool = False) -> list:
         if self.state is not State.READY or len(self.jobs) >= self.capacity:
             raise ProtocolError(f"slave {self.pid} cannot take a job in state {self.state.value} "
                                 f"with {len(self.jobs)}/{self.capacity} jobs")
         if sid in self.jobs:
             raise ProtocolError(f"sid {sid} already in use on slave {self.pid}")
         self.jobs[sid] = job
-        return [Send(Envelope(Kind.INVOKE, sid, [event, payload]))]
+        body = [event, payload, True] if chunked else [event, payload]  # True: CHUNKs follow
+        return [Send(Envelope(Kind.INVOKE, sid, body))]
 
     def cancel(self, sid: int, now: float) -> list:
         """Ask the slave to stop job ``sid``; it stays held until acknowledged."""
@@ -193,6 +202,11 @@ class SlaveSession:
                 self._terminate_deadline = now + self.termination_timeout
                 return [Stopping()]
             return []
+        if kind == Kind.CREDIT:  # for the chunks of a chunked job
+            job = self.jobs.get(sid)
+            if job is None or sid in self.cancelling or type(body) is not int or body <= 0:
+                return []
+            return [InputCredit(job, body)]
         if kind == Kind.ERROR and sid == 0:
             # A slave-level failure (e.g. the app module did not import); it will exit.
             self.startup_error = body_to_error(body)

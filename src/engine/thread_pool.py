@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import trio
 
-from transport.errors import RemoteError, UnknownEvent, body_to_error, error_to_body
+from transport.errors import BadMessage, RemoteError, UnknownEvent, body_to_error, error_to_body
 
 from . import api
 from .errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
@@ -47,7 +47,7 @@ from .manifest import EngineConfig
 from .pool import LATENCY_WINDOW
 from .prefetch import MAX_EVENTS
 from .protocol import STREAM_WINDOW
-from .worker import ASYNC, ASYNC_GEN, handler_kind
+from .worker import ASYNC, ASYNC_GEN, chunks_refused, handler_kind
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ThreadPool:
             for job in list(self._jobs.values()):
                 self._settle_failure(job, ShuttingDown("the app's thread pool stopped"))
 
-    def submit(self, event: str, payload: Any = None) -> Job:
+    def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
         if self._nursery is None or self._draining or self._nursery.cancel_scope.cancel_called:
             raise ShuttingDown(f"the thread pool of {self.app_name!r} is not running")
         if self.broken_reason is not None:
@@ -142,7 +142,7 @@ class ThreadPool:
         free = self._running < self._slots
         if not free and len(self._queue) >= self.config.queue_limit:
             raise QueueFull(f"queue-limit {self.config.queue_limit} reached")
-        job = Job(self._next_job, event, payload, trio.current_time(), self)
+        job = Job(self._next_job, event, payload, trio.current_time(), self, chunks)
         self._next_job += 1
         self._jobs[job.id] = job
         if free:
@@ -219,10 +219,16 @@ class ThreadPool:
             raise UnknownEvent(f"no handler for event {job.event!r}; the app handles "
                                f"{sorted(self._handlers)}")
         fn, kind = entry
+        args = (job.payload,)
+        if job.input is not None:  # a chunked request: the handler reads its chunks itself
+            refused = chunks_refused(fn, kind)
+            if refused:
+                raise BadMessage(refused)
+            args = (job.payload, job.input)
         if kind is ASYNC:
-            self._settle(job, await fn(job.payload))
+            self._settle(job, await fn(*args))
         elif kind is ASYNC_GEN:
-            agen = fn(job.payload)
+            agen = fn(*args)
             try:
                 async for item in agen:
                     await self._chunk(job, item)

@@ -44,6 +44,7 @@ import trio
 from transport.channel import EnvelopeChannel
 from transport.codec import Kind
 from transport.errors import BadMessage, Closed, UnknownEvent, error_to_body
+from transport.inbound import InputStream
 from transport.streams import from_fd
 
 from . import api, calls
@@ -139,6 +140,23 @@ def handler_kind(fn) -> str:
     return SYNC
 
 
+def chunks_refused(fn, kind: str) -> str | None:
+    """Why ``fn`` cannot take a chunked request (None if it can): it must be async
+    (reading chunks waits for them) and take them as a second argument."""
+    if kind is SYNC:
+        return (f"{fn.__name__} cannot read a chunked request: define it as "
+                f"async def {fn.__name__}(payload, chunks)")
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):
+        return None
+    if len(params) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return (f"{fn.__name__} takes no chunks: define it as "
+                f"async def {fn.__name__}(payload, chunks) to read a chunked request")
+    return None
+
+
 class Runtime:
     """Serves INVOKEs.  At most ``concurrency`` jobs run at once; INVOKEs beyond that
     (the node's ``prefetch``) wait here in arrival order and start as slots free.
@@ -156,6 +174,7 @@ class Runtime:
         self.concurrency = max(1, concurrency)
         self.jobs: dict[int, _Running] = {}          # running on a task
         self.waiting: dict[int, tuple[str, Any]] = {}  # sid -> (event, payload), FIFO
+        self.inputs: dict[int, InputStream] = {}     # sid -> a chunked request's chunks
         self.stopping = False
 
     @property
@@ -182,20 +201,30 @@ class Runtime:
                 return
             for kind, sid, body in envelopes:
                 if kind == Kind.INVOKE:
-                    if type(body) is list and len(body) == 2 and type(body[0]) is str \
+                    if type(body) is list and 2 <= len(body) <= 3 and type(body[0]) is str \
                             and sid not in self.jobs and sid not in self.waiting:
+                        if len(body) == 3 and body[2] is True:  # its CHUNKs follow
+                            self.inputs[sid] = InputStream(self._granter(sid))
                         if self.waiting or len(self.jobs) >= self.concurrency:
                             self.waiting[sid] = (body[0], body[1])  # prefetched: wait for a slot
                         else:
                             self.start(sid, body[0], body[1])
                     else:
-                        send(Kind.ERROR, sid, error_to_body(
-                            BadMessage(f"INVOKE body must be [event, payload], got {body!r:.80}")))
+                        send(Kind.ERROR, sid, error_to_body(BadMessage(
+                            f"INVOKE body must be [event, payload(, chunked)], got {body!r:.80}")))
+                elif kind == Kind.CHUNK or kind == Kind.CHOKE:  # a chunked request's
+                    chunks = self.inputs.get(sid)
+                    if chunks is not None:
+                        if kind == Kind.CHUNK:
+                            chunks.feed(body)
+                        else:
+                            chunks.end()
                 elif kind == Kind.CANCEL:
                     job = self.jobs.get(sid)
                     if job is not None:
                         job.scope.cancel()
                     elif self.waiting.pop(sid, None) is not None:  # prefetched, never started
+                        self.inputs.pop(sid, None)
                         send(Kind.ERROR, sid, error_to_body(
                             JobCancelled("cancelled by the node before it started")))
                     # else it has finished: its reply is on its way
@@ -214,18 +243,31 @@ class Runtime:
                     await self.chan.flush()
                     return
 
+    def _granter(self, sid: int):
+        send = self.chan.send_nowait
+        return lambda n: send(Kind.CREDIT, sid, n)
+
     def start(self, sid: int, event: str, payload: Any) -> None:
         """Run one job: inline to its end (a plain sync handler), or on a task."""
         send = self.chan.send_nowait
+        chunks = self.inputs.get(sid)
         entry = self.handlers.get(event)
         if entry is None:
+            self.inputs.pop(sid, None)
             send(Kind.ERROR, sid, error_to_body(UnknownEvent(
                 f"no handler for event {event!r}; the app handles {sorted(self.handlers)}")))
             return
         fn, kind = entry
         try:
-            out = fn(payload)  # sync: on the trio thread on purpose (module docstring)
+            if chunks is None:
+                out = fn(payload)  # sync: on the trio thread on purpose (module docstring)
+            else:
+                refused = chunks_refused(fn, kind)
+                if refused:
+                    raise BadMessage(refused)
+                out = fn(payload, chunks)
         except Exception as exc:  # the caller gets type + message; the slave lives on
+            self.inputs.pop(sid, None)
             send(Kind.ERROR, sid, error_to_body(exc))
             return
         if kind is SYNC and not (inspect.isgenerator(out) or inspect.isasyncgen(out)
@@ -262,6 +304,8 @@ class Runtime:
                 send(Kind.ERROR, sid, error_to_body(JobCancelled("cancelled by the node")))
         finally:
             del self.jobs[sid]
+            if self.inputs:
+                self.inputs.pop(sid, None)
             if self.waiting:
                 self._start_waiting()
 

@@ -35,7 +35,9 @@ import pynng
 import trio
 
 from .codec import Kind, decode_lists, encode_envelope
-from .errors import BadMessage, Closed, CodecError, QueueFull, TransportError, error_to_body
+from .errors import (BadMessage, Closed, CodecError, QueueFull, TransportError, Unreachable,
+                     error_to_body)
+from .inbound import InputStream
 from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
 from .rpc_handlers import _FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream
@@ -44,6 +46,7 @@ from .sockets import TrioSocket, bound_address
 # The kinds on the hot paths as plain ints: an enum member lookup costs more than
 # the comparison it feeds (~75 ns each).
 _REQUEST, _CANCEL, _RESULT = int(Kind.REQUEST), int(Kind.CANCEL), int(Kind.RESULT)
+_CHUNK, _CHOKE, _CREDIT = int(Kind.CHUNK), int(Kind.CHOKE), int(Kind.CREDIT)
 # Handler results that are certainly answers (not coroutines, Streams or Deferreds).
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
@@ -57,7 +60,7 @@ class _Connection:
     """One client as the server sees it: its replies queue here until its writer
     task packs them into frames."""
 
-    __slots__ = ("id", "send", "try_send", "outbox", "running", "deferred")
+    __slots__ = ("id", "send", "try_send", "outbox", "running", "deferred", "inputs")
 
     def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
                  try_send: Callable[[bytes], bool] | None = None):
@@ -67,6 +70,7 @@ class _Connection:
         self.outbox = Outbox()
         self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
         self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
+        self.inputs: dict[int, InputStream] = {}  # sid -> chunks of a request still coming
 
 
 class _Worker:
@@ -203,6 +207,9 @@ class RpcServer:
             worker.scope.cancel()
         for sid in list(conn.deferred):
             self._cancel_deferred(conn, sid)
+        for chunks in conn.inputs.values():
+            chunks.fail(Unreachable("the client left before the end of its request"))
+        conn.inputs.clear()
         self._queued -= conn.outbox.clear()
         conn.send = None  # tells its writer to stop
         conn.outbox.wake()
@@ -221,6 +228,14 @@ class RpcServer:
             for kind, sid, body in envelopes:
                 if kind == _REQUEST:
                     self._on_request(conn, sid, body)
+                elif kind == _CHUNK or kind == _CHOKE:  # a chunked request's chunks
+                    chunks = conn.inputs.get(sid)
+                    if chunks is not None:
+                        if kind == _CHUNK:
+                            chunks.feed(body)
+                        else:
+                            chunks.end()
+                            del conn.inputs[sid]
                 elif kind == _CANCEL:
                     worker = conn.running.get(sid)
                     if worker is not None:
@@ -232,9 +247,9 @@ class RpcServer:
             conn.outbox.held = False
 
     def _on_request(self, conn: _Connection, sid: int, body: Any) -> None:
-        if not (isinstance(body, list) and len(body) == 3 and isinstance(body[1], str)):
+        if not (isinstance(body, list) and 3 <= len(body) <= 4 and isinstance(body[1], str)):
             self._emit(conn, Kind.ERROR, sid, error_to_body(
-                BadMessage("REQUEST body must be [target, event, payload]")))
+                BadMessage("REQUEST body must be [target, event, payload(, chunked)]")))
             return
         if self._inflight >= self.max_inflight:
             self.refused += 1
@@ -242,9 +257,13 @@ class RpcServer:
                 QueueFull(f"server has {self.max_inflight} requests in flight")))
             return
         target = body[0] if isinstance(body[0], str) else ""
+        chunks = None
+        if len(body) == 4 and body[3] is True:  # CHUNKs of the request follow
+            chunks = conn.inputs[sid] = InputStream(
+                lambda n: self._emit(conn, _CREDIT, sid, n))
         self._inflight += 1
         try:
-            out = self.handler(Request(sid, target, body[1], body[2], conn.id))
+            out = self.handler(Request(sid, target, body[1], body[2], conn.id, chunks))
         except Exception as exc:  # the handler's failure is the caller's answer
             self._answered(conn, sid, Kind.ERROR, error_to_body(exc), failed=True)
             return
@@ -263,6 +282,8 @@ class RpcServer:
     def _answered(self, conn: _Connection, sid: int, kind: int, body: Any,
                   failed: bool = False) -> None:
         """A request finished without a worker: send its answer, count it."""
+        if conn.inputs:
+            conn.inputs.pop(sid, None)  # chunks still coming for it are dropped
         self._emit(conn, kind, sid, body)
         if failed:
             self.failed += 1
@@ -285,6 +306,9 @@ class RpcServer:
 
     def _cancel_deferred(self, conn: _Connection, sid: int) -> None:
         deferred = conn.deferred.pop(sid)
+        chunks = conn.inputs.pop(sid, None)
+        if chunks is not None:
+            chunks.fail(Unreachable("the caller gave up on the request"))
         self._inflight -= 1
         if not self._inflight:
             self._room.set()
@@ -322,6 +346,8 @@ class RpcServer:
                     worker.conn = worker.work = None
                     self._inflight -= 1
                     conn.running.pop(sid, None)
+                    if conn.inputs:
+                        conn.inputs.pop(sid, None)
                     if not self._inflight:
                         self._room.set()
                 if len(idle) >= MAX_IDLE_WORKERS:

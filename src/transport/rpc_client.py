@@ -19,12 +19,14 @@ from .codec import Kind, decode_lists, encode_envelope
 from .errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
 from .links import connect_stream, is_stream, nng_url
 from .outbox import Outbox
+from .inbound import SendWindow
 from .service import Service
 from .sockets import TrioSocket
 
 _INF = float("inf")
 # Plain ints for the hot paths: an enum member lookup costs more than the comparison.
 _REQUEST, _RESULT, _CHUNK = int(Kind.REQUEST), int(Kind.RESULT), int(Kind.CHUNK)
+_CHOKE, _CREDIT = int(Kind.CHOKE), int(Kind.CREDIT)
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 SWEEP_IDLE = 0.1  # s: the deadline sweeper's shortest sleep when no call is overdue
@@ -43,7 +45,7 @@ class PendingCall:
     the cost."""
 
     __slots__ = ("items", "done", "error", "streamed", "waiter", "deadline", "expired",
-                 "client", "sid", "event", "limit")
+                 "client", "sid", "event", "limit", "window")
 
     def __init__(self, client: "RpcClient", sid: int, event: str) -> None:
         self.items: deque[Any] = deque()
@@ -57,6 +59,7 @@ class PendingCall:
         self.sid = sid
         self.event = event
         self.limit = _INF
+        self.window: SendWindow | None = None  # a chunked request: chunks it may still send
 
     def outcome(self) -> Any:
         """The answer of a finished call: the RESULT value, or the list of chunks of a
@@ -90,6 +93,10 @@ class PendingCall:
         elif kind == Kind.ERROR:
             self.error = body_to_error(body)
             self.done = True
+        elif kind == _CREDIT:
+            if self.window is not None:
+                self.window.credit(body)
+            return False
         else:
             return False
         self._wake()
@@ -108,6 +115,8 @@ class PendingCall:
             self._wake()
 
     def _wake(self) -> None:
+        if self.done and self.window is not None:
+            self.window.credit(1)  # a sender waiting for room must see the call is over
         task = self.waiter
         if task is not None:
             self.waiter = None
@@ -302,15 +311,19 @@ class RpcClient(Service):
             self._sweeper_wakeup.set()
 
     # -- calls ----------------------------------------------------------------------
-    def _start(self, target: str, event: str, payload: Any) -> tuple[int, PendingCall]:
+    def _start(self, target: str, event: str, payload: Any,
+               chunked: bool = False) -> tuple[int, PendingCall]:
         if self._closed or not self._running:
             raise Closed(f"client to {self.address} is not running")
         sid = next(self._sids)
+        body = (target, event, payload, True) if chunked else (target, event, payload)
         try:
-            env = encode_envelope(_REQUEST, sid, (target, event, payload))
+            env = encode_envelope(_REQUEST, sid, body)
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
         slot = self._pending[sid] = PendingCall(self, sid, event)
+        if chunked:
+            slot.window = SendWindow()
         # A lone request goes out at once: one scheduler pass less of latency (not
         # through a guard, which seals whole frames).
         try_send = getattr(self._link, "try_send_nowait", None) if self.guard is None else None
@@ -335,11 +348,13 @@ class RpcClient(Service):
         self._outbox.held = held
 
     def start(self, target: str, event: str, payload: Any = None, *,
-              timeout: float | None = None, now: float | None = None) -> PendingCall:
+              timeout: float | None = None, now: float | None = None,
+              chunked: bool = False) -> PendingCall:
         """Send one request and return at once: many can be in flight from one task
         (see :class:`PendingCall`).  Raises what :meth:`call` raises before sending.
-        ``now``: ``trio.current_time()``, if the caller starting a batch has it."""
-        sid, slot = self._start(target, event, payload)
+        ``now``: ``trio.current_time()``, if the caller starting a batch has it.
+        ``chunked``: the request's chunks follow (:meth:`send_chunks`)."""
+        sid, slot = self._start(target, event, payload, chunked)
         slot.limit = limit = self._timeout(timeout)
         if limit != _INF:
             if limit <= 0 or math.isnan(limit):
@@ -350,16 +365,38 @@ class RpcClient(Service):
         return slot
 
     async def call(self, target: str, event: str, payload: Any = None, *,
-                   timeout: float | None = None) -> Any:
-        """One request; the RESULT value, or the list of chunks of a streamed reply."""
-        slot = self.start(target, event, payload, timeout=timeout)
+                   timeout: float | None = None, chunks: Any = None) -> Any:
+        """One request; the RESULT value, or the list of chunks of a streamed reply.
+        ``chunks`` (an iterable or async iterable) makes it a chunked request: they are
+        sent after it as the server's handler takes them (transport/inbound.py)."""
+        slot = self.start(target, event, payload, timeout=timeout, chunked=chunks is not None)
         try:
+            if chunks is not None:
+                await self.send_chunks(slot, chunks)
             while not slot.done:
                 await slot.wait()
         finally:
             if not slot.done:  # cancelled while waiting
                 self._abandon(slot.sid)
         return slot.outcome()
+
+    async def send_chunks(self, call: PendingCall, chunks: Any) -> None:
+        """Send a chunked request's chunks, then CHOKE, never more than the server's
+        window ahead; stops early if the call is answered (or fails) meanwhile."""
+        window, sid = call.window, call.sid
+        items = chunks.__aiter__() if hasattr(chunks, "__aiter__") else _aiter(chunks)
+        async for item in items:
+            await window.wait()
+            if call.done:
+                return
+            window.left -= 1
+            try:
+                self._outbox.put(encode_envelope(_CHUNK, sid, item))
+            except CodecError as exc:
+                self._abandon(sid)
+                raise BadMessage(f"request chunk cannot be encoded: {exc}") from None
+        if not call.done:
+            self._outbox.put(encode_envelope(_CHOKE, sid, None))
 
     def stream(self, target: str, event: str, payload: Any = None, *,
                timeout: float | None = None) -> "ReplyStream":
@@ -421,3 +458,10 @@ class ReplyStream:
                                         f"{self._client.address} within {self._timeout:g} s")
         finally:
             self.aclose()
+
+
+async def _aiter(items: Any) -> AsyncIterator[Any]:
+    """A plain iterable as an async one, with a checkpoint per item."""
+    for item in items:
+        yield item
+        await trio.lowlevel.checkpoint()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Protocol
 
 if TYPE_CHECKING:
+    from .inbound import InputStream
     from .rpc import RpcServer, _Connection
 
 
@@ -25,6 +26,7 @@ class Request:
     event: str
     payload: Any
     peer: int  # which client connection it came on
+    chunks: "InputStream | None" = None  # a chunked request's chunks (transport/inbound.py)
 
 
 class Stream:

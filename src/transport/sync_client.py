@@ -29,10 +29,11 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .codec import Kind, decode_lists, encode_envelope, join_frame
 from .errors import BadMessage, CodecError, TimeoutError_, TransportError, Unreachable, body_to_error
+from .inbound import WINDOW
 from .links import _split_host_port, _unix_path
 from .streams import MAX_FRAME
 
@@ -71,16 +72,18 @@ class SyncRpcClient:
 
     # -- calls --------------------------------------------------------------------------
     def call(self, target: str, event: str, payload: Any = None, *,
-             timeout: float | None = None) -> Any:
-        """The RESULT value, or the list of chunks of a streamed reply."""
-        chunks = []
+             timeout: float | None = None, chunks: Iterable[Any] | None = None) -> Any:
+        """The RESULT value, or the list of chunks of a streamed reply.  ``chunks`` makes
+        it a chunked request: they are sent after it, as the server's handler takes
+        them (transport/inbound.py)."""
+        replies = []
         with self._lock:
-            for kind, body in self._exchange(target, event, payload, timeout):
+            for kind, body in self._exchange(target, event, payload, timeout, chunks=chunks):
                 if kind == Kind.RESULT:
                     return body
                 if kind == Kind.CHUNK:
-                    chunks.append(body)
-        return chunks  # the stream ended with CHOKE
+                    replies.append(body)
+        return replies  # the stream ended with CHOKE
 
     def stream(self, target: str, event: str, payload: Any = None, *,
                timeout: float | None = None) -> Iterator[Any]:
@@ -92,21 +95,28 @@ class SyncRpcClient:
                     yield body
 
     def _exchange(self, target: str, event: str, payload: Any, timeout: float | None,
-                  per_reply: bool = False) -> Iterator[tuple[int, Any]]:
-        """Send one REQUEST and yield its replies ``(kind, body)`` up to the last; an
-        ERROR is raised.  Abandoned early (timeout, the caller left), it sends CANCEL."""
+                  per_reply: bool = False,
+                  chunks: Iterable[Any] | None = None) -> Iterator[tuple[int, Any]]:
+        """Send one REQUEST (and its chunks) and yield its replies ``(kind, body)`` up to
+        the last; an ERROR is raised.  Abandoned early (timeout, the caller left), it
+        sends CANCEL."""
         limit = self.default_timeout if timeout is None else timeout
         sid = next(self._sids)
+        body = (target, event, payload) if chunks is None else (target, event, payload, True)
         try:
-            request = encode_envelope(Kind.REQUEST, sid, (target, event, payload))
+            request = encode_envelope(Kind.REQUEST, sid, body)
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
         self._send(join_frame([request]))
         deadline = None if limit is None else time.monotonic() + limit
         finished = False
         try:
+            if chunks is not None:
+                self._send_chunks(sid, chunks, deadline, event)
             while True:
                 kind, body = self._next_reply(sid, deadline, event)
+                if kind == Kind.CREDIT:
+                    continue  # for chunks already sent
                 if kind == Kind.ERROR:
                     finished = True
                     raise body_to_error(body)
@@ -122,6 +132,28 @@ class SyncRpcClient:
                     self._send(join_frame([encode_envelope(Kind.CANCEL, sid, None)]))
                 except Unreachable:
                     pass
+
+    def _send_chunks(self, sid: int, chunks: Iterable[Any], deadline: float | None,
+                     event: str) -> None:
+        """Send the chunks, never more than the server's window ahead; stops at once if
+        an answer comes first (it is put back for the reply loop)."""
+        window = WINDOW
+        for item in chunks:
+            while window <= 0:
+                kind, body = self._next_reply(sid, deadline, event)
+                if kind == Kind.CREDIT:
+                    if type(body) is int and body > 0:
+                        window += body
+                    continue
+                self._frames.appendleft([kind, sid, body])  # answered already
+                return
+            try:
+                chunk = encode_envelope(Kind.CHUNK, sid, item)
+            except CodecError as exc:
+                raise BadMessage(f"request chunk cannot be encoded: {exc}") from None
+            self._send(join_frame([chunk]))
+            window -= 1
+        self._send(join_frame([encode_envelope(Kind.CHOKE, sid, None)]))
 
     # -- the socket ---------------------------------------------------------------------
     def _connect(self) -> socket.socket:

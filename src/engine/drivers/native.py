@@ -94,10 +94,10 @@ class NativeServer:
         def handle(req: Request) -> Any:
             stats.ticks += 1
             cluster = getattr(getattr(app, "node", None), "cluster", None)
-            if cluster is not None and cluster.has_peers:
+            if cluster is not None and cluster.has_peers and req.chunks is None:
                 return self._balanced(cluster, app.name, req.payload)  # on a worker task
             try:
-                job = app.submit(self.spec.emit, req.payload)
+                job = app.submit(self.spec.emit, req.payload, req.chunks)
             except NO_ROOM:
                 stats.skipped += 1
                 raise

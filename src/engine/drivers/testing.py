@@ -129,7 +129,7 @@ class FakeApp:
         self.finished: list[FakeJob] = []
         self.published: list[tuple[str, Any]] = []
 
-    def submit(self, event: str, payload: Any) -> FakeJob:
+    def submit(self, event: str, payload: Any, chunks: Any = None) -> FakeJob:
         if self.in_flight >= self.queue_limit:
             raise QueueFull(f"{self.name}: {self.in_flight} jobs queued")
         self.in_flight += 1
