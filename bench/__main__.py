@@ -313,6 +313,10 @@ def family_streaming(settings: Settings, results: Results) -> None:
                              settings)
         results.add(Row("streaming", "streamed reply MB/s, slave->node->client vs TCP",
                         ours, base, "MB", note=err or ""))
+        upload = (results.figures.get("control_memory") or {}).get("upload_mb_s")
+        if upload is not None:
+            results.add(Row("streaming", "chunked request MB/s, client->node->slave vs TCP",
+                            upload, base, "MB", note=err or ""))
     reason = engine.available()
     if reason is not None:
         results.add(skip("streaming", "streaming MB/s through a two-stage pipeline", reason))

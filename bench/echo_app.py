@@ -22,3 +22,12 @@ def chunks(spec):
     block = b"x" * int(spec["size"])
     for _ in range(int(spec["n"])):
         yield block
+
+
+@on("sink")
+async def sink(_, chunks):
+    """A chunked request: count its bytes (the upload benchmark)."""
+    received = 0
+    async for chunk in chunks:
+        received += len(chunk)
+    return received

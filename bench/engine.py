@@ -87,6 +87,7 @@ async def control_path(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
         async with connect(node.ready, timeout=10) as client:
             figures = await _measure_echo(client, node, settings, memory)
             memory["stream_mb_s"] = await stream_rate(client, settings)
+            memory["upload_mb_s"] = await upload_rate(client, settings)
     return figures, memory
 
 
@@ -126,6 +127,20 @@ async def stream_rate(client, settings: Settings, app: str = APP, event: str = "
         elapsed = time.perf_counter() - t0
     if received != n * STREAM_CHUNK:
         raise RuntimeError(f"streamed {received} bytes, expected {n * STREAM_CHUNK}")
+    return received / elapsed / 1e6
+
+
+async def upload_rate(client, settings: Settings) -> float:
+    """MB/s of one chunked request (64 KiB chunks) from the client through the node to a
+    slave's handler, which counts them."""
+    n = 20 if settings.quick else 200
+    block = b"u" * STREAM_CHUNK
+    with trio.fail_after(60):
+        t0 = time.perf_counter()
+        received = await client.call(APP, "sink", None, chunks=[block] * n)
+        elapsed = time.perf_counter() - t0
+    if received != n * STREAM_CHUNK:
+        raise RuntimeError(f"uploaded {received} bytes, expected {n * STREAM_CHUNK}")
     return received / elapsed / 1e6
 
 

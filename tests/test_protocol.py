@@ -5,8 +5,8 @@ import pytest
 
 from engine.errors import JobCancelled, ShuttingDown, SlaveDied, SlaveHung
 from engine.prefetch import AUTO_PREFETCH_MAX
-from engine.protocol import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, Kill, ProtocolError, Ready,
-                             Send, SlaveSession, State, Stopping)
+from engine.protocol import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, InputCredit,
+                             Kill, ProtocolError, Ready, Send, SlaveSession, State, Stopping)
 from transport.codec import Envelope, Kind
 from transport.errors import HandlerError, error_to_body
 
@@ -199,3 +199,13 @@ def test_failed_says_whether_the_slave_itself_answered():
     s.invoke(1, "a", "spin", None)
     kill, hung = s.tick(10.0)                   # heartbeat missed: failed by the session
     assert isinstance(kill, Kill) and not hung.from_slave
+
+
+def test_credit_from_the_slave_lets_the_node_send_more_of_a_chunked_request():
+    s = session(concurrency=1)
+    s.receive(Envelope(Kind.HANDSHAKE, 0, {"version": 1, "concurrency": 1}), 0.0)
+    assert s.invoke(5, "j5", "digest", "f", chunked=True) == [
+        Send(Envelope(Kind.INVOKE, 5, ["digest", "f", True]))]
+    assert s.receive(Envelope(Kind.CREDIT, 5, 16), 0.1) == [InputCredit("j5", 16)]
+    assert s.receive(Envelope(Kind.CREDIT, 9, 16), 0.1) == []    # not a job it holds
+    assert s.receive(Envelope(Kind.CREDIT, 5, -1), 0.1) == []    # nonsense is ignored

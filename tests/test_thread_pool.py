@@ -13,7 +13,7 @@ from engine.client import connect
 from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
 from engine.manifest import EngineConfig
 from engine.thread_pool import ThreadPool
-from transport.errors import HandlerError, UnknownEvent
+from transport.errors import BadMessage, HandlerError, UnknownEvent
 
 APP = """
 import threading, time
@@ -56,6 +56,13 @@ def block(seconds):
 async def asleep(seconds):
     await trio.sleep(seconds)
     return "slept"
+
+@on("total")
+async def total(_, chunks):
+    n = 0
+    async for chunk in chunks:
+        n += len(chunk)
+    return n
 
 @on("maybe_call")
 def maybe_call(data):
@@ -129,6 +136,18 @@ async def test_a_quick_handler_inline_on_the_loop_may_not_block_it_on_a_call(tmp
                 assert await pool.submit("maybe_call", False).result() == "quick"
             with pytest.raises(HandlerError, match="would wait for itself"):
                 await pool.submit("maybe_call", True).result()
+
+
+async def test_a_chunked_request_reaches_a_thread_backend_handler(tmp_path):
+    async def blocks():
+        for _ in range(100):
+            yield b"z" * 100
+
+    with trio.fail_after(20):
+        async with running_pool(tmp_path) as pool:
+            assert await pool.submit("total", None, blocks()).result() == 10_000
+            with pytest.raises(BadMessage, match="async def echo"):
+                await pool.submit("echo", None, blocks()).result()
 
 
 async def test_two_apps_in_one_process_keep_their_own_handlers(tmp_path):
