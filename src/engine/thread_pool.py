@@ -118,7 +118,7 @@ class ThreadPool:
             handlers = await trio.to_thread.run_sync(load_isolated, self.entry, self.app_name)
             self._handlers = {name: (fn, handler_kind(fn)) for name, fn in handlers.items()}
         except BaseException as exc:  # noqa: BLE001  SystemExit in app code too
-            if isinstance(exc, trio.Cancelled):
+            if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
                 raise
             # Like a slave that cannot import its app: the app is broken, not the node.
             self.broken_reason = f"cannot import {self.entry}: {type(exc).__name__}: {exc}"
@@ -158,7 +158,7 @@ class ThreadPool:
     def _start_queued(self) -> None:
         while self._queue and self._running < self._slots and self._nursery is not None:
             job = self._queue.popleft()
-            if not job.done:  # not cancelled while it waited
+            if not job.done:
                 self._start(job)
 
     async def drain(self, timeout: float) -> None:
@@ -167,6 +167,7 @@ class ThreadPool:
             while self._jobs:
                 self._quiet = trio.Event()
                 await self._quiet.wait()
+        self._queue.clear()
         for job in list(self._jobs.values()):
             scope = self._scopes.get(job.id)
             if scope is not None:
@@ -183,7 +184,7 @@ class ThreadPool:
         state = "draining" if self._draining else "broken" if self.broken_reason else "running"
         return {"app": self.app_name, "backend": "thread", "state": state,
                 "reason": self.broken_reason, "slaves": [],
-                "queue": sum(not job.done for job in self._queue), "prefetched": 0,
+                "queue": len(self._queue), "prefetched": 0,
                 "running": self._running, "cancelling": 0,
                 "done": self.done, "failed": self.failed, "cancelled": self.cancelled,
                 "spawned": 0, "retired": 0, "crashes": self.crashes,
@@ -204,11 +205,11 @@ class ThreadPool:
                         traceback.format_exception_only(type(exc), exc)).strip())
                     self._settle_failure(job, _as_remote(exc))
         finally:
-            # Past the scope only if the job ended or its own scope was cancelled; a
-            # pool being torn down skips the rest and run() answers what is left.
             self._running -= 1
             self._scopes.pop(job.id, None)
             self._credit.pop(job.id, None)
+        # Here unless the whole pool is being torn down (then run() answers what is
+        # left): the job ended, or its own scope was cancelled.
         if not job.done:
             self._settle_failure(job, JobCancelled("cancelled by its caller"))
         self._start_queued()
@@ -315,6 +316,10 @@ class ThreadPool:
         call already on a thread runs on, its result dropped)."""
         if job.id in self._jobs:
             self._settle_failure(job, JobCancelled("cancelled by its caller"))
+        try:
+            self._queue.remove(job)  # still waiting for a slot: it leaves the queue now
+        except ValueError:
+            pass
         scope = self._scopes.get(job.id)
         if scope is not None:
             scope.cancel()
