@@ -128,17 +128,22 @@ async def _has(client, app: str) -> bool:
     return app in await apps_of(client)
 
 
+async def _shared_and_warm(ca, cb, app: str) -> None:
+    """B has synced ``app``, A routes to B, and both pools have a slave, so a burst
+    measures balancing, not spawning."""
+    await wait_for(lambda: _has(cb, app), 10, "B to sync the app")
+    await wait_for(lambda: _routable(ca, app, 2), 10, "A to route to B")
+    await ca.call(app, "echo", 0)
+    await cb.call(app, "echo", 0)
+
+
 async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_path):
     app = echo_app(tmp_path / "apps", "slow", **{"pool-limit": 1, "queue-limit": 50})
     with trio.fail_after(60):
         a = await cluster(app)
         b = await cluster()
         async with connect(a.address, timeout=30) as ca, connect(b.address, timeout=30) as cb:
-            await wait_for(lambda: _has(cb, "slow"), 10, "B to sync the app")
-            await wait_for(lambda: _routable(ca, "slow", 2), 10, "A to route to B")
-            # Warm both pools (a slave each) so the burst measures balancing, not spawning.
-            await ca.call("slow", "echo", 0)
-            await cb.call("slow", "echo", 0)
+            await _shared_and_warm(ca, cb, "slow")
 
             results = []
 
@@ -176,10 +181,7 @@ async def test_native_server_requests_are_balanced_across_the_cluster(cluster, t
         a = await cluster(app)
         b = await cluster()
         async with connect(a.address, timeout=30) as ca, connect(b.address, timeout=30) as cb:
-            await wait_for(lambda: _has(cb, "nslow"), 10, "B to sync the app")
-            await wait_for(lambda: _routable(ca, "nslow", 2), 10, "A to route to B")
-            await ca.call("nslow", "echo", 0)   # a slave each, so the burst measures balancing
-            await cb.call("nslow", "echo", 0)
+            await _shared_and_warm(ca, cb, "nslow")
             endpoint = (await ca.info("nslow"))["drivers"]["rpc"]["endpoint"]
             results = []
             async with RpcClient(endpoint, timeout=30) as native:
