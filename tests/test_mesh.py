@@ -69,6 +69,19 @@ async def test_first_answer_within_300ms_in_either_start_order(disco, last):
     assert best < 0.3, f"first answer took {best:.3f} s"
 
 
+async def test_chunked_request_to_a_responder(disco):
+    rep = Responder("up", responds_to=["upload"], discovery=disco)
+
+    @rep.on("upload")
+    async def upload(req, chunks):
+        return {"name": req["name"], "bytes": sum([len(c) async for c in chunks])}
+
+    async with rep, Requester("req", requests=["upload"], discovery=disco) as rq:
+        with trio.fail_after(10):
+            reply = await rq.send({"type": "upload", "name": "a"}, chunks=[b"x" * 1000] * 300)
+    assert reply == {"name": "a", "bytes": 300_000}
+
+
 async def test_round_robin(disco):
     async with responder(disco, "a") as a, responder(disco, "b") as b, \
             Requester("req", discovery=disco) as rq:

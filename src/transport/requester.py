@@ -154,14 +154,19 @@ class Requester(Component):
             raise QueueFull(f"requester {self.name!r} already has {self.max_pending} "
                             f"requests outstanding")
 
-    async def send(self, request: dict, *, timeout: float | None = None) -> Any:
+    async def send(self, request: dict, *, timeout: float | None = None,
+                   chunks: Any = None) -> Any:
+        """The answer to ``request``.  ``chunks`` (an iterable or async iterable) makes
+        it a chunked request, read by an ``async def handler(req, chunks)``; such a
+        request is not retried (its chunks cannot be sent twice) but still waits for a
+        Responder and fails over to another if the first cannot be reached."""
         self._admit(request)
         self._check_running()
         limit = self.timeout if timeout is None else timeout
         self._outstanding += 1
         self.stats["sent"] += 1
         try:
-            result = await self._deliver(request["type"], request, limit)
+            result = await self._deliver(request["type"], request, limit, chunks)
         except BaseException:
             self.stats["failed"] += 1
             raise
@@ -170,7 +175,7 @@ class Requester(Component):
         self.stats["answered"] += 1
         return result
 
-    async def _deliver(self, event: str, request: dict, limit: float) -> Any:
+    async def _deliver(self, event: str, request: dict, limit: float, chunks: Any = None) -> Any:
         deadline = trio.current_time() + limit
         tried: set[str] = set()
         attempt = 0
@@ -193,7 +198,7 @@ class Requester(Component):
             link.breaker.on_dispatch()
             try:
                 result = await link.client.call(self.namespace, event, request,
-                                                timeout=deadline - now)
+                                                timeout=deadline - now, chunks=chunks)
             except TimeoutError_ as exc:
                 link.breaker.on_failure(trio.current_time())
                 last_error = exc
@@ -205,7 +210,7 @@ class Requester(Component):
                 link.breaker.on_failure(trio.current_time())
                 last_error = exc
                 attempt += 1
-                if attempt > self.retries:
+                if attempt > self.retries or chunks is not None:  # chunks go once
                     raise
                 self.stats["retried"] += 1
                 tried.add(link.beacon.id)

@@ -8,7 +8,9 @@ anything else reaches the caller as a ``HandlerError``.
 The handler may be ``async def`` (it runs on a task and may await anything) or a plain
 ``def``: that one runs where the request arrives, with no task and no scheduler pass,
 which is the fastest way to answer quick work, but it blocks the Responder while it
-runs, so keep it to computation that takes microseconds, not I/O.
+runs, so keep it to computation that takes microseconds, not I/O.  A chunked request
+(``requester.send(req, chunks=...)``) goes to ``async def handler(req, chunks)``, which
+reads the chunks with ``async for`` at its own pace.
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ class Responder(Component):
         fn = self._handler_for(req.event)
         if fn is None:
             raise UnknownEvent(f"responder {self.name!r} has no handler for {req.event!r}")
+        if req.chunks is not None:  # a chunked request: async def handler(req, chunks)
+            return fn(req.payload, req.chunks)
         return fn(req.payload)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
