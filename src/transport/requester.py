@@ -158,8 +158,8 @@ class Requester(Component):
                    chunks: Any = None) -> Any:
         """The answer to ``request``.  ``chunks`` (an iterable or async iterable) makes
         it a chunked request, read by an ``async def handler(req, chunks)``; such a
-        request is not retried (its chunks cannot be sent twice) but still waits for a
-        Responder and fails over to another if the first cannot be reached."""
+        request waits for a Responder like any other but is sent once: a failure after
+        that is raised, not retried (its chunks cannot be sent twice)."""
         self._admit(request)
         self._check_running()
         limit = self.timeout if timeout is None else timeout
