@@ -20,6 +20,9 @@ inherited end ``N`` of a Unix socketpair (docs/protocol.md).  Lifetime rules:
   generator stops at its next await, a sync generator before its next item; a sync
   handler cannot be interrupted and runs to its end (its reply is then dropped by
   the node).  The acknowledgement is an ERROR with code ``cancelled``.
+- A chunked request (``INVOKE [event, payload, true]``, then ``CHUNK``s and ``CHOKE``)
+  gives its handler the chunks as a second argument, an async iterator that grants the
+  node ``CREDIT`` as it is read (transport/inbound.py); such a handler must be async.
 - Streams are flow-controlled: at most ``STREAM_WINDOW`` chunks of a job beyond the
   node's ``CREDIT`` grants; a handler whose window is used up waits (heartbeats go on).
 """
