@@ -19,7 +19,9 @@ Contract (docs/architecture.md)::
 
 A streamed reply is flow-controlled: the slave runs at most ``STREAM_WINDOW``
 chunks ahead of what the job's consumer has taken (``async for`` or ``result()``),
-which the pool reports back to the slave with CREDIT envelopes.
+which the pool reports back to the slave with CREDIT envelopes.  A chunked request
+(``submit(event, payload, chunks)``) runs the same window the other way: a task per such
+job forwards its chunks as the slave's CREDITs allow.
 """
 from __future__ import annotations
 
