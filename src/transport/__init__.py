@@ -20,6 +20,9 @@ _EXPORTS = {
     "Unreachable": "errors", "body_to_error": "errors", "error_to_body": "errors",
     "register_error": "errors",
     "TrioSocket": "sockets",
+    # request/response: the trio client and server, the blocking client
+    "RpcClient": "rpc", "RpcServer": "rpc", "Request": "rpc", "Stream": "rpc",
+    "Deferred": "rpc", "SyncRpcClient": "sync_client",
     # mesh components: zero-config discovery, request/response, pub/sub
     "Discovery": "discovery", "DiscoveryConfig": "discovery", "Monitor": "monitor",
     "Beacon": "peers", "PeerTable": "peers", "matches": "peers",
@@ -54,4 +57,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .pubsub import Event, Publisher, Subscriber  # noqa: F401
     from .requester import Requester  # noqa: F401
     from .responder import Responder  # noqa: F401
+    from .rpc import Deferred, Request, RpcClient, RpcServer, Stream  # noqa: F401
     from .sockets import TrioSocket  # noqa: F401
+    from .sync_client import SyncRpcClient  # noqa: F401
