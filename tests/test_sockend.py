@@ -19,7 +19,8 @@ from trio_websocket import (ConnectionClosed, ConnectionRejected, HandshakeError
 
 from sockend import EventOutbox, Sockend, SockendConfig, TransportMesh
 from sockend.http import resolve_static
-from sockend.protocol import SKIPPED_EVENT, BadFrame, BadPath, namespace_from_path, parse_request
+from sockend.protocol import (SKIPPED_EVENT, BadFrame, BadPath, ClientChunk, namespace_from_path,
+                              parse_request)
 from support import free_udp_port
 from transport import HandlerError, Publisher, Responder, TimeoutError_
 
@@ -30,13 +31,19 @@ def test_parse_request_accepts_the_documented_shape():
     r = parse_request('{"id": 7, "type": "randomRequest", "data": {"val": 3}, "timeout": 2}')
     assert (r.id, r.type, r.data, r.timeout) == (7, "randomRequest", {"val": 3}, 2.0)
     r = parse_request('{"id": "a", "type": "t"}')
-    assert (r.id, r.data, r.timeout) == ("a", {}, None)
+    assert (r.id, r.data, r.timeout, r.chunked) == ("a", {}, None, False)
+    # an upload: the request, its chunks, its end
+    assert parse_request('{"id": 3, "type": "up", "chunked": true}').chunked is True
+    assert parse_request('{"id": 3, "chunk": {"any": ["json"]}}') == ClientChunk(3, {"any": ["json"]})
+    assert parse_request('{"id": 3, "end": true}') == ClientChunk(3, end=True)
 
 
 @pytest.mark.parametrize("frame, rid", [
     ("nope", None), ("[1]", None), ('{"type": "t"}', None), ('{"id": true, "type": "t"}', None),
     ('{"id": 1}', 1), ('{"id": 1, "type": ""}', 1), ('{"id": 1, "type": "t", "data": 5}', 1),
     ('{"id": 1, "type": "t", "timeout": -1}', 1), ('{"id": 1, "type": "t", "x": 0}', 1),
+    ('{"id": 1, "type": "t", "chunked": 1}', 1), ('{"id": 1, "chunk": 1, "end": true}', 1),
+    ('{"id": 1, "end": false}', 1), ('{"chunk": 1}', None),
     ('{"id": 1, "type": "t", "data": {"v": NaN}}', None), (b'{"id": 1, "type": "t"}', None),
     ("[" * 100_000, None),
 ])
@@ -54,7 +61,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=60), json_values.map(json.dumps),
-                 st.dictionaries(st.sampled_from(["id", "type", "data", "timeout", "x"]),
+                 st.dictionaries(st.sampled_from(["id", "type", "data", "timeout", "x", "chunk",
+                                                  "end", "chunked"]),
                                  json_values).map(json.dumps)))
 def test_parse_request_raises_only_badframe(text):
     try:
@@ -373,6 +381,46 @@ async def test_requests_reach_responders_of_the_connection_namespace_only(disco)
 
 
 @pytest.mark.e2e
+async def test_a_browser_uploads_chunks_to_a_responder_under_its_credit(disco):
+    rep = Responder("rep-up", namespace="up", responds_to=["upload"], discovery=disco)
+    held: list[int] = []
+
+    @rep.on("upload")
+    async def upload(req, chunks):
+        got = []
+        async for chunk in chunks:
+            held.append(len(chunks._items))
+            got.append(chunk)
+            await trio.sleep(0.001)
+        return {"name": req["name"], "chunks": len(got), "last": got[-1] if got else None}
+
+    with trio.fail_after(40):
+        async with rep, running(TransportMesh(discovery=disco)) as server, \
+                open_websocket_url(url(server, "/up")) as ws:
+            while (await ask(ws, {"id": 0, "type": "$types"}))["data"] != ["upload"]:
+                await trio.sleep(0.05)
+            await ws.send_message(json.dumps({"id": 1, "type": "upload", "data": {"name": "n"},
+                                              "chunked": True}))
+            window, sent, answer = 64, 0, None
+            while answer is None:   # a browser that keeps to its credit, as sockend.js does
+                while window and sent < 300:
+                    await ws.send_message(json.dumps({"id": 1, "chunk": {"i": sent}}))
+                    sent, window = sent + 1, window - 1
+                    if sent == 300:
+                        await ws.send_message(json.dumps({"id": 1, "end": True}))
+                msg = json.loads(await ws.get_message())
+                if "credit" in msg:
+                    window += msg["credit"]
+                elif msg.get("id") == 1:
+                    answer = msg
+            assert answer == {"id": 1, "ok": True,
+                              "data": {"name": "n", "chunks": 300, "last": {"i": 299}}}
+            assert max(held) <= 64
+            bad = await ask(ws, {"id": 2, "chunk": 1, "type": "x"})
+            assert bad["ok"] is False and bad["error"]["code"] == "bad-message"
+
+
+@pytest.mark.e2e
 async def test_a_request_nobody_serves_fails_with_a_timeout_error(disco):
     with trio.fail_after(30):
         async with random_responder(disco, "other", "other"), \
@@ -559,7 +607,7 @@ async def test_headless_chromium_requests_and_receives_events_through_sockend_js
     chromium = chromium_or_skip()
     (tmp_path / "index.html").write_text(PAGE)
     with trio.fail_after(55):
-        async with random_responder(disco, "rnd", "rnd"), \
+        async with random_responder(disco, "rnd", "rnd"), upload_responder(disco, "rnd"), \
                 Publisher("pub", namespace="rnd", broadcasts=["randomUpdate"], discovery=disco) as pub, \
                 running(TransportMesh(discovery=disco), static_dir=tmp_path) as server:
             async def keep_publishing():
@@ -570,12 +618,23 @@ async def test_headless_chromium_requests_and_receives_events_through_sockend_js
                 nursery.start_soon(keep_publishing)
                 text = await run_page(chromium, f"http://127.0.0.1:{server.port}/", tmp_path,
                                       "document.getElementById('out').textContent",
-                                      until=lambda t: t.count(";") >= 3, timeout=40)
+                                      until=lambda t: t.count(";") >= 4, timeout=40)
                 nursery.cancel_scope.cancel()
-    answer, failure, update = text.split(";")[:3]
+    answer, failure, update, uploaded = text.split(";")[:4]
     assert json.loads(answer) == {"by": "rnd", "double": 6}
     assert json.loads(failure) == {"code": "handler", "type": "ValueError"}
     assert json.loads(update) == {"val": 42}
+    assert json.loads(uploaded) == {"chunks": 200, "sum": sum(range(200))}  # 200 > the window
+
+
+def upload_responder(disco, namespace):
+    rep = Responder("rep-upload", namespace=namespace, responds_to=["upload"], discovery=disco)
+
+    @rep.on("upload")
+    async def upload(req, chunks):
+        got = [chunk async for chunk in chunks]
+        return {"chunks": len(got), "sum": sum(got)}
+    return rep
 
 
 PAGE = """<!doctype html><html><body><pre id="out"></pre>
@@ -583,11 +642,16 @@ PAGE = """<!doctype html><html><body><pre id="out"></pre>
 <script>
   const out = document.getElementById("out");
   const s = Sockend.connect("/rnd");
-  let parts = ["", "", ""];
+  let parts = ["", "", "", ""];
   const show = () => { if (parts.every(p => p)) out.textContent = parts.join(";") + ";"; };
   s.emit("randomRequest", {val: 3}).then(a => { parts[0] = JSON.stringify(a); show(); });
   s.emit("randomRequest", {val: -1}, (err, a) => {
     parts[1] = JSON.stringify({code: err.code, type: err.type}); show(); });
   s.on("randomUpdate", d => { parts[2] = JSON.stringify(d); show(); });
+  async function* numbers(n) { for (let i = 0; i < n; i++) yield i; }
+  const tryUpload = () => s.upload("upload", {}, numbers(200))
+    .then(a => { parts[3] = JSON.stringify(a); show(); },
+          e => setTimeout(tryUpload, 200));   // until connected and the Responder is found
+  s.on("connect", tryUpload);
 </script></body></html>
 """

@@ -17,8 +17,9 @@ from transport.requester import Requester
 
 
 class NamespaceLink(Protocol):
-    async def request(self, request: dict, timeout: float) -> Any:
-        """The answer of a Responder advertising ``request["type"]``; raises RemoteError."""
+    async def request(self, request: dict, timeout: float, *, chunks: Any = None) -> Any:
+        """The answer of a Responder advertising ``request["type"]``; raises RemoteError.
+        ``chunks``: an upload's chunks (an async iterable), for a chunked request."""
 
     async def next_events(self) -> list[tuple[str, Any]]:
         """The next published events (at least one), as (topic, data)."""
@@ -36,8 +37,8 @@ class TransportLink:
         self.requester = requester
         self.subscriber = subscriber
 
-    async def request(self, request: dict, timeout: float) -> Any:
-        return await self.requester.send(request, timeout=timeout)
+    async def request(self, request: dict, timeout: float, *, chunks: Any = None) -> Any:
+        return await self.requester.send(request, timeout=timeout, chunks=chunks)
 
     async def next_events(self) -> list[tuple[str, Any]]:
         return [(e.topic, e.data) for e in await self.subscriber.receive_many()]

@@ -28,6 +28,7 @@ class Client:
         self.outbox = outbox
         self.remote = remote
         self.inflight = 0
+        self.uploads: dict = {}           # request id -> InputStream of an upload in progress
         self.evicted = False
         self.scope = trio.CancelScope()   # cancelled to evict
         self._wake = trio.Event()

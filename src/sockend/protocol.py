@@ -3,10 +3,13 @@
 One JSON object per websocket *text* frame (docs/sockend.md has the full grammar):
 
 - browser → sockend: ``{"id": 1, "type": "randomRequest", "data": {...}, "timeout": 2.5}``
-  (``data`` and ``timeout`` optional);
+  (``data`` and ``timeout`` optional); an upload adds ``"chunked": true`` and is followed
+  by ``{"id": 1, "chunk": <any JSON>}``... and ``{"id": 1, "end": true}``, the browser
+  keeping at most 64 chunks beyond the credit granted;
 - sockend → browser: ``{"id": 1, "ok": true, "data": ...}`` or
-  ``{"id": 1, "ok": false, "error": {"code", "type", "message", "retryable"}}``, and
-  publisher events ``{"event": "randomUpdate", "data": ...}``.
+  ``{"id": 1, "ok": false, "error": {"code", "type", "message", "retryable"}}``,
+  ``{"id": 1, "credit": n}`` (an upload may send n more chunks), and publisher events
+  ``{"event": "randomUpdate", "data": ...}``.
 
 :func:`parse_request` is the only parser that faces the network; it raises only
 :class:`BadFrame`, which carries the request id when one could be read so the browser
@@ -63,14 +66,24 @@ class ClientRequest:
     type: str
     data: dict
     timeout: float | None = None
+    chunked: bool = False     # an upload: chunk frames follow
+
+
+@dataclass(frozen=True)
+class ClientChunk:
+    """One chunk of an upload (``end``: the upload is complete, ``value`` unused)."""
+    id: int | str
+    value: Any = None
+    end: bool = False
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_request(message: str | bytes) -> ClientRequest:
-    """Decode one browser frame.  Raises only :class:`BadFrame`."""
+def parse_request(message: str | bytes) -> ClientRequest | ClientChunk:
+    """Decode one browser frame: a request, or a chunk of an upload.  Raises only
+    :class:`BadFrame`."""
     if not isinstance(message, str):
         raise BadFrame("binary frames are not accepted: send JSON text frames")
     try:
@@ -84,6 +97,12 @@ def parse_request(message: str | bytes) -> ClientRequest:
             or (isinstance(rid, str) and not 0 < len(rid) <= MAX_ID_LENGTH) \
             or (isinstance(rid, int) and not -2**53 < rid < 2**53):
         raise BadFrame("'id' must be an integer or a string of 1-128 characters")
+    if "chunk" in obj or "end" in obj:  # a frame of an upload in progress
+        if set(obj) == {"id", "chunk"}:
+            return ClientChunk(rid, obj["chunk"])
+        if set(obj) == {"id", "end"} and obj["end"] is True:
+            return ClientChunk(rid, end=True)
+        raise BadFrame("an upload frame is {id, chunk} or {id, end: true}", rid)
     rtype = obj.get("type")
     if not isinstance(rtype, str) or not 0 < len(rtype) <= MAX_TYPE_LENGTH:
         raise BadFrame("'type' must be a string of 1-256 characters", rid)
@@ -96,10 +115,14 @@ def parse_request(message: str | bytes) -> ClientRequest:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
         raise BadFrame("'timeout' must be a positive number of seconds", rid)
-    extra = set(obj) - {"id", "type", "data", "timeout"}
+    chunked = obj.get("chunked", False)
+    if chunked is not True and chunked is not False:
+        raise BadFrame("'chunked' must be true or false", rid)
+    extra = set(obj) - {"id", "type", "data", "timeout", "chunked"}
     if extra:
         raise BadFrame(f"unknown fields: {sorted(extra)[:5]}", rid)
-    return ClientRequest(rid, rtype, data, float(timeout) if timeout is not None else None)
+    return ClientRequest(rid, rtype, data, float(timeout) if timeout is not None else None,
+                         chunked)
 
 
 def _dumps(obj: Any) -> str:
@@ -118,6 +141,10 @@ def ok_frame(rid: Any, data: Any) -> str:
     except (TypeError, ValueError, RecursionError) as exc:
         return error_frame(rid, RemoteError(f"the answer cannot be sent as JSON: {exc}"[:300],
                                             type="Unserializable"))
+
+
+def credit_frame(rid: Any, chunks: int) -> str:
+    return _dumps({"id": rid, "credit": chunks})
 
 
 def event_frame(name: str, data: Any) -> str | None:

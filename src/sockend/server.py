@@ -20,12 +20,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from transport.errors import QueueFull, RemoteError, TimeoutError_, TransportError, Unreachable
+from transport.inbound import InputStream
 
 from .bridge import Mesh
 from .http import HeadError, PrefixedStream, read_head, response, serve_static
 from .hub import Client, NamespaceHub
-from .protocol import (BadFrame, BadPath, ClientRequest, EventOutbox, error_frame,
-                       namespace_from_path, ok_frame, parse_request)
+from .protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
+                       error_frame, namespace_from_path, ok_frame, parse_request)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,15 @@ class Sockend:
                 self.stats["malformed"] += 1
                 await self._send(client, error_frame(exc.id, exc.error))
                 continue
+            if isinstance(request, ClientChunk):  # a chunk of an upload in progress
+                chunks = client.uploads.get(request.id)
+                if chunks is not None:
+                    if request.end:
+                        chunks.end()
+                        del client.uploads[request.id]
+                    else:
+                        chunks.feed(request.value)
+                continue  # (an upload that already ended or failed: its chunks are moot)
             self.stats["requests"] += 1
             if client.inflight >= self.config.max_inflight:
                 self.stats["refused_requests"] += 1
@@ -223,9 +233,15 @@ class Sockend:
                     f"at most {self.config.max_inflight} requests in flight per connection")))
                 continue
             client.inflight += 1
-            nursery.start_soon(self._answer, client, hub, request)
+            chunks = None
+            if request.chunked:
+                rid = request.id
+                chunks = client.uploads[rid] = InputStream(
+                    lambda n: nursery.start_soon(self._send, client, credit_frame(rid, n)))
+            nursery.start_soon(self._answer, client, hub, request, chunks)
 
-    async def _answer(self, client: Client, hub: NamespaceHub, req: ClientRequest) -> None:
+    async def _answer(self, client: Client, hub: NamespaceHub, req: ClientRequest,
+                      chunks: InputStream | None = None) -> None:
         limit = min(req.timeout or self.config.request_timeout, self.config.request_timeout)
         try:
             if req.type == TYPES_REQUEST:
@@ -234,7 +250,11 @@ class Sockend:
                 # Past the link's own timeout, a grace second: a link that misbehaves
                 # still cannot leave the browser without an answer.
                 with trio.move_on_after(limit + 1) as guard:
-                    result = await hub.link.request({**req.data, "type": req.type}, limit)
+                    request = {**req.data, "type": req.type}
+                    if chunks is None:
+                        result = await hub.link.request(request, limit)
+                    else:
+                        result = await hub.link.request(request, limit, chunks=chunks)
                 if guard.cancelled_caught:
                     raise TimeoutError_(f"no answer to {req.type!r} within {limit:g} s")
                 frame = ok_frame(req.id, result)
@@ -251,6 +271,8 @@ class Sockend:
             self.stats["failed"] += 1
         finally:
             client.inflight -= 1
+            if chunks is not None:
+                client.uploads.pop(req.id, None)
         await self._send(client, frame)
 
     async def _write_events(self, client: Client) -> None:

@@ -6,10 +6,13 @@
  *   s.emit("randomRequest", {val: 3}, (err, answer) => ...); // node-style callback
  *   s.on("randomUpdate", data => ...);                      // events of the namespace's Publishers
  *   s.on("connect", fn); s.on("disconnect", fn); s.on("$skipped", ({count}) => ...);
+ *   s.upload("upload", {name: "a"}, chunks).then(answer => ...);  // chunks: any (async) iterable
  *
  * Wire format (docs/sockend.md): JSON text frames, {"id","type","data","timeout"} up,
  * {"id","ok","data"} | {"id","ok":false,"error":{code,type,message,retryable}} and
- * {"event","data"} down.  No build step: a plain script (UMD), also usable from CommonJS.
+ * {"event","data"} down; an upload adds "chunked": true, then {"id","chunk"}... and
+ * {"id","end": true} up, keeping to the {"id","credit"} frames that come down.
+ * No build step: a plain script (UMD), also usable from CommonJS.
  */
 (function (root, factory) {
   if (typeof module === "object" && module.exports) module.exports = factory();
@@ -37,6 +40,7 @@
   }
 
   const root = typeof self !== "undefined" ? self : globalThis;
+  const UPLOAD_WINDOW = 64;   // chunks an upload may run ahead of the credit granted
   const DEFAULTS = { reconnect: true, minDelay: 250, maxDelay: 5000, maxQueued: 1000, timeout: undefined };
 
   class Socket {
@@ -70,6 +74,7 @@
         this._ws = null;
         // Requests already on the wire may or may not have run: fail them, retryable.
         for (const [id, p] of this._pending) {
+          if (p.upload) p.upload.wake();
           if (p.sent) {
             this._pending.delete(id);
             p.reject(new SockendError({ code: "unreachable", type: "Disconnected", retryable: true,
@@ -90,7 +95,12 @@
       if (msg && typeof msg.event === "string") return this._fire(msg.event, msg.data);
       const p = msg && this._pending.get(msg.id);
       if (!p) return;
+      if (typeof msg.credit === "number") {   // an upload may send more chunks
+        if (p.upload) { p.upload.window += msg.credit; p.upload.wake(); }
+        return;
+      }
       this._pending.delete(msg.id);
+      if (p.upload) { p.upload.done = true; p.upload.wake(); }
       if (msg.ok) p.resolve(msg.data);
       else p.reject(new SockendError(msg.error));
     }
@@ -135,6 +145,38 @@
         return undefined;
       }
       return promise;
+    }
+
+    /** An upload: a request whose chunks (an array, or any iterable or async iterable of
+     *  JSON values) follow it, never more than 64 beyond what the Responder's handler has
+     *  taken; the handler reads them as `async def handler(req, chunks)`.  Returns a
+     *  Promise of the answer.  Needs a connected socket (not queued while away). */
+    async upload(type, data, chunks, options) {
+      const opts = options || {};
+      if (!this.connected || this._closed) {
+        throw new SockendError({ code: "unreachable", type: "Disconnected", retryable: true,
+          message: "an upload needs a connected socket" });
+      }
+      const frame = { id: this._nextId++, type: type, data: data === undefined ? {} : data,
+                      chunked: true };
+      const timeout = opts.timeout !== undefined ? opts.timeout : this.options.timeout;
+      if (timeout !== undefined) frame.timeout = timeout;
+      const upload = { window: UPLOAD_WINDOW, done: false, waiter: null,
+                       wake() { const w = this.waiter; this.waiter = null; if (w) w(); } };
+      const answer = new Promise((resolve, reject) => {
+        this._pending.set(frame.id, { resolve, reject, sent: false, upload: upload });
+      });
+      this._sendNow(frame);
+      for await (const chunk of chunks) {
+        while (upload.window <= 0 && !upload.done && this._ws) {
+          await new Promise((resolve) => { upload.waiter = resolve; });
+        }
+        if (upload.done || !this._ws) break;   // answered (or failed) early, or disconnected
+        this._ws.send(JSON.stringify({ id: frame.id, chunk: chunk }));
+        upload.window -= 1;
+      }
+      if (!upload.done && this._ws) this._ws.send(JSON.stringify({ id: frame.id, end: true }));
+      return answer;
     }
 
     /** The event types the namespace's Responders advertise right now. */
