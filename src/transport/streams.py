@@ -121,24 +121,7 @@ class FramedStream:
 
     def _frames(self, limit: int) -> list[bytes]:
         """Cut up to ``limit`` (0: all) complete frames off the buffer."""
-        buffer = self._buffer
-        size = len(buffer)
-        pos = 0
-        out = []
-        while size - pos >= 4:
-            (length,) = _unpack_header(buffer, pos)
-            if length > self.max_frame:
-                raise CodecError(f"frame of {length} bytes exceeds the {self.max_frame} limit")
-            end = pos + 4 + length
-            if end > size:
-                break
-            out.append(bytes(buffer[pos + 4:end]))
-            pos = end
-            if len(out) == limit:
-                break
-        if pos:
-            del buffer[:pos]
-        return out
+        return cut_frames(self._buffer, self.max_frame, limit)
 
     async def _read(self) -> None:
         """Append at least one byte to the buffer; one checkpoint either way."""
@@ -187,6 +170,33 @@ class FramedStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def frame_header(size: int) -> bytes:
+    """The 4-byte length that precedes a frame of ``size`` bytes."""
+    return _HEADER.pack(size)
+
+
+def cut_frames(buffer: bytearray, max_frame: int = MAX_FRAME, limit: int = 0) -> list[bytes]:
+    """Cut up to ``limit`` (0: all) complete frames off the front of ``buffer``; a
+    partial frame stays.  Raises CodecError for a length over ``max_frame``."""
+    size = len(buffer)
+    pos = 0
+    out = []
+    while size - pos >= 4:
+        (length,) = _unpack_header(buffer, pos)
+        if length > max_frame:
+            raise CodecError(f"frame of {length} bytes exceeds the {max_frame} limit")
+        end = pos + 4 + length
+        if end > size:
+            break
+        out.append(bytes(buffer[pos + 4:end]))
+        pos = end
+        if len(out) == limit:
+            break
+    if pos:
+        del buffer[:pos]
+    return out
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

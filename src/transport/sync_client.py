@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -35,9 +34,8 @@ from .codec import Kind, decode_lists, encode_envelope, join_frame
 from .errors import BadMessage, CodecError, TimeoutError_, TransportError, Unreachable, body_to_error
 from .inbound import WINDOW
 from .links import _split_host_port, _unix_path
-from .streams import MAX_FRAME
+from .streams import cut_frames, frame_header
 
-_HEADER = struct.Struct(">I")
 _END = (Kind.RESULT, Kind.CHOKE, Kind.ERROR)
 
 
@@ -173,7 +171,7 @@ class SyncRpcClient:
         sock = self._connect()
         try:
             sock.settimeout(None)
-            sock.sendall(_HEADER.pack(len(frame)) + frame)
+            sock.sendall(frame_header(len(frame)) + frame)
         except OSError as exc:
             self.close()
             raise Unreachable(f"connection to {self.address} lost: {exc}") from None
@@ -193,19 +191,18 @@ class SyncRpcClient:
             raise Unreachable(f"connection to {self.address} lost")
         buffer = self._buffer
         while True:
-            if len(buffer) >= 4:
-                (length,) = _HEADER.unpack_from(buffer)
-                if length > MAX_FRAME:
-                    self.close()
-                    raise Unreachable(f"{self.address} sent a frame of {length} bytes")
-                if len(buffer) >= 4 + length:
-                    frame = bytes(buffer[4:4 + length])
-                    del buffer[:4 + length]
-                    try:
-                        self._frames.extend(decode_lists(frame))
-                    except CodecError:
-                        continue  # a corrupt frame answers nobody, as in RpcClient
-                    return
+            try:
+                frames = cut_frames(buffer)
+            except CodecError as exc:  # a length over MAX_FRAME: the stream is garbage
+                self.close()
+                raise Unreachable(f"{self.address} sent {exc}") from None
+            for frame in frames:
+                try:
+                    self._frames.extend(decode_lists(frame))
+                except CodecError:
+                    pass  # a corrupt frame answers nobody, as in RpcClient
+            if self._frames:
+                return
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError_(f"no answer to {event!r} from {self.address}")
