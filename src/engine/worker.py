@@ -47,7 +47,7 @@ import trio
 from transport.channel import EnvelopeChannel
 from transport.codec import Kind
 from transport.errors import BadMessage, Closed, UnknownEvent, error_to_body
-from transport.inbound import InputStream
+from transport.inbound import InputStream, SendWindow
 from transport.streams import from_fd
 
 from . import api, calls
@@ -124,12 +124,11 @@ def load_app(entry: Path) -> dict:
 
 class _Running:
     """One job running on a task: its cancel scope and its stream's send window."""
-    __slots__ = ("scope", "window", "credited")
+    __slots__ = ("scope", "window")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()  # may be cancelled before the task enters it
-        self.window = STREAM_WINDOW      # chunks it may still send without more CREDIT
-        self.credited = trio.Event()
+        self.window = SendWindow(STREAM_WINDOW)  # chunks it may send beyond the CREDIT
 
 
 SYNC, ASYNC, ASYNC_GEN = "sync", "async", "async-gen"
@@ -233,9 +232,8 @@ class Runtime:
                     # else it has finished: its reply is on its way
                 elif kind == Kind.CREDIT:
                     job = self.jobs.get(sid)
-                    if job is not None and type(body) is int and body > 0:
-                        job.window += body
-                        job.credited.set()
+                    if job is not None:
+                        job.window.credit(body)  # ignores anything but a positive int
                 elif kind == Kind.TERMINATE:
                     self.stopping = True
                     for sid in list(self.waiting):  # prefetched jobs: answered, not dropped
@@ -331,10 +329,8 @@ class Runtime:
     async def _chunk(self, sid: int, job: _Running, item: Any) -> None:
         """Send one chunk once the window allows (the node grants CREDIT as its
         consumer takes chunks), so a slow consumer bounds what is in flight."""
-        while job.window <= 0:
-            job.credited = trio.Event()
-            await job.credited.wait()
-        job.window -= 1
+        await job.window.wait()
+        job.window.left -= 1
         await self.chan.send(Kind.CHUNK, sid, item)
 
 

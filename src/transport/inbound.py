@@ -96,12 +96,13 @@ class InputStream:
 
 
 class SendWindow:
-    """How many chunks a sender may still send; ``await wait()`` for room."""
+    """How many chunks a sender may still send; ``await wait()`` for room, ``credit(n)``
+    when the receiver grants more.  (Also the engine's streamed replies, slave side.)"""
 
     __slots__ = ("left", "_room")
 
-    def __init__(self) -> None:
-        self.left = WINDOW
+    def __init__(self, size: int = WINDOW) -> None:
+        self.left = size
         self._room = trio.Event()
 
     def credit(self, n: Any) -> None:
