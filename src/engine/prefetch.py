@@ -42,15 +42,15 @@ def check_setting(value: object) -> Setting:
     raise ValueError(f"prefetch must be \"auto\" or a whole number >= 0, got {value!r}")
 
 
-class PrefetchRule:
-    def __init__(self, setting: Setting):
-        self.setting = check_setting(setting)
-        self.auto = setting == "auto"
-        self.limit: int = AUTO_PREFETCH_MAX if self.auto else setting  # type: ignore[assignment]
+class ServiceTimes:
+    """How long each event's jobs take: an EWMA per event, for at most ``MAX_EVENTS``
+    events (the thread backend uses it too, to choose inline or thread)."""
+
+    def __init__(self) -> None:
         self.service: dict[str, float] = {}  # event -> EWMA of its service time, seconds
 
     def estimate(self, event: str) -> float | None:
-        """Expected service time of ``event`` (None: never answered yet)."""
+        """Expected service time of ``event`` (None: never measured yet)."""
         return self.service.get(event)
 
     def sample(self, event: str, seconds: float) -> None:
@@ -59,6 +59,16 @@ class PrefetchRule:
             self.service[event] = old + SERVICE_EWMA_ALPHA * (seconds - old)
         elif len(self.service) < MAX_EVENTS:
             self.service[event] = seconds
+
+
+class PrefetchRule(ServiceTimes):
+    """The rule, and the service times it judges by (sampled by the pool policy)."""
+
+    def __init__(self, setting: Setting):
+        super().__init__()
+        self.setting = check_setting(setting)
+        self.auto = setting == "auto"
+        self.limit: int = AUTO_PREFETCH_MAX if self.auto else setting  # type: ignore[assignment]
 
     def allows(self, queued: int, held: dict[str, int], concurrency: int) -> bool:
         """May a slave whose ``concurrency`` slots are all taken, holding ``queued``

@@ -45,7 +45,7 @@ from .errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
 from .job import Job
 from .manifest import EngineConfig
 from .pool import LATENCY_WINDOW
-from .prefetch import MAX_EVENTS
+from .prefetch import ServiceTimes
 from .protocol import STREAM_WINDOW
 from .worker import ASYNC, ASYNC_GEN, chunks_refused, handler_kind
 
@@ -102,7 +102,7 @@ class ThreadPool:
         self._running = 0
         self._scopes: dict[int, trio.CancelScope] = {}
         self._credit: dict[int, trio.Event] = {}     # streaming jobs waiting for a consumer
-        self._service: dict[str, float] = {}         # event -> EWMA of a sync call, seconds
+        self._times = ServiceTimes()                 # how long each event's sync calls take
         self._next_job = 1
         self._nursery: trio.Nursery | None = None
         self._draining = False
@@ -255,7 +255,8 @@ class ThreadPool:
         """A plain function call (or generator step): inline on the node's loop once
         this event's calls have proved quick, else on a worker thread.  A thread hop
         costs 50-100 µs here, more than most small handlers take."""
-        quick = self._service.get(job.event, INLINE_BELOW) < INLINE_BELOW
+        estimate = self._times.estimate(job.event)
+        quick = estimate is not None and estimate < INLINE_BELOW
         t0 = time.perf_counter()
         try:
             if quick:
@@ -266,10 +267,7 @@ class ThreadPool:
                     inline.active = False
             return await self._in_thread(job, fn, *args)
         finally:
-            took = time.perf_counter() - t0
-            old = self._service.get(job.event)
-            if old is not None or len(self._service) < MAX_EVENTS:
-                self._service[job.event] = took if old is None else old + 0.2 * (took - old)
+            self._times.sample(job.event, time.perf_counter() - t0)
 
     async def _in_thread(self, job: Job, fn: Callable, *args: Any) -> Any:
         """One sync call on a worker thread; past heartbeat-timeout the job fails and the
