@@ -72,7 +72,7 @@ def reply_later(job: Any) -> Deferred:
 
     def on_reply(job: Any) -> None:
         if job.streaming:
-            deferred.stream(_follow(job))
+            deferred.stream(_relay(job, job.__aiter__()))
         elif job.error is not None:
             deferred.fail(job.error)
         else:
@@ -81,13 +81,6 @@ def reply_later(job: Any) -> Deferred:
     job.add_reply_callback(on_reply)
     return deferred
 
-
-async def _follow(job: Any) -> AsyncIterator[Any]:
-    try:
-        async for chunk in job:
-            yield chunk
-    finally:
-        _cancel(job)  # the caller left early (CANCEL, disconnect): free the slave's slot
 
 
 async def answer(job: Any) -> Any:
@@ -103,7 +96,7 @@ async def answer(job: Any) -> Any:
         raise
     if not getattr(job, "streaming", False):   # known once the first reply arrived
         return first
-    return Stream(_rest(job, first, chunks))
+    return Stream(_relay(job, chunks, first))
 
 
 async def _empty() -> AsyncIterator[Any]:
@@ -111,9 +104,12 @@ async def _empty() -> AsyncIterator[Any]:
     yield  # pragma: no cover  (makes this an async generator)
 
 
-async def _rest(job: Any, first: Any, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _relay(job: Any, chunks: AsyncIterator[Any], *taken: Any) -> AsyncIterator[Any]:
+    """A streamed job's chunks for the RpcServer (after the ones already ``taken`` from
+    ``chunks``); however it ends, the job is cancelled if it is still running."""
     try:
-        yield first
+        for chunk in taken:
+            yield chunk
         async for chunk in chunks:
             yield chunk
     finally:
