@@ -52,6 +52,16 @@ log = logging.getLogger(__name__)
 LATENCY_WINDOW = 1024  # jobs over which p50/p99 are computed
 
 
+def latency_ms(latencies: deque[float]) -> dict[str, float | None]:
+    """p50 and p99 of the recent jobs' latencies (seconds in, milliseconds out)."""
+    lat = sorted(latencies)
+
+    def q(f: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000, 3) if lat else None
+
+    return {"p50": q(0.5), "p99": q(0.99)}
+
+
 @dataclass
 class _Slave:
     id: int
@@ -143,11 +153,6 @@ class SlavePool:
     # -- views ---------------------------------------------------------------------
     def info(self) -> dict:
         p = self.policy.info()
-        lat = sorted(self._latencies)
-
-        def q(f: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000, 3) if lat else None
-
         slaves = []
         for s in self._slaves.values():
             sess = s.session
@@ -159,7 +164,7 @@ class SlavePool:
                 "cancelling": p["cancelling"],
                 "done": self.done,
                 "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
-                "crashes": self.crashes, "latency_ms": {"p50": q(0.5), "p99": q(0.99)},
+                "crashes": self.crashes, "latency_ms": latency_ms(self._latencies),
                 "prefetch": p["prefetch"]}
 
     def crashlog(self) -> list[str]:

@@ -44,7 +44,7 @@ from . import api
 from .errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
 from .job import Job
 from .manifest import EngineConfig
-from .pool import LATENCY_WINDOW
+from .pool import LATENCY_WINDOW, latency_ms
 from .prefetch import ServiceTimes
 from .protocol import STREAM_WINDOW
 from .worker import ASYNC, ASYNC_GEN, chunks_refused, handler_kind
@@ -176,11 +176,6 @@ class ThreadPool:
 
     # -- views -------------------------------------------------------------------------
     def info(self) -> dict:
-        lat = sorted(self._latencies)
-
-        def q(f: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000, 3) if lat else None
-
         state = "draining" if self._draining else "broken" if self.broken_reason else "running"
         return {"app": self.app_name, "backend": "thread", "state": state,
                 "reason": self.broken_reason, "slaves": [],
@@ -188,7 +183,7 @@ class ThreadPool:
                 "running": self._running, "cancelling": 0,
                 "done": self.done, "failed": self.failed, "cancelled": self.cancelled,
                 "spawned": 0, "retired": 0, "crashes": self.crashes,
-                "latency_ms": {"p50": q(0.5), "p99": q(0.99)}}
+                "latency_ms": latency_ms(self._latencies)}
 
     def crashlog(self) -> list[str]:
         return list(self._crashlog)
