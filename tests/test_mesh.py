@@ -295,9 +295,8 @@ async def test_slow_subscriber_does_not_stall_publisher(disco):
             Subscriber("fast", discovery=disco) as fast, \
             Publisher("pub", broadcasts=["tick"], discovery=disco, nng_buffer=32) as pub:
         with trio.fail_after(5):
-            while len(slow._links) < 1 or len(fast._links) < 1:
+            while pub.subscribers < 2:  # both connected, not just discovered
                 await trio.sleep(0.01)
-        await trio.sleep(0.2)  # let the dials complete
         got = 0
 
         async def consume_fast():
@@ -326,8 +325,11 @@ async def test_slow_subscriber_does_not_stall_publisher(disco):
                 if idle.cancelled_caught:
                     break
     assert publish_time < 5 and got == n and fast.stats["dropped"] == 0
-    assert first.data[0] == 0
-    assert slow.stats["dropped"] > 0 and seen + slow.stats["dropped"] <= n, (seen, slow.stats)
+    # Sub0 makes room by dropping the oldest frame it holds, so under load even the
+    # first events may go before the slow reader takes any; from its first event
+    # on, every event is either seen or counted as dropped.
+    dropped = slow.stats["dropped"]
+    assert dropped > 0 and seen + dropped == n - first.data[0], (first.data[0], seen, slow.stats)
 
 
 async def test_malformed_datagrams_are_counted_and_ignored(disco):

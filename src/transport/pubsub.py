@@ -50,6 +50,13 @@ class Publisher(Component):
     def advertised(self) -> tuple[str, ...]:
         return self.broadcasts
 
+    @property
+    def subscribers(self) -> int:
+        """Subscribers connected right now.  A subscriber dials once it has
+        discovered this publisher, and what is published before its connection
+        is up does not reach it (pub/sub keeps no history)."""
+        return 0 if self._sock is None else len(self._sock.sock.pipes)
+
     def publish(self, topic: str, data: Any = None) -> None:
         """Queue one event; returns at once.  Raises QueueFull when ``high_water``
         events are queued (the producer outruns its own writer, not a subscriber:
