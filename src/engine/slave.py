@@ -94,9 +94,12 @@ class SlaveProcess:
                     nursery.start_soon(self._wait_exit, proc)
                     await nursery.start(chan.run_writer)
                     yield chan
-                    if self.exited.is_set():  # give the pump the last words of a dying slave
-                        with trio.move_on_after(1.0):
-                            await self._output_done.wait()
+                    # The slave exited or closed its link, and the link's EOF often
+                    # comes before the exit is seen: wait a moment for both, and for
+                    # the last words of a dying slave to reach the crashlog.
+                    with trio.move_on_after(1.0):
+                        await self.exited.wait()
+                        await self._output_done.wait()
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
