@@ -217,6 +217,16 @@ async def test_long_stream_arrives_whole(apps_dir, start_node):
     assert got == list(range(3000))
 
 
+async def test_a_lone_large_request_reaches_the_slave_and_comes_back(apps_dir, start_node):
+    # Client -> node -> slave and back, nothing else in flight: every hop writes the
+    # frame straight to its socket, which takes only its start.
+    node = await start_node(apps_dir)
+    blob = b"x" * 4_000_000
+    with trio.fail_after(30):
+        async with connect(node.address, timeout=20) as c:
+            assert await c.call("echo", "echo", blob) == blob
+
+
 async def test_app_with_a_timer_driver_runs_it(apps_dir, start_node):
     from engine.drivers import registry
 

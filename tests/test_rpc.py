@@ -258,3 +258,13 @@ async def test_a_stream_left_early_runs_its_cleanup_at_once(nursery):
     # closed by the request's own worker, still counted in flight: not left to the
     # garbage collector's finalizer, which would run it later, elsewhere
     assert inflight_during_cleanup == [1]
+
+
+@pytest.mark.parametrize("size", [300_000, 20_000_000])
+async def test_a_large_lone_request_and_answer_arrive_whole(server, size):
+    # A lone frame is written straight to the socket when the link is idle; one bigger
+    # than the socket's buffer is only half written then, and the rest must still go.
+    async with RpcClient(server.address) as client:
+        with trio.fail_after(10):
+            assert await client.call("", "echo", b"x" * size) == b"x" * size
+            assert await client.call("", "echo", "small") == "small"

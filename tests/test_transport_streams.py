@@ -71,3 +71,20 @@ async def test_envelope_channel_over_framed_stream():
             assert [e.body for e in got] == [["echo", i] for i in range(10)]
             n.cancel_scope.cancel()
     ca.close(); cb.close()
+
+
+async def test_a_lone_frame_bigger_than_the_socket_buffer_arrives_whole():
+    # With nothing queued a frame is written straight to the socket; the socketpair
+    # takes only the start of 3 MB and the writer task must send the rest unprompted
+    # (nothing else is sent after it: a node's one large job to an idle slave).
+    a, b = socketpair()
+    ca, cb = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            await n.start(ca.run_writer)
+            await trio.sleep(0)
+            ca.send_nowait(Kind.INVOKE, 1, ["echo", b"x" * 3_000_000])
+            (env,) = await cb.receive()
+            assert env.body == ["echo", b"x" * 3_000_000]
+            n.cancel_scope.cancel()
+    ca.close(); cb.close()

@@ -19,6 +19,10 @@ import trio
 from .codec import join_frame
 
 MAX_BATCH = 512  # envelopes per frame; keeps one frame's encode/decode short
+# What a link's ``try_send`` returns when the socket took only the start of the frame:
+# the link keeps the rest, and the writer must finish it (the link's ``flush``)
+# before anything else goes out.
+SENT_PARTLY = 2
 # s between direct writes: longer than the gap between two envelopes of one burst (a
 # few µs), shorter than a round trip to another process (~40 µs and up here), so lone
 # request/reply traffic always goes direct and bursts always batch.
@@ -43,13 +47,18 @@ class Outbox:
     def put(self, packed: bytes, try_send: Callable[[bytes], bool] | None = None) -> bool:
         """Queue one packed envelope, or, when nothing is queued, write it at once
         through ``try_send`` (which returns False if the link would block or the writer
-        is mid-frame).  Returns True if it was queued.  Whatever ``try_send`` raises
+        is mid-frame, True when it wrote the frame, SENT_PARTLY when it wrote only the
+        start).  Returns True if it was queued.  Whatever ``try_send`` raises
         propagates, nothing queued."""
         if try_send is not None and not self.items and not self.held:
             now = perf_counter()
-            if now - self._direct_at >= DIRECT_GAP and try_send(join_frame([packed])):
-                self._direct_at = now
-                return False
+            if now - self._direct_at >= DIRECT_GAP:
+                sent = try_send(join_frame([packed]))
+                if sent:
+                    self._direct_at = now
+                    if sent == SENT_PARTLY:
+                        self._wakeup.set()  # the writer finishes the frame
+                    return False
         self.items.append(packed)
         self._wakeup.set()
         return True
@@ -65,7 +74,8 @@ class Outbox:
         return dropped
 
     async def wait(self) -> None:
-        """The writer's wait: until something is queued or :meth:`wake` is called."""
+        """The writer's wait: until something is queued, a direct write left the rest
+        of its frame to the writer, or :meth:`wake` is called."""
         await self._wakeup.wait()
         if self.items:
             await trio.lowlevel.cancel_shielded_checkpoint()  # let runnable senders add theirs

@@ -60,13 +60,15 @@ class _Connection:
     """One client as the server sees it: its replies queue here until its writer
     task packs them into frames."""
 
-    __slots__ = ("id", "send", "try_send", "outbox", "running", "deferred", "inputs")
+    __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs")
 
     def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
-                 try_send: Callable[[bytes], bool] | None = None):
+                 try_send: Callable[[bytes], bool | int] | None = None,
+                 flush: Callable[[], Awaitable[None]] | None = None):
         self.id = conn_id
         self.send = send
         self.try_send = try_send  # writes a frame now if the link takes it without blocking
+        self.flush = flush  # finishes a frame try_send could only start
         self.outbox = Outbox()
         self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
         self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
@@ -139,7 +141,7 @@ class RpcServer:
         from .streams import FramedStream
 
         stream = FramedStream(raw)
-        conn = _Connection(next(self._ids), stream.send, stream.try_send_nowait)
+        conn = _Connection(next(self._ids), stream.send, stream.try_send_nowait, stream.flush)
         self._connections[conn.id] = conn
         try:
             async with trio.open_nursery() as nursery:
@@ -415,14 +417,16 @@ class RpcServer:
             send = conn.send
             if send is None:
                 return
-            for frame, count in conn.outbox.frames():
-                self._queued -= count
-                if self.guard is not None:
-                    frame = self.guard.seal(frame)
-                try:
+            try:
+                if conn.flush is not None:
+                    await conn.flush()
+                for frame, count in conn.outbox.frames():
+                    self._queued -= count
+                    if self.guard is not None:
+                        frame = self.guard.seal(frame)
                     await send(frame)
-                except (Closed, pynng.NNGException):
-                    return  # that client is gone; _drop cancels its handlers
+            except (Closed, pynng.NNGException):
+                return  # that client is gone; _drop cancels its handlers
             self._room.set()
 
 

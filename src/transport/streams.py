@@ -23,6 +23,7 @@ import struct
 import trio
 
 from .errors import Closed, CodecError
+from .outbox import SENT_PARTLY
 
 _HEADER = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
@@ -42,9 +43,10 @@ class FramedStream:
         self._sock: socket.socket | None = getattr(getattr(stream, "socket", None), "_sock", None)
 
     # -- sending ----------------------------------------------------------------------
-    def try_send_nowait(self, data: bytes) -> bool:
-        """Send a whole frame now if the socket takes it without blocking; else False
-        and nothing was written."""
+    def try_send_nowait(self, data: bytes) -> bool | int:
+        """Write a frame now if the socket takes it without blocking: True when all of
+        it went, ``SENT_PARTLY`` when only its start did (the rest waits for
+        :meth:`flush` or the next :meth:`send`), False when nothing was written."""
         if self._tail or self._send_lock.locked() or self._sock is None:
             return False
         frame = _HEADER.pack(len(data)) + data
@@ -56,6 +58,7 @@ class FramedStream:
             raise Closed(f"stream closed: {exc}") from None
         if sent < len(frame):
             self._tail = frame[sent:]
+            return SENT_PARTLY
         return True
 
     async def send(self, data: bytes) -> None:
