@@ -11,7 +11,7 @@ import trio
 from transport import codec
 from transport.codec import Kind, decode, decode_lists, encode_envelope, join_frame
 from transport.errors import BadMessage, CodecError, HandlerError, QueueFull, TimeoutError_
-from transport.outbox import Outbox
+from transport.outbox import SENT_PARTLY, Outbox
 from transport.requester import Requester
 from transport.responder import Responder
 from transport.rpc import Deferred, RpcClient, RpcServer, Stream
@@ -225,6 +225,55 @@ async def test_outbox_sends_one_envelope_direct_and_batches_a_burst():
     await trio.sleep(0.001)
     assert box.put(b"\x05", try_send) is True
     assert len(sent) == 2
+
+
+async def test_a_held_burst_leaves_as_one_frame_when_released():
+    sent, answer = [], [True]
+
+    def try_send(frame):
+        if answer[0]:
+            sent.append(frame)
+        return answer[0]
+
+    box = Outbox()
+    box.held = True
+    for b in (b"\x01", b"\x02", b"\x03"):
+        assert box.put(b, try_send) is True
+    assert box.release(try_send) == 3 and not box.held
+    assert sent == [join_frame([b"\x01", b"\x02", b"\x03"])] and len(box) == 0
+    # The link would block: the burst stays for the writer, in order.
+    answer[0] = False
+    box.held = True
+    box._wakeup = trio.Event()
+    box.put(b"\x04", try_send)
+    box.put(b"\x05", try_send)
+    assert not box._wakeup.is_set()              # held: the writer is not woken per item
+    assert box.release(try_send) == 0 and box._wakeup.is_set()
+    assert [frame for frame, _ in box.frames()] == [join_frame([b"\x04", b"\x05"])]
+    # Half written: the writer is woken to finish the frame.
+    answer[0] = SENT_PARTLY
+    box.held = True
+    box.put(b"\x06", try_send)
+    box._wakeup = trio.Event()
+    assert box.release(try_send) == 1 and box._wakeup.is_set()
+
+
+async def test_a_client_batch_is_on_the_wire_before_the_caller_awaits(nursery):
+    server = RpcServer("tcp://127.0.0.1:0", plain)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            assert await client.call("", "echo", 0) == {"echo": 0}
+            client.hold(True)
+            calls = [client.start("", "echo", i) for i in range(1, 6)]
+            client.hold(False)
+            # Nothing is left for the writer task: a caller that goes on working
+            # (send_many taking the answers already in) does not hold the burst back.
+            assert len(client._outbox) == 0
+            for i, call in enumerate(calls, 1):
+                while not call.done:
+                    await call.wait()
+                assert list(call.items) == [{"echo": i}]
 
 
 def test_shared_packer_recovers_from_errors_and_big_values():

@@ -37,6 +37,7 @@ class Outbox:
         # True while the sender knows more envelopes follow at once (a frame of many
         # requests being answered, a batch of calls being started): nothing goes direct,
         # so the whole burst leaves as one frame instead of the first alone + the rest.
+        # Whoever sets it ends it with release().
         self.held = False
         self._wakeup = trio.Event()
         self._direct_at = -1.0  # perf_counter() of the last direct write
@@ -60,8 +61,35 @@ class Outbox:
                         self._wakeup.set()  # the writer finishes the frame
                     return False
         self.items.append(packed)
-        self._wakeup.set()
+        if not self.held:  # held: release() sends the burst or wakes the writer
+            self._wakeup.set()
         return True
+
+    def release(self, try_send: Callable[[bytes], bool | int] | None = None) -> int:
+        """End a hold.  The burst queued meanwhile leaves now, as one frame, when the
+        link takes it without blocking, rather than when the writer task next runs:
+        a sender that keeps working after its burst (``send_many`` consuming the
+        answers already in) would otherwise hold it back until its next await, and
+        the peer would sit idle.  Returns how many envelopes went."""
+        self.held = False
+        items = self.items
+        if not items:
+            return 0
+        sent = False
+        try:
+            if try_send is not None and len(items) <= MAX_BATCH:
+                sent = try_send(join_frame(items))
+        finally:
+            if not sent:
+                self._wakeup.set()  # the writer sends them (or finds the link gone)
+        if not sent:
+            return 0
+        count = len(items)
+        items.clear()
+        self._direct_at = perf_counter()
+        if sent == SENT_PARTLY:
+            self._wakeup.set()
+        return count
 
     def wake(self) -> None:
         """Make the writer look again (its link changed, or it should stop)."""

@@ -246,7 +246,13 @@ class RpcServer:
                         self._cancel_deferred(conn, sid)
                 # other kinds from a client are meaningless: ignored, like unknown frames
         finally:
-            conn.outbox.held = False
+            try:
+                sent = conn.outbox.release(conn.try_send if self.guard is None else None)
+            except Closed:
+                sent = 0  # the client is gone; its reader drops the connection
+            if sent:
+                self._queued -= sent
+                self._room.set()
 
     def _on_request(self, conn: _Connection, sid: int, body: Any) -> None:
         if not (isinstance(body, list) and 3 <= len(body) <= 4 and isinstance(body[1], str)):

@@ -344,8 +344,15 @@ class RpcClient(Service):
     def hold(self, held: bool) -> None:
         """While held, started requests queue for the writer instead of the first going
         out alone: a caller starting a batch holds, starts them all, releases, and the
-        batch leaves as one frame."""
-        self._outbox.held = held
+        batch leaves as one frame (at once, when the link takes it)."""
+        if held:
+            self._outbox.held = True
+        else:
+            try_send = getattr(self._link, "try_send_nowait", None) if self.guard is None else None
+            try:
+                self._outbox.release(try_send)
+            except Closed:
+                pass  # the link just died: the reader sees it and fails these calls
 
     def start(self, target: str, event: str, payload: Any = None, *,
               timeout: float | None = None, now: float | None = None,
