@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -80,6 +82,21 @@ async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
     figures = RRFigures(seq["rate"], seq["p50_us"], seq["p99_us"],
                         {int(k): v for k, v in out["inflight"].items()})
     return figures, {"requester": out["rss_mb"], "responder": responder_rss}
+
+
+@asynccontextmanager
+async def rounds_requester(k: int) -> AsyncIterator[Callable[[float], Awaitable[float]]]:
+    """A warmed-up cote Requester -> Responder pair kept running; yields
+    ``run(seconds)``, which has the requester keep ``k`` in flight for that long
+    and returns its requests/s (for rounds interleaved with ours)."""
+    rep_env, req_env = _envs(2)
+    async with child_process(_node("cote_responder.js"), env=rep_env), \
+            child_process(_node("cote_requester.js", len(PAYLOAD), 0, 0, k, "--rounds"),
+                          env=req_env, stdin=True) as requester:
+        async def run(seconds: float) -> float:
+            out = await requester.ask(f"{k} {seconds}", "ROUND ", timeout=seconds + 10)
+            return out["rate"]
+        yield run
 
 
 async def pubsub(settings: Settings) -> dict[str, float]:

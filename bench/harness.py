@@ -38,13 +38,14 @@ class Settings:
     duration: float = 1.0                  # seconds per in-flight level
     inflight: tuple[int, ...] = (1, 16, 100, 256)
     pubsub_messages: int = 100_000
+    rounds: int = 7                        # interleaved head-to-head rounds (mesh vs cote)
     cote: bool = True
     quick: bool = False
 
     @classmethod
     def quick_mode(cls) -> "Settings":
         return cls(seq_calls=100, warmup_calls=20, duration=0.15, inflight=(1, 16),
-                   pubsub_messages=2000, cote=False, quick=True)
+                   pubsub_messages=2000, rounds=1, cote=False, quick=True)
 
 
 @dataclass
@@ -195,6 +196,20 @@ class Child:
         tail = " | ".join(self.output[-5:])
         raise RuntimeError(f"no RESULT within {timeout:g} s: {tail or 'no output'}")
 
+    async def ask(self, line: str, prefix: str, timeout: float) -> dict[str, Any]:
+        """Write ``line`` to the child's stdin (``child_process(..., stdin=True)``)
+        and return the JSON of the next output line starting with ``prefix``."""
+        seen = sum(1 for out in self.output if out.startswith(prefix))
+        await self.process.stdin.send_all(line.encode() + b"\n")
+        with trio.move_on_after(timeout):
+            while not self.eof.is_set():
+                answers = [out for out in self.output if out.startswith(prefix)]
+                if len(answers) > seen:
+                    return json.loads(answers[seen][len(prefix):])
+                await trio.sleep(0.01)
+        tail = " | ".join(self.output[-5:])
+        raise RuntimeError(f"no {prefix.strip()} answer within {timeout:g} s: {tail or 'no output'}")
+
     @property
     def pid(self) -> int:
         return self.process.pid
@@ -239,13 +254,15 @@ async def _read_lines(stream, child: "Child", ready: trio.MemorySendChannel) -> 
 
 @asynccontextmanager
 async def child_process(argv: Sequence[str], *, env: dict[str, str] | None = None,
-                        ready_timeout: float = READY_TIMEOUT,
-                        wait_ready: bool = True) -> AsyncIterator[Child]:
+                        ready_timeout: float = READY_TIMEOUT, wait_ready: bool = True,
+                        stdin: bool = False) -> AsyncIterator[Child]:
     """Start ``argv``; yield once it prints a ``READY ...`` line.  Always ends it:
-    SIGTERM, then SIGKILL after a second, then reap."""
+    SIGTERM, then SIGKILL after a second, then reap.  ``stdin``: give it a pipe
+    (for :meth:`Child.ask`) rather than /dev/null."""
     async with trio.open_nursery() as nursery:
         proc = await trio.lowlevel.open_process(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            list(argv), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, env=env or python_env(), cwd=str(REPO))
         child = Child(proc, "")
         send, recv = trio.open_memory_channel[str](1)
@@ -265,6 +282,8 @@ async def child_process(argv: Sequence[str], *, env: dict[str, str] | None = Non
                                f"{' | '.join(child.output[-5:])}") from None
         finally:
             with trio.CancelScope(shield=True):
+                if proc.stdin is not None:
+                    await proc.stdin.aclose()
                 await stop_process(proc)
             nursery.cancel_scope.cancel()
 

@@ -2,6 +2,8 @@
 
 - Requester (this process) -> Responder (child process) echo, found by discovery on
   loopback: sequential p50/p99 and throughput in flight;
+- ``Requester.send_many`` with 100 in flight against cote's requester with 100 in
+  flight, head to head in interleaved rounds (the 1.5x target);
 - Publisher (child process) -> Subscriber (this process, ``async for``): delivered
   events/s from first to last, and how many were lost;
 - the RSS of an idle Responder process (a mesh component).
@@ -10,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import aclosing
-from typing import Any
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, AsyncIterator
 
 import trio
 
@@ -39,34 +41,63 @@ def _discovery(port: int):
 PIPELINE_WINDOW = 100
 
 
-async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float], float]:
-    """Per-caller figures (k tasks, each awaiting ``send``, like cote's requester's k
-    async workers), the memory samples, and requests/s through ``send_many`` with
-    ``PIPELINE_WINDOW`` in flight from one task."""
+@asynccontextmanager
+async def _echo_pair(memory: dict[str, float] | None = None) -> AsyncIterator[Any]:
+    """A Responder echo in a child process and a Requester here that has found it."""
     from transport.requester import Requester
 
     port, key = free_udp_port(), f"bench-{os.getpid()}"
-    memory: dict[str, float] = {}
     async with child_process(python_child("bench.servers", "mesh-responder",
                                           port, key)) as responder:
         await trio.sleep(0.3)  # settle: the idle figure is after start-up allocations
-        memory["idle_responder"] = responder.rss_mb()
+        if memory is not None:
+            memory["idle_responder"] = responder.rss_mb()
         async with Requester("bench-req", requests=["echo"], key=key,
                              discovery=_discovery(port), timeout=10,
                              max_pending=100_000) as requester:
-            request = {"type": "echo", "p": PAYLOAD}
+            yield requester, responder
 
-            async def call():
-                await requester.send(request)
 
-            figures = await measure_rr(
-                lambda: call, settings,
-                after_warmup=lambda: memory.__setitem__("responder_after_warmup",
-                                                        responder.rss_mb()))
-            pipelined = await send_many_rate(requester, request, PIPELINE_WINDOW,
-                                             settings.duration)
+async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
+    """Per-caller figures (k tasks, each awaiting ``send``, like cote's requester's k
+    async workers) and the responder's memory samples."""
+    memory: dict[str, float] = {}
+    async with _echo_pair(memory) as (requester, responder):
+        request = {"type": "echo", "p": PAYLOAD}
+
+        async def call():
+            await requester.send(request)
+
+        figures = await measure_rr(
+            lambda: call, settings,
+            after_warmup=lambda: memory.__setitem__("responder_after_warmup",
+                                                    responder.rss_mb()))
         memory["responder_after_run"] = responder.rss_mb()
-    return figures, memory, pipelined
+    return figures, memory
+
+
+async def head_to_head(settings: Settings) -> dict[str, list[float]]:
+    """``Requester.send_many`` with ``PIPELINE_WINDOW`` in flight against cote's
+    requester with as many in flight, in ``settings.rounds`` rounds of
+    ``settings.duration`` each, taking turns (who goes first alternates), both
+    pairs running all along: a moment of machine noise then touches one round of
+    one side, not the whole comparison.  Requests/s per round, for each side."""
+    from . import cote
+
+    request = {"type": "echo", "p": PAYLOAD}
+    ours: list[float] = []
+    theirs: list[float] = []
+    async with _echo_pair() as (requester, _), \
+            cote.rounds_requester(PIPELINE_WINDOW) as cote_round:
+        await send_many_rate(requester, request, PIPELINE_WINDOW, 0.3)  # warm-up
+        for i in range(settings.rounds):
+            if i % 2:
+                theirs.append(await cote_round(settings.duration))
+            ours.append(await send_many_rate(requester, request, PIPELINE_WINDOW,
+                                             settings.duration))
+            if not i % 2:
+                theirs.append(await cote_round(settings.duration))
+    return {"ours": ours, "cote": theirs}
 
 
 async def send_many_rate(requester, request: dict, window: int, duration: float) -> float:

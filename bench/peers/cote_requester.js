@@ -1,7 +1,11 @@
 // cote Requester: sequential round trips (p50/p99) and throughput with N in flight.
-// argv: payloadBytes seqCount durationSeconds inflight[,inflight...]
+// argv: payloadBytes seqCount durationSeconds inflight[,inflight...] [--rounds]
+// With --rounds it warms up, prints READY, then runs one round per stdin line
+// "k seconds" and answers each with a line "ROUND {rate}" (the Python side
+// interleaves these with its own rounds); it exits when stdin closes.
 'use strict'
-const { cote, discoveryOptions, key, report, rssMB } = require('./cote_common')
+const readline = require('readline')
+const { cote, discoveryOptions, key, ready, report, rssMB } = require('./cote_common')
 
 const [payloadBytes, seqCount, duration, inflightList] = [
   Number(process.argv[2] || 32),
@@ -43,8 +47,30 @@ async function inflight(k, secs) {
   return done / (Number(process.hrtime.bigint() - t0) / 1e9)
 }
 
+function serveRounds() {
+  ready({ rss_mb: rssMB() })
+  const lines = readline.createInterface({ input: process.stdin })
+  let queue = Promise.resolve()
+  lines.on('line', line => {
+    const [k, secs] = line.trim().split(/\s+/).map(Number)
+    queue = queue.then(async () => {
+      const rate = await inflight(k, secs)
+      process.stdout.write('ROUND ' + JSON.stringify({ k, rate }) + '\n')
+    })
+  })
+  lines.on('close', () => queue.then(() => process.exit(0)))
+}
+
+let started = false
 requester.on('cote:added', async () => {
+  if (started) return
+  started = true
   try {
+    if (process.argv.includes('--rounds')) {
+      await sequential(1000) // warm-up, as below
+      await inflight(Math.max(...inflightList), 0.3)
+      return serveRounds()
+    }
     await sequential(1000) // warm-up: let V8 optimise the hot path first
     const seq = await sequential(seqCount)
     const tput = {}
