@@ -303,8 +303,10 @@ def family_pool(settings: Settings, results: Results) -> None:
         return
     results.add(Row("pool", "burst -> 8 slaves serving (s)", out["burst_to_limit_s"], None, "s",
                     "< 1 s", verdict(out["burst_to_limit_s"] < 1.0)))
-    results.add(Row("pool", "cold slave start, submit->answer (s)", out["cold_start_s"], None,
-                    "s"))
+    results.add(Row("pool", "cold slave start, fresh pool, submit->answer (s)",
+                    out["cold_start_s"], None, "s"))
+    results.add(Row("pool", "new slave in a running pool, submit->serving (s)",
+                    out["new_slave_s"], None, "s", note="forked by the pool's zygote"))
     limit = pool.IDLE_TIMEOUT + 1.0
     results.add(Row("pool", f"idle retirement, idle-timeout {pool.IDLE_TIMEOUT:g} s (s)",
                     out["retired_after_s"], pool.IDLE_TIMEOUT, "s", f"<= {limit:g} s",

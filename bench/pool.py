@@ -1,7 +1,9 @@
 """Pool dynamics, with :class:`engine.pool.SlavePool` run in this process (its slaves
 are real child processes hosting ``bench/echo_app.py``):
 
-- cold start: a fresh pool's first job, submit to result (spawn + import + handshake);
+- cold start: a fresh pool's first job, submit to result (spawn + import + handshake,
+  waiting for the pool's zygote to be ready); then a job that needs a second slave in
+  the running pool, until it serves (forked by the zygote);
 - burst: from the first of a burst of slow jobs until pool-limit (8) slaves each hold
   a job;
 - idle retirement: from the burst's last answer until every slave is gone, with a
@@ -41,19 +43,28 @@ def _pool(pool_limit: int, idle_timeout: float):
     return SlavePool("bench-pool", APP_ENTRY, config)
 
 
-async def cold_start(runs: int) -> list[float]:
-    """Seconds from submit to the first answer of a fresh one-slave pool."""
-    times = []
+async def cold_start(runs: int) -> tuple[list[float], list[float]]:
+    """Seconds: from submit to answer of the first job of a fresh pool (its zygote
+    starting too), then from submitting three jobs to the running pool until a second
+    slave has taken one."""
+    first, more = [], []
     for _ in range(runs):
-        pool = _pool(1, 600)
+        pool = _pool(2, 600)
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
-            t0 = time.perf_counter()
             with trio.fail_after(20):
+                t0 = time.perf_counter()
                 await pool.submit("echo", b"x").result()
-            times.append(time.perf_counter() - t0)
+                first.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                busy = [pool.submit("sleep", 0.5) for _ in range(3)]  # 2 queued: grow
+                while _serving(pool) < 2:
+                    await trio.sleep(POLL / 5)
+                more.append(time.perf_counter() - t0)
+                for job in busy:
+                    await job.result()
             nursery.cancel_scope.cancel()
-    return times
+    return first, more
 
 
 def _serving(pool) -> int:
@@ -92,8 +103,10 @@ async def burst_and_retire(job_seconds: float) -> dict[str, Any]:
 
 
 async def pool_dynamics(settings: Settings) -> dict[str, Any]:
-    starts = await cold_start(1 if settings.quick else 3)
+    first, more = await cold_start(1 if settings.quick else 3)
     out = await burst_and_retire(0.5)
-    out["cold_start_s"] = median(starts)
-    out["cold_starts_s"] = starts
+    out["cold_start_s"] = median(first)
+    out["cold_starts_s"] = first
+    out["new_slave_s"] = median(more)
+    out["new_slaves_s"] = more
     return out

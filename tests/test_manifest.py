@@ -140,14 +140,14 @@ def test_every_engine_key(app_dir):
     m = load_manifest(write(app_dir, {"engine": {
         "pool-limit": 3, "queue-limit": 7, "heartbeat-timeout": 2.5, "grow-threshold": 2,
         "startup-timeout": 4, "idle-timeout": 0.5, "termination-timeout": 0,
-        "backend": "process", "concurrency": 8, "prefetch": 16, "crashlog-limit": 0,
-        "resource-limits": {"cpuset": {"cpuset.cpus": "0-1,5,7-8"}, "memory": "512M",
+        "backend": "process", "spawn": "exec", "concurrency": 8, "prefetch": 16,
+        "crashlog-limit": 0, "resource-limits": {"cpuset": {"cpuset.cpus": "0-1,5,7-8"}, "memory": "512M",
                             "cpu-time": 30, "open-files": 256},
     }}))
     assert m.engine == EngineConfig(
         pool_limit=3, queue_limit=7, heartbeat_timeout=2.5, grow_threshold=2,
         startup_timeout=4.0, idle_timeout=0.5, termination_timeout=0.0, backend="process",
-        concurrency=8, prefetch=16, crashlog_limit=0,
+        spawn="exec", concurrency=8, prefetch=16, crashlog_limit=0,
         resource_limits=ResourceLimits(cpus=frozenset({0, 1, 5, 7, 8}), memory_bytes=512 << 20,
                                        cpu_seconds=30, open_files=256),
     )
@@ -200,6 +200,7 @@ def test_parse_manifest_from_data_and_relative_file_in_messages(app_dir, monkeyp
     ({"engine": {"idle-timeout": "10s"}}, "engine.idle-timeout", "seconds"),
     ({"engine": {"termination-timeout": -1}}, "engine.termination-timeout", "seconds"),
     ({"engine": {"backend": "fork"}}, "engine.backend", "process, thread"),
+    ({"engine": {"spawn": "fork"}}, "engine.spawn", "zygote, exec"),
     ({"engine": {"concurrency": 0}}, "engine.concurrency", "positive integer"),
     ({"engine": {"crashlog-limit": -2}}, "engine.crashlog-limit", "non-negative"),
     ({"engine": {"prefetch": -1}}, "engine.prefetch", "0 to 1024"),

@@ -129,9 +129,10 @@ async def wait_until(predicate, timeout=20.0, step=0.05):
             await trio.sleep(step)
 
 
-async def test_echo_streams_errors_and_the_slave_lives_on(tmp_path):
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
+async def test_echo_streams_errors_and_the_slave_lives_on(tmp_path, spawn):
     with trio.fail_after(30):
-        async with running_pool(tmp_path, pool_limit=1) as pool:
+        async with running_pool(tmp_path, pool_limit=1, spawn=spawn) as pool:
             job = pool.submit("echo", {"a": [1, 2]})
             assert await job.result() == {"a": [1, 2]}
             assert job.streaming is False
@@ -190,9 +191,10 @@ async def test_queue_full_is_refused_at_once(tmp_path):
             assert pool.info()["done"] == 2
 
 
-async def test_hung_slave_is_killed_and_its_caller_told(tmp_path):
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
+async def test_hung_slave_is_killed_and_its_caller_told(tmp_path, spawn):
     with trio.fail_after(40):
-        async with running_pool(tmp_path, pool_limit=2, heartbeat_timeout=1.5) as pool:
+        async with running_pool(tmp_path, pool_limit=2, heartbeat_timeout=1.5, spawn=spawn) as pool:
             await pool.submit("echo", 1).result()
             hung = pool.submit("spin", None)
             others = [pool.submit("echo", i) for i in range(5)]
@@ -203,10 +205,11 @@ async def test_hung_slave_is_killed_and_its_caller_told(tmp_path):
             assert await pool.submit("echo", "after").result() == "after"
 
 
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
 @pytest.mark.parametrize("how", ["exit", "kill"])
-async def test_crashing_slave_is_replaced_without_losing_other_jobs(tmp_path, how):
+async def test_crashing_slave_is_replaced_without_losing_other_jobs(tmp_path, how, spawn):
     with trio.fail_after(40):
-        async with running_pool(tmp_path, pool_limit=2) as pool:
+        async with running_pool(tmp_path, pool_limit=2, spawn=spawn) as pool:
             before = [pool.submit("slow", 0.3) for _ in range(3)]
             crash = pool.submit("die", how)
             after = [pool.submit("slow", 0.1) for _ in range(3)]
@@ -221,10 +224,11 @@ async def test_crashing_slave_is_replaced_without_losing_other_jobs(tmp_path, ho
             assert log[-1].startswith("[") and pool.info()["crashes"] == 1
 
 
-async def test_app_that_fails_to_import_is_broken_with_backoff(tmp_path):
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
+async def test_app_that_fails_to_import_is_broken_with_backoff(tmp_path, spawn):
     source = "import no_such_module_for_engine_tests\n"
     with trio.fail_after(40):
-        async with running_pool(tmp_path, source, pool_limit=4,
+        async with running_pool(tmp_path, source, pool_limit=4, spawn=spawn,
                                 pool_kw=dict(restart_intensity=2, backoff_base=0.3)) as pool:
             job = pool.submit("echo", 1)
             with pytest.raises(AppBroken):
@@ -238,6 +242,30 @@ async def test_app_that_fails_to_import_is_broken_with_backoff(tmp_path):
             await trio.sleep(1.5)  # backoff 0.3, 0.6, 1.2...: a few probes, not a fork loop
             assert pool.info()["spawned"] - spawned <= 3
             assert any("ModuleNotFoundError" in line for line in pool.crashlog())
+
+
+async def test_slaves_are_forked_by_the_zygote_and_its_death_only_slows_starts(tmp_path):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=3) as pool:
+            for job in [pool.submit("slow", 0.3) for _ in range(3)]:
+                await job.result()
+            slaves = list(pool._slaves.values())
+            zygote = pool._zygote
+            assert len(slaves) == 3 and all(s.process.forked for s in slaves)
+            assert pool.info()["zygote"] == zygote.pid
+            forked = {p.pid for p in psutil.Process(zygote.pid).children()}
+            assert {s.process.pid for s in slaves} == forked
+            # ps and top show what they are, not the template they were forked from
+            assert all("engine.worker --app test-app" in " ".join(psutil.Process(pid).cmdline())
+                       for pid in forked)
+            os.kill(zygote.pid, signal.SIGKILL)
+            # Its slaves see it go and exit; the pool starts new ones the plain way.
+            await wait_until(lambda: not zygote.ready and not set(pool._slaves) & {s.id for s in slaves})
+            assert await pool.submit("echo", "after").result() == "after"
+            assert [s.process.forked for s in pool._slaves.values()] == [False]
+            assert pool.info()["zygote"] is None
+            assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                       for pid in forked)
 
 
 async def test_cancelling_the_pool_leaves_no_child_processes(tmp_path):

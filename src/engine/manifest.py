@@ -24,6 +24,7 @@ from .errors import ManifestError
 MANIFEST_FILE = "manifest.json"
 LANGUAGES = ("python",)
 BACKENDS = ("process", "thread")
+SPAWN_MODES = ("zygote", "exec")   # engine.spawn: how a process slave is started
 MAX_PREFETCH = 1024  # engine.prefetch: jobs queued in one slave beyond its concurrency
 # App and driver names end up in CLI arguments, log lines and socket paths.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -50,6 +51,7 @@ class EngineConfig:
     idle_timeout: float = 600.0              # seconds
     termination_timeout: float = 5.0         # seconds
     backend: str = "process"                 # "process" | "thread"
+    spawn: str = "zygote"                    # "zygote" (fork from a template) | "exec"
     concurrency: int = 1                     # jobs one slave may run at once
     # INVOKEs a slave may hold queued beyond concurrency: "auto" (by measured job
     # duration, engine/prefetch.py) or a fixed number (0 = off)
@@ -213,6 +215,7 @@ class _Parser:
             "idle-timeout": ("idle_timeout", self.positive_seconds),
             "termination-timeout": ("termination_timeout", self.non_negative_seconds),
             "backend": ("backend", self.backend),
+            "spawn": ("spawn", self.spawn),
             "concurrency": ("concurrency", self.positive_int),
             "prefetch": ("prefetch", self.prefetch),
             "crashlog-limit": ("crashlog_limit", self.non_negative_int),
@@ -255,6 +258,11 @@ class _Parser:
     def backend(self, value: Any, path: str) -> str:
         if value not in BACKENDS:
             raise self.error(path, f"one of {', '.join(BACKENDS)}", value)
+        return value
+
+    def spawn(self, value: Any, path: str) -> str:
+        if value not in SPAWN_MODES:
+            raise self.error(path, f"one of {', '.join(SPAWN_MODES)}", value)
         return value
 
     def resource_limits(self, raw: Any, path: str) -> ResourceLimits:

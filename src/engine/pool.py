@@ -46,6 +46,7 @@ from .errors import JobCancelled, ShuttingDown
 from .job import Job
 from .manifest import EngineConfig
 from .slave import SlaveProcess
+from .zygote_client import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class SlavePool:
         self._next_job = 1
         self._nursery: trio.Nursery | None = None
         self._death_fd: int | None = None        # read end of the node-death pipe, for slaves
+        self._zygote: Zygote | None = None        # forks slaves fast (engine.spawn "zygote")
         self._timer_wakeup = trio.Event()
         self._timer_at = math.inf
         self._quiet = trio.Event()                # set when no accepted job is pending
@@ -105,13 +107,23 @@ class SlavePool:
         death_r, death_w = os.pipe()   # slaves see EOF on death_r when this process dies
         self._death_fd = death_r
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
+            async with trio.open_nursery() as outer:
+                # The zygote outlives the slaves it forked (its own shielded scope,
+                # cancelled once they are reaped): its end would end them early.
+                zygote_scope = trio.CancelScope(shield=True)
+                if self.config.spawn == "zygote":
+                    self._zygote = Zygote(self.python, death_r)
+                    outer.start_soon(self._keep_zygote, self._zygote, zygote_scope)
                 try:
-                    await self._timer_loop()
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        task_status.started()
+                        try:
+                            await self._timer_loop()
+                        finally:
+                            self.policy.close()
                 finally:
-                    self.policy.close()
+                    zygote_scope.cancel()
         finally:
             self._nursery = None
             now = trio.current_time()
@@ -119,6 +131,11 @@ class SlavePool:
                 self._answer_fail(job.id, ShuttingDown("the app's slave pool stopped"), now)
             os.close(death_r)
             os.close(death_w)
+
+    @staticmethod
+    async def _keep_zygote(zygote: Zygote, scope: trio.CancelScope) -> None:
+        with scope:
+            await zygote.run()
 
     def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
         """``chunks``: a chunked request's chunks (an async iterable, e.g. an rpc
@@ -165,7 +182,8 @@ class SlavePool:
                 "done": self.done,
                 "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
                 "crashes": self.crashes, "latency_ms": latency_ms(self._latencies),
-                "prefetch": p["prefetch"]}
+                "prefetch": p["prefetch"],
+                "zygote": self._zygote.pid if self._zygote and self._zygote.ready else None}
 
     def crashlog(self) -> list[str]:
         return list(self._crashlog)
@@ -293,7 +311,7 @@ class SlavePool:
         cfg = self.config
         slave.process = proc = SlaveProcess(
             app=self.app_name, entry=self.entry,
-            config=cfg, death_fd=self._death_fd, python=self.python)
+            config=cfg, death_fd=self._death_fd, python=self.python, zygote=self._zygote)
         spawn_error = None
         try:
             async with proc.open():

@@ -31,6 +31,7 @@ from transport.errors import Closed
 from transport.streams import from_socket, socketpair
 
 from .manifest import EngineConfig
+from .zygote_client import ForkedSlave, Zygote
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +42,41 @@ SIGTERM_WAIT = 2.0   # s between SIGTERM and SIGKILL
 
 class SlaveProcess:
     def __init__(self, *, app: str, entry: Path, config: EngineConfig,
-                 death_fd: int | None = None, python: str = sys.executable):
+                 death_fd: int | None = None, python: str = sys.executable,
+                 zygote: Zygote | None = None):
         self.app = app
         self.entry = entry
         self.config = config
         self.death_fd = death_fd
         self.python = python
+        self.zygote = zygote  # forks the slave when ready; else python -m engine.worker
+        self.forked = False
         self.pid: int | None = None
         self.returncode: int | None = None
         self.output: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
         self.exited = trio.Event()
-        self._proc: trio.Process | None = None
+        self._proc: trio.Process | ForkedSlave | None = None
         self._chan: EnvelopeChannel | None = None
         self._recv_scope: trio.CancelScope | None = None
         self._output_done = trio.Event()
 
     def command(self, link_fd: int) -> list[str]:
+        return [self.python, "-m", "engine.worker", *self.worker_args(os.getpid()),
+                "--fd", str(link_fd)]
+
+    def worker_args(self, parent_pid: int) -> list[str]:
+        """``engine.worker``'s arguments but ``--fd``."""
         cfg = self.config
         limits = {k: (sorted(v) if isinstance(v, frozenset) else v)
                   for k, v in asdict(cfg.resource_limits).items() if v}
-        cmd = [self.python, "-m", "engine.worker", "--app", self.app, "--entry", str(self.entry),
-               "--fd", str(link_fd), "--concurrency", str(cfg.concurrency),
-               "--heartbeat", f"{cfg.heartbeat_timeout / 3:.3f}", "--parent-pid", str(os.getpid())]
+        args = ["--app", self.app, "--entry", str(self.entry),
+                "--concurrency", str(cfg.concurrency),
+                "--heartbeat", f"{cfg.heartbeat_timeout / 3:.3f}", "--parent-pid", str(parent_pid)]
         if self.death_fd is not None:
-            cmd += ["--death-fd", str(self.death_fd)]
+            args += ["--death-fd", str(self.death_fd)]
         if limits:
-            cmd += ["--limits", json.dumps(limits)]
-        return cmd
+            args += ["--limits", json.dumps(limits)]
+        return args
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[EnvelopeChannel]:
@@ -77,14 +86,18 @@ class SlaveProcess:
         try:
             # PYTHONUNBUFFERED: output reaches the crashlog at once; ENGINE_APP: handlers
             # that schedule events (engine.drivers.scheduler.schedule) know their app.
-            env = dict(os.environ, PYTHONUNBUFFERED="1", ENGINE_APP=self.app)
+            extra = {"PYTHONUNBUFFERED": "1", "ENGINE_APP": self.app}
             fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
             try:
-                self._proc = proc = await trio.lowlevel.open_process(
-                    self.command(theirs.fileno()), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,  # no ^C from the tty
-                    pass_fds=fds)
+                proc = await self._fork(theirs.fileno(), extra)
+                if proc is None:
+                    proc = await trio.lowlevel.open_process(
+                        self.command(theirs.fileno()), stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        env=dict(os.environ, **extra),
+                        start_new_session=True,  # no ^C from the tty
+                        pass_fds=fds)
+                self._proc = proc
             finally:
                 theirs.close()  # the child has its copy; ours must go so EOF means "slave gone"
             self.pid = proc.pid
@@ -106,6 +119,24 @@ class SlaveProcess:
                     await self._stop(proc)
         finally:
             chan.close()
+
+    async def _fork(self, link_fd: int, env: dict[str, str]) -> ForkedSlave | None:
+        """The slave forked by the pool's zygote, or None: start it the plain way."""
+        zygote = self.zygote
+        if zygote is None:
+            return None
+        # Still importing (a pool's first slaves): waiting for it is about as quick
+        # as a plain start, and a burst then forks instead of starting eight pythons.
+        await zygote.settled.wait()
+        if not zygote.ready:
+            return None
+        try:
+            proc = await zygote.spawn(self.worker_args(zygote.pid), env, link_fd)
+        except OSError as exc:
+            log.info("%s: %s; starting the slave the plain way", self.app, exc)
+            return None
+        self.forked = True
+        return proc
 
     async def pump(self, on_frame: Callable[[list[Envelope]], None]) -> None:
         """Hand every frame from the slave to ``on_frame`` until it has exited and
@@ -146,7 +177,7 @@ class SlaveProcess:
     def kill(self) -> None:
         """SIGKILL the slave's process group now (hung slave, startup timeout)."""
         if self._proc is not None and self._proc.returncode is None:
-            _killpg(self._proc.pid, signal.SIGKILL)
+            self._signal(self._proc, signal.SIGKILL)
 
     # -- internals -----------------------------------------------------------------
     async def _wait_exit(self, proc: trio.Process) -> None:
@@ -192,15 +223,24 @@ class SlaveProcess:
             with trio.move_on_after(self.config.termination_timeout):
                 await proc.wait()
         if proc.returncode is None:
-            _killpg(proc.pid, signal.SIGTERM)
+            self._signal(proc, signal.SIGTERM)
             with trio.move_on_after(min(SIGTERM_WAIT, self.config.termination_timeout)):
                 await proc.wait()
         if proc.returncode is None:
-            _killpg(proc.pid, signal.SIGKILL)
+            self._signal(proc, signal.SIGKILL)
         await proc.wait()  # SIGKILL cannot be ignored: this is bounded
         self.returncode = proc.returncode
         if proc.stdout is not None:
             await proc.stdout.aclose()
+
+
+    @staticmethod
+    def _signal(proc: trio.Process | ForkedSlave, sig: int) -> None:
+        """Signal the slave's whole process group (it is its leader)."""
+        if isinstance(proc, ForkedSlave):
+            proc.signal_group(sig)
+        else:
+            _killpg(proc.pid, sig)
 
 
 def _killpg(pgid: int, sig: int) -> None:

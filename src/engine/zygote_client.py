@@ -1,0 +1,187 @@
+"""The node's end of a slave pool's zygote (:mod:`engine.zygote`).
+
+:class:`Zygote` starts the template process, forks slaves through it and turns its
+exit reports into :class:`ForkedSlave` handles, which :class:`engine.slave.SlaveProcess`
+uses as it uses a ``trio.Process``: ``pid``, ``returncode``, ``wait()``, a signal to
+the slave's process group, and its output as a trio stream.  Until the zygote has
+said it is ready, or after it is gone, :attr:`Zygote.ready` is false and slaves are
+started the plain way (``python -m engine.worker``): a zygote only ever makes
+starting faster, never possible or not.
+"""
+from __future__ import annotations
+
+import array
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+from typing import Any
+
+import msgpack
+import trio
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 10.0
+STOP_WAIT = 2.0
+
+
+class ForkedSlave:
+    """A slave forked by the zygote: what the node needs of a ``trio.Process``."""
+
+    def __init__(self, zygote: "Zygote", pid: int, output_fd: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdout = trio.lowlevel.FdStream(output_fd)
+        self._zygote = zygote
+        self._exited = trio.Event()
+
+    async def wait(self) -> int | None:
+        await self._exited.wait()
+        return self.returncode
+
+    def signal_group(self, sig: int) -> None:
+        self._zygote.kill(self.pid, sig)
+
+    def _exit(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+        self._exited.set()
+
+
+class Zygote:
+    def __init__(self, python: str, death_fd: int | None):
+        self.python = python
+        self.death_fd = death_fd
+        self.ready = False
+        self.settled = trio.Event()              # set once ready, or once it never will be
+        self.pid: int | None = None              # the zygote's: its slaves' parent
+        self._raw: socket.socket | None = None   # for kill(), which must not await
+        self._sock: trio.socket.SocketType | None = None
+        self._ids = itertools.count(1)
+        self._spawning: dict[int, tuple[trio.Event, list]] = {}
+        self._children: dict[int, ForkedSlave] = {}
+
+    async def run(self) -> None:
+        """Start the zygote and serve it until cancelled (or it dies: then slaves are
+        started the plain way).  Always ends and reaps it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [self.python, "-m", "engine.zygote", "--control-fd", str(theirs.fileno()),
+               "--parent-pid", str(os.getpid())]
+        fds = [theirs.fileno()]
+        if self.death_fd is not None:
+            cmd += ["--death-fd", str(self.death_fd)]
+            fds.append(self.death_fd)
+        try:
+            proc = await trio.lowlevel.open_process(
+                cmd, stdin=subprocess.DEVNULL, pass_fds=fds, start_new_session=True,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        except OSError as exc:
+            log.warning("no zygote (%s): slaves start the plain way", exc)
+            ours.close()
+            self.settled.set()
+            return
+        finally:
+            theirs.close()
+        self._raw = ours
+        self._sock = sock = trio.socket.from_stdlib_socket(ours)
+        try:
+            with trio.move_on_after(READY_TIMEOUT):
+                hello = await self._receive()
+                if hello is not None and hello.get("op") == "ready":
+                    self.pid, self.ready = hello["pid"], True
+            self.settled.set()
+            if not self.ready:
+                log.warning("the zygote did not start: slaves start the plain way")
+            while self.ready:
+                message = await self._receive()
+                if message is None:
+                    log.warning("the zygote %s exited: slaves start the plain way", self.pid)
+                    break
+                self._on_message(message)
+        finally:
+            self.ready = False
+            self.settled.set()
+            sock.close()  # the zygote sees EOF and exits
+            for slot in self._spawning.values():
+                slot[0].set()  # a spawn still waiting gets no pid: it fails
+            for child in self._children.values():
+                # No status without the zygote.  Its slaves exit 0 when they see it
+                # go (engine.worker.watch_parent), so that is the likely one.
+                child._exit(0)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(STOP_WAIT):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+    async def spawn(self, argv: list[str], env: dict[str, str], link_fd: int) -> ForkedSlave:
+        """Fork a slave running ``engine.worker`` with ``argv`` (``--fd`` is added) over
+        ``link_fd``.  Raises OSError if the zygote cannot (or is gone)."""
+        if not self.ready or self._sock is None:
+            raise OSError("the zygote is not running")
+        out_r, out_w = os.pipe()
+        spawn_id = next(self._ids)
+        done = trio.Event()
+        result: list = []
+        self._spawning[spawn_id] = (done, result)
+        try:
+            try:
+                data = msgpack.packb({"op": "spawn", "id": spawn_id, "argv": argv, "env": env})
+                await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [link_fd, out_w]))])
+            finally:
+                os.close(out_w)  # the zygote has its copy (or never will)
+            await done.wait()
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            del self._spawning[spawn_id]
+        if not result or result[0].get("op") != "spawned":
+            os.close(out_r)
+            why = result[0].get("error") if result else "the zygote is gone"
+            raise OSError(f"zygote could not fork a slave: {why}")
+        child = self._children[result[0]["pid"]] = ForkedSlave(self, result[0]["pid"], out_r)
+        return child
+
+    def kill(self, pid: int, sig: int) -> None:
+        """Signal a slave's process group through the zygote, which knows whether
+        that pid is still its child (the node could hit a recycled pid).  Straight
+        from here if the message cannot go now."""
+        if self.ready and self._raw is not None:
+            try:
+                self._raw.send(msgpack.packb({"op": "kill", "pid": pid, "sig": int(sig)}))
+                return
+            except OSError:
+                pass
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def _receive(self) -> dict | None:
+        try:
+            data = await self._sock.recv(1 << 16)
+        except OSError:
+            return None
+        if not data:
+            return None
+        return msgpack.unpackb(data)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op in ("spawned", "failed"):
+            slot = self._spawning.get(message["id"])
+            if slot is not None:
+                slot[1].append(message)
+                slot[0].set()
+            elif op == "spawned":  # its spawner was cancelled meanwhile: end the orphan
+                self.kill(message["pid"], signal.SIGKILL)
+        elif op == "exit":
+            child = self._children.pop(message["pid"], None)
+            if child is not None:
+                child._exit(message["code"])
