@@ -122,9 +122,13 @@ def test_subscriber_counts_malformed_envelopes_and_builds_events():
 
 
 def test_transport_package_imports_pynng_only_when_asked():
+    # A slave needs only channel/streams/codec; a mesh Requester/Responder pair on TCP
+    # streams needs no nng either (pynng costs a process ~9 MB and an asyncio import).
     code = ("import sys, transport.channel, transport.streams, transport.codec;"
             "assert 'pynng' not in sys.modules, 'pynng imported';"
-            "from transport import Responder, TimeoutError_, Kind;"
-            "assert 'pynng' in sys.modules and Responder.role == 'responder';"
+            "from transport import Responder, Requester, TimeoutError_, Kind;"
+            "import transport.rpc, transport.discovery;"
+            "assert 'pynng' not in sys.modules and Responder.role == 'responder';"
+            "from transport import Subscriber; assert 'pynng' in sys.modules;"
             "import transport; assert 'Subscriber' in dir(transport)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

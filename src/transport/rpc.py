@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import itertools
 from types import CoroutineType
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import pynng
 import trio
 
 from .codec import Kind, decode_lists, encode_envelope
@@ -41,7 +40,11 @@ from .inbound import InputStream
 from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
 from .rpc_handlers import _FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream
-from .sockets import TrioSocket, bound_address
+
+if TYPE_CHECKING:
+    import pynng
+
+    from .sockets import TrioSocket
 
 # The kinds on the hot paths as plain ints: an enum member lookup costs more than
 # the comparison it feeds (~75 ns each).
@@ -163,6 +166,12 @@ class RpcServer:
 
     # -- nng: one polyamorous socket, a connection per pipe ------------------------
     async def _run_nng(self, task_status) -> None:
+        # pynng only when an nng link is asked for: it costs a process ~9 MB of RSS
+        # and an asyncio import, which a mesh component on TCP streams never needs.
+        import pynng
+
+        from .sockets import TrioSocket, bound_address
+
         raw = pynng.Pair1(polyamorous=True)
         try:
             raw.listen(nng_url(self.requested_address))
@@ -192,8 +201,13 @@ class RpcServer:
             sock.close()
 
     def _nng_connection(self, sock: TrioSocket, pipe: pynng.Pipe) -> _Connection:
+        import pynng
+
         async def send(frame: bytes) -> None:
-            await sock.send_msg(pynng.Message(frame, pipe))
+            try:
+                await sock.send_msg(pynng.Message(frame, pipe))
+            except pynng.NNGException as exc:
+                raise Closed(f"nng pipe gone: {exc}") from None
 
         conn = _Connection(next(self._ids), send)
         self._connections[conn.id] = conn
@@ -431,7 +445,7 @@ class RpcServer:
                     if self.guard is not None:
                         frame = self.guard.seal(frame)
                     await send(frame)
-            except (Closed, pynng.NNGException):
+            except Closed:
                 return  # that client is gone; _drop cancels its handlers
             self._room.set()
 

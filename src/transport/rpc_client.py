@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-import pynng
 import trio
 
 from .codec import Kind, decode_lists, encode_envelope
@@ -21,7 +20,9 @@ from .links import connect_stream, is_stream, nng_url
 from .outbox import Outbox
 from .inbound import SendWindow
 from .service import Service
-from .sockets import TrioSocket
+
+if TYPE_CHECKING:
+    from .sockets import TrioSocket
 
 _INF = float("inf")
 # Plain ints for the hot paths: an enum member lookup costs more than the comparison.
@@ -209,6 +210,10 @@ class RpcClient(Service):
 
     # -- links ------------------------------------------------------------------------
     async def _run_nng(self, task_status) -> None:
+        import pynng  # only for nng links (see RpcServer._run_nng)
+
+        from .sockets import TrioSocket
+
         raw = pynng.Pair1()
         sock = TrioSocket(raw)
         try:
