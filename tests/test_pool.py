@@ -268,6 +268,22 @@ async def test_slaves_are_forked_by_the_zygote_and_its_death_only_slows_starts(t
                        for pid in forked)
 
 
+async def test_a_stuck_zygote_costs_a_spawn_timeout_not_the_slave(tmp_path):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=1, idle_timeout=0.2) as pool:
+            assert await pool.submit("echo", 1).result() == 1
+            await wait_until(lambda: not pool._slaves)  # retired: the next job needs a slave
+            zygote_pid = pool._zygote.pid
+            os.kill(zygote_pid, signal.SIGSTOP)
+            try:
+                t0 = trio.current_time()
+                assert await pool.submit("echo", 2).result() == 2
+                assert 4 < trio.current_time() - t0 < 20  # SPAWN_TIMEOUT, then a plain start
+                assert [s.process.forked for s in pool._slaves.values()] == [False]
+            finally:
+                os.kill(zygote_pid, signal.SIGCONT)
+
+
 async def test_cancelling_the_pool_leaves_no_child_processes(tmp_path):
     with trio.fail_after(40):
         pids = []

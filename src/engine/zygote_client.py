@@ -25,6 +25,7 @@ import trio
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0
+SPAWN_TIMEOUT = 5.0   # a fork takes milliseconds; a zygote this slow is stuck
 STOP_WAIT = 2.0
 
 
@@ -135,7 +136,8 @@ class Zygote:
                                                    array.array("i", [link_fd, out_w]))])
             finally:
                 os.close(out_w)  # the zygote has its copy (or never will)
-            await done.wait()
+            with trio.move_on_after(SPAWN_TIMEOUT):
+                await done.wait()  # a late answer finds no slot: its slave is killed
         except BaseException:
             os.close(out_r)
             raise
@@ -143,7 +145,8 @@ class Zygote:
             del self._spawning[spawn_id]
         if not result or result[0].get("op") != "spawned":
             os.close(out_r)
-            why = result[0].get("error") if result else "the zygote is gone"
+            why = result[0].get("error") if result else \
+                ("no answer" if self.ready else "the zygote is gone")
             raise OSError(f"zygote could not fork a slave: {why}")
         child = self._children[result[0]["pid"]] = ForkedSlave(self, result[0]["pid"], out_r)
         return child
