@@ -284,6 +284,25 @@ async def test_a_stuck_zygote_costs_a_spawn_timeout_not_the_slave(tmp_path):
                 os.kill(zygote_pid, signal.SIGCONT)
 
 
+async def test_a_stopped_zygote_does_not_hang_the_pools_shutdown(tmp_path):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=1, termination_timeout=0.5) as pool:
+            assert await pool.submit("echo", 1).result() == 1
+            (slave,) = pool._slaves.values()
+            assert slave.process.forked
+            zygote_pid, slave_pid = pool._zygote.pid, slave.process.pid
+            os.kill(zygote_pid, signal.SIGSTOP)  # it can neither signal nor reap now
+        # (running_pool cancelled the pool: we are here, so its shutdown was bounded)
+    try:
+        assert not psutil.pid_exists(slave_pid) or \
+            psutil.Process(slave_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        try:
+            os.kill(zygote_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 async def test_cancelling_the_pool_leaves_no_child_processes(tmp_path):
     with trio.fail_after(40):
         pids = []

@@ -228,11 +228,13 @@ class SlaveProcess:
                 await proc.wait()
         if proc.returncode is None:
             self._signal(proc, signal.SIGKILL)
-        await proc.wait()  # SIGKILL cannot be ignored: this is bounded
+        if isinstance(proc, ForkedSlave):
+            await proc.wait_killed()  # bounded even if its zygote is stuck
+        else:
+            await proc.wait()  # SIGKILL cannot be ignored: this is bounded
         self.returncode = proc.returncode
         if proc.stdout is not None:
             await proc.stdout.aclose()
-
 
     @staticmethod
     def _signal(proc: trio.Process | ForkedSlave, sig: int) -> None:

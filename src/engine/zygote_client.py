@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0
 SPAWN_TIMEOUT = 5.0   # a fork takes milliseconds; a zygote this slow is stuck
+KILL_WAIT = 2.0       # for the zygote to report a SIGKILLed slave's exit
 STOP_WAIT = 2.0
 
 
@@ -45,6 +46,21 @@ class ForkedSlave:
 
     def signal_group(self, sig: int) -> None:
         self._zygote.kill(self.pid, sig)
+
+    async def wait_killed(self) -> None:
+        """After SIGKILL: its exit, as the zygote reports it, within KILL_WAIT.  A
+        zygote that does not report (stopped, stuck) must not hang the pool's
+        shutdown: the slave's group is then killed from here (a slave not reported
+        is not reaped, so its pid is not anybody else's yet) and taken as killed."""
+        with trio.move_on_after(KILL_WAIT):
+            await self._exited.wait()
+            return
+        log.warning("zygote did not report slave %d's exit: killing it directly", self.pid)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._exit(-signal.SIGKILL)
 
     def _exit(self, code: int) -> None:
         if self.returncode is None:
