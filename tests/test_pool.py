@@ -664,4 +664,5 @@ def test_engine_info_shows_the_prefetch_rule_and_what_it_measured():
         "queue": 3, "prefetched": 2, "running": 1,
         "prefetch": {"mode": "auto", "max": 16, "service_ms": {"report": 50.0, "echo": 0.1}}}})
     assert "prefetch auto (up to 16; 2 queued on slaves now)" in text
-    assert "service: report 50.0 ms, echo 0.1 ms" in text
+    assert "service: report 50.0 ms, echo 0.1 ms" in text and "zygote" not in text
+    assert "zygote pid 77 (forks new slaves)" in format_app_info({"pool": {"zygote": 77}})

@@ -194,6 +194,8 @@ def format_app_info(info: dict) -> str:
         lines.append(f"  prefetch {prefetch.get('mode')} (up to {prefetch.get('max')}; "
                      f"{pool.get('prefetched', 0)} queued on slaves now)"
                      + (f"  service: {times}" if times else ""))
+    if pool.get("zygote"):
+        lines.append(f"  zygote pid {pool['zygote']} (forks new slaves)")
     for s in slaves:
         lines.append(f"  slave {s.get('id')} pid {s.get('pid')} {s.get('state')} jobs {s.get('jobs')}")
     for name, d in info.get("drivers", {}).items():
