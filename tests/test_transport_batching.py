@@ -2,6 +2,7 @@
 Deferred answers, Requester.send_many, held outboxes and the shared packer."""
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 
 import msgpack
@@ -271,6 +272,25 @@ async def test_a_client_batch_is_on_the_wire_before_the_caller_awaits(nursery):
             # (send_many taking the answers already in) does not hold the burst back.
             assert len(client._outbox) == 0
             for i, call in enumerate(calls, 1):
+                while not call.done:
+                    await call.wait()
+                assert list(call.items) == [{"echo": i}]
+
+
+async def test_only_a_lone_call_is_written_direct(nursery):
+    # Callers awaiting answers start their next requests as the answers come in; those
+    # leave as one frame (answered as one) rather than each written alone.
+    server = RpcServer("tcp://127.0.0.1:0", plain)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address) as client:
+            assert await client.call("", "echo", 0) == {"echo": 0}
+            first = client.start("", "echo", 1)
+            assert len(client._outbox) == 0          # alone: on the wire already
+            time.sleep(0.001)                       # past DIRECT_GAP: only "alone" decides
+            second = client.start("", "echo", 2)
+            assert len(client._outbox) == 1          # one in flight: queued for the writer
+            for i, call in ((1, first), (2, second)):
                 while not call.done:
                     await call.wait()
                 assert list(call.items) == [{"echo": i}]

@@ -326,12 +326,17 @@ class RpcClient(Service):
             env = encode_envelope(_REQUEST, sid, body)
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
+        # A lone request goes out at once: one scheduler pass less of latency (not
+        # through a guard, which seals whole frames).  Not when others are in flight:
+        # their callers start the next ones as the answers come in, and those should
+        # leave together; sent one by one they would be answered one by one, each
+        # frame a wake-up of both processes.
+        alone = not self._pending
         slot = self._pending[sid] = PendingCall(self, sid, event)
         if chunked:
             slot.window = SendWindow()
-        # A lone request goes out at once: one scheduler pass less of latency (not
-        # through a guard, which seals whole frames).
-        try_send = getattr(self._link, "try_send_nowait", None) if self.guard is None else None
+        try_send = getattr(self._link, "try_send_nowait", None) \
+            if self.guard is None and alone else None
         try:
             self._outbox.put(env, try_send)
         except Closed:  # the link just died: the reader sees it and fails this call Unreachable
