@@ -88,3 +88,23 @@ async def test_a_lone_frame_bigger_than_the_socket_buffer_arrives_whole():
             assert env.body == ["echo", b"x" * 3_000_000]
             n.cancel_scope.cancel()
     ca.close(); cb.close()
+
+
+async def test_a_held_channel_sends_its_burst_as_one_frame_on_release():
+    # The pool holds a slave's channel while it acts on a frame of answers: the jobs
+    # they free the slave for leave together, without waiting for the writer task.
+    a, b = socketpair()
+    ca, cb = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            await n.start(ca.run_writer)
+            await trio.sleep(0.001)
+            ca.hold()
+            for i in range(3):
+                ca.send_nowait(Kind.INVOKE, i, ["echo", i])
+            ca.release()
+            assert len(ca._outbox) == 0 and ca.frames_sent == 1
+            got = await cb.receive()
+            assert [e.sid for e in got] == [0, 1, 2] and cb.frames_received == 1
+            n.cancel_scope.cancel()
+    ca.close(); cb.close()

@@ -325,9 +325,14 @@ class SlavePool:
                 receive, act, clock = sess.receive, self._act, trio.current_time
 
                 def on_frame(frame: list) -> None:
+                    # The jobs this frame frees the slave for leave as one frame.
                     now = clock()
-                    for env in frame:
-                        act(slave, receive(env, now), now)
+                    proc.hold()
+                    try:
+                        for env in frame:
+                            act(slave, receive(env, now), now)
+                    finally:
+                        proc.release()
 
                 try:
                     await proc.pump(on_frame)

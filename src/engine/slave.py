@@ -167,6 +167,14 @@ class SlaveProcess:
                 return
             on_frame(frame)
 
+    def hold(self) -> None:
+        if self._chan is not None:
+            self._chan.hold()
+
+    def release(self) -> None:
+        if self._chan is not None:
+            self._chan.release()
+
     def send(self, kind: int, sid: int, body=None) -> None:
         if self._chan is not None:
             try:

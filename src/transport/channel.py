@@ -51,6 +51,19 @@ class EnvelopeChannel:
         if not self._outbox.put(packed, getattr(self.sock, "try_send_nowait", None)):
             self.frames_sent += 1
 
+    def hold(self) -> None:
+        """Queue what is sent until :meth:`release`: the sender knows more follow at
+        once (a frame of answers being acted on), and they should leave as one frame."""
+        self._outbox.held = True
+
+    def release(self) -> None:
+        try:
+            if self._outbox.release(getattr(self.sock, "try_send_nowait", None)):
+                self.frames_sent += 1
+                self._drained.set()
+        except Closed:
+            pass  # the link is gone; its reader sees it
+
     async def send(self, kind: int, sid: int, body: Any = None) -> None:
         while len(self._outbox) >= self.high_water:
             if self._drained.is_set():
