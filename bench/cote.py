@@ -11,11 +11,12 @@ import os
 import shutil
 import subprocess
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 import trio
 
-from .harness import BENCH_DIR, PAYLOAD, PEERS_DIR, RRFigures, Settings, child_process, free_udp_port
+from .harness import (BENCH_DIR, PAYLOAD, PEERS_DIR, Child, RRFigures, Settings, child_process,
+                      free_udp_port)
 
 COTE_VERSION = "1.2.0"
 SCRIPTS = BENCH_DIR / "peers"
@@ -84,19 +85,31 @@ async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
     return figures, {"requester": out["rss_mb"], "responder": responder_rss}
 
 
+class CoteRounds:
+    """A warmed-up cote Requester -> Responder pair kept running, measuring one round
+    at a time when asked (for rounds interleaved with ours)."""
+
+    def __init__(self, requester: Child, k: int):
+        self._requester, self.k = requester, k
+
+    async def inflight(self, seconds: float) -> float:
+        """Requests/s with ``k`` in flight for ``seconds``."""
+        out = await self._requester.ask(f"{self.k} {seconds}", "ROUND ", timeout=seconds + 10)
+        return out["rate"]
+
+    async def sequential(self, n: int) -> tuple[float, float, float]:
+        """``n`` round trips one after another: (rate/s, p50 us, p99 us)."""
+        out = await self._requester.ask(f"seq {n}", "ROUND ", timeout=10 + n / 500)
+        return out["rate"], out["p50_us"], out["p99_us"]
+
+
 @asynccontextmanager
-async def rounds_requester(k: int) -> AsyncIterator[Callable[[float], Awaitable[float]]]:
-    """A warmed-up cote Requester -> Responder pair kept running; yields
-    ``run(seconds)``, which has the requester keep ``k`` in flight for that long
-    and returns its requests/s (for rounds interleaved with ours)."""
+async def rounds_requester(k: int) -> AsyncIterator[CoteRounds]:
     rep_env, req_env = _envs(2)
     async with child_process(_node("cote_responder.js"), env=rep_env), \
             child_process(_node("cote_requester.js", len(PAYLOAD), 0, 0, k, "--rounds"),
                           env=req_env, stdin=True) as requester:
-        async def run(seconds: float) -> float:
-            out = await requester.ask(f"{k} {seconds}", "ROUND ", timeout=seconds + 10)
-            return out["rate"]
-        yield run
+        yield CoteRounds(requester, k)
 
 
 async def pubsub(settings: Settings) -> dict[str, float]:

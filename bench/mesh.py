@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import trio
 
 from .harness import (PAYLOAD, RRFigures, Settings, child_process, free_udp_port, measure_rr,
-                      python_child)
+                      python_child, sequential)
 
 
 def available() -> str | None:
@@ -76,28 +76,38 @@ async def reqrep(settings: Settings) -> tuple[RRFigures, dict[str, float]]:
     return figures, memory
 
 
-async def head_to_head(settings: Settings) -> dict[str, list[float]]:
-    """``Requester.send_many`` with ``PIPELINE_WINDOW`` in flight against cote's
-    requester with as many in flight, in ``settings.rounds`` rounds of
-    ``settings.duration`` each, taking turns (who goes first alternates), both
-    pairs running all along: a moment of machine noise then touches one round of
-    one side, not the whole comparison.  Requests/s per round, for each side."""
+async def head_to_head(settings: Settings) -> dict[str, list]:
+    """Ours against cote's, both pairs running all along, in ``settings.rounds``
+    rounds taking turns (who goes first alternates): a moment of machine noise then
+    touches one round of one side, not the whole comparison.  Each round: sequential
+    round trips (rate, p50, p99), then ``Requester.send_many`` with
+    ``PIPELINE_WINDOW`` in flight against cote's requester with as many in flight
+    for ``settings.duration``."""
     from . import cote
 
     request = {"type": "echo", "p": PAYLOAD}
-    ours: list[float] = []
-    theirs: list[float] = []
+    out: dict[str, list] = {"ours": [], "cote": [], "ours_seq": [], "cote_seq": []}
     async with _echo_pair() as (requester, _), \
-            cote.rounds_requester(PIPELINE_WINDOW) as cote_round:
+            cote.rounds_requester(PIPELINE_WINDOW) as theirs:
+        async def call():
+            await requester.send(request)
+
+        await sequential(call, settings.warmup_calls)
         await send_many_rate(requester, request, PIPELINE_WINDOW, 0.3)  # warm-up
+        seq_calls = max(100, settings.seq_calls // 2)
         for i in range(settings.rounds):
-            if i % 2:
-                theirs.append(await cote_round(settings.duration))
-            ours.append(await send_many_rate(requester, request, PIPELINE_WINDOW,
-                                             settings.duration))
-            if not i % 2:
-                theirs.append(await cote_round(settings.duration))
-    return {"ours": ours, "cote": theirs}
+            async def ours_round():
+                out["ours_seq"].append(await sequential(call, seq_calls))
+                out["ours"].append(await send_many_rate(requester, request, PIPELINE_WINDOW,
+                                                        settings.duration))
+
+            async def cote_round():
+                out["cote_seq"].append(await theirs.sequential(seq_calls))
+                out["cote"].append(await theirs.inflight(settings.duration))
+
+            for turn in ((cote_round, ours_round) if i % 2 else (ours_round, cote_round)):
+                await turn()
+    return out
 
 
 async def send_many_rate(requester, request: dict, window: int, duration: float) -> float:

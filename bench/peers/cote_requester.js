@@ -1,8 +1,9 @@
 // cote Requester: sequential round trips (p50/p99) and throughput with N in flight.
 // argv: payloadBytes seqCount durationSeconds inflight[,inflight...] [--rounds]
-// With --rounds it warms up, prints READY, then runs one round per stdin line
-// "k seconds" and answers each with a line "ROUND {rate}" (the Python side
-// interleaves these with its own rounds); it exits when stdin closes.
+// With --rounds it warms up, prints READY, then runs one round per stdin line,
+// "k seconds" (k in flight) or "seq n" (n sequential), and answers each with a line
+// "ROUND {json}" (the Python side interleaves these with its own rounds); it exits
+// when stdin closes.
 'use strict'
 const readline = require('readline')
 const { cote, discoveryOptions, key, ready, report, rssMB } = require('./cote_common')
@@ -52,10 +53,16 @@ function serveRounds() {
   const lines = readline.createInterface({ input: process.stdin })
   let queue = Promise.resolve()
   lines.on('line', line => {
-    const [k, secs] = line.trim().split(/\s+/).map(Number)
+    const words = line.trim().split(/\s+/)
     queue = queue.then(async () => {
-      const rate = await inflight(k, secs)
-      process.stdout.write('ROUND ' + JSON.stringify({ k, rate }) + '\n')
+      let out
+      if (words[0] === 'seq') {
+        out = await sequential(Number(words[1]))
+      } else {
+        const [k, secs] = words.map(Number)
+        out = { k, rate: await inflight(k, secs) }
+      }
+      process.stdout.write('ROUND ' + JSON.stringify(out) + '\n')
     })
   })
   lines.on('close', () => queue.then(() => process.exit(0)))
@@ -66,12 +73,11 @@ requester.on('cote:added', async () => {
   if (started) return
   started = true
   try {
-    if (process.argv.includes('--rounds')) {
-      await sequential(1000) // warm-up, as below
-      await inflight(Math.max(...inflightList), 0.3)
-      return serveRounds()
-    }
-    await sequential(1000) // warm-up: let V8 optimise the hot path first
+    // Warm-up: V8 optimises the hot path over the first few thousand calls (measured:
+    // 8,700 -> 15,000 sequential round trips/s, p99 870 -> 190 us, over 4 x 1,000).
+    await sequential(5000)
+    await inflight(Math.max(...inflightList), 0.3)
+    if (process.argv.includes('--rounds')) return serveRounds()
     const seq = await sequential(seqCount)
     const tput = {}
     for (const k of inflightList) tput[k] = await inflight(k, duration)
