@@ -69,6 +69,10 @@ class ForkedSlave:
 
 
 class Zygote:
+    """One zygote process, as its pool sees it: :meth:`run` starts and serves it,
+    :meth:`spawn` forks a slave through it, and its exit reports settle the
+    :class:`ForkedSlave` handles."""
+
     def __init__(self, python: str, death_fd: int | None):
         self.python = python
         self.death_fd = death_fd
