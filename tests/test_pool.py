@@ -52,6 +52,11 @@ async def double(data):
 def boom(data):
     raise ValueError(f"bad input {data}")
 
+@on("env")
+def env(name):
+    return os.environ.get(name)
+
+
 @on("pid")
 def pid(data):
     return os.getpid()
@@ -266,6 +271,18 @@ async def test_slaves_are_forked_by_the_zygote_and_its_death_only_slows_starts(t
             assert pool.info()["zygote"] is None
             assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
                        for pid in forked)
+
+
+async def test_a_forked_slave_gets_the_nodes_environment_as_it_is_now(tmp_path, monkeypatch):
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=1, idle_timeout=0.2) as pool:
+            assert await pool.submit("env", "ENGINE_TEST_LATE").result() is None
+            await wait_until(lambda: not pool._slaves)  # retired: the next job forks anew
+            monkeypatch.setenv("ENGINE_TEST_LATE", "set after the zygote started")
+            assert "ENGINE_TEST_LATE" not in psutil.Process(pool._zygote.pid).environ()
+            assert await pool.submit("env", "ENGINE_TEST_LATE").result() == \
+                "set after the zygote started"
+            assert [s.process.forked for s in pool._slaves.values()] == [True]
 
 
 async def test_a_stuck_zygote_costs_a_spawn_timeout_not_the_slave(tmp_path):

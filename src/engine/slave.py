@@ -131,7 +131,8 @@ class SlaveProcess:
         if not zygote.ready:
             return None
         try:
-            proc = await zygote.spawn(self.worker_args(zygote.pid), env, link_fd)
+            proc = await zygote.spawn(self.worker_args(zygote.pid), dict(os.environ, **env),
+                                      link_fd)
         except OSError as exc:
             log.info("%s: %s; starting the slave the plain way", self.app, exc)
             return None

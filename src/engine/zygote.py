@@ -37,13 +37,13 @@ import traceback
 import msgpack
 
 from . import worker  # the point: trio, msgpack and the engine, imported once
+from .zygote_client import MAX_MESSAGE
 
 try:
     import setproctitle
 except ImportError:  # a dependency; without it slaves just keep the zygote's title
     setproctitle = None
 
-MAX_MESSAGE = 1 << 16
 
 
 def serve(control: socket.socket, death_fd: int | None) -> None:
@@ -70,14 +70,17 @@ def serve(control: socket.socket, death_fd: int | None) -> None:
                     continue
                 if not data:
                     return  # the node closed its end: the pool is gone
-                request = msgpack.unpackb(data)
-                if request["op"] == "spawn":
-                    _spawn(control, request, fds, children, (wake_r, wake_w, death_fd))
-                elif request["op"] == "kill" and request["pid"] in children:
-                    try:
+                try:
+                    request = msgpack.unpackb(data)
+                    op = request["op"]
+                    if op == "spawn":
+                        _spawn(control, request, fds, children, (wake_r, wake_w, death_fd))
+                    elif op == "kill" and request["pid"] in children:
                         os.killpg(request["pid"], request["sig"])
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                except (ProcessLookupError, PermissionError):
+                    pass  # that slave is already gone
+                except Exception:  # noqa: BLE001 - a bad request (the node times it out)
+                    traceback.print_exc()
                 for fd_ in fds:
                     _close(fd_)
 
@@ -115,10 +118,12 @@ def _become_slave(control: socket.socket, request: dict, link_fd: int, out_fd: i
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
-        os.environ.update(request["env"])
         argv = [*request["argv"], "--fd", str(link_fd)]
         sys.argv = ["engine.worker", *argv]
+        # First: setproctitle finds the room for the title by the environment's memory.
         _retitle(f"{sys.executable} -m engine.worker {' '.join(argv)}")
+        os.environ.clear()
+        os.environ.update(request["env"])
         code = worker.main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -25,6 +25,8 @@ import trio
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0
+MAX_MESSAGE = 1 << 17  # bytes of one control message (a spawn request carries the environment;
+                       # a SOCK_SEQPACKET message must fit the socket buffer, ~200 KB)
 SPAWN_TIMEOUT = 5.0   # a fork takes milliseconds; a zygote this slow is stuck
 KILL_WAIT = 2.0       # for the zygote to report a SIGKILLed slave's exit
 STOP_WAIT = 2.0
@@ -141,7 +143,9 @@ class Zygote:
 
     async def spawn(self, argv: list[str], env: dict[str, str], link_fd: int) -> ForkedSlave:
         """Fork a slave running ``engine.worker`` with ``argv`` (``--fd`` is added) over
-        ``link_fd``.  Raises OSError if the zygote cannot (or is gone)."""
+        ``link_fd``, with ``env`` as its whole environment (the node's now, as a plain
+        start would get it, not the zygote's from when it started).  Raises OSError if
+        the zygote cannot (or is gone)."""
         if not self.ready or self._sock is None:
             raise OSError("the zygote is not running")
         out_r, out_w = os.pipe()
@@ -152,6 +156,8 @@ class Zygote:
         try:
             try:
                 data = msgpack.packb({"op": "spawn", "id": spawn_id, "argv": argv, "env": env})
+                if len(data) > MAX_MESSAGE:
+                    raise OSError(f"spawn request of {len(data)} bytes (the environment?)")
                 await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                    array.array("i", [link_fd, out_w]))])
             finally:
