@@ -120,6 +120,27 @@ async def test_bad_manifest_is_reported_and_the_good_app_serves(apps_dir, start_
             assert not any("notes" in k for k in listing["rejected"])
 
 
+async def test_one_zygote_forks_the_slaves_of_every_app(apps_dir, start_node):
+    shutil.copytree(apps_dir / "echo", apps_dir / "echo2")
+    manifest = json.loads((apps_dir / "echo2" / "manifest.json").read_text())
+    manifest["engine"]["spawn"] = "exec"
+    shutil.copytree(apps_dir / "echo", apps_dir / "echo3")
+    (apps_dir / "echo3" / "manifest.json").write_text(json.dumps(manifest))
+    node = await start_node(apps_dir)
+    with trio.fail_after(30):
+        async with connect(node.address, timeout=20) as c:
+            pids, zygotes = {}, {}
+            for app in ("echo", "echo2", "echo3"):
+                assert await c.call(app, "echo", app) == app
+                pool = (await c.info(app))["pool"]
+                ((pids[app],), zygotes[app]) = [s["pid"] for s in pool["slaves"]], pool["zygote"]
+    (zygote,) = [p for p in node.descendants() if "engine.zygote" in " ".join(p.cmdline())]
+    assert zygotes == {"echo": zygote.pid, "echo2": zygote.pid, "echo3": None}
+    forked = {p.pid for p in zygote.children()}
+    assert pids["echo"] in forked and pids["echo2"] in forked
+    assert psutil.Process(pids["echo3"]).ppid() == node.proc.pid  # "exec": a plain start
+
+
 async def test_deploy_and_undeploy_at_runtime(apps_dir, start_node, tmp_path):
     node = await start_node(apps_dir)
     other = tmp_path / "more" / "echo2"

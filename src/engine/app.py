@@ -57,6 +57,9 @@ class App:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
+                    zygote = getattr(self.node, "zygote", None)
+                    if zygote is not None and hasattr(self.pool, "use_zygote"):
+                        self.pool.use_zygote(zygote)  # one per node, not one per app
                     await nursery.start(self.pool.run)
                     # Drivers get their own scope so stop() can silence them before draining.
                     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable
 import trio
 
 from .app import App
+from .zygote_client import Zygote, running_zygote
 from .errors import AppNotFound, DriverError, ManifestError, ShuttingDown
 from .manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
 
@@ -69,22 +71,26 @@ class Node:
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
         self._control_server = None
+        self.zygote: Zygote | None = None         # shared by the apps' slave pools
 
     # -- lifetime -------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled or :meth:`shutdown`; started() once control listens."""
         failure: Exception | None = None
         try:
-            with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    failure = await self._start_control(nursery)
-                    if failure is None and self.cluster_options is not None:
-                        failure = await self._start_cluster(nursery)
-                    if failure is None:
-                        self.state = "running"
-                        task_status.started(self)
-                        await trio.sleep_forever()
+            # One zygote forks the slaves of every app here (engine.spawn "zygote");
+            # it outlives the apps, so it is stopped only after their slaves.
+            async with running_zygote(sys.executable) as self.zygote:
+                with trio.CancelScope() as self._scope:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        failure = await self._start_control(nursery)
+                        if failure is None and self.cluster_options is not None:
+                            failure = await self._start_cluster(nursery)
+                        if failure is None:
+                            self.state = "running"
+                            task_status.started(self)
+                            await trio.sleep_forever()
             # Outside the nursery: the caller sees the TransportError, not a group.
             if failure is not None:
                 raise failure

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 from collections import deque
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from .errors import JobCancelled, ShuttingDown
 from .job import Job
 from .manifest import EngineConfig
 from .slave import SlaveProcess
-from .zygote_client import Zygote
+from .zygote_client import Zygote, running_zygote
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class SlavePool:
         self._nursery: trio.Nursery | None = None
         self._death_fd: int | None = None        # read end of the node-death pipe, for slaves
         self._zygote: Zygote | None = None        # forks slaves fast (engine.spawn "zygote")
+        self._shared_zygote: Zygote | None = None # the node's, if it gave one
         self._timer_wakeup = trio.Event()
         self._timer_at = math.inf
         self._quiet = trio.Event()                # set when no accepted job is pending
@@ -107,23 +109,21 @@ class SlavePool:
         death_r, death_w = os.pipe()   # slaves see EOF on death_r when this process dies
         self._death_fd = death_r
         try:
-            async with trio.open_nursery() as outer:
-                # The zygote outlives the slaves it forked (its own shielded scope,
-                # cancelled once they are reaped): its end would end them early.
-                zygote_scope = trio.CancelScope(shield=True)
+            async with AsyncExitStack() as stack:
                 if self.config.spawn == "zygote":
-                    self._zygote = Zygote(self.python, death_r)
-                    outer.start_soon(self._keep_zygote, self._zygote, zygote_scope)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        task_status.started()
-                        try:
-                            await self._timer_loop()
-                        finally:
-                            self.policy.close()
-                finally:
-                    zygote_scope.cancel()
+                    shared = self._shared_zygote
+                    if shared is not None and shared.python == self.python:
+                        self._zygote = shared
+                    else:  # its own, which outlives the slaves (the nursery below)
+                        self._zygote = await stack.enter_async_context(running_zygote(self.python))
+                    self._zygote.want()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    try:
+                        await self._timer_loop()
+                    finally:
+                        self.policy.close()
         finally:
             self._nursery = None
             now = trio.current_time()
@@ -132,10 +132,10 @@ class SlavePool:
             os.close(death_r)
             os.close(death_w)
 
-    @staticmethod
-    async def _keep_zygote(zygote: Zygote, scope: trio.CancelScope) -> None:
-        with scope:
-            await zygote.run()
+    def use_zygote(self, zygote: Zygote) -> None:
+        """Fork slaves through this zygote (the node's, shared by its pools) rather
+        than one of the pool's own; call before :meth:`run`."""
+        self._shared_zygote = zygote
 
     def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
         """``chunks``: a chunked request's chunks (an async iterable, e.g. an rpc

@@ -61,19 +61,20 @@ class SlaveProcess:
         self._output_done = trio.Event()
 
     def command(self, link_fd: int) -> list[str]:
-        return [self.python, "-m", "engine.worker", *self.worker_args(os.getpid()),
-                "--fd", str(link_fd)]
+        return [self.python, "-m", "engine.worker",
+                *self.worker_args(os.getpid(), self.death_fd), "--fd", str(link_fd)]
 
-    def worker_args(self, parent_pid: int) -> list[str]:
-        """``engine.worker``'s arguments but ``--fd``."""
+    def worker_args(self, parent_pid: int, death_fd: int | None) -> list[str]:
+        """``engine.worker``'s arguments but ``--fd``: its parent, and the read end
+        of a pipe that closes when the node dies (a descriptor the parent has)."""
         cfg = self.config
         limits = {k: (sorted(v) if isinstance(v, frozenset) else v)
                   for k, v in asdict(cfg.resource_limits).items() if v}
         args = ["--app", self.app, "--entry", str(self.entry),
                 "--concurrency", str(cfg.concurrency),
                 "--heartbeat", f"{cfg.heartbeat_timeout / 3:.3f}", "--parent-pid", str(parent_pid)]
-        if self.death_fd is not None:
-            args += ["--death-fd", str(self.death_fd)]
+        if death_fd is not None:
+            args += ["--death-fd", str(death_fd)]
         if limits:
             args += ["--limits", json.dumps(limits)]
         return args
@@ -131,8 +132,8 @@ class SlaveProcess:
         if not zygote.ready:
             return None
         try:
-            proc = await zygote.spawn(self.worker_args(zygote.pid), dict(os.environ, **env),
-                                      link_fd)
+            proc = await zygote.spawn(self.worker_args(zygote.pid, zygote.death_fd),
+                                      dict(os.environ, **env), link_fd)
         except OSError as exc:
             log.info("%s: %s; starting the slave the plain way", self.app, exc)
             return None

@@ -17,7 +17,8 @@ import os
 import signal
 import socket
 import subprocess
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import msgpack
 import trio
@@ -30,6 +31,34 @@ MAX_MESSAGE = 1 << 17  # bytes of one control message (a spawn request carries t
 SPAWN_TIMEOUT = 5.0   # a fork takes milliseconds; a zygote this slow is stuck
 KILL_WAIT = 2.0       # for the zygote to report a SIGKILLed slave's exit
 STOP_WAIT = 2.0
+
+
+@asynccontextmanager
+async def running_zygote(python: str) -> AsyncIterator["Zygote"]:
+    """A zygote served in the background while the body runs, and after it: its
+    shielded scope is cancelled only once the body, and with it every slave the
+    zygote forked, has ended (the zygote's end would end them early).  It watches a
+    pipe of its own for the death of this process, as its slaves do.  The process
+    starts at the first :meth:`Zygote.want`: a node hosting no process slaves has none."""
+    death_r, death_w = os.pipe()
+    zygote = Zygote(python, death_r)
+    scope = trio.CancelScope(shield=True)
+
+    async def serve() -> None:
+        with scope:
+            await zygote.wanted.wait()
+            await zygote.run()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            try:
+                yield zygote
+            finally:
+                scope.cancel()
+    finally:
+        os.close(death_r)
+        os.close(death_w)
 
 
 class ForkedSlave:
@@ -80,12 +109,18 @@ class Zygote:
         self.death_fd = death_fd
         self.ready = False
         self.settled = trio.Event()              # set once ready, or once it never will be
+        self.wanted = trio.Event()               # running_zygote starts it on this
         self.pid: int | None = None              # the zygote's: its slaves' parent
         self._raw: socket.socket | None = None   # for kill(), which must not await
         self._sock: trio.socket.SocketType | None = None
         self._ids = itertools.count(1)
         self._spawning: dict[int, tuple[trio.Event, list]] = {}
         self._children: dict[int, ForkedSlave] = {}
+
+    def want(self) -> None:
+        """A pool that forks through it is starting: start the process now, so it is
+        ready (it takes about as long as one plain slave start) by the first spawn."""
+        self.wanted.set()
 
     async def run(self) -> None:
         """Start the zygote and serve it until cancelled (or it dies: then slaves are
