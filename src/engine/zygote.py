@@ -2,16 +2,17 @@
 
 A fresh ``python -m engine.worker`` spends about a quarter of a second of CPU
 importing trio and the engine before it can say hello, and a burst that grows a
-pool to eight slaves on two cores pays that eight times over.  Each slave pool
-therefore starts one zygote (``python -m engine.zygote``) that imports
-:mod:`engine.worker` once and then forks a slave per request: the child only
-imports the app.  The app itself is never imported into the zygote, so slaves
+pool to eight slaves on two cores pays that eight times over.  A node therefore
+starts one zygote (``python -m engine.zygote``; a slave pool run on its own starts
+its own) that imports :mod:`engine.worker` once and then forks a slave per request,
+for any of its apps: the child only imports its app.  The app itself is never imported into the zygote, so slaves
 share nothing an app made (connections, threads, random state).
 
 The node talks to its zygote over a ``SOCK_SEQPACKET`` socketpair, one msgpack map
 per message:
 
-- node -> zygote ``{"op": "spawn", "id", "argv", "env"}`` with two descriptors
+- node -> zygote ``{"op": "spawn", "id", "argv", "env"}`` (``env``: the slave's whole
+  environment) with two descriptors
   (the slave's end of its link, the write end of its output pipe); the zygote
   answers ``{"op": "spawned", "id", "pid"}`` or ``{"op": "failed", "id", "error"}``;
 - node -> zygote ``{"op": "kill", "pid", "sig"}``: signal that slave's process

@@ -1,4 +1,4 @@
-"""The node's end of a slave pool's zygote (:mod:`engine.zygote`).
+"""The node's end of its zygote (:mod:`engine.zygote`), shared by its slave pools.
 
 :class:`Zygote` starts the template process, forks slaves through it and turns its
 exit reports into :class:`ForkedSlave` handles, which :class:`engine.slave.SlaveProcess`
