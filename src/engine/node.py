@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable
 import trio
 
 from .app import App
-from .zygote_client import Zygote, running_zygote
 from .errors import AppNotFound, DriverError, ManifestError, ShuttingDown
 from .manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
+from .zygote_client import Zygote, running_zygote
 
 log = logging.getLogger("engine.node")
 
