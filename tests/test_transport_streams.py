@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -57,54 +58,52 @@ async def test_child_death_is_seen_as_end_of_stream():
         stream.close()
 
 
-async def test_envelope_channel_over_framed_stream():
+@asynccontextmanager
+async def channel_pair():
+    """Two EnvelopeChannels over a socketpair, the first with its writer task running."""
     a, b = socketpair()
     ca, cb = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
-    with trio.fail_after(5):
-        async with trio.open_nursery() as n:
-            await n.start(ca.run_writer)
-            for i in range(10):
-                ca.send_nowait(Kind.INVOKE, i, ["echo", i])
-            got = []
-            while len(got) < 10:
-                got += await cb.receive()
-            assert [e.body for e in got] == [["echo", i] for i in range(10)]
-            n.cancel_scope.cancel()
-    ca.close(); cb.close()
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                await n.start(ca.run_writer)
+                yield ca, cb
+                n.cancel_scope.cancel()
+    finally:
+        ca.close()
+        cb.close()
+
+
+async def test_envelope_channel_over_framed_stream():
+    async with channel_pair() as (ca, cb):
+        for i in range(10):
+            ca.send_nowait(Kind.INVOKE, i, ["echo", i])
+        got = []
+        while len(got) < 10:
+            got += await cb.receive()
+        assert [e.body for e in got] == [["echo", i] for i in range(10)]
 
 
 async def test_a_lone_frame_bigger_than_the_socket_buffer_arrives_whole():
     # With nothing queued a frame is written straight to the socket; the socketpair
     # takes only the start of 3 MB and the writer task must send the rest unprompted
     # (nothing else is sent after it: a node's one large job to an idle slave).
-    a, b = socketpair()
-    ca, cb = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
-    with trio.fail_after(5):
-        async with trio.open_nursery() as n:
-            await n.start(ca.run_writer)
-            await trio.sleep(0)
-            ca.send_nowait(Kind.INVOKE, 1, ["echo", b"x" * 3_000_000])
-            (env,) = await cb.receive()
-            assert env.body == ["echo", b"x" * 3_000_000]
-            n.cancel_scope.cancel()
-    ca.close(); cb.close()
+    async with channel_pair() as (ca, cb):
+        await trio.sleep(0)
+        ca.send_nowait(Kind.INVOKE, 1, ["echo", b"x" * 3_000_000])
+        (env,) = await cb.receive()
+        assert env.body == ["echo", b"x" * 3_000_000]
 
 
 async def test_a_held_channel_sends_its_burst_as_one_frame_on_release():
     # The pool holds a slave's channel while it acts on a frame of answers: the jobs
     # they free the slave for leave together, without waiting for the writer task.
-    a, b = socketpair()
-    ca, cb = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
-    with trio.fail_after(5):
-        async with trio.open_nursery() as n:
-            await n.start(ca.run_writer)
-            await trio.sleep(0.001)
-            ca.hold()
-            for i in range(3):
-                ca.send_nowait(Kind.INVOKE, i, ["echo", i])
-            ca.release()
-            assert len(ca._outbox) == 0 and ca.frames_sent == 1
-            got = await cb.receive()
-            assert [e.sid for e in got] == [0, 1, 2] and cb.frames_received == 1
-            n.cancel_scope.cancel()
-    ca.close(); cb.close()
+    async with channel_pair() as (ca, cb):
+        await trio.sleep(0.001)
+        ca.hold()
+        for i in range(3):
+            ca.send_nowait(Kind.INVOKE, i, ["echo", i])
+        ca.release()
+        assert len(ca._outbox) == 0 and ca.frames_sent == 1
+        got = await cb.receive()
+        assert [e.sid for e in got] == [0, 1, 2] and cb.frames_received == 1
