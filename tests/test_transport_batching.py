@@ -259,41 +259,48 @@ async def test_a_held_burst_leaves_as_one_frame_when_released():
     assert box.release(try_send) == 1 and box._wakeup.is_set()
 
 
-async def test_a_client_batch_is_on_the_wire_before_the_caller_awaits(nursery):
+async def plain_client(nursery) -> RpcClient:
+    """A connected client (one call answered) of a server with the plain handler."""
     server = RpcServer("tcp://127.0.0.1:0", plain)
     await nursery.start(server.run)
+    client = RpcClient(server.address)
+    await nursery.start(client.run)
+    assert await client.call("", "echo", 0) == {"echo": 0}
+    return client
+
+
+async def answers(calls) -> list:
+    out = []
+    for call in calls:
+        while not call.done:
+            await call.wait()
+        out.extend(call.items)
+    return out
+
+
+async def test_a_client_batch_is_on_the_wire_before_the_caller_awaits(nursery):
     with trio.fail_after(10):
-        async with RpcClient(server.address) as client:
-            assert await client.call("", "echo", 0) == {"echo": 0}
-            client.hold(True)
-            calls = [client.start("", "echo", i) for i in range(1, 6)]
-            client.hold(False)
-            # Nothing is left for the writer task: a caller that goes on working
-            # (send_many taking the answers already in) does not hold the burst back.
-            assert len(client._outbox) == 0
-            for i, call in enumerate(calls, 1):
-                while not call.done:
-                    await call.wait()
-                assert list(call.items) == [{"echo": i}]
+        client = await plain_client(nursery)
+        client.hold(True)
+        calls = [client.start("", "echo", i) for i in range(1, 6)]
+        client.hold(False)
+        # Nothing is left for the writer task: a caller that goes on working
+        # (send_many taking the answers already in) does not hold the burst back.
+        assert len(client._outbox) == 0
+        assert await answers(calls) == [{"echo": i} for i in range(1, 6)]
 
 
 async def test_only_a_lone_call_is_written_direct(nursery):
     # Callers awaiting answers start their next requests as the answers come in; those
     # leave as one frame (answered as one) rather than each written alone.
-    server = RpcServer("tcp://127.0.0.1:0", plain)
-    await nursery.start(server.run)
     with trio.fail_after(10):
-        async with RpcClient(server.address) as client:
-            assert await client.call("", "echo", 0) == {"echo": 0}
-            first = client.start("", "echo", 1)
-            assert len(client._outbox) == 0          # alone: on the wire already
-            time.sleep(0.001)                       # past DIRECT_GAP: only "alone" decides
-            second = client.start("", "echo", 2)
-            assert len(client._outbox) == 1          # one in flight: queued for the writer
-            for i, call in ((1, first), (2, second)):
-                while not call.done:
-                    await call.wait()
-                assert list(call.items) == [{"echo": i}]
+        client = await plain_client(nursery)
+        first = client.start("", "echo", 1)
+        assert len(client._outbox) == 0          # alone: on the wire already
+        time.sleep(0.001)                       # past DIRECT_GAP: only "alone" decides
+        second = client.start("", "echo", 2)
+        assert len(client._outbox) == 1          # one in flight: queued for the writer
+        assert await answers([first, second]) == [{"echo": 1}, {"echo": 2}]
 
 
 def test_shared_packer_recovers_from_errors_and_big_values():
