@@ -5,16 +5,15 @@ importing trio and the engine before it can say hello, and a burst that grows a
 pool to eight slaves on two cores pays that eight times over.  A node therefore
 starts one zygote (``python -m engine.zygote``; a slave pool run on its own starts
 its own) that imports :mod:`engine.worker` once and then forks a slave per request,
-for any of its apps: the child only imports its app.  The app itself is never imported into the zygote, so slaves
-share nothing an app made (connections, threads, random state).
+for any of its apps: the child only imports its app.  No app is ever imported into
+the zygote, so slaves share nothing an app made (connections, threads, random state).
 
 The node talks to its zygote over a ``SOCK_SEQPACKET`` socketpair, one msgpack map
 per message:
 
 - node -> zygote ``{"op": "spawn", "id", "argv", "env"}`` (``env``: the slave's whole
-  environment) with two descriptors
-  (the slave's end of its link, the write end of its output pipe); the zygote
-  answers ``{"op": "spawned", "id", "pid"}`` or ``{"op": "failed", "id", "error"}``;
+  environment) with two descriptors (the slave's end of its link, the write end of
+  its output pipe); the zygote answers ``{"op": "spawned", "id", "pid"}`` or ``{"op": "failed", "id", "error"}``;
 - node -> zygote ``{"op": "kill", "pid", "sig"}``: signal that slave's process
   group, only while it is the zygote's unreaped child (so never a recycled pid);
 - zygote -> node ``{"op": "exit", "pid", "code"}`` when it has reaped a slave
@@ -46,7 +45,6 @@ except ImportError:  # a dependency; without it slaves just keep the zygote's ti
     setproctitle = None
 
 
-
 def serve(control: socket.socket, death_fd: int | None) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -75,7 +73,7 @@ def serve(control: socket.socket, death_fd: int | None) -> None:
                     request = msgpack.unpackb(data)
                     op = request["op"]
                     if op == "spawn":
-                        _spawn(control, request, fds, children, (wake_r, wake_w, death_fd))
+                        _spawn(control, request, fds, children, (wake_r, wake_w))
                     elif op == "kill" and request["pid"] in children:
                         os.killpg(request["pid"], request["sig"])
                 except (ProcessLookupError, PermissionError):
@@ -87,7 +85,8 @@ def serve(control: socket.socket, death_fd: int | None) -> None:
 
 
 def _spawn(control: socket.socket, request: dict, fds: list[int], children: set[int],
-           keep_out: tuple) -> None:
+           keep_out: tuple[int, ...]) -> None:
+    """Fork a slave; ``keep_out``: the zygote's own descriptors it must not keep."""
     if len(fds) != 2:
         _send(control, {"op": "failed", "id": request["id"], "error": "expected 2 descriptors"})
         return
@@ -106,7 +105,7 @@ def _spawn(control: socket.socket, request: dict, fds: list[int], children: set[
 
 
 def _become_slave(control: socket.socket, request: dict, link_fd: int, out_fd: int,
-                  keep_out: tuple) -> None:
+                  keep_out: tuple[int, ...]) -> None:
     code = 1
     try:
         os.setsid()  # its own process group, which the node signals as a whole
@@ -114,7 +113,7 @@ def _become_slave(control: socket.socket, request: dict, link_fd: int, out_fd: i
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as a plain start has it
         control.close()
-        for fd in keep_out[:2]:
+        for fd in keep_out:
             _close(fd)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)

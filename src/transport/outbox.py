@@ -56,9 +56,7 @@ class Outbox:
             if now - self._direct_at >= DIRECT_GAP:
                 sent = try_send(join_frame([packed]))
                 if sent:
-                    self._direct_at = now
-                    if sent == SENT_PARTLY:
-                        self._wakeup.set()  # the writer finishes the frame
+                    self._wrote(sent, now)
                     return False
         self.items.append(packed)
         if not self.held:  # held: release() sends the burst or wakes the writer
@@ -86,10 +84,14 @@ class Outbox:
             return 0
         count = len(items)
         items.clear()
-        self._direct_at = perf_counter()
-        if sent == SENT_PARTLY:
-            self._wakeup.set()
+        self._wrote(sent, perf_counter())
         return count
+
+    def _wrote(self, sent: bool | int, now: float) -> None:
+        """A direct write went (``sent`` as ``try_send`` said)."""
+        self._direct_at = now
+        if sent == SENT_PARTLY:
+            self._wakeup.set()  # the writer finishes the frame
 
     def wake(self) -> None:
         """Make the writer look again (its link changed, or it should stop)."""

@@ -326,8 +326,8 @@ class RpcClient(Service):
             env = encode_envelope(_REQUEST, sid, body)
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
-        # A lone request goes out at once: one scheduler pass less of latency (not
-        # through a guard, which seals whole frames).  Not when others are in flight:
+        # A lone request goes out at once: one scheduler pass less of latency.  Not
+        # when others are in flight:
         # their callers start the next ones as the answers come in, and those should
         # leave together; sent one by one they would be answered one by one, each
         # frame a wake-up of both processes.
@@ -335,13 +335,16 @@ class RpcClient(Service):
         slot = self._pending[sid] = PendingCall(self, sid, event)
         if chunked:
             slot.window = SendWindow()
-        try_send = getattr(self._link, "try_send_nowait", None) \
-            if self.guard is None and alone else None
         try:
-            self._outbox.put(env, try_send)
+            self._outbox.put(env, self._try_send() if alone else None)
         except Closed:  # the link just died: the reader sees it and fails this call Unreachable
             self._outbox.put(env)
         return sid, slot
+
+    def _try_send(self):
+        """The link's direct write, if it has one (not through a guard, which seals
+        whole frames)."""
+        return getattr(self._link, "try_send_nowait", None) if self.guard is None else None
 
     def _abandon(self, sid: int) -> None:
         if self._pending.pop(sid, None) is not None and not self._closed:
@@ -358,9 +361,8 @@ class RpcClient(Service):
         if held:
             self._outbox.held = True
         else:
-            try_send = getattr(self._link, "try_send_nowait", None) if self.guard is None else None
             try:
-                self._outbox.release(try_send)
+                self._outbox.release(self._try_send())
             except Closed:
                 pass  # the link just died: the reader sees it and fails these calls
 
