@@ -142,7 +142,8 @@ class Cluster:
                     self._drop_peer(pid, "left the cluster")
             for pid, endpoint in current.items():
                 if pid not in self._clients:
-                    client = self._clients[pid] = RpcClient(endpoint)
+                    # A hub of many links: never hold the node's loop polling for one.
+                    client = self._clients[pid] = RpcClient(endpoint, spin=False)
                     self._nursery.start_soon(client.run)
                     self._nursery.start_soon(self._first_exchange, pid, client)
                     log.info("cluster %s: peer %s at %s", self.options.name, pid, endpoint)

@@ -50,7 +50,8 @@ class Requester(Component):
 
     def __init__(self, name: str, *, requests: list[str] | tuple[str, ...] = (),
                  timeout: float = 10.0, max_pending: int = 10_000, retries: int = 3,
-                 breaker_threshold: int = 3, breaker_cooldown: float = 1.0, **kw):
+                 breaker_threshold: int = 3, breaker_cooldown: float = 1.0,
+                 spin: bool = True, **kw):
         super().__init__(name, **kw)
         if timeout <= 0 or max_pending < 1 or retries < 0 or breaker_threshold < 1:
             raise ValueError("need timeout > 0, max_pending >= 1, retries >= 0, breaker_threshold >= 1")
@@ -58,6 +59,7 @@ class Requester(Component):
         self.timeout = timeout
         self.max_pending = max_pending
         self.retries = retries
+        self.spin = spin
         self._breaker_args = dict(threshold=breaker_threshold, cooldown=breaker_cooldown)
         self.links: dict[str, _Link] = {}
         self._links_changed = trio.Event()
@@ -94,7 +96,7 @@ class Requester(Component):
         for pid, b in wanted.items():
             link = self.links.get(pid)
             if link is None:
-                client = RpcClient(b.endpoint, guard=self.guard(b"rpc"))
+                client = RpcClient(b.endpoint, guard=self.guard(b"rpc"), spin=self.spin)
                 await nursery.start(client.run)
                 self.links[pid] = _Link(b, client, CircuitBreaker(**self._breaker_args))
             else:

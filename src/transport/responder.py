@@ -30,10 +30,11 @@ class Responder(Component):
     role = "responder"
 
     def __init__(self, name: str, *, responds_to: list[str] | tuple[str, ...] = (),
-                 max_inflight: int = 10_000, **kw):
+                 max_inflight: int = 10_000, spin: bool = True, **kw):
         super().__init__(name, **kw)
         self.responds_to = _names(responds_to, "responds_to")
         self.max_inflight = max_inflight
+        self.spin = spin
         self._handlers: dict[str, Handler] = {}
         self._resolved: dict[str, Handler | None] = {}
         self.server: RpcServer | None = None
@@ -79,7 +80,8 @@ class Responder(Component):
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         self.server = RpcServer(f"tcp://{self.bind}:0", self._dispatch,
-                                max_inflight=self.max_inflight, guard=self.guard(b"rpc"))
+                                max_inflight=self.max_inflight, guard=self.guard(b"rpc"),
+                                spin=self.spin)
         address = await nursery.start(self.server.run)
         await self._start_discovery(nursery, address)
 

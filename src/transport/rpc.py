@@ -28,6 +28,7 @@ anything else becomes a ``HandlerError`` with the exception's type and message).
 from __future__ import annotations
 
 import itertools
+from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -39,7 +40,9 @@ from .errors import (BadMessage, Closed, CodecError, QueueFull, TransportError, 
 from .inbound import InputStream
 from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
-from .rpc_handlers import _FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream
+from .rpc_handlers import (_FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
+                           sealing)
+from .spin import SpinPolicy, poll_for, quiet
 
 if TYPE_CHECKING:
     import pynng
@@ -63,19 +66,21 @@ class _Connection:
     """One client as the server sees it: its replies queue here until its writer
     task packs them into frames."""
 
-    __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs")
+    __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs",
+                 "spin")
 
     def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
                  try_send: Callable[[bytes], bool | int] | None = None,
                  flush: Callable[[], Awaitable[None]] | None = None):
         self.id = conn_id
         self.send = send
-        self.try_send = try_send  # writes a frame now if the link takes it without blocking
+        self.try_send = try_send  # writes (seals) a frame now if the link takes it without blocking
         self.flush = flush  # finishes a frame try_send could only start
         self.outbox = Outbox()
         self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
         self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
         self.inputs: dict[int, InputStream] = {}  # sid -> chunks of a request still coming
+        self.spin: SpinPolicy | None = None  # polling for its next request (transport/spin.py)
 
 
 class _Worker:
@@ -99,16 +104,21 @@ class _Worker:
 
 
 class RpcServer:
-    """Serve requests from many clients, each request on a (reused) worker task."""
+    """Serve requests from many clients, each request on a (reused) worker task.
+
+    ``spin=True``: when its only client over a stream link has every request answered,
+    poll a moment for the next one instead of sleeping (transport/spin.py): for a
+    server whose client calls one request after another, at the cost of CPU."""
 
     def __init__(self, address: str, handler: Handler, *, max_inflight: int = 10_000,
-                 guard: FrameGuard | None = None, high_water: int = 8192):
+                 guard: FrameGuard | None = None, high_water: int = 8192, spin: bool = False):
         self.requested_address = address
         self.address: str | None = None
         self.handler = handler
         self.max_inflight = max_inflight
         self.guard = guard
         self.high_water = high_water
+        self.spin = spin
         self._connections: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
         self._inflight = 0
@@ -120,6 +130,7 @@ class RpcServer:
         self.failed = 0
         self.bad_frames = 0
         self.refused = 0
+        self.polled = 0  # frames of requests that arrived while polling for them
 
     @property
     def inflight(self) -> int:
@@ -144,25 +155,50 @@ class RpcServer:
         from .streams import FramedStream
 
         stream = FramedStream(raw)
-        conn = _Connection(next(self._ids), stream.send, stream.try_send_nowait, stream.flush)
+        conn = _Connection(next(self._ids), stream.send,
+                           sealing(stream.try_send_nowait, self.guard), stream.flush)
+        if self.spin:
+            conn.spin = SpinPolicy()
         self._connections[conn.id] = conn
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn)
                 try:
                     while True:
-                        for frame in await stream.recv_many():
-                            self._on_frame(conn, frame)
-                        while len(conn.outbox) >= self.high_water:
-                            # This client reads its answers slower than it asks: stop
-                            # reading its requests until they drain (TCP pushes back).
-                            await self._wait_room()
+                        frames = await stream.recv_many()
+                        while frames:
+                            for frame in frames:
+                                self._on_frame(conn, frame)
+                            while len(conn.outbox) >= self.high_water:
+                                # This client reads its answers slower than it asks: stop
+                                # reading its requests until they drain (TCP pushes back).
+                                await self._wait_room()
+                            frames = await self._poll_next(conn, stream)
                 except (Closed, CodecError):
                     pass  # the client went away, or spoke garbage framing: drop it
                 nursery.cancel_scope.cancel()
         finally:
             self._drop(conn)
             stream.close()
+
+    async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
+        """With ``spin``: the next frame of a lone client whose requests are all
+        answered, polled for a moment (transport/spin.py); [] if it did not come."""
+        policy = conn.spin
+        if policy is None:
+            return []
+        if policy.yield_due(perf_counter()):
+            # A run of polled frames never reaches recv_many's checkpoint.  Here
+            # nothing is read yet, so a cancellation loses nothing.
+            await trio.lowlevel.checkpoint()
+        if conn.running or conn.deferred or conn.inputs or len(self._connections) != 1:
+            return []  # an answer still to send, or other clients to listen to
+        if not policy.allow() or not quiet(policy.budget):
+            return []
+        frames = poll_for(stream.poll_frames, policy.budget)
+        policy.record(bool(frames))
+        self.polled += len(frames)
+        return frames
 
     # -- nng: one polyamorous socket, a connection per pipe ------------------------
     async def _run_nng(self, task_status) -> None:
@@ -261,7 +297,7 @@ class RpcServer:
                 # other kinds from a client are meaningless: ignored, like unknown frames
         finally:
             try:
-                sent = conn.outbox.release(conn.try_send if self.guard is None else None)
+                sent = conn.outbox.release(conn.try_send)
             except Closed:
                 sent = 0  # the client is gone; its reader drops the connection
             if sent:
@@ -411,10 +447,9 @@ class RpcServer:
         except CodecError as exc:  # a reply msgpack cannot carry fails its caller, not the batch
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(f"reply could not be encoded: {exc}")))
-        # A lone answer goes out at once when the writer is idle (not through a guard,
-        # which seals whole frames); the rest queue and batch.
+        # A lone answer goes out at once when the writer is idle; the rest queue and batch.
         try:
-            if conn.outbox.put(packed, conn.try_send if self.guard is None else None):
+            if conn.outbox.put(packed, conn.try_send):
                 self._queued += 1
         except Closed:
             pass  # the client is gone; its reader drops the connection

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import trio
@@ -18,8 +19,10 @@ from .codec import Kind, decode_lists, encode_envelope
 from .errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
 from .links import connect_stream, is_stream, nng_url
 from .outbox import Outbox
+from .rpc_handlers import sealing
 from .inbound import SendWindow
 from .service import Service
+from .spin import SpinPolicy, poll_for, quiet
 
 if TYPE_CHECKING:
     from .sockets import TrioSocket
@@ -121,6 +124,7 @@ class PendingCall:
         task = self.waiter
         if task is not None:
             self.waiter = None
+            self.client._waking += 1
             _reschedule(task)
 
     async def wait(self) -> None:
@@ -130,6 +134,7 @@ class PendingCall:
             return
         self.waiter = trio.lowlevel.current_task()
         await _park(self._abort)
+        self.client._waking -= 1  # only _wake resumes us without raising
 
     def _abort(self, _raise_cancel) -> trio.lowlevel.Abort:
         self.waiter = None
@@ -140,9 +145,12 @@ class RpcClient(Service):
     """Calls to one RpcServer.
 
     Use as ``async with RpcClient(address) as client`` or ``await nursery.start(client.run)``.
+    ``spin=False``: a lone :meth:`call` never polls for its answer (transport/spin.py),
+    for a process that would rather spend no CPU waiting than answer sooner.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None, guard=None):
+    def __init__(self, address: str, *, timeout: float | None = None, guard=None,
+                 spin: bool = True):
         self.address = address
         self.default_timeout = timeout
         self.guard = guard
@@ -159,6 +167,12 @@ class RpcClient(Service):
         self._next_deadline = _INF
         self._last_limit = _INF
         self._sweeper_wakeup = trio.Event()
+        self.spin = SpinPolicy() if spin else None
+        # Callers woken by their answers that have not run yet.  trio takes a whole
+        # batch of runnable tasks off its run queue at once, so they are not seen by
+        # spin.quiet(), yet they are about to start calls of their own: a call is only
+        # "the only one in flight" when none is pending.
+        self._waking = 0
 
     # -- lifetime -----------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -342,9 +356,8 @@ class RpcClient(Service):
         return sid, slot
 
     def _try_send(self):
-        """The link's direct write, if it has one (not through a guard, which seals
-        whole frames)."""
-        return getattr(self._link, "try_send_nowait", None) if self.guard is None else None
+        """The link's direct write, if it has one."""
+        return sealing(getattr(self._link, "try_send_nowait", None), self.guard)
 
     def _abandon(self, sid: int) -> None:
         if self._pending.pop(sid, None) is not None and not self._closed:
@@ -388,7 +401,12 @@ class RpcClient(Service):
         """One request; the RESULT value, or the list of chunks of a streamed reply.
         ``chunks`` (an iterable or async iterable) makes it a chunked request: they are
         sent after it as the server's handler takes them (transport/inbound.py)."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
         slot = self.start(target, event, payload, timeout=timeout, chunked=chunks is not None)
+        if chunks is None and self._poll_answer(slot):
+            if self.spin.yield_due(perf_counter()):  # answered: keep the answer
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return slot.outcome()
         try:
             if chunks is not None:
                 await self.send_chunks(slot, chunks)
@@ -398,6 +416,27 @@ class RpcClient(Service):
             if not slot.done:  # cancelled while waiting
                 self._abandon(slot.sid)
         return slot.outcome()
+
+    def _poll_answer(self, slot: PendingCall) -> bool:
+        """Poll the link for the answer to the only call in flight instead of parking,
+        when the spin policy and the rest of the process allow (transport/spin.py; a
+        request that could not go out at once woke the writer, so it is not quiet);
+        True if the answer came."""
+        policy = self.spin
+        if policy is None or slot.done or len(self._pending) != 1 or self._waking:
+            return False
+        poll = getattr(self._link, "poll_frames", None)
+        if poll is None or not policy.allow() or not quiet(policy.budget):
+            return False
+        end = perf_counter() + policy.budget
+        while not slot.done:
+            left = end - perf_counter()
+            if left <= 0:
+                break
+            for frame in poll_for(poll, left):  # e.g. a late answer to an abandoned call
+                self._on_frame(frame)
+        policy.record(slot.done)
+        return slot.done
 
     async def send_chunks(self, call: PendingCall, chunks: Any) -> None:
         """Send a chunked request's chunks, then CHOKE, never more than the server's

@@ -19,6 +19,16 @@ class FrameGuard(Protocol):
     def open(self, frame: bytes) -> bytes: ...
 
 
+def sealing(try_send: Callable[[bytes], Any] | None,
+            guard: FrameGuard | None) -> Callable[[bytes], Any] | None:
+    """A link's direct write (``try_send_nowait``) that seals each frame it is given
+    first, as the writer task does: with a guard, lone messages still go out at once."""
+    if try_send is None or guard is None:
+        return try_send
+    seal = guard.seal
+    return lambda frame: try_send(seal(frame))
+
+
 @dataclass(slots=True)
 class Request:
     sid: int

@@ -122,6 +122,23 @@ class FramedStream:
             if frames:
                 return frames
 
+    def poll_frames(self) -> list[bytes]:
+        """Complete frames available without waiting: those buffered, else what one
+        non-blocking read brings (often none).  Trouble (the peer gone, a bad length)
+        is left for the next :meth:`recv_many`, which meets it again and raises."""
+        sock = self._sock
+        try:
+            frames = self._frames(0)
+            if frames or sock is None:
+                return frames
+            chunk = sock.recv(READ_SIZE)
+            if not chunk:
+                return []  # the end of the stream
+            self._buffer += chunk
+            return self._frames(0)
+        except (OSError, CodecError):  # BlockingIOError: nothing yet
+            return []
+
     def _frames(self, limit: int) -> list[bytes]:
         """Cut up to ``limit`` (0: all) complete frames off the buffer."""
         return cut_frames(self._buffer, self.max_frame, limit)
