@@ -302,6 +302,10 @@ def _head_to_head_rows(settings: Settings, results: Results) -> None:
                     verdict(ours_rate >= cote_rate), note))
     results.add(Row("mesh", names[1], ours_p99, cote_p99, "us", "< 1.00x",
                     verdict(ours_p99 < cote_p99), note))
+    results.add(Row("mesh", "(cpu) mesh seq CPU us per round trip vs cote",
+                    median(rounds["ours_seq_cpu_us"]), median(rounds["cote_seq_cpu_us"]), "us",
+                    note=f"{note}; requester + responder processes, every thread; ours poll "
+                         f"for the answer and the next request instead of sleeping"))
     ours, theirs = median(rounds["ours"]), median(rounds["cote"])
     ratios = sorted(a / b for a, b in zip(rounds["ours"], rounds["cote"]))
     results.add(Row("mesh", names[2], ours, theirs, "/s", ">= 1.50x", verdict(ours >= 1.5 * theirs),

@@ -89,8 +89,9 @@ class CoteRounds:
     """A warmed-up cote Requester -> Responder pair kept running, measuring one round
     at a time when asked (for rounds interleaved with ours)."""
 
-    def __init__(self, requester: Child, k: int):
+    def __init__(self, requester: Child, responder: Child, k: int):
         self._requester, self.k = requester, k
+        self.pids = (requester.pid, responder.pid)
 
     async def inflight(self, seconds: float) -> float:
         """Requests/s with ``k`` in flight for ``seconds``."""
@@ -106,10 +107,10 @@ class CoteRounds:
 @asynccontextmanager
 async def rounds_requester(k: int) -> AsyncIterator[CoteRounds]:
     rep_env, req_env = _envs(2)
-    async with child_process(_node("cote_responder.js"), env=rep_env), \
+    async with child_process(_node("cote_responder.js"), env=rep_env) as responder, \
             child_process(_node("cote_requester.js", len(PAYLOAD), 0, 0, k, "--rounds"),
                           env=req_env, stdin=True) as requester:
-        yield CoteRounds(requester, k)
+        yield CoteRounds(requester, responder, k)
 
 
 async def pubsub(settings: Settings) -> dict[str, float]:

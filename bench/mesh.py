@@ -17,8 +17,8 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from .harness import (PAYLOAD, RRFigures, Settings, child_process, free_udp_port, measure_rr,
-                      python_child, sequential)
+from .harness import (PAYLOAD, RRFigures, Settings, child_process, cpu_seconds, free_udp_port,
+                      measure_rr, python_child, sequential)
 
 
 def available() -> str | None:
@@ -82,12 +82,15 @@ async def head_to_head(settings: Settings) -> dict[str, list]:
     touches one round of one side, not the whole comparison.  Each round: sequential
     round trips (rate, p50, p99), then ``Requester.send_many`` with
     ``PIPELINE_WINDOW`` in flight against cote's requester with as many in flight
-    for ``settings.duration``."""
+    for ``settings.duration``.  The sequential rounds also record the CPU both
+    processes of each pair spent per round trip (ours poll instead of sleeping:
+    transport/spin.py)."""
     from . import cote
 
     request = {"type": "echo", "p": PAYLOAD}
-    out: dict[str, list] = {"ours": [], "cote": [], "ours_seq": [], "cote_seq": []}
-    async with _echo_pair() as (requester, _), \
+    out: dict[str, list] = {"ours": [], "cote": [], "ours_seq": [], "cote_seq": [],
+                            "ours_seq_cpu_us": [], "cote_seq_cpu_us": []}
+    async with _echo_pair() as (requester, responder), \
             cote.rounds_requester(PIPELINE_WINDOW) as theirs:
         async def call():
             await requester.send(request)
@@ -97,12 +100,17 @@ async def head_to_head(settings: Settings) -> dict[str, list]:
         seq_calls = max(100, settings.seq_calls // 2)
         for i in range(settings.rounds):
             async def ours_round():
+                pids = (os.getpid(), responder.pid)
+                cpu = cpu_seconds(pids)
                 out["ours_seq"].append(await sequential(call, seq_calls))
+                out["ours_seq_cpu_us"].append((cpu_seconds(pids) - cpu) / seq_calls * 1e6)
                 out["ours"].append(await send_many_rate(requester, request, PIPELINE_WINDOW,
                                                         settings.duration))
 
             async def cote_round():
+                cpu = cpu_seconds(theirs.pids)
                 out["cote_seq"].append(await theirs.sequential(seq_calls))
+                out["cote_seq_cpu_us"].append((cpu_seconds(theirs.pids) - cpu) / seq_calls * 1e6)
                 out["cote"].append(await theirs.inflight(settings.duration))
 
             for turn in ((cote_round, ours_round) if i % 2 else (ours_round, cote_round)):
