@@ -28,7 +28,6 @@ anything else becomes a ``HandlerError`` with the exception's type and message).
 from __future__ import annotations
 
 import itertools
-from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -42,7 +41,7 @@ from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
 from .rpc_handlers import (_FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
                            sealing)
-from .spin import SpinPolicy, poll_for, quiet
+from .spin import SpinPolicy, poll_next
 
 if TYPE_CHECKING:
     import pynng
@@ -184,19 +183,11 @@ class RpcServer:
     async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
         """With ``spin``: the next frame of a lone client whose requests are all
         answered, polled for a moment (transport/spin.py); [] if it did not come."""
-        policy = conn.spin
-        if policy is None:
-            return []
-        if policy.yield_due(perf_counter()):
-            # A run of polled frames never reaches recv_many's checkpoint.  Here
-            # nothing is read yet, so a cancellation loses nothing.
-            await trio.lowlevel.checkpoint()
-        if conn.running or conn.deferred or conn.inputs or len(self._connections) != 1:
-            return []  # an answer still to send, or other clients to listen to
-        if not policy.allow() or not quiet(policy.budget):
-            return []
-        frames = poll_for(stream.poll_frames, policy.budget)
-        policy.record(bool(frames))
+        def expecting() -> bool:  # no answer still to send, no other client to hear
+            return not (conn.running or conn.deferred or conn.inputs) \
+                and len(self._connections) == 1
+
+        frames = await poll_next(conn.spin, stream.poll_frames, expecting)
         self.polled += len(frames)
         return frames
 

@@ -89,6 +89,26 @@ def quiet(budget: float) -> bool:
     return not stats.tasks_runnable and stats.seconds_to_next_deadline >= budget
 
 
+async def poll_next(policy: SpinPolicy | None, poll: Callable[[], list],
+                    expecting: Callable[[], bool]) -> list:
+    """For a loop that reads its next message once it has acted on the last (a
+    server): that message polled for a moment, when ``expecting()`` (nothing of its
+    own still in progress, so the peer's next move is to send it) and the policy and
+    the process allow; [] otherwise, and then the loop parks as usual.
+    Yields every YIELD_EVERY first (a run of polled messages never reaches the
+    loop's own checkpoint), where nothing is read yet, so a cancellation loses
+    nothing."""
+    if policy is None:
+        return []
+    if policy.yield_due(perf_counter()):
+        await trio.lowlevel.checkpoint()
+    if not expecting() or not policy.allow() or not quiet(policy.budget):
+        return []
+    got = poll_for(poll, policy.budget)
+    policy.record(bool(got))
+    return got
+
+
 def poll_for(poll: Callable[[], list[bytes]], budget: float) -> list[bytes]:
     """What ``poll`` returns as soon as it returns something, or [] after ``budget`` s."""
     clock = perf_counter
