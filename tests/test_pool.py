@@ -686,3 +686,24 @@ def test_engine_info_shows_the_prefetch_rule_and_what_it_measured():
     assert "prefetch auto (up to 16; 2 queued on slaves now)" in text
     assert "service: report 50.0 ms, echo 0.1 ms" in text and "zygote" not in text
     assert "zygote pid 77 (forks new slaves)" in format_app_info({"pool": {"zygote": 77}})
+
+
+async def test_poll_job_takes_a_lone_jobs_answer_without_the_pump(tmp_path):
+    # What the node's RpcServer does while a lone request's job runs (transport/spin.py):
+    # act on the slave's answer as soon as it is there, without waiting for the pump.
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1, concurrency=2) as pool:
+            assert await pool.submit("echo", 0).result() == 0  # the slave is up
+            job = pool.submit("echo", {"a": 1})
+            polls, t0 = 0, time.monotonic()
+            while not job.done and time.monotonic() - t0 < 10:  # no checkpoint: no pump
+                polls += 1
+                job.poll()
+            assert job.done and await job.result() == {"a": 1}, polls
+            # Two in flight: the slave's next frame may be either's, so nobody polls.
+            first, second = pool.submit("echo", 1), pool.submit("echo", 2)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.3:  # both answers arrive meanwhile
+                assert not first.poll() and not second.poll()
+            assert not first.done and not second.done
+            assert [await first.result(), await second.result()] == [1, 2]

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from transport.errors import Closed, CodecError
 from transport.mesh import FrameSigner
-from transport.rpc import RpcClient, RpcServer
+from transport.rpc import Deferred, RpcClient, RpcServer
 from transport.streams import MAX_FRAME, frame_header, from_socket, socketpair
 from transport.spin import MAX_SKIP, SPIN_BUDGET, YIELD_EVERY, SpinPolicy, poll_for, quiet
 
@@ -306,3 +306,19 @@ async def test_a_server_polling_a_busy_client_still_stops_when_cancelled():
                 caller.kill()
                 caller.wait(10)
     assert trio.current_time() - t0 < 1.0
+
+
+async def test_a_lone_deferred_answer_is_polled_for_and_sent_from_the_reader(nursery):
+    polls = []
+
+    def handler(req):
+        deferred = Deferred(poll=lambda: polls.append(1) or (len(polls) == 3 and
+                                                             deferred.resolve(req.payload)))
+        return deferred  # settled only by polling: nothing else ever resolves it
+
+    server = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address, timeout=5) as client:
+            assert await client.call("t", "echo", "polled") == "polled"
+    assert len(polls) == 3 and server.answers_polled == 1

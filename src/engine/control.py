@@ -68,7 +68,9 @@ def reply_later(job: Any) -> Deferred:
     request costs no task and no scheduler pass on its way back; a streamed reply
     goes to a worker task from its first chunk on (as :func:`answer` streams it).  A
     caller that gives up cancels the job."""
-    deferred = Deferred(on_cancel=job.cancel)
+    # poll: the RpcServer may settle it by polling when it is all it waits for
+    # (transport/spin.py); a job-like object without one is answered by its callback.
+    deferred = Deferred(on_cancel=job.cancel, poll=getattr(job, "poll", None))
 
     def on_reply(job: Any) -> None:
         if job.streaming:

@@ -122,6 +122,10 @@ class Job:
             if self._done and self._items:
                 self._items.clear()  # the caller gave up: chunks still buffered are moot
 
+    def poll(self) -> bool:
+        """Act on the answer if its slave has sent it already (see SlavePool.poll_job)."""
+        return not self._done and self._pool is not None and self._pool.poll_job(self)
+
     def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
         """Call ``fn(job)`` once the job is answered (at once if it already is).  It
         runs synchronously inside the pool's bookkeeping: it must be quick and must not

@@ -33,7 +33,7 @@ from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -69,6 +69,7 @@ class _Slave:
     id: int
     process: SlaveProcess | None = None
     session: S.SlaveSession | None = None
+    on_frame: Callable[[list], None] | None = None  # what its pump does with a frame
 
 
 class SlavePool:
@@ -149,6 +150,20 @@ class SlavePool:
         job = self._jobs[job_id] = Job(job_id, event, payload, now, self, chunks)
         self._apply(decisions, now)
         return job
+
+    def poll_job(self, job: Job) -> bool:
+        """Act on what the slave running ``job`` has sent already, without waiting;
+        True if anything came.  Only for a lone job: then that slave's next frame is
+        its answer, and nothing else in the pool is kept waiting (transport/spin.py)."""
+        if len(self._jobs) != 1 or job.id not in self._jobs:
+            return False
+        slave = self._slaves.get(self.policy.owner.get(job.id, -1))
+        if slave is None or slave.on_frame is None or slave.process is None:
+            return False
+        envelopes = slave.process.poll()
+        if envelopes:
+            slave.on_frame(envelopes)
+        return bool(envelopes)
 
     async def drain(self, timeout: float) -> None:
         """Refuse new jobs, let queued and running ones finish for up to ``timeout``
@@ -334,6 +349,7 @@ class SlavePool:
                     finally:
                         proc.release()
 
+                slave.on_frame = on_frame
                 try:
                     await proc.pump(on_frame)
                 except trio.Cancelled:

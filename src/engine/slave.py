@@ -169,6 +169,10 @@ class SlaveProcess:
                 return
             on_frame(frame)
 
+    def poll(self) -> list[Envelope]:
+        """What the slave has sent already, without waiting (the pump sees the rest)."""
+        return self._chan.poll() if self._chan is not None else []
+
     def hold(self) -> None:
         if self._chan is not None:
             self._chan.hold()

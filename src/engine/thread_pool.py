@@ -304,6 +304,10 @@ class ThreadPool:
         if not self._jobs:
             self._quiet.set()
 
+    def poll_job(self, job: Job) -> bool:
+        """Nothing to poll: a thread hands its answer to the trio loop itself."""
+        return False
+
     def _cancel(self, job: Job) -> None:
         """Job.cancel(): answered at once; its task stops at its next checkpoint (a sync
         call already on a thread runs on, its result dropped)."""

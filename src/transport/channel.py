@@ -103,20 +103,30 @@ class EnvelopeChannel:
         recv_many = getattr(self.sock, "recv_many", None)
         while True:
             frames = await recv_many() if recv_many is not None else [await self.sock.recv()]
-            out: list[Envelope] = []
-            for frame in frames:
-                try:
-                    envelopes = decode(frame)
-                except CodecError:
-                    self.bad_frames += 1
-                    continue
-                self.frames_received += 1
-                if out:
-                    out.extend(envelopes)
-                else:
-                    out = envelopes
+            out = self._decode(frames)
             if out:
                 return out
+
+    def poll(self) -> list[Envelope]:
+        """The envelopes of frames already arrived, without waiting ([] if none, or
+        over nng): for whoever is the one reader meanwhile (transport/spin.py)."""
+        poll_frames = getattr(self.sock, "poll_frames", None)
+        return self._decode(poll_frames()) if poll_frames is not None else []
+
+    def _decode(self, frames: list[bytes]) -> list[Envelope]:
+        out: list[Envelope] = []
+        for frame in frames:
+            try:
+                envelopes = decode(frame)
+            except CodecError:
+                self.bad_frames += 1
+                continue
+            self.frames_received += 1
+            if out:
+                out.extend(envelopes)
+            else:
+                out = envelopes
+        return out
 
     def close(self) -> None:
         self._closed = True

@@ -28,6 +28,7 @@ anything else becomes a ``HandlerError`` with the exception's type and message).
 from __future__ import annotations
 
 import itertools
+from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -41,7 +42,7 @@ from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
 from .rpc_handlers import (_FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
                            sealing)
-from .spin import SpinPolicy, poll_next
+from .spin import SpinPolicy, poll_next, quiet
 
 if TYPE_CHECKING:
     import pynng
@@ -66,7 +67,7 @@ class _Connection:
     task packs them into frames."""
 
     __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs",
-                 "spin")
+                 "spin", "answer_spin")
 
     def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
                  try_send: Callable[[bytes], bool | int] | None = None,
@@ -80,6 +81,7 @@ class _Connection:
         self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
         self.inputs: dict[int, InputStream] = {}  # sid -> chunks of a request still coming
         self.spin: SpinPolicy | None = None  # polling for its next request (transport/spin.py)
+        self.answer_spin: SpinPolicy | None = None  # ... for a Deferred's answer
 
 
 class _Worker:
@@ -130,6 +132,7 @@ class RpcServer:
         self.bad_frames = 0
         self.refused = 0
         self.polled = 0  # frames of requests that arrived while polling for them
+        self.answers_polled = 0  # Deferreds settled while polling for them
 
     @property
     def inflight(self) -> int:
@@ -156,6 +159,7 @@ class RpcServer:
         stream = FramedStream(raw)
         conn = _Connection(next(self._ids), stream.send,
                            sealing(stream.try_send_nowait, self.guard), stream.flush)
+        conn.answer_spin = SpinPolicy()
         if self.spin:
             conn.spin = SpinPolicy()
         self._connections[conn.id] = conn
@@ -172,6 +176,7 @@ class RpcServer:
                                 # This client reads its answers slower than it asks: stop
                                 # reading its requests until they drain (TCP pushes back).
                                 await self._wait_room()
+                            self._poll_deferred(conn)
                             frames = await self._poll_next(conn, stream)
                 except (Closed, CodecError):
                     pass  # the client went away, or spoke garbage framing: drop it
@@ -179,6 +184,25 @@ class RpcServer:
         finally:
             self._drop(conn)
             stream.close()
+
+    def _poll_deferred(self, conn: _Connection) -> None:
+        """When all this server waits for is one Deferred that can poll for its answer
+        (a lone job in a slave: its answer is due any moment), poll for it for a
+        moment instead of going back to sleep: the answer then leaves from here, one
+        wake-up of this process per request instead of two (transport/spin.py)."""
+        if len(conn.deferred) != 1 or conn.running or conn.inputs \
+                or len(self._connections) != 1 or self._inflight != 1:
+            return
+        deferred = next(iter(conn.deferred.values()))
+        policy = conn.answer_spin
+        if deferred.poll is None or policy is None or not policy.allow() \
+                or not quiet(policy.budget):
+            return
+        end = perf_counter() + policy.budget
+        while not deferred.settled and perf_counter() < end:
+            deferred.poll()
+        policy.record(deferred.settled)
+        self.answers_polled += deferred.settled
 
     async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
         """With ``spin``: the next frame of a lone client whose requests are all

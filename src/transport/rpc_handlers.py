@@ -57,10 +57,14 @@ class Deferred:
     ``on_cancel`` is called if the caller gives up first (CANCEL, or it disconnected);
     the answer is then not sent.  Settling before the handler has returned is fine."""
 
-    __slots__ = ("on_cancel", "_outcome", "_server", "_conn", "_sid")
+    __slots__ = ("on_cancel", "poll", "_outcome", "_server", "_conn", "_sid")
 
-    def __init__(self, on_cancel: Callable[[], Any] | None = None):
+    def __init__(self, on_cancel: Callable[[], Any] | None = None,
+                 poll: Callable[[], bool] | None = None):
         self.on_cancel = on_cancel
+        # Settles it now if its answer has arrived (True if anything came): the server
+        # polls with it when this is all it waits for (transport/spin.py).
+        self.poll = poll
         self._outcome: tuple[int, Any] | None = None
         self._server: RpcServer | None = None
         self._conn: _Connection | None = None
@@ -77,6 +81,10 @@ class Deferred:
     def stream(self, items: AsyncIterable[Any]) -> None:
         """Answer with ``items`` as CHUNKs then CHOKE (streamed on a worker task)."""
         self._settle(_STREAMED, items)
+
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None
 
     def _settle(self, how: int, value: Any) -> None:
         if self._outcome is None:
