@@ -322,3 +322,32 @@ async def test_a_lone_deferred_answer_is_polled_for_and_sent_from_the_reader(nur
         async with RpcClient(server.address, timeout=5) as client:
             assert await client.call("t", "echo", "polled") == "polled"
     assert len(polls) == 3 and server.answers_polled == 1
+
+
+async def test_a_deferreds_failing_poll_costs_only_the_poll(nursery):
+    waiting, polls = [], []
+
+    def broken_poll():
+        polls.append(1)
+        raise RuntimeError("the owner's bug")
+
+    def handler(req):
+        deferred = Deferred(poll=broken_poll)
+        waiting.append((deferred, req.payload))
+        return deferred
+
+    async def settle_every_10_ms():  # asleep when a request comes: the server is quiet
+        while True:
+            await trio.sleep(0.01)
+            while waiting:
+                deferred, value = waiting.pop()
+                deferred.resolve(value)
+
+    nursery.start_soon(settle_every_10_ms)
+    server = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(server.run)
+    with trio.fail_after(10):
+        async with RpcClient(server.address, timeout=5) as client:
+            for i in range(5):
+                assert await client.call("t", "echo", i) == i  # the connection lives on
+    assert polls  # it was polled (and failed), and the answers came the usual way

@@ -109,7 +109,9 @@ class RpcServer:
 
     ``spin=True``: when its only client over a stream link has every request answered,
     poll a moment for the next one instead of sleeping (transport/spin.py): for a
-    server whose client calls one request after another, at the cost of CPU."""
+    server whose client calls one request after another, at the cost of CPU.  Either
+    way, a :class:`Deferred` made with ``poll`` is polled for its answer when it is all
+    the server waits for."""
 
     def __init__(self, address: str, handler: Handler, *, max_inflight: int = 10_000,
                  guard: FrameGuard | None = None, high_water: int = 8192, spin: bool = False):
@@ -199,8 +201,11 @@ class RpcServer:
                 or not quiet(policy.budget):
             return
         end = perf_counter() + policy.budget
-        while not deferred.settled and perf_counter() < end:
-            deferred.poll()
+        try:
+            while not deferred.settled and perf_counter() < end:
+                deferred.poll()
+        except Exception:  # its owner's bug must not take the connection down
+            pass  # (its answer, or the failure, still comes the usual way)
         policy.record(deferred.settled)
         self.answers_polled += deferred.settled
 

@@ -17,7 +17,7 @@ Polling holds the trio loop and burns CPU, so it is done only:
   on; the engine's node, a hub of many links, does not); the answer to a server's only
   request in flight, when its handler returned a :class:`Deferred` that can poll (the
   node: a lone job's reply from its slave, so the node wakes once per request, not
-  twice; native-server sequential +20%);
+  twice; native-server sequential +8-20%);
 - when no other task of the process is waiting in trio's run queue and no deadline
   falls within :data:`SPIN_BUDGET` (:func:`quiet`), and for at most that long (a task
   trio already took into the current batch is not seen, and waits with the rest);
