@@ -97,6 +97,25 @@ async def test_quiet_only_when_nothing_is_runnable_or_due_soon():
         assert quiet(SPIN_BUDGET)
 
 
+async def test_quiet_reads_trios_run_state_directly_and_agrees_with_its_statistics():
+    # The public current_statistics() costs 4-30 us a call (transport/spin.py); if a
+    # trio upgrade moves what quiet() reads, this says so instead of quietly paying it.
+    runner = transport.spin._RUN_CONTEXT.runner
+    assert hasattr(runner, "runq") and hasattr(runner, "deadlines")
+
+    def public(budget):
+        stats = trio.lowlevel.current_statistics()
+        return not stats.tasks_runnable and stats.seconds_to_next_deadline >= budget
+
+    for budget in (SPIN_BUDGET, 0.5):
+        assert quiet(budget) == public(budget) is True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)
+            assert quiet(budget) == public(budget) is False
+        with trio.move_on_after(0.2):
+            assert quiet(budget) == public(budget) == (budget < 0.2)
+
+
 def test_poll_for_returns_the_first_frames_or_nothing_after_its_budget():
     answers = iter([[], [], [b"a", b"b"]])
     assert poll_for(lambda: next(answers), 1.0) == [b"a", b"b"]
