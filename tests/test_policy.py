@@ -293,6 +293,22 @@ def test_idle_slaves_retire_after_idle_timeout_only_when_nothing_waits():
     assert p.info()["retired"] == 1 and p.info()["startup_failures"] == 0
 
 
+def test_no_slave_retires_while_jobs_prefetched_by_another_wait():
+    # Found by the state machine (CI, 2026-11-29): slave 2 came up after slave 1 had
+    # prefetched the jobs, sat idle, and was retired while two of them still waited.
+    p = PoolPolicy(pool_limit=3, queue_limit=2, grow_threshold=1, idle_timeout=5.0,
+                   prefetch=3)
+    assert p.submit(1, 0.0) == [Spawn(1)]
+    assert p.submit(2, 0.0) == [Spawn(2)]
+    assert p.slave_ready(1, 1, 0.0) == [Assign(1, 1), Assign(2, 1)]
+    assert p.submit(3, 0.0) == [Assign(3, 1)]
+    assert p.slave_ready(2, 1, 0.0) == []                # they stay on slave 1
+    assert p.tick(6.0) == []                             # two of them still wait there
+    assert p.next_deadline() is None                     # so no retirement is due either
+    assert p.job_finished(1, 7.0) == []                  # one still does
+    assert p.job_finished(2, 7.5) == [Retire(2)]         # none: slave 2 idle since 0.0
+
+
 def test_grow_threshold_spawns_per_queued_jobs():
     p = PoolPolicy(pool_limit=10, queue_limit=100, grow_threshold=2)
     spawned = [d for i in range(7) for d in p.submit(i, 0.0) if isinstance(d, Spawn)]

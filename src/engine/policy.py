@@ -135,7 +135,7 @@ class PoolPolicy:
         times = []
         if self.broken_reason is not None and not self._starting():
             times.append(self.next_spawn_at)
-        if not self.queue:
+        if self._nothing_waits():  # else no retirement is due, however idle a slave
             times += [s.idle_since + self.idle_timeout
                       for s in self.slaves.values() if s.state == READY and not s.jobs]
         return min(times) if times else None
@@ -304,7 +304,7 @@ class PoolPolicy:
                    and waiting > self.grow_threshold * self._live()):
                 out.append(self._spawn(now))
         # 3. retire idle slaves, but only when nothing waits
-        if not self.queue:
+        if self._nothing_waits():
             for sid, s in self.slaves.items():
                 if s.state == READY and not s.jobs and now - s.idle_since >= self.idle_timeout:
                     s.state = RETIRING
@@ -331,6 +331,11 @@ class PoolPolicy:
 
     def _free_slot(self) -> bool:
         return any(s.state == READY and len(s.jobs) < s.concurrency for s in self.slaves.values())
+
+    def _nothing_waits(self) -> bool:
+        """No job queued, nor prefetched by a busy slave: retiring an idle slave while
+        one is would be spawning again right after (prefetched jobs are demand)."""
+        return not self.queue and not (self.max_prefetch and self._prefetched())
 
     def _prefetched(self) -> int:
         """Jobs held by slaves beyond what they run at once (waiting in a slave)."""
