@@ -127,6 +127,7 @@ class Event(NamedTuple):
 
 
 _new_event = tuple.__new__
+_PUBLISH = int(Kind.PUBLISH)  # a plain int: the enum member's lookup costs more than the test
 _unpackb = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False, use_list=True)
 
 
@@ -285,7 +286,7 @@ class Subscriber(Component):
                 bad += 1
                 continue
             kind, seq, body = item
-            if kind != Kind.PUBLISH or type(seq) is not int or type(body) is not list \
+            if kind != _PUBLISH or type(seq) is not int or type(body) is not list \
                     or len(body) != 3 or type(body[0]) is not str:
                 bad += 1
                 continue
