@@ -28,7 +28,6 @@ anything else becomes a ``HandlerError`` with the exception's type and message).
 from __future__ import annotations
 
 import itertools
-from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -42,7 +41,7 @@ from .links import is_stream, listen_stream, nng_url
 from .outbox import Outbox
 from .rpc_handlers import (_FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
                            sealing)
-from .spin import SpinPolicy, poll_next, quiet
+from .spin import SpinPolicy, poll_next, spin_until
 
 if TYPE_CHECKING:
     import pynng
@@ -192,22 +191,18 @@ class RpcServer:
         (a lone job in a slave: its answer is due any moment), poll for it for a
         moment instead of going back to sleep: the answer then leaves from here, one
         wake-up of this process per request instead of two (transport/spin.py)."""
-        if len(conn.deferred) != 1 or conn.running or conn.inputs \
-                or len(self._connections) != 1 or self._inflight != 1:
+        # (_inflight == 1 with that one Deferred: no worker is running either)
+        if len(conn.deferred) != 1 or conn.inputs or len(self._connections) != 1 \
+                or self._inflight != 1 or conn.answer_spin is None:
             return
         deferred = next(iter(conn.deferred.values()))
-        policy = conn.answer_spin
-        if deferred.poll is None or policy is None or not policy.allow() \
-                or not quiet(policy.budget):
+        if deferred.poll is None:
             return
-        end = perf_counter() + policy.budget
         try:
-            while not deferred.settled and perf_counter() < end:
-                deferred.poll()
+            self.answers_polled += spin_until(conn.answer_spin, deferred.poll,
+                                              lambda: deferred.settled)
         except Exception:  # its owner's bug must not take the connection down
             pass  # (its answer, or the failure, still comes the usual way)
-        policy.record(deferred.settled)
-        self.answers_polled += deferred.settled
 
     async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
         """With ``spin``: the next frame of a lone client whose requests are all

@@ -22,7 +22,7 @@ from .outbox import Outbox
 from .rpc_handlers import sealing
 from .inbound import SendWindow
 from .service import Service
-from .spin import SpinPolicy, poll_for, quiet
+from .spin import SpinPolicy, spin_until
 
 if TYPE_CHECKING:
     from .sockets import TrioSocket
@@ -426,17 +426,14 @@ class RpcClient(Service):
         if policy is None or slot.done or len(self._pending) != 1 or self._waking:
             return False
         poll = getattr(self._link, "poll_frames", None)
-        if poll is None or not policy.allow() or not quiet(policy.budget):
+        if poll is None:
             return False
-        end = perf_counter() + policy.budget
-        while not slot.done:
-            left = end - perf_counter()
-            if left <= 0:
-                break
-            for frame in poll_for(poll, left):  # e.g. a late answer to an abandoned call
+
+        def step() -> None:
+            for frame in poll():  # (perhaps only a late answer to an abandoned call)
                 self._on_frame(frame)
-        policy.record(slot.done)
-        return slot.done
+
+        return spin_until(policy, step, lambda: slot.done)
 
     async def send_chunks(self, call: PendingCall, chunks: Any) -> None:
         """Send a chunked request's chunks, then CHOKE, never more than the server's

@@ -110,6 +110,23 @@ def quiet(budget: float) -> bool:
         return not stats.tasks_runnable and stats.seconds_to_next_deadline >= budget
 
 
+def spin_until(policy: SpinPolicy, step: Callable[[], object],
+               done: Callable[[], bool]) -> bool:
+    """One chance to poll for an answer that is due: if the policy allows it and the
+    process is quiet, call ``step`` (read and act on whatever has arrived) until
+    ``done()`` or the budget is spent; the policy records how it ended (also when
+    ``step`` raises, which propagates).  True if it is done."""
+    if not policy.allow() or not quiet(policy.budget):
+        return False
+    end = perf_counter() + policy.budget
+    try:
+        while not done() and perf_counter() < end:
+            step()
+    finally:
+        policy.record(done())
+    return done()
+
+
 async def poll_next(policy: SpinPolicy | None, poll: Callable[[], list],
                     expecting: Callable[[], bool]) -> list:
     """For a loop that reads its next message once it has acted on the last (a
