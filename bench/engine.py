@@ -41,9 +41,9 @@ def manifest(drivers: dict[str, Any] | None = None, **engine: Any) -> dict[str, 
 
 def available() -> str | None:
     try:
-        import engine.client  # noqa: F401
-        import engine.node  # noqa: F401
-        import engine.pool  # noqa: F401
+        import engine.client.node_client  # noqa: F401
+        import engine.node.node  # noqa: F401
+        import engine.pool.process  # noqa: F401
     except ImportError as exc:
         return f"skipped: engine node/client/pool not importable ({exc})"
     return None
@@ -256,7 +256,7 @@ async def pool_direct(settings: Settings, *, prefetch: int | str = "auto") -> RR
     """``SlavePool.submit(...).result()`` from this process to 2 slaves: the engine's
     own share of the request path, without the client -> node hop."""
     from engine.manifest import EngineConfig
-    from engine.pool import SlavePool
+    from engine.pool.process import SlavePool
 
     config = EngineConfig(pool_limit=SLAVES, queue_limit=4096, idle_timeout=600, prefetch=prefetch)
     pool = SlavePool(APP, APP_ENTRY, config)

@@ -23,17 +23,17 @@ from .harness import (PAYLOAD, RRFigures, Settings, child_process, cpu_seconds, 
 
 def available() -> str | None:
     try:
-        from transport.discovery import DiscoveryConfig  # noqa: F401
-        from transport.pubsub import Publisher, Subscriber  # noqa: F401
-        from transport.requester import Requester  # noqa: F401
-        from transport.responder import Responder  # noqa: F401
+        from transport.mesh.discovery import DiscoveryConfig  # noqa: F401
+        from transport.mesh.pubsub import Publisher, Subscriber  # noqa: F401
+        from transport.mesh.requester import Requester  # noqa: F401
+        from transport.mesh.responder import Responder  # noqa: F401
     except ImportError as exc:
         return f"skipped: mesh components not importable ({exc})"
     return None
 
 
 def _discovery(port: int):
-    from transport.discovery import DiscoveryConfig
+    from transport.mesh.discovery import DiscoveryConfig
 
     return DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.2, expiry=1.0)
 
@@ -44,7 +44,7 @@ PIPELINE_WINDOW = 100
 @asynccontextmanager
 async def _echo_pair(memory: dict[str, float] | None = None) -> AsyncIterator[Any]:
     """A Responder echo in a child process and a Requester here that has found it."""
-    from transport.requester import Requester
+    from transport.mesh.requester import Requester
 
     port, key = free_udp_port(), f"bench-{os.getpid()}"
     async with child_process(python_child("bench.servers", "mesh-responder",
@@ -136,7 +136,7 @@ async def send_many_rate(requester, request: dict, window: int, duration: float)
 
 
 async def pubsub(settings: Settings) -> dict[str, Any]:
-    from transport.pubsub import Subscriber
+    from transport.mesh.pubsub import Subscriber
 
     port, key = free_udp_port(), f"bench-{os.getpid()}"
     n = settings.pubsub_messages

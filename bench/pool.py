@@ -28,7 +28,7 @@ POLL = 0.005
 
 def available() -> str | None:
     try:
-        from engine.pool import SlavePool  # noqa: F401
+        from engine.pool.process import SlavePool  # noqa: F401
     except ImportError as exc:
         return f"skipped: engine.pool not importable ({exc})"
     return None
@@ -36,7 +36,7 @@ def available() -> str | None:
 
 def _pool(pool_limit: int, idle_timeout: float):
     from engine.manifest import EngineConfig
-    from engine.pool import SlavePool
+    from engine.pool.process import SlavePool
 
     config = EngineConfig(pool_limit=pool_limit, queue_limit=1000, grow_threshold=1,
                           idle_timeout=idle_timeout, startup_timeout=15)

@@ -56,7 +56,7 @@ def _interrupt(signum, frame) -> None:
 def serve_node(address: str, *app_dirs: str) -> None:
     import trio
 
-    from engine.node import Node
+    from engine.node.node import Node
 
     async def main() -> None:
         node = Node(control=address)
@@ -73,7 +73,7 @@ def serve_node(address: str, *app_dirs: str) -> None:
 
 
 def _mesh_discovery(port: str):
-    from transport.discovery import DiscoveryConfig
+    from transport.mesh.discovery import DiscoveryConfig
 
     return DiscoveryConfig(port=int(port), interface="127.0.0.1", hello_interval=0.2,
                            expiry=1.0)
@@ -82,7 +82,7 @@ def _mesh_discovery(port: str):
 def serve_mesh_responder(port: str, key: str) -> None:
     import trio
 
-    from transport.responder import Responder
+    from transport.mesh.responder import Responder
 
     async def main() -> None:
         responder = Responder("bench-rep", responds_to=["echo"], key=key,
@@ -107,7 +107,7 @@ def serve_mesh_publisher(port: str, key: str, count: str) -> None:
 
     import trio
 
-    from transport.pubsub import Publisher
+    from transport.mesh.pubsub import Publisher
 
     async def main() -> None:
         n = int(count)

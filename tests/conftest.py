@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from support import NodeProcess, free_udp_port, start_node_process, stop_node
-from transport.discovery import DiscoveryConfig
+from transport.mesh.discovery import DiscoveryConfig
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def free_tcp_port() -> int:
 
 
 def slave_pids(node: NodeProcess) -> set[int]:
-    return {p.pid for p in node.descendants() if "engine.worker" in " ".join(_cmdline(p))}
+    return {p.pid for p in node.descendants() if "engine.worker --app" in " ".join(_cmdline(p))}
 
 
 def _cmdline(p: psutil.Process) -> list[str]:

@@ -1,4 +1,4 @@
-"""engine.balance: the cluster's pure choice of a node per request."""
+"""engine.cluster.balance: the cluster's pure choice of a node per request."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.balance import AppLoad, BalanceTable, NodeReport
+from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
 
 LOCAL = "local"
 

@@ -16,8 +16,8 @@ import trio
 
 from engine.client import connect
 from engine.errors import AppNotFound, QueueFull
-from engine.cluster import Cluster, ClusterOptions
-from engine.cluster_bundle import BundleError, check_bundle, digest_of, write_bundle
+from engine.cluster.service import Cluster, ClusterOptions
+from engine.cluster.bundle import BundleError, check_bundle, digest_of, write_bundle
 from support import NodeProcess, free_udp_port, start_node_process, stop_node
 from transport.errors import BadMessage
 from transport.rpc import RpcClient
@@ -250,12 +250,12 @@ async def test_nodes_cli_and_errors_only_when_no_node_can_serve(cluster, tmp_pat
 
 
 async def test_nodes_verb_on_a_node_outside_any_cluster(tmp_path):
-    from engine.node import Node as EngineNode
+    from engine.node.node import Node as EngineNode
 
     node = EngineNode(control="tcp://127.0.0.1:0")
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
-        import engine.cluster_commands  # noqa: F401  (the verbs a clustered node has)
+        import engine.cluster.verbs  # noqa: F401  (the verbs a clustered node has)
         async with connect(node.control_address, timeout=5) as client:
             with pytest.raises(BadMessage, match="not in a cluster"):
                 await client.verb("nodes")

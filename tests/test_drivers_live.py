@@ -30,7 +30,7 @@ from transport.sockets import TrioSocket, bound_address
 from engine.app import App
 from engine.client import connect
 from engine.drivers.cron import CronDriver
-from engine.maintenance import split_frame
+from engine.node.maintenance import split_frame
 from engine.manifest import load_manifest
 from support import free_tcp_port
 

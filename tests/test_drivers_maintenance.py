@@ -4,7 +4,7 @@ import pytest
 import trio
 from transport.sockets import TrioSocket
 
-from engine.maintenance import MaintenanceChannel, RateMeter, frame, split_frame
+from engine.node.maintenance import MaintenanceChannel, RateMeter, frame, split_frame
 
 
 class InfoApp:
@@ -63,7 +63,7 @@ async def test_channel_port_taken():
 
 
 def test_top_render_shows_apps_and_drivers():
-    from engine.top import render
+    from engine.cli.top import render
     text = render({"demo": {"state": "running", "slaves": 2, "queue": 1, "running": 1, "jobs_per_s": 3.5,
                             "done": 10, "errors": 1, "latency_ms": {"p50": 1.25},
                             "drivers": {"t": {"type": "cron", "ticks": 4, "skipped": 1, "errors": 0,
@@ -74,7 +74,7 @@ def test_top_render_shows_apps_and_drivers():
 
 
 async def test_top_snapshot_reads_channels_and_falls_back_to_info():
-    from engine.top import render, snapshot
+    from engine.cli.top import render, snapshot
     app = InfoApp()
     channel = MaintenanceChannel(app, interval=0.05)
 

@@ -16,7 +16,7 @@ from transport import (
     DiscoveryConfig, HandlerError, Publisher, QueueFull, RemoteError, Requester, Responder,
     Subscriber, TimeoutError_, register_error,
 )
-from transport.links import connect_stream
+from transport._links import connect_stream
 from transport.codec import Kind, encode_one
 
 pytestmark = pytest.mark.e2e

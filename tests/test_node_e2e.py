@@ -134,7 +134,7 @@ async def test_one_zygote_forks_the_slaves_of_every_app(apps_dir, start_node):
                 assert await c.call(app, "echo", app) == app
                 pool = (await c.info(app))["pool"]
                 ((pids[app],), zygotes[app]) = [s["pid"] for s in pool["slaves"]], pool["zygote"]
-    (zygote,) = [p for p in node.descendants() if "engine.zygote" in " ".join(p.cmdline())]
+    (zygote,) = [p for p in node.descendants() if "engine.worker.zygote" in " ".join(p.cmdline())]
     assert zygotes == {"echo": zygote.pid, "echo2": zygote.pid, "echo3": None}
     forked = {p.pid for p in zygote.children()}
     assert pids["echo"] in forked and pids["echo2"] in forked
@@ -222,7 +222,7 @@ async def test_sigkilled_node_takes_its_slaves_with_it(apps_dir, start_node):
             pids = slave_pids(node)
             assert pids
         family = node.descendants()  # the slaves and the zygote that forked them
-        zygotes = [p for p in family if "engine.zygote" in " ".join(p.cmdline())]
+        zygotes = [p for p in family if "engine.worker.zygote" in " ".join(p.cmdline())]
         assert len(zygotes) == 1 and pids <= {p.pid for p in zygotes[0].children()}
         node.proc.kill()
         assert await node.wait_exit(10) == -signal.SIGKILL

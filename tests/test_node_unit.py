@@ -16,7 +16,7 @@ from engine.client import connect
 from engine.drivers import registry
 from engine.errors import AppNotFound, DriverError, ManifestError, ShuttingDown
 from engine.manifest import load_manifest
-from engine.node import Node, find_manifests
+from engine.node.node import Node, find_manifests
 from transport.errors import BadMessage, HandlerError, UnknownEvent
 
 
@@ -30,7 +30,7 @@ class FakeJob:
     def cancel(self):
         self.cancelled = True
 
-    # The callback side of engine.job.Job (the control endpoint answers through it):
+    # The callback side of engine.pool.job.Job (the control endpoint answers through it):
     # this fake knows its outcome at once.
     @property
     def error(self):
@@ -291,7 +291,7 @@ async def test_connect_to_nothing_is_unreachable():
 # -- CLI table --------------------------------------------------------------------------------
 
 def test_cli_is_a_table_other_modules_can_extend(capsys):
-    from engine import cli
+    from engine.cli import commands as cli
 
     @cli.command("test-hello", "say hello")
     def hello_command(p):
@@ -312,7 +312,7 @@ def test_cli_is_a_table_other_modules_can_extend(capsys):
 
 
 def test_cli_prints_errors_and_exits_non_zero(capsys):
-    from engine import cli
+    from engine.cli import commands as cli
 
     code = cli.main(["list", "--node", "tcp://127.0.0.1:1", "--timeout", "1"])
     assert code == cli.EXIT_ERROR

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from transport.breaker import CircuitBreaker, backoff
-from transport.peers import (
+from transport.mesh.breaker import CircuitBreaker, backoff
+from transport.mesh.peers import (
     BadDatagram, Beacon, PeerTable, decode_datagram, encode_datagram, matches, with_host,
 )
 

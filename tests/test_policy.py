@@ -8,8 +8,8 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown
-from engine.policy import READY, RETIRING, STARTING, Assign, Cancel, Fail, PoolPolicy, Retire, Spawn
-from engine.prefetch import AUTO_PREFETCH_MAX, PREFETCH_BUDGET
+from engine.pool.policy import READY, RETIRING, STARTING, Assign, Cancel, Fail, PoolPolicy, Retire, Spawn
+from engine.pool.prefetch import AUTO_PREFETCH_MAX, PREFETCH_BUDGET
 
 
 class PolicyMachine(RuleBasedStateMachine):

@@ -16,9 +16,9 @@ import trio
 from engine.errors import (AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveDied, SlaveHung,
                            UnknownEvent)
 from engine.manifest import EngineConfig
-from engine.pool import SlavePool
-from engine.prefetch import AUTO_PREFETCH_MAX
-from engine.protocol import STREAM_WINDOW
+from engine.pool.process import SlavePool
+from engine.pool.prefetch import AUTO_PREFETCH_MAX
+from engine.protocol.node_session import STREAM_WINDOW
 from transport.errors import HandlerError
 
 pytestmark = pytest.mark.e2e
@@ -678,7 +678,7 @@ async def test_a_dying_slave_is_no_sample_and_slow_jobs_are_never_prefetched(tmp
 
 
 def test_engine_info_shows_the_prefetch_rule_and_what_it_measured():
-    from engine.cli import format_app_info
+    from engine.cli.commands import format_app_info
 
     text = format_app_info({"name": "a", "state": "running", "pool": {
         "queue": 3, "prefetched": 2, "running": 1,

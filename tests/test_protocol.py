@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import JobCancelled, ShuttingDown, SlaveDied, SlaveHung
-from engine.prefetch import AUTO_PREFETCH_MAX
-from engine.protocol import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, InputCredit,
+from engine.pool.prefetch import AUTO_PREFETCH_MAX
+from engine.protocol.node_session import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, InputCredit,
                              Kill, ProtocolError, Ready, Send, SlaveSession, State, Stopping)
 from transport.codec import Envelope, Kind
 from transport.errors import HandlerError, error_to_body

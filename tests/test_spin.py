@@ -12,12 +12,12 @@ import trio
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-import transport.spin
+import transport._spin
 from transport.errors import Closed, CodecError
-from transport.mesh import FrameSigner
+from transport.mesh.component import FrameSigner
 from transport.rpc import Deferred, RpcClient, RpcServer
 from transport.streams import MAX_FRAME, frame_header, from_socket, socketpair
-from transport.spin import MAX_SKIP, SPIN_BUDGET, YIELD_EVERY, SpinPolicy, poll_for, quiet
+from transport._spin import MAX_SKIP, SPIN_BUDGET, YIELD_EVERY, SpinPolicy, poll_for, quiet
 
 
 class SpinPolicyMachine(RuleBasedStateMachine):
@@ -90,7 +90,7 @@ async def test_quiet_only_when_nothing_is_runnable_or_due_soon():
     # quiet() reads trio's runner directly: the public current_statistics() costs
     # 4-30 us a call (transport/spin.py).  If a trio upgrade moves what it reads, this
     # says so instead of quietly paying that, and checks the two agree.
-    runner = transport.spin._RUN_CONTEXT.runner
+    runner = transport._spin._RUN_CONTEXT.runner
     assert hasattr(runner, "runq") and hasattr(runner, "deadlines")
 
     def public(budget):
@@ -152,11 +152,11 @@ async def test_poll_frames_leaves_the_end_of_the_stream_to_recv_many():
 
 SERVER = textwrap.dedent("""
     import sys, trio
-    import transport.spin
-    from transport.mesh import FrameSigner
+    import transport._spin
+    from transport.mesh.component import FrameSigner
     from transport.rpc import RpcServer
 
-    transport.spin.SPIN_BUDGET = LOADED_BUDGET
+    transport._spin.SPIN_BUDGET = LOADED_BUDGET
 
     def echo(req):  # event "polled": how many requests the server polled for so far
         return server.polled if req.event == "polled" else req.payload
@@ -182,7 +182,7 @@ SERVER = SERVER.replace("LOADED_BUDGET", repr(LOADED_BUDGET))
 
 @pytest.fixture
 def loaded_budget(monkeypatch):
-    monkeypatch.setattr(transport.spin, "SPIN_BUDGET", LOADED_BUDGET)
+    monkeypatch.setattr(transport._spin, "SPIN_BUDGET", LOADED_BUDGET)
 
 
 @pytest.fixture(params=[None])

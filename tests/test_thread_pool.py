@@ -12,7 +12,7 @@ import trio
 from engine.client import connect
 from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
 from engine.manifest import EngineConfig
-from engine.thread_pool import ThreadPool
+from engine.pool.threads import ThreadPool
 from transport.errors import BadMessage, HandlerError, UnknownEvent
 
 APP = """

@@ -12,9 +12,9 @@ import trio
 from transport import codec
 from transport.codec import Kind, decode, decode_lists, encode_envelope, join_frame
 from transport.errors import BadMessage, CodecError, HandlerError, QueueFull, TimeoutError_
-from transport.outbox import SENT_PARTLY, Outbox
-from transport.requester import Requester
-from transport.responder import Responder
+from transport._outbox import SENT_PARTLY, Outbox
+from transport.mesh.requester import Requester
+from transport.mesh.responder import Responder
 from transport.rpc import Deferred, RpcClient, RpcServer, Stream
 from transport.streams import READ_SIZE
 

@@ -10,7 +10,7 @@ import trio
 
 from transport.codec import Kind
 from transport.errors import TimeoutError_
-from transport.pubsub import Event, Subscriber
+from transport.mesh.pubsub import Event, Subscriber
 from transport.rpc import RpcClient, RpcServer
 from transport.streams import from_socket, socketpair
 
@@ -127,7 +127,7 @@ def test_transport_package_imports_pynng_only_when_asked():
     code = ("import sys, transport.channel, transport.streams, transport.codec;"
             "assert 'pynng' not in sys.modules, 'pynng imported';"
             "from transport import Responder, Requester, TimeoutError_, Kind;"
-            "import transport.rpc, transport.discovery;"
+            "import transport.rpc, transport.mesh.discovery;"
             "assert 'pynng' not in sys.modules and Responder.role == 'responder';"
             "from transport import Subscriber; assert 'pynng' in sys.modules;"
             "import transport; assert 'Subscriber' in dir(transport)")

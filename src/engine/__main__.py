@@ -1,6 +1,6 @@
 """``python -m engine``: see :mod:`engine.cli`."""
 import sys
 
-from .cli import main
+from engine.cli.commands import main
 
 sys.exit(main())

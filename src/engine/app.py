@@ -14,19 +14,19 @@ from typing import Any, Callable
 
 import trio
 
-from .drivers import registry
-from .errors import DriverError, ShuttingDown
-from .maintenance import MaintenanceChannel
-from .manifest import AppManifest
+from engine.drivers import registry
+from engine.errors import DriverError, ShuttingDown
+from engine.node.maintenance import MaintenanceChannel
+from engine.manifest import AppManifest
 
 
 def _default_pool_factory(manifest: AppManifest):
     # Imported late: the pools pull in subprocess and threading machinery.
     if manifest.engine.backend == "thread":
-        from .thread_pool import ThreadPool
+        from engine.pool.threads import ThreadPool
 
         return ThreadPool(manifest.name, manifest.entry, manifest.engine)
-    from .pool import SlavePool
+    from engine.pool.process import SlavePool
 
     return SlavePool(manifest.name, manifest.entry, manifest.engine)
 

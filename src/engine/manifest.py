@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-from .errors import ManifestError
+from engine.errors import ManifestError
 
 MANIFEST_FILE = "manifest.json"
 LANGUAGES = ("python",)
@@ -316,7 +316,7 @@ class _Parser:
 
     # -- drivers --------------------------------------------------------------------
     def drivers(self, raw: Any, section: str) -> tuple[DriverSpec, ...]:
-        from .drivers import registry  # drivers import manifest types; import late
+        from engine.drivers import registry  # drivers import manifest types; import late
 
         raw = self.obj(raw, section)
         specs = []

@@ -10,10 +10,10 @@ import sys
 
 import trio
 
-from transport.discovery import DiscoveryConfig
+from transport.mesh.discovery import DiscoveryConfig
 
-from .bridge import TransportMesh
-from .server import Sockend, SockendConfig
+from sockend.bridge import TransportMesh
+from sockend.server import Sockend, SockendConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

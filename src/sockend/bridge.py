@@ -11,9 +11,9 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import Any, AsyncContextManager, AsyncIterator, Protocol
 
-from transport.discovery import DiscoveryConfig
-from transport.pubsub import Subscriber
-from transport.requester import Requester
+from transport.mesh.discovery import DiscoveryConfig
+from transport.mesh.pubsub import Subscriber
+from transport.mesh.requester import Requester
 
 
 class NamespaceLink(Protocol):

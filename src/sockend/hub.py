@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import trio
 
-from .bridge import Mesh, NamespaceLink
-from .protocol import EVICT, QUEUED, EventOutbox, event_frame
+from sockend.bridge import Mesh, NamespaceLink
+from sockend.protocol import EVICT, QUEUED, EventOutbox, event_frame
 
 log = logging.getLogger(__name__)
 

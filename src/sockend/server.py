@@ -22,10 +22,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from transport.errors import QueueFull, RemoteError, TimeoutError_, TransportError, Unreachable
 from transport.inbound import InputStream
 
-from .bridge import Mesh
-from .http import HeadError, PrefixedStream, read_head, response, serve_static
-from .hub import Client, NamespaceHub
-from .protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
+from sockend.bridge import Mesh
+from sockend.http import HeadError, PrefixedStream, read_head, response, serve_static
+from sockend.hub import Client, NamespaceHub
+from sockend.protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
                        error_frame, namespace_from_path, ok_frame, parse_request)
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ _EXPORTS = {
     "RpcClient": "rpc", "RpcServer": "rpc", "Request": "rpc", "Stream": "rpc",
     "Deferred": "rpc", "SyncRpcClient": "sync_client",
     # mesh components: zero-config discovery, request/response, pub/sub
-    "Discovery": "discovery", "DiscoveryConfig": "discovery", "Monitor": "monitor",
-    "Beacon": "peers", "PeerTable": "peers", "matches": "peers",
-    "Event": "pubsub", "Publisher": "pubsub", "Subscriber": "pubsub",
-    "Requester": "requester", "Responder": "responder",
+    "Discovery": "mesh.discovery", "DiscoveryConfig": "mesh.discovery", "Monitor": "mesh.monitor",
+    "Beacon": "mesh.peers", "PeerTable": "mesh.peers", "matches": "mesh.peers",
+    "Event": "mesh.pubsub", "Publisher": "mesh.pubsub", "Subscriber": "mesh.pubsub",
+    "Requester": "mesh.requester", "Responder": "mesh.responder",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -47,16 +47,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from .codec import Envelope, Kind, decode, encode  # noqa: F401
-    from .discovery import Discovery, DiscoveryConfig  # noqa: F401
-    from .errors import (  # noqa: F401
+    from transport.codec import Envelope, Kind, decode, encode  # noqa: F401
+    from transport.mesh.discovery import Discovery, DiscoveryConfig  # noqa: F401
+    from transport.errors import (  # noqa: F401
         BadMessage, Closed, CodecError, HandlerError, QueueFull, RemoteError, TimeoutError_,
         TransportError, UnknownEvent, Unreachable, body_to_error, error_to_body, register_error)
-    from .monitor import Monitor  # noqa: F401
-    from .peers import Beacon, PeerTable, matches  # noqa: F401
-    from .pubsub import Event, Publisher, Subscriber  # noqa: F401
-    from .requester import Requester  # noqa: F401
-    from .responder import Responder  # noqa: F401
-    from .rpc import Deferred, Request, RpcClient, RpcServer, Stream  # noqa: F401
-    from .sockets import TrioSocket  # noqa: F401
-    from .sync_client import SyncRpcClient  # noqa: F401
+    from transport.mesh.monitor import Monitor  # noqa: F401
+    from transport.mesh.peers import Beacon, PeerTable, matches  # noqa: F401
+    from transport.mesh.pubsub import Event, Publisher, Subscriber  # noqa: F401
+    from transport.mesh.requester import Requester  # noqa: F401
+    from transport.mesh.responder import Responder  # noqa: F401
+    from transport.rpc import Deferred, Request, RpcClient, RpcServer, Stream  # noqa: F401
+    from transport.sockets import TrioSocket  # noqa: F401
+    from transport.sync_client import SyncRpcClient  # noqa: F401

@@ -7,8 +7,8 @@ import sys
 
 import trio
 
-from .discovery import DiscoveryConfig
-from .monitor import Monitor
+from transport.mesh.discovery import DiscoveryConfig
+from transport.mesh.monitor import Monitor
 
 COLUMNS = ("namespace", "role", "name", "types", "endpoint", "host", "pid", "last_seen")
 

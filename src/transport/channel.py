@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .codec import Envelope, Kind, decode, encode_envelope
-from .errors import BadMessage, Closed, CodecError, error_to_body
-from .outbox import Outbox
+from transport.codec import Envelope, Kind, decode, encode_envelope
+from transport.errors import BadMessage, Closed, CodecError, error_to_body
+from transport._outbox import Outbox
 
 if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynng is heavy
-    from .sockets import TrioSocket
-    from .streams import FramedStream
+    from transport.sockets import TrioSocket
+    from transport.streams import FramedStream
 
 
 class EnvelopeChannel:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, NamedTuple
 
 import msgpack
 
-from .errors import CodecError
+from transport.errors import CodecError
 
 
 class Kind(IntEnum):

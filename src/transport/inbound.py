@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import trio
 
-from .errors import BadMessage, RemoteError
+from transport.errors import BadMessage, RemoteError
 
 WINDOW = 64        # chunks a sender may run ahead of the receiver's handler
 CREDIT_BATCH = 16  # the receiver grants credit in steps of this many taken chunks

@@ -16,7 +16,7 @@ from typing import Callable
 import pynng
 import trio
 
-from .errors import Closed
+from transport.errors import Closed
 
 # Per-socket queue depths (messages).  nng's default of 0/1 makes every send a
 # rendezvous; a little buffering lets bursts flow without blocking the sender.

@@ -22,8 +22,8 @@ import struct
 
 import trio
 
-from .errors import Closed, CodecError
-from .outbox import SENT_PARTLY
+from transport.errors import Closed, CodecError
+from transport._outbox import SENT_PARTLY
 
 _HEADER = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from

@@ -30,11 +30,11 @@ import time
 from collections import deque
 from typing import Any, Iterable, Iterator
 
-from .codec import Kind, decode_lists, encode_envelope, join_frame
-from .errors import BadMessage, CodecError, TimeoutError_, TransportError, Unreachable, body_to_error
-from .inbound import WINDOW
-from .links import _split_host_port, _unix_path
-from .streams import cut_frames, frame_header
+from transport.codec import Kind, decode_lists, encode_envelope, join_frame
+from transport.errors import BadMessage, CodecError, TimeoutError_, TransportError, Unreachable, body_to_error
+from transport.inbound import WINDOW
+from transport._links import _split_host_port, _unix_path
+from transport.streams import cut_frames, frame_header
 
 _END = (Kind.RESULT, Kind.CHOKE, Kind.ERROR)
 

@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator
 import trio
 from transport.errors import QueueFull, RemoteError
 
-from ..errors import AppBroken, DriverError, ShuttingDown
-from .registry import OptionContext
+from engine.errors import AppBroken, DriverError, ShuttingDown
+from engine.drivers.registry import OptionContext
 
 # Keys of a driver object that belong to the manifest, not to the driver.
 COMMON_KEYS = frozenset({"type", "emit"})

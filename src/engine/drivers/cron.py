@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import trio
 from croniter import croniter
 
-from .base import NO_ROOM, DriverStats, check_keys, opt_str, run_job_quietly
-from .registry import OptionContext, register
+from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_str, run_job_quietly
+from engine.drivers.registry import OptionContext, register
 
 MAX_MISSED_COUNTED = 10_000  # bound the catch-up loop after a very long suspend
 # trio sleeps on a monotonic clock; waking at least this often (seconds) lets the

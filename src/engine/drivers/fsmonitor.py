@@ -22,10 +22,10 @@ from typing import Any
 
 import trio
 
-from ..errors import DriverError
-from .base import DriverStats, check_keys, opt_bool, opt_str, run_job_quietly, submit_holding
-from .inotify import Change, ChangeTracker, Inotify, parse_events, walk_dirs
-from .registry import OptionContext, register
+from engine.errors import DriverError
+from engine.drivers.base import DriverStats, check_keys, opt_bool, opt_str, run_job_quietly, submit_holding
+from engine.drivers.inotify import Change, ChangeTracker, Inotify, parse_events, walk_dirs
+from engine.drivers.registry import OptionContext, register
 
 # A rename arrives as MOVED_FROM then MOVED_TO; they can straddle two reads, so an
 # unpaired MOVED_FROM waits this long for its partner before it counts as deleted.

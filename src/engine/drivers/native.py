@@ -28,10 +28,10 @@ import trio
 from transport.errors import RemoteError, TransportError
 from transport.rpc import Request, RpcServer
 
-from ..errors import DriverError
-from .base import NO_ROOM, DriverStats, bare_driver_errors, check_keys, check_url, opt_bool, opt_str, sole_leaf, submit_holding
-from .nng_sink import SinkOptions, SinkOutcomes
-from .registry import OptionContext, register
+from engine.errors import DriverError
+from engine.drivers.base import NO_ROOM, DriverStats, bare_driver_errors, check_keys, check_url, opt_bool, opt_str, sole_leaf, submit_holding
+from engine.drivers.nng_sink import SinkOptions, SinkOutcomes
+from engine.drivers.registry import OptionContext, register
 
 RPC_SCHEMES = ("tcp://", "ipc://", "unix://", "nng+tcp://", "nng+ipc://")  # see transport/links.py
 
@@ -81,7 +81,7 @@ class NativeServer:
         return NativeOptions(endpoint=_endpoint(raw, ctx, required=False))
 
     async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from ..control import reply_later  # answers from the job's callbacks, no task
+        from engine.node.control import reply_later  # answers from the job's callbacks, no task
 
         stats = self.stats
 

@@ -23,9 +23,9 @@ from transport.codec import pack, unpack
 from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
 from transport.sockets import TrioSocket, bound_address
 
-from ..errors import DriverError
-from .base import NO_ROOM, DriverStats, check_keys, check_url, opt_str, run_job
-from .registry import OptionContext, register
+from engine.errors import DriverError
+from engine.drivers.base import NO_ROOM, DriverStats, check_keys, check_url, opt_str, run_job
+from engine.drivers.registry import OptionContext, register
 
 NNG_SCHEMES = ("tcp://", "ipc://", "inproc://", "ws://", "tls+tcp://")
 

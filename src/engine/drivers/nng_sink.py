@@ -21,10 +21,10 @@ from transport.codec import unpack
 from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
 from transport.sockets import TrioSocket
 
-from ..errors import DriverError
-from .base import DriverStats, check_keys, opt_bool, run_job, submit_holding
-from .nng_server import listen, parse_nng_endpoint
-from .registry import OptionContext, register
+from engine.errors import DriverError
+from engine.drivers.base import DriverStats, check_keys, opt_bool, run_job, submit_holding
+from engine.drivers.nng_server import listen, parse_nng_endpoint
+from engine.drivers.registry import OptionContext, register
 
 # Messages nng may hold for us while we are not reading: small, so backpressure
 # reaches producers quickly instead of piling up here.

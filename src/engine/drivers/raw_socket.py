@@ -27,9 +27,9 @@ import trio
 from transport.codec import pack
 from transport.errors import BadMessage, CodecError, RemoteError
 
-from ..errors import DriverError
-from .base import NO_ROOM, DriverStats, check_keys, opt_number, opt_str, parse_host_port, run_job
-from .registry import OptionContext, register
+from engine.errors import DriverError
+from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_number, opt_str, parse_host_port, run_job
+from engine.drivers.registry import OptionContext, register
 
 PIPELINE_DEPTH = 64   # replies pending per connection before we stop reading it
 READ_SIZE = 64 * 1024

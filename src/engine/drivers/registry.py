@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ManifestError
+from engine.errors import ManifestError
 
 _DRIVERS: dict[str, type] = {}
 _ALIASES: dict[str, str] = {}

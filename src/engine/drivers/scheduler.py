@@ -25,8 +25,8 @@ from typing import Any
 import trio
 from transport.errors import BadMessage, QueueFull, UnknownEvent
 
-from .base import NO_ROOM, DriverStats, check_keys, opt_number, run_job_quietly
-from .registry import OptionContext, register
+from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_number, run_job_quietly
+from engine.drivers.registry import OptionContext, register
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ async def schedule_verb(node: Any, args: Any) -> dict:
 
 
 try:  # registered when the control module is importable (the node's side)
-    from ..control import verb as _verb
+    from engine.node.control import verb as _verb
     _verb("schedule")(schedule_verb)
 except ImportError:  # pragma: no cover
     pass
@@ -137,7 +137,7 @@ async def schedule(driver: str, *, in_: float | None = None, at: str | None = No
                    app: str | None = None, node: str | None = None, timeout: float = 10.0) -> dict:
     """Ask the node to fire ``driver``'s event later. ``app``/``node`` default to the
     ``ENGINE_APP``/``ENGINE_NODE`` environment of a slave."""
-    from ..client import connect
+    from engine.client import connect
 
     app = app or os.environ.get("ENGINE_APP")
     node = node or os.environ.get("ENGINE_NODE")
@@ -150,7 +150,7 @@ async def schedule(driver: str, *, in_: float | None = None, at: str | None = No
 
 
 def _register_cli() -> None:
-    from .. import cli
+    from engine.cli import commands as cli
 
     @cli.command("schedule", "schedule a manual-scheduler driver's event for later")
     def schedule_command(p):

@@ -4,7 +4,7 @@
 :class:`engine.app.App`: ``name``, ``submit(event, payload) -> job`` (sync; raises
 ``QueueFull`` past ``queue_limit`` jobs not yet finished), jobs with
 ``await job.result()``, ``async for chunk in job``, ``cancel()`` and the callback side of
-:class:`engine.job.Job` (``add_reply_callback``, ``add_done_callback``, ``error``,
+:class:`engine.pool.job.Job` (``add_reply_callback``, ``add_done_callback``, ``error``,
 ``result_nowait()``), and ``publish(topic, value)``.
 ``handler(event, payload)`` is an async function (one value) or an async generator
 function (a streamed reply); what it raises reaches the driver as a RemoteError.

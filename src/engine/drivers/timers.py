@@ -22,8 +22,8 @@ from typing import Any
 import trio
 from transport.errors import RemoteError
 
-from .base import NO_ROOM, DriverStats, check_keys, opt_number, run_job, run_job_quietly
-from .registry import OptionContext, register
+from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_number, run_job, run_job_quietly
+from engine.drivers.registry import OptionContext, register
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,295 @@
+"""``python -m engine VERB ...``: run a node, or talk to a running one.
+
+The CLI is a table of commands.  To add a verb, write one function decorated with
+:func:`command` that adds its arguments to the subparser it is given and returns the
+``async def run(args) -> int`` that carries it out (``node_options`` adds the usual
+``--node``/``--timeout``; ``connect_node(args)`` opens the client)::
+
+    @command("top", "show every app's load, refreshed")
+    def top_command(p):
+        node_options(p)
+        p.add_argument("--interval", type=float, default=1.0)
+        async def run(args):
+            async with connect_node(args) as node:
+                ...
+            return 0
+        return run
+
+Put it in this file, or in your own module listed in :data:`COMMAND_MODULES`.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import json
+import logging
+import sys
+from typing import Any, Awaitable, Callable
+
+import trio
+
+Runner = Callable[[argparse.Namespace], Awaitable[int]]
+Setup = Callable[[argparse.ArgumentParser], Runner]
+COMMANDS: dict[str, tuple[str, Setup]] = {}
+# Modules that add commands when imported (other helpers' verbs: schedule, monitor...).
+COMMAND_MODULES: list[str] = ["engine.cli.top", "engine.drivers.scheduler", "engine.cluster.verbs"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def command(name: str, help: str) -> Callable[[Setup], Setup]:
+    def register(setup: Setup) -> Setup:
+        COMMANDS[name] = (help, setup)
+        return setup
+    return register
+
+
+def node_options(p: argparse.ArgumentParser, *, timeout: float | None = 30.0) -> None:
+    from engine.client import DEFAULT_NODE
+
+    p.add_argument("--node", default=DEFAULT_NODE, metavar="ADDR",
+                   help=f"the node's control address (default {DEFAULT_NODE})")
+    p.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                   help="seconds to wait for the reply (per chunk when streaming)")
+
+
+def connect_node(args: argparse.Namespace):
+    from engine.client import connect
+
+    wait = 5.0 if args.timeout is None else min(5.0, args.timeout)
+    return connect(args.node, timeout=args.timeout, connect_timeout=wait)
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent,
+                      sort_keys=indent is not None)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def _parse_json_arg(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: payload is not JSON ({exc}); quote strings: '\"hi\"'")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+@command("run", "host the apps under MANIFEST or DIR until SIGINT/SIGTERM")
+def run_command(p: argparse.ArgumentParser) -> Runner:
+    from engine.node.node import DEFAULT_CONTROL
+
+    p.add_argument("paths", nargs="*", metavar="MANIFEST|DIR",
+                   help="manifest files, app folders, or folders of app folders")
+    p.add_argument("--control", default=DEFAULT_CONTROL, metavar="ADDR",
+                   help=f"control endpoint to listen on (default {DEFAULT_CONTROL})")
+    p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
+
+    async def run(args: argparse.Namespace) -> int:
+        from engine.node.node import serve
+
+        logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return await serve(args.paths, control=args.control)
+    return run
+
+
+@command("call", "call APP's EVENT; print the reply, one JSON line per chunk")
+def call_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("app")
+    p.add_argument("event")
+    p.add_argument("payload", nargs="?", metavar="JSON", help="the payload as JSON (default null)")
+    p.add_argument("--upload", metavar="FILE",
+                   help="send FILE ('-': stdin) as the request's chunks, 64 KiB each "
+                        "(a chunked request: the handler reads them as its second argument)")
+    node_options(p)
+
+    async def run(args: argparse.Namespace) -> int:
+        payload = _parse_json_arg(args.payload)
+        async with connect_node(args) as node:
+            if args.upload is not None:
+                reply = await node.call(args.app, args.event, payload, timeout=args.timeout,
+                                        chunks=_file_chunks(args.upload))
+                print(to_json(reply), flush=True)
+                return EXIT_OK
+            async for chunk in node.stream(args.app, args.event, payload, timeout=args.timeout):
+                print(to_json(chunk), flush=True)
+        return EXIT_OK
+    return run
+
+
+def _file_chunks(path: str, size: int = 64 * 1024):
+    with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-" else open(path, "rb")) as f:
+        while block := f.read(size):
+            yield block
+
+
+@command("list", "list the node's apps and the manifests it rejected")
+def list_command(p: argparse.ArgumentParser) -> Runner:
+    node_options(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as node:
+            listing = await node.list()
+        if args.json:
+            print(to_json(listing, indent=2))
+            return EXIT_OK
+        for name, app in listing.get("apps", {}).items():
+            print(f"{name}\t{app.get('state')}\t{app.get('manifest')}")
+        for path, reason in listing.get("rejected", {}).items():
+            print(f"rejected\t{path}\t{reason}")
+        return EXIT_OK
+    return run
+
+
+@command("info", "show an app's pool (slaves, queue, done/failed, latency) and drivers")
+def info_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("app", nargs="?", help="the app (default: the node itself)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    node_options(p)
+
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as node:
+            info = await node.info(args.app)
+        if args.json or not args.app:
+            print(to_json(info, indent=2))
+        else:
+            print(format_app_info(info))
+        return EXIT_OK
+    return run
+
+
+def format_app_info(info: dict) -> str:
+    """A few readable lines; fields another pool version may lack are left out."""
+    pool, limits = info.get("pool", {}), info.get("limits", {})
+    slaves = pool.get("slaves", [])
+    lat = pool.get("latency_ms") or {}
+    lines = [f"{info.get('name')}  {info.get('state')}  up {info.get('uptime', 0):.0f}s  "
+             f"{info.get('manifest')}"]
+    if pool.get("reason"):
+        lines.append(f"  {pool.get('state')}: {pool['reason']}")
+    lines.append(
+        f"  slaves {len(slaves)}/{limits.get('pool-limit', '?')}  "
+        f"queue {pool.get('queue', '?')}/{limits.get('queue-limit', '?')}  "
+        f"running {pool.get('running', '?')}  done {pool.get('done', '?')}  "
+        f"failed {pool.get('failed', '?')}  crashes {pool.get('crashes', '?')}  "
+        f"latency p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms")
+    prefetch = pool.get("prefetch")
+    if prefetch:
+        times = ", ".join(f"{event} {ms} ms" for event, ms in prefetch.get("service_ms", {}).items())
+        lines.append(f"  prefetch {prefetch.get('mode')} (up to {prefetch.get('max')}; "
+                     f"{pool.get('prefetched', 0)} queued on slaves now)"
+                     + (f"  service: {times}" if times else ""))
+    if pool.get("zygote"):
+        lines.append(f"  zygote pid {pool['zygote']} (forks new slaves)")
+    for s in slaves:
+        lines.append(f"  slave {s.get('id')} pid {s.get('pid')} {s.get('state')} jobs {s.get('jobs')}")
+    for name, d in info.get("drivers", {}).items():
+        extra = {k: v for k, v in d.items() if k not in ("type", "emit")}
+        lines.append(f"  driver {name}: {d.get('type')} -> {d.get('emit')}"
+                     + (f"  {to_json(extra)}" if extra else ""))
+    return "\n".join(lines)
+
+
+@command("deploy", "start the app of MANIFEST (a file or app folder) on a running node")
+def deploy_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("--name", help="host it under this name instead")
+    node_options(p, timeout=60.0)
+
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as node:
+            print(to_json(await node.deploy(args.manifest, name=args.name)))
+        return EXIT_OK
+    return run
+
+
+@command("undeploy", "drain and stop APP on a running node")
+def undeploy_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("app")
+    p.add_argument("--drain", type=float, metavar="S",
+                   help="seconds to let in-flight jobs finish (default: its termination-timeout)")
+    node_options(p, timeout=120.0)
+
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as node:
+            print(to_json(await node.undeploy(args.app, drain=args.drain)))
+        return EXIT_OK
+    return run
+
+
+@command("crashlog", "print the last output lines of APP's dead slaves")
+def crashlog_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("app")
+    node_options(p)
+
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as node:
+            for line in await node.crashlog(args.app):
+                print(line)
+        return EXIT_OK
+    return run
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine", description="engine-trio: host apps, or talk to a node",
+        epilog="also: `python -m engine monitor [--once] [--json] ...` lists every mesh "
+               "component it discovers (the same as `python -m transport monitor`)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(runner=setup(p))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transport.errors import RemoteError, TransportError
+
+    from engine.errors import EngineError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["monitor"]:
+        # The mesh's Monitor, reachable from the engine's CLI too: one tool to learn.
+        from transport.__main__ import main as transport_main
+
+        return transport_main(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return trio.run(args.runner, args)
+    except BaseException as exc:
+        # Nurseries wrap what their bodies raise; look at the one error inside.
+        inner = exc
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, (RemoteError, TransportError, EngineError)):
+            # the node's typed error (AppNotFound, HandlerError, timeout...) or a local one
+            print(f"error: {inner}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(inner, KeyboardInterrupt):
+            return 130
+        if isinstance(inner, BrokenPipeError):  # `... | head`
+            return EXIT_OK
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

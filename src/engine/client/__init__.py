@@ -1,0 +1,24 @@
+"""Clients of a node: :func:`connect` for Python code under trio (``engine.client``),
+and :mod:`engine.client.calls` for handlers calling other apps on their node.
+
+The names below are imported on first use: a slave imports ``engine.client.calls``
+(through ``from engine import call``) and must not pay for the trio client.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = ("DEFAULT_NODE", "NODE_TARGET", "NodeClient", "connect")
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        from engine.client import node_client
+        return getattr(node_client, name)
+    raise AttributeError(f"module 'engine.client' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from engine.client.node_client import DEFAULT_NODE, NODE_TARGET, NodeClient, connect  # noqa: F401

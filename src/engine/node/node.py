@@ -1,0 +1,295 @@
+"""The node: a nursery of apps keyed by name, plus the control endpoint.
+
+Apps are found on disk (:func:`find_manifests`), parsed in full before anything starts,
+and each runs in its own child of the node's nursery, so one bad manifest or one app
+whose driver cannot bind is reported and skipped while the others keep serving.
+:meth:`Node.shutdown` drains every app (each for its termination-timeout) and then
+cancels the node, whose nursery does not exit before every slave is reaped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import trio
+
+from engine.app import App
+from engine.errors import AppNotFound, DriverError, ManifestError, ShuttingDown
+from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
+from engine.pool.zygote_client import Zygote, running_zygote
+
+log = logging.getLogger("engine.node")
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:9300"
+
+
+def find_manifests(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Manifest files under ``paths``, and (path, reason) for paths that hold none.
+
+    A file is a manifest; a folder with ``manifest.json`` is one app; any other folder
+    holds app folders, each with a ``manifest.json`` (folders without one are ignored,
+    so e.g. ``examples/mesh`` can sit beside the apps)."""
+    found: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif (path / MANIFEST_FILE).is_file():
+            found.append(path / MANIFEST_FILE)
+        elif path.is_dir():
+            inside = sorted(p / MANIFEST_FILE for p in path.iterdir()
+                            if p.is_dir() and (p / MANIFEST_FILE).is_file())
+            if inside:
+                found.extend(inside)
+            else:
+                missing.append((str(path), f"no {MANIFEST_FILE} in it or in its subfolders"))
+        else:
+            missing.append((str(path), "no such file or folder"))
+    return found, missing
+
+
+class Node:
+    def __init__(self, *, control: str | None = DEFAULT_CONTROL,
+                 app_factory: Callable[[AppManifest], App] = App, cluster: Any = None):
+        self.control_requested = control
+        # Cluster (engine/cluster.py): its ClusterOptions, and the running Cluster.
+        self.cluster_options = cluster
+        self.cluster = None
+        self.control_address: str | None = None   # the bound address, once running
+        self.app_factory = app_factory
+        self.apps: dict[str, App] = {}
+        self.rejected: dict[str, str] = {}        # manifest path -> why it is not hosted
+        self.state = "created"
+        self.started_at = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._control_server = None
+        self.zygote: Zygote | None = None         # shared by the apps' slave pools
+
+    # -- lifetime -------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or :meth:`shutdown`; started() once control listens."""
+        failure: Exception | None = None
+        try:
+            # One zygote forks the slaves of every app here (engine.spawn "zygote");
+            # it outlives the apps, so it is stopped only after their slaves.
+            async with running_zygote(sys.executable) as self.zygote:
+                with trio.CancelScope() as self._scope:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        failure = await self._start_control(nursery)
+                        if failure is None and self.cluster_options is not None:
+                            failure = await self._start_cluster(nursery)
+                        if failure is None:
+                            self.state = "running"
+                            task_status.started(self)
+                            await trio.sleep_forever()
+            # Outside the nursery: the caller sees the TransportError, not a group.
+            if failure is not None:
+                raise failure
+        finally:
+            self.state = "stopped"
+            self._stopped.set()
+
+    async def _start_control(self, nursery: trio.Nursery) -> Exception | None:
+        if not self.control_requested:
+            return None
+        from transport.errors import TransportError
+        from transport.rpc import RpcServer
+
+        from engine.node.control import ControlHandler
+
+        handler_class = ControlHandler
+        if self.cluster_options is not None:
+            from engine.cluster.service import ClusterControlHandler as handler_class
+        self._control_server = RpcServer(self.control_requested, handler_class(self))
+        try:
+            self.control_address = await nursery.start(self._control_server.run)
+        except TransportError as exc:  # e.g. the port is taken
+            return exc
+        log.info("control endpoint on %s", self.control_address)
+        # Slaves inherit this: a handler can reach its own node (e.g. to schedule events).
+        os.environ["ENGINE_NODE"] = self.control_address
+        return None
+
+    async def _start_cluster(self, nursery: trio.Nursery) -> Exception | None:
+        from engine.cluster.service import Cluster
+
+        if self.control_address is None:
+            return ValueError("a clustered node needs a control endpoint (peers call it)")
+        cluster = Cluster(self, self.cluster_options)
+        try:
+            await nursery.start(cluster.run)
+        except OSError as exc:  # e.g. the discovery port cannot be bound
+            return exc
+        self.cluster = cluster
+        return None
+
+    async def shutdown(self) -> None:
+        """Drain every app in parallel (each up to its termination-timeout), stop them,
+        then stop the node. Safe to call twice; returns when everything is down."""
+        if self.state == "running":
+            self.state = "stopping"
+            names = list(self.apps)
+            log.info("shutting down: draining %d app(s)", len(names))
+            async with trio.open_nursery() as nursery:
+                for app in list(self.apps.values()):
+                    nursery.start_soon(app.stop)
+            await self._flush_control()
+            if self._scope is not None:
+                self._scope.cancel()
+        await self._stopped.wait()
+
+    async def _flush_control(self, limit: float = 2.0) -> None:
+        """Let the answers of drained jobs reach their callers before the control
+        endpoint is cancelled with the node."""
+        server = self._control_server
+        if server is None:
+            return
+        with trio.move_on_after(limit):
+            await server.flush()
+
+    # -- apps -------------------------------------------------------------------------
+    async def load_apps(self, paths: Iterable[str | Path]) -> list[str]:
+        """Deploy every app found under ``paths``; report and skip the bad ones."""
+        manifests, missing = find_manifests(paths)
+        for path, reason in missing:
+            self.rejected[path] = reason
+            log.error("%s: %s", path, reason)
+        started = []
+        for path in manifests:
+            try:
+                app = await self.deploy(path)
+            except (ManifestError, DriverError, ShuttingDown) as exc:
+                self.rejected[str(path)] = str(exc)
+                log.error("not hosting %s", exc)
+            else:
+                started.append(app.name)
+        return started
+
+    async def deploy(self, manifest: AppManifest | str | Path, *, name: str | None = None) -> App:
+        """Parse (if given a path) and start one app; raises ManifestError or DriverError
+        with nothing of the app left running."""
+        if self.state != "running" or self._nursery is None:
+            raise ShuttingDown(f"node is {self.state}; cannot deploy")
+        if not isinstance(manifest, AppManifest):
+            manifest = load_manifest(manifest, name=name)
+        if manifest.name in self.apps:
+            other = self.apps[manifest.name].manifest.source
+            raise ManifestError(str(manifest.source), "name",
+                                f"an app name not already deployed (taken by {other})", manifest.name)
+        app = self.app_factory(manifest)
+        app.node = self
+        self.apps[app.name] = app          # reserve the name while it starts
+        try:
+            await self._nursery.start(self._host, app)
+        except BaseException:
+            if self.apps.get(app.name) is app:
+                del self.apps[app.name]
+            raise
+        self.rejected.pop(str(manifest.source), None)
+        engine = manifest.engine
+        log.info("started app %s from %s (pool-limit %d, queue-limit %d, %d driver(s)%s)",
+                 app.name, manifest.source, engine.pool_limit, engine.queue_limit,
+                 len(manifest.drivers),
+                 "".join(f"; {d.name}: {d.type} -> {d.emit}" for d in manifest.drivers))
+        return app
+
+    async def deploy_data(self, data: Any, base_dir: str | Path, *, name: str | None = None) -> App:
+        """Deploy a manifest given as decoded JSON, its relative paths resolved from ``base_dir``."""
+        source = Path(base_dir) / MANIFEST_FILE
+        return await self.deploy(parse_manifest(data, source=source, name=name))
+
+    async def _host(self, app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # Failures before started() belong to deploy()'s caller; after it, an app that
+        # dies is logged and dropped, never taking the node or other apps down.
+        started = False
+
+        class _Status:
+            def started(self, value: Any = None) -> None:
+                nonlocal started
+                started = True
+                task_status.started(value)
+
+        try:
+            await app.run(task_status=_Status())
+            if started:
+                log.info("app %s stopped", app.name)
+        except Exception as exc:
+            if not started:
+                raise
+            log.error("app %s failed and was stopped: %s: %s", app.name, type(exc).__name__, exc)
+        finally:
+            if self.apps.get(app.name) is app:
+                del self.apps[app.name]
+
+    async def undeploy(self, name: str, timeout: float | None = None) -> None:
+        app = self.get(name)
+        log.info("undeploying app %s", name)
+        await app.stop(timeout)
+
+    def get(self, name: str) -> App:
+        app = self.apps.get(name)
+        if app is None:
+            raise AppNotFound(f"no app named {name!r} on this node"
+                              + (f" (apps: {', '.join(sorted(self.apps))})" if self.apps else ""))
+        return app
+
+    # -- introspection ----------------------------------------------------------------
+    def list(self) -> dict[str, Any]:
+        return {
+            "apps": {name: {"state": app.state, "manifest": str(app.manifest.source)}
+                     for name, app in sorted(self.apps.items())},
+            "rejected": dict(self.rejected),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "state": self.state,
+            "control": self.control_address,
+            "uptime": round(time.time() - self.started_at, 3),
+            **self.list(),
+        }
+
+
+async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL,
+                cluster: Any = None) -> int:
+    """``python -m engine run``: host the apps under ``paths`` until SIGINT/SIGTERM,
+    then drain and stop everything. A second signal skips the drain.  ``cluster``:
+    ClusterOptions (default: from ENGINE_CLUSTER... when set)."""
+    if cluster is None:
+        from engine.cluster.service import ClusterOptions
+        cluster = ClusterOptions.from_env()
+    node = Node(control=control, cluster=cluster)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+
+            async def watch_signals() -> None:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    if count == 1:
+                        log.info("%s: draining and stopping", signal.Signals(signum).name)
+                        nursery.start_soon(node.shutdown)
+                    else:
+                        log.warning("%s again: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+
+            # Watch before loading, so a signal during a slow start is not left waiting.
+            nursery.start_soon(watch_signals)
+            started = await node.load_apps(paths)
+            log.info("node %d serving %d app(s)%s; control on %s", os.getpid(), len(started),
+                     f": {', '.join(started)}" if started else "", node.control_address)
+            await node._stopped.wait()
+            nursery.cancel_scope.cancel()
+    log.info("node stopped")
+    return 0

@@ -1,0 +1,410 @@
+"""``SlavePool``: the trio shell that runs one app's slaves.
+
+It drives two pure cores: :class:`engine.pool.policy.PoolPolicy` (queue, which job to
+which slave, spawn/retire, broken state) and one :class:`engine.protocol.SlaveSession`
+per slave (handshake, heartbeats, replies, deadlines), and carries out what they
+decide with :class:`engine.pool.slave.SlaveProcess`.  Decisions are applied
+synchronously where the event happens (``submit``, a frame arriving), so a job
+reaches an idle slave without a scheduler hop; one timer task handles deadlines.
+
+Contract (docs/architecture.md)::
+
+    pool = SlavePool(app_name, entry, config)
+    await nursery.start(pool.run)
+    job = pool.submit(event, payload)     # QueueFull / ShuttingDown / AppBroken at once
+    value = await job.result()            # or: async for chunk in job
+    job.cancel()                          # caller gives up: queued -> dropped, running -> CANCEL
+    await pool.drain(timeout)
+    pool.info(); pool.crashlog()
+
+A streamed reply is flow-controlled: the slave runs at most ``STREAM_WINDOW``
+chunks ahead of what the job's consumer has taken (``async for`` or ``result()``),
+which the pool reports back to the slave with CREDIT envelopes.  A chunked request
+(``submit(event, payload, chunks)``) runs the same window the other way: a task per such
+job forwards its chunks as the slave's CREDITs allow.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections import deque
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from transport.codec import Kind
+from transport.errors import RemoteError
+from transport.inbound import SendWindow
+
+from engine.pool import policy as P
+from engine.protocol import node_session as S
+from engine.errors import JobCancelled, ShuttingDown
+from engine.pool.job import Job
+from engine.manifest import EngineConfig
+from engine.pool.slave import SlaveProcess
+from engine.pool.zygote_client import Zygote, running_zygote
+
+log = logging.getLogger(__name__)
+
+LATENCY_WINDOW = 1024  # jobs over which p50/p99 are computed
+
+
+def latency_ms(latencies: deque[float]) -> dict[str, float | None]:
+    """p50 and p99 of the recent jobs' latencies (seconds in, milliseconds out)."""
+    lat = sorted(latencies)
+
+    def q(f: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000, 3) if lat else None
+
+    return {"p50": q(0.5), "p99": q(0.99)}
+
+
+@dataclass
+class _Slave:
+    id: int
+    process: SlaveProcess | None = None
+    session: S.SlaveSession | None = None
+    on_frame: Callable[[list], None] | None = None  # what its pump does with a frame
+
+
+class SlavePool:
+    def __init__(self, app_name: str, entry: Path, config: EngineConfig, *,
+                 restart_intensity: int = 3, backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 python: str = sys.executable):
+        self.app_name = app_name
+        self.entry = Path(entry)
+        self.config = config
+        self.python = python
+        self.policy = P.PoolPolicy(
+            pool_limit=config.pool_limit, queue_limit=config.queue_limit,
+            grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
+            concurrency=config.concurrency, restart_intensity=restart_intensity,
+            backoff_base=backoff_base, backoff_cap=backoff_cap,
+            prefetch=config.prefetch)
+        self._jobs: dict[int, Job] = {}          # accepted jobs the policy still tracks
+        self._slaves: dict[int, _Slave] = {}
+        self._next_job = 1
+        self._nursery: trio.Nursery | None = None
+        self._death_fd: int | None = None        # read end of the node-death pipe, for slaves
+        self._zygote: Zygote | None = None        # forks slaves fast (engine.spawn "zygote")
+        self._shared_zygote: Zygote | None = None # the node's, if it gave one
+        self._timer_wakeup = trio.Event()
+        self._timer_at = math.inf
+        self._quiet = trio.Event()                # set when no accepted job is pending
+        self._crashlog: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._input_windows: dict[int, SendWindow] = {}  # chunked jobs: chunks the slave takes
+        self.done = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.crashes = 0
+
+    # -- lifetime --------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise slaves until cancelled; started() once submit() may be called."""
+        death_r, death_w = os.pipe()   # slaves see EOF on death_r when this process dies
+        self._death_fd = death_r
+        try:
+            async with AsyncExitStack() as stack:
+                if self.config.spawn == "zygote":
+                    shared = self._shared_zygote
+                    if shared is not None and shared.python == self.python:
+                        self._zygote = shared
+                    else:  # its own, which outlives the slaves (the nursery below)
+                        self._zygote = await stack.enter_async_context(running_zygote(self.python))
+                    self._zygote.want()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    try:
+                        await self._timer_loop()
+                    finally:
+                        self.policy.close()
+        finally:
+            self._nursery = None
+            now = trio.current_time()
+            for job in list(self._jobs.values()):
+                self._answer_fail(job.id, ShuttingDown("the app's slave pool stopped"), now)
+            os.close(death_r)
+            os.close(death_w)
+
+    def use_zygote(self, zygote: Zygote) -> None:
+        """Fork slaves through this zygote (the node's, shared by its pools) rather
+        than one of the pool's own; call before :meth:`run`."""
+        self._shared_zygote = zygote
+
+    def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
+        """``chunks``: a chunked request's chunks (an async iterable, e.g. an rpc
+        request's InputStream), forwarded to the slave as its handler takes them."""
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            raise ShuttingDown(f"the slave pool of {self.app_name!r} is not running")
+        now = trio.current_time()
+        job_id = self._next_job
+        decisions = self.policy.submit(job_id, now, event)  # raises QueueFull / ShuttingDown / AppBroken
+        self._next_job += 1
+        job = self._jobs[job_id] = Job(job_id, event, payload, now, self, chunks)
+        self._apply(decisions, now)
+        return job
+
+    def poll_job(self, job: Job) -> bool:
+        """Act on what the slave running ``job`` has sent already, without waiting;
+        True if anything came.  Only for a lone job: then that slave's next frame is
+        its answer, and nothing else in the pool is kept waiting (transport/spin.py)."""
+        if len(self._jobs) != 1 or job.id not in self._jobs:
+            return False
+        slave = self._slaves.get(self.policy.owner.get(job.id, -1))
+        if slave is None or slave.on_frame is None or slave.process is None:
+            return False
+        envelopes = slave.process.poll()
+        if envelopes:
+            slave.on_frame(envelopes)
+        return bool(envelopes)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new jobs, let queued and running ones finish for up to ``timeout``
+        seconds, then fail what is left with ShuttingDown and retire the slaves."""
+        now = trio.current_time()
+        self._apply(self.policy.drain(now), now)
+        with trio.move_on_after(timeout):
+            while self._jobs or self.policy.owner:  # owner: cancelled jobs not yet acknowledged
+                self._quiet = trio.Event()
+                await self._quiet.wait()
+        now = trio.current_time()
+        self._apply(self.policy.fail_queued(ShuttingDown, "drain timeout: the job never started"), now)
+        for slave in list(self._slaves.values()):
+            if slave.session is not None and slave.session.jobs:
+                self._act(slave, slave.session.kill(f"still busy after the {timeout:g}s drain",
+                                                    ShuttingDown), now)
+        self._apply(self.policy.retire_all(now), now)
+
+    # -- views ---------------------------------------------------------------------
+    def info(self) -> dict:
+        p = self.policy.info()
+        slaves = []
+        for s in self._slaves.values():
+            sess = s.session
+            slaves.append({"id": s.id, "pid": s.process.pid if s.process else None,
+                           "state": sess.state.value if sess else "spawning",
+                           "jobs": len(sess.jobs) if sess else 0})
+        return {"app": self.app_name, "state": p["state"], "reason": p["reason"], "slaves": slaves,
+                "queue": p["queue"], "prefetched": p["prefetched"], "running": p["running"],
+                "cancelling": p["cancelling"],
+                "done": self.done,
+                "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
+                "crashes": self.crashes, "latency_ms": latency_ms(self._latencies),
+                "prefetch": p["prefetch"],
+                "zygote": self._zygote.pid if self._zygote and self._zygote.ready else None}
+
+    def crashlog(self) -> list[str]:
+        return list(self._crashlog)
+
+    # -- carrying out decisions ----------------------------------------------------------
+    def _apply(self, decisions: list, now: float) -> None:
+        # Only assignments (the common case: a job reaching a slave) cannot bring a
+        # policy deadline nearer: a slave that had room took the job, and no slave is
+        # idle while jobs wait.  Anything else re-reads the policy's next deadline.
+        rearm = False
+        for d in decisions:
+            if type(d) is P.Assign:
+                slave, job = self._slaves[d.slave], self._jobs[d.job]
+                chunked = job.input is not None
+                self._act(slave, slave.session.invoke(job.id, job.id, job.event, job.payload,
+                                                      chunked), now)
+                if chunked:
+                    self._nursery.start_soon(self._send_input, slave, job)
+                continue
+            rearm = True
+            if isinstance(d, P.Spawn):
+                slave = self._slaves[d.slave] = _Slave(d.slave)
+                self._nursery.start_soon(self._supervise, slave, name=f"slave-{self.app_name}-{d.slave}")
+            elif isinstance(d, P.Retire):
+                slave = self._slaves[d.slave]
+                self._act(slave, slave.session.terminate(now), now)
+                self._wake_timer(slave.session.next_deadline())
+            elif isinstance(d, P.Fail):
+                self._answer_fail(d.job, d.error, now)
+            elif isinstance(d, P.Cancel):
+                self._answer_fail(d.job, JobCancelled("cancelled by its caller while running"), now)
+                slave = self._slaves[d.slave]
+                self._act(slave, slave.session.cancel(d.job, now), now)
+                self._wake_timer(slave.session.next_deadline())  # the acknowledgement deadline
+        if rearm:
+            self._wake_timer(self.policy.next_deadline())
+
+    def _act(self, slave: _Slave, actions: list, now: float) -> None:
+        """Carry out what a slave's session asks for."""
+        for a in actions:
+            kind = type(a)
+            if kind is S.Send:
+                slave.process.send(*a.envelope)
+            elif kind is S.Chunk:
+                job = self._jobs.get(a.job)
+                if job is not None:
+                    job._chunk(a.value)
+            elif kind is S.Finished or kind is S.Failed:
+                job = self._jobs.pop(a.job, None)
+                if job is None:
+                    pass  # already answered (cancelled, or the pool is stopping)
+                elif isinstance(a, S.Finished):
+                    if job._finish(a.value, a.streamed, now):
+                        self.done += 1
+                        self._latencies.append(now - job.submitted_at)
+                elif job._fail(a.error, now):
+                    self.failed += 1
+                if not self._jobs:
+                    self._quiet.set()
+                # only a slave's own answer says how long a job took
+                answered = kind is S.Finished or a.from_slave
+                self._apply(self.policy.job_finished(a.job, now, answered=answered), now)
+                # Maybe that slave went idle: its retirement deadline is now + idle-timeout
+                # (no other deadline moves when a job ends); skip the full scan when the
+                # timer is due before that anyway.
+                if now + self.policy.idle_timeout < self._timer_at:
+                    self._wake_timer(self.policy.next_deadline())
+            elif kind is S.InputCredit:
+                window = self._input_windows.get(a.job)
+                if window is not None:
+                    window.credit(a.chunks)
+            elif isinstance(a, S.Ready):
+                self._apply(self.policy.slave_ready(slave.id, a.concurrency, now), now)
+                self._wake_timer(slave.session.next_deadline())
+            elif isinstance(a, S.Kill):
+                log.warning("%s: killing slave %s: %s", self.app_name, slave.session.pid, a.reason)
+                slave.process.kill()
+                self._apply(self.policy.slave_stopping(slave.id, now), now)
+            elif isinstance(a, S.Stopping):
+                self._apply(self.policy.slave_stopping(slave.id, now), now)
+
+    def _cancel(self, job: Job) -> None:
+        if self._jobs.get(job.id) is job:
+            now = trio.current_time()
+            self._apply(self.policy.cancel(job.id, now), now)
+
+    def _grant(self, job_id: int, chunks: int) -> None:
+        slave = self._slaves.get(self.policy.owner.get(job_id))
+        if slave is not None and slave.session is not None:
+            for a in slave.session.grant(job_id, chunks):
+                slave.process.send(*a.envelope)
+
+    def _answer_fail(self, job_id: int, error: RemoteError, now: float) -> None:
+        job = self._jobs.pop(job_id, None)
+        if job is not None and job._fail(error, now):
+            if isinstance(error, JobCancelled):
+                self.cancelled += 1
+            else:
+                self.failed += 1
+        if not self._jobs:
+            self._quiet.set()
+
+    # -- tasks -------------------------------------------------------------------------
+    async def _send_input(self, slave: _Slave, job: Job) -> None:
+        """Forward a chunked job's chunks to its slave, never more than the slave's
+        window ahead of its handler; stops when the job is answered (or its slave gone)."""
+        window = self._input_windows[job.id] = SendWindow()
+        try:
+            with trio.CancelScope() as scope:
+                job.add_done_callback(lambda _: scope.cancel())
+                try:
+                    async for item in job.input:
+                        await window.wait()
+                        window.left -= 1
+                        slave.process.send(Kind.CHUNK, job.id, item)
+                    slave.process.send(Kind.CHOKE, job.id, None)
+                except RemoteError:  # the caller's chunks broke off (it left, or overran)
+                    job.cancel()
+        finally:
+            self._input_windows.pop(job.id, None)
+
+
+    async def _supervise(self, slave: _Slave) -> None:
+        """One slave's whole life: spawn, talk, reap, report."""
+        cfg = self.config
+        slave.process = proc = SlaveProcess(
+            app=self.app_name, entry=self.entry,
+            config=cfg, death_fd=self._death_fd, python=self.python, zygote=self._zygote)
+        spawn_error = None
+        try:
+            async with proc.open():
+                now = trio.current_time()
+                slave.session = sess = S.SlaveSession(
+                    pid=proc.pid, now=now, startup_timeout=cfg.startup_timeout,
+                    heartbeat_timeout=cfg.heartbeat_timeout,
+                    termination_timeout=cfg.termination_timeout, concurrency=cfg.concurrency,
+                    prefetch=self.policy.max_prefetch)  # a bound: the policy decides
+                self._wake_timer(sess.next_deadline())
+                receive, act, clock = sess.receive, self._act, trio.current_time
+
+                def on_frame(frame: list) -> None:
+                    # The jobs this frame frees the slave for leave as one frame.
+                    now = clock()
+                    proc.hold()
+                    try:
+                        for env in frame:
+                            act(slave, receive(env, now), now)
+                    finally:
+                        proc.release()
+
+                slave.on_frame = on_frame
+                try:
+                    await proc.pump(on_frame)
+                except trio.Cancelled:
+                    # Tell the callers now, not after the graceful stop below.
+                    # (no Kill: the graceful TERMINATE/SIGTERM/SIGKILL stop follows)
+                    now = trio.current_time()
+                    self.policy.close()  # the pool is being torn down: no spawns, no assigns
+                    kill = sess.kill("the app's slave pool stopped", ShuttingDown)
+                    self._act(slave, [a for a in kill if not isinstance(a, S.Kill)], now)
+                    raise
+        except OSError as exc:  # could not listen or exec: counts as a failed start
+            spawn_error = f"cannot start slave: {exc}"
+            log.error("%s: %s", self.app_name, spawn_error)
+        finally:
+            self._reaped(slave, spawn_error)
+
+    def _reaped(self, slave: _Slave, spawn_error: str | None) -> None:
+        now = trio.current_time()
+        proc, sess = slave.process, slave.session
+        handshaked = sess.handshaked if sess else False
+        reason = spawn_error or S.describe_exit(proc.returncode)
+        if sess is not None:
+            if not self.policy.closed:  # first: no job may be handed to the dead slave
+                self._apply(self.policy.slave_stopping(slave.id, now), now)
+            self._act(slave, sess.exited(proc.returncode), now)
+            if sess.startup_error is not None:
+                reason = f"{sess.startup_error} (slave {proc.pid} {reason})"
+            elif sess.kill_reason:
+                reason = f"slave {proc.pid} killed: {sess.kill_reason}"
+            else:
+                reason = f"slave {proc.pid} {reason}"
+        if proc.pid is not None and (proc.returncode != 0 or (sess is not None and sess.kill_reason)):
+            self.crashes += 1
+            self._crashlog.extend(f"[{proc.pid}] {line}" for line in proc.output)
+            self._crashlog.append(f"[{proc.pid}] -- {reason}")
+        del self._slaves[slave.id]
+        if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
+            self._apply(self.policy.slave_gone(slave.id, now, handshaked=handshaked, reason=reason), now)
+
+    async def _timer_loop(self) -> None:
+        """Deadlines: startup, heartbeat, termination (sessions); idle, backoff (policy)."""
+        while True:
+            now = trio.current_time()
+            for slave in list(self._slaves.values()):
+                if slave.session is not None:
+                    self._act(slave, slave.session.tick(now), now)
+            self._apply(self.policy.tick(now), now)
+            times = [self.policy.next_deadline()]
+            times += [s.session.next_deadline() for s in self._slaves.values() if s.session]
+            self._timer_at = min((t for t in times if t is not None), default=math.inf)
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_at(self._timer_at):
+                await self._timer_wakeup.wait()
+
+    def _wake_timer(self, deadline: float | None) -> None:
+        if deadline is not None and deadline < self._timer_at:
+            self._timer_at = deadline
+            self._timer_wakeup.set()

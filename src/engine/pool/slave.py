@@ -1,0 +1,267 @@
+"""The trio shell around one slave process (node side).
+
+``SlaveProcess.open()`` makes a Unix socketpair, starts ``python -m engine.worker``
+with one end (``pass_fds``) and yields the :class:`EnvelopeChannel` over the other;
+:meth:`pump` hands its frames to a callback until the process has exited.  Leaving the context
+(normally or by cancellation) always ends the process and reaps it: TERMINATE,
+then SIGTERM, then SIGKILL of its whole process group, each after a bounded wait.
+
+The slave's stdout and stderr (one pipe) are read continuously, so a chatty
+slave never blocks on a full pipe, and the last ``crashlog_limit`` lines are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import trio
+
+from transport.channel import EnvelopeChannel
+from transport.codec import Envelope, Kind, encode_envelope, join_frame
+from transport.errors import Closed
+from transport.streams import from_socket, socketpair
+
+from engine.manifest import EngineConfig
+from engine.pool.zygote_client import ForkedSlave, Zygote
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 2000      # characters kept of one output line
+EXIT_GRACE = 0.05    # s to collect frames still in flight after the process exited
+SIGTERM_WAIT = 2.0   # s between SIGTERM and SIGKILL
+
+
+class SlaveProcess:
+    def __init__(self, *, app: str, entry: Path, config: EngineConfig,
+                 death_fd: int | None = None, python: str = sys.executable,
+                 zygote: Zygote | None = None):
+        self.app = app
+        self.entry = entry
+        self.config = config
+        self.death_fd = death_fd
+        self.python = python
+        self.zygote = zygote  # forks the slave when ready; else python -m engine.worker
+        self.forked = False
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.output: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
+        self.exited = trio.Event()
+        self._proc: trio.Process | ForkedSlave | None = None
+        self._chan: EnvelopeChannel | None = None
+        self._recv_scope: trio.CancelScope | None = None
+        self._output_done = trio.Event()
+
+    def command(self, link_fd: int) -> list[str]:
+        return [self.python, "-m", "engine.worker",
+                *self.worker_args(os.getpid(), self.death_fd), "--fd", str(link_fd)]
+
+    def worker_args(self, parent_pid: int, death_fd: int | None) -> list[str]:
+        """``engine.worker``'s arguments but ``--fd``: its parent, and the read end
+        of a pipe that closes when the node dies (a descriptor the parent has)."""
+        cfg = self.config
+        limits = {k: (sorted(v) if isinstance(v, frozenset) else v)
+                  for k, v in asdict(cfg.resource_limits).items() if v}
+        args = ["--app", self.app, "--entry", str(self.entry),
+                "--concurrency", str(cfg.concurrency),
+                "--heartbeat", f"{cfg.heartbeat_timeout / 3:.3f}", "--parent-pid", str(parent_pid)]
+        if death_fd is not None:
+            args += ["--death-fd", str(death_fd)]
+        if limits:
+            args += ["--limits", json.dumps(limits)]
+        return args
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[EnvelopeChannel]:
+        ours, theirs = socketpair()
+        chan = EnvelopeChannel(from_socket(ours))
+        self._chan = chan
+        try:
+            # PYTHONUNBUFFERED: output reaches the crashlog at once; ENGINE_APP: handlers
+            # that schedule events (engine.drivers.scheduler.schedule) know their app.
+            extra = {"PYTHONUNBUFFERED": "1", "ENGINE_APP": self.app}
+            fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
+            try:
+                proc = await self._fork(theirs.fileno(), extra)
+                if proc is None:
+                    proc = await trio.lowlevel.open_process(
+                        self.command(theirs.fileno()), stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        env=dict(os.environ, **extra),
+                        start_new_session=True,  # no ^C from the tty
+                        pass_fds=fds)
+                self._proc = proc
+            finally:
+                theirs.close()  # the child has its copy; ours must go so EOF means "slave gone"
+            self.pid = proc.pid
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_output, proc.stdout)
+                    nursery.start_soon(self._wait_exit, proc)
+                    await nursery.start(chan.run_writer)
+                    yield chan
+                    # The slave exited or closed its link, and the link's EOF often
+                    # comes before the exit is seen: wait a moment for both, and for
+                    # the last words of a dying slave to reach the crashlog.
+                    with trio.move_on_after(1.0):
+                        await self.exited.wait()
+                        await self._output_done.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop(proc)
+        finally:
+            chan.close()
+
+    async def _fork(self, link_fd: int, env: dict[str, str]) -> ForkedSlave | None:
+        """The slave forked by the pool's zygote, or None: start it the plain way."""
+        zygote = self.zygote
+        if zygote is None:
+            return None
+        # Still importing (a pool's first slaves): waiting for it is about as quick
+        # as a plain start, and a burst then forks instead of starting eight pythons.
+        await zygote.settled.wait()
+        if not zygote.ready:
+            return None
+        try:
+            proc = await zygote.spawn(self.worker_args(zygote.pid, zygote.death_fd),
+                                      dict(os.environ, **env), link_fd)
+        except OSError as exc:
+            log.info("%s: %s; starting the slave the plain way", self.app, exc)
+            return None
+        self.forked = True
+        return proc
+
+    async def pump(self, on_frame: Callable[[list[Envelope]], None]) -> None:
+        """Hand every frame from the slave to ``on_frame`` until it has exited and
+        nothing is left.  One cancel scope for the whole life (not one per frame):
+        the exit watcher cancels it, then frames the slave sent just before dying are
+        still collected for a short grace period."""
+        assert self._chan is not None
+        receive = self._chan.receive
+        if not self.exited.is_set():
+            with trio.CancelScope() as scope:
+                self._recv_scope = scope
+                try:
+                    while True:
+                        on_frame(await receive())
+                except Closed:
+                    return
+                finally:
+                    self._recv_scope = None
+        # Exited: frames it sent just before dying may still be on their way.
+        while True:
+            frame = None
+            with trio.move_on_after(EXIT_GRACE):
+                try:
+                    frame = await receive()
+                except Closed:
+                    return
+            if frame is None:  # nothing within the grace period
+                return
+            on_frame(frame)
+
+    def poll(self) -> list[Envelope]:
+        """What the slave has sent already, without waiting (the pump sees the rest)."""
+        return self._chan.poll() if self._chan is not None else []
+
+    def hold(self) -> None:
+        if self._chan is not None:
+            self._chan.hold()
+
+    def release(self) -> None:
+        if self._chan is not None:
+            self._chan.release()
+
+    def send(self, kind: int, sid: int, body=None) -> None:
+        if self._chan is not None:
+            try:
+                self._chan.send_nowait(kind, sid, body)
+            except Closed:
+                pass  # the process is going away; its jobs fail through the session
+
+    def kill(self) -> None:
+        """SIGKILL the slave's process group now (hung slave, startup timeout)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._signal(self._proc, signal.SIGKILL)
+
+    # -- internals -----------------------------------------------------------------
+    async def _wait_exit(self, proc: trio.Process) -> None:
+        await proc.wait()
+        self.returncode = proc.returncode
+        self.exited.set()
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    async def _pump_output(self, stream) -> None:
+        partial = b""
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                lines = (partial + data).split(b"\n")
+                partial = lines.pop()
+                for line in lines:
+                    self._keep(line)
+                if len(partial) > MAX_LINE * 4:
+                    self._keep(partial)
+                    partial = b""
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            if partial:
+                self._keep(partial)
+            self._output_done.set()
+
+    def _keep(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")[:MAX_LINE]
+        self.output.append(text)
+        log.debug("%s[%s] %s", self.app, self.pid, text)
+
+    async def _stop(self, proc: trio.Process) -> None:
+        """TERMINATE, then SIGTERM, then SIGKILL; always reap. Runs shielded."""
+        if proc.returncode is None:
+            try:  # straight to the socket: the channel's writer task may be cancelled already
+                self._chan.sock.try_send_nowait(join_frame([encode_envelope(Kind.TERMINATE, 0, None)]))
+            except Closed:
+                pass
+            with trio.move_on_after(self.config.termination_timeout):
+                await proc.wait()
+        if proc.returncode is None:
+            self._signal(proc, signal.SIGTERM)
+            with trio.move_on_after(min(SIGTERM_WAIT, self.config.termination_timeout)):
+                await proc.wait()
+        if proc.returncode is None:
+            self._signal(proc, signal.SIGKILL)
+        if isinstance(proc, ForkedSlave):
+            await proc.wait_killed()  # bounded even if its zygote is stuck
+        else:
+            await proc.wait()  # SIGKILL cannot be ignored: this is bounded
+        self.returncode = proc.returncode
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+    @staticmethod
+    def _signal(proc: trio.Process | ForkedSlave, sig: int) -> None:
+        """Signal the slave's whole process group (it is its leader)."""
+        if isinstance(proc, ForkedSlave):
+            proc.signal_group(sig)
+        else:
+            _killpg(proc.pid, sig)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+

@@ -1,0 +1,283 @@
+"""Zero-config discovery over UDP beacons: the trio shell around :mod:`transport.mesh.peers`.
+
+Protocol (docs/mesh.md has the bytes): every component sends a ``hello`` datagram when
+it starts and every ``hello_interval`` seconds, to the multicast group, to the broadcast
+address when enabled (or when multicast cannot be set up), to every static peer, and to
+every peer it learned by unicast.  A newcomer's first hellos carry ``ask``: whoever hears
+one answers at once with its own hello, sent straight back to the asker, so discovery
+takes one round trip in either start order instead of a hello interval.  A component
+leaving says ``bye``; one that dies is dropped ``expiry`` seconds after its last hello.
+
+Two sockets: a listener bound to the discovery port (shared by every component on the
+host, SO_REUSEPORT) that joins the group, and a sender on an ephemeral port, so unicast
+answers reach exactly the component that asked.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass, field, replace
+
+import trio
+
+from transport.mesh.peers import Beacon, BadDatagram, PeerTable, decode_datagram, encode_datagram, with_host
+
+DEFAULT_PORT = 47474
+DEFAULT_GROUP = "239.255.74.74"
+ASK_SCHEDULE = (0.0, 0.05, 0.2)     # a newcomer's asking hellos, in case UDP loses one
+MAX_LEARNED = 1024                  # unicast return addresses kept (one per peer)
+IP_MULTICAST_ALL = 49               # Linux: deliver only groups this socket joined
+
+
+def _parse_peer(spec: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        return spec, default_port
+    if not port.isdigit() or not host:
+        raise ValueError(f"static peer must be host or host:port, got {spec!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Where beacons go.  The defaults work on a LAN with multicast; tests confine
+    discovery to loopback with ``interface="127.0.0.1"`` and a free ``port``."""
+
+    port: int = DEFAULT_PORT
+    multicast_group: str | None = DEFAULT_GROUP
+    broadcast: str | None = None        # e.g. "255.255.255.255"; the fallback without multicast
+    interface: str = "0.0.0.0"          # IPv4 address of the interface to use
+    peers: tuple[str, ...] = ()         # static seeds: "host" or "host:port"
+    hello_interval: float = 1.0
+    expiry: float = 4.0
+    ttl: int = 1
+    static_targets: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.port < 65536):
+            raise ValueError(f"discovery port must be 1..65535, got {self.port}")
+        if self.hello_interval <= 0 or self.expiry <= self.hello_interval:
+            raise ValueError("need 0 < hello_interval < expiry")
+        peers = (self.peers,) if isinstance(self.peers, str) else tuple(self.peers)
+        object.__setattr__(self, "peers", peers)
+        object.__setattr__(self, "static_targets",
+                           tuple(_parse_peer(p, self.port) for p in peers))
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "DiscoveryConfig":
+        """Read MESH_PORT, MESH_GROUP ("" disables multicast), MESH_BROADCAST,
+        MESH_INTERFACE and MESH_PEERS (comma-separated): the container recipe."""
+        env = os.environ if env is None else env
+        kw: dict = {}
+        if env.get("MESH_PORT"):
+            kw["port"] = int(env["MESH_PORT"])
+        if "MESH_GROUP" in env:
+            kw["multicast_group"] = env["MESH_GROUP"] or None
+        if env.get("MESH_BROADCAST"):
+            kw["broadcast"] = env["MESH_BROADCAST"]
+        if env.get("MESH_INTERFACE"):
+            kw["interface"] = env["MESH_INTERFACE"]
+        if env.get("MESH_PEERS"):
+            kw["peers"] = tuple(p.strip() for p in env["MESH_PEERS"].split(",") if p.strip())
+        kw.update(overrides)
+        return cls(**kw)
+
+
+class Discovery:
+    """Announce ``me`` and keep a :class:`PeerTable` of what is heard.
+
+    ``me=None`` or ``monitor=True`` keeps every peer regardless of namespace and key
+    (and, without a secret, shows signed peers as unverified instead of rejecting them).
+    Components wait for changes with :meth:`wait_change` and reconcile with
+    :meth:`peers` (level-triggered: nothing is lost if several changes coalesce).
+    """
+
+    def __init__(self, me: Beacon | None, config: DiscoveryConfig | None = None, *,
+                 secret: bytes | None = None, monitor: bool = False):
+        self.me = me
+        self.config = config or DiscoveryConfig()
+        self.secret = secret
+        self.monitor = monitor or me is None
+        self.table = PeerTable(expiry=self.config.expiry, me=None if self.monitor else me)
+        self.version = 0
+        self._changed = trio.Event()
+        self._learned: dict[str, tuple[str, int]] = {}  # peer id -> its sender address
+        self._listen: socket.socket | None = None
+        self._send: socket.socket | None = None
+        self._destinations: list[tuple[str, int]] = []
+        self.multicast_ok = False
+        self.stats = {"received": 0, "bad": 0, "sent": 0, "send_errors": 0, "answered": 0}
+        self.started = trio.Event()
+
+    # -- what components use ------------------------------------------------------
+    def peers(self) -> list[Beacon]:
+        return self.table.peers()
+
+    async def wait_change(self, seen: int) -> int:
+        """Return the current version once it differs from ``seen``."""
+        while self.version == seen:
+            await self._changed.wait()
+        return self.version
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- sockets --------------------------------------------------------------------
+    def _open_sockets(self) -> None:
+        cfg = self.config
+        listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listen.bind(("", cfg.port))
+            if cfg.multicast_group:
+                try:
+                    mreq = socket.inet_aton(cfg.multicast_group) + socket.inet_aton(cfg.interface)
+                    listen.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                    try:
+                        listen.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+                    except OSError:
+                        pass  # not Linux: the port alone separates meshes
+                    send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                    socket.inet_aton(cfg.interface))
+                    send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, cfg.ttl)
+                    send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+                    self.multicast_ok = True
+                except OSError:
+                    self.multicast_ok = False  # no multicast here: fall back to broadcast
+            send.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            send.bind((cfg.interface if cfg.interface != "0.0.0.0" else "", 0))
+            for s in (listen, send):
+                s.setblocking(False)
+        except BaseException:
+            listen.close()
+            send.close()
+            raise
+        self._listen, self._send = listen, send
+        dests = []
+        if self.multicast_ok:
+            dests.append((cfg.multicast_group, cfg.port))
+        bcast = cfg.broadcast or (None if self.multicast_ok else "255.255.255.255")
+        if bcast:
+            dests.append((bcast, cfg.port))
+        dests.extend(cfg.static_targets)
+        self._destinations = dests
+
+    # -- sending ----------------------------------------------------------------------
+    def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._send.sendto(data, addr)
+            self.stats["sent"] += 1
+        except OSError as exc:
+            # A full buffer or an unreachable seed costs one beacon, never the component.
+            if exc.errno not in (errno.EAGAIN, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                                 errno.ECONNREFUSED, errno.EACCES, errno.EADDRNOTAVAIL,
+                                 errno.EINVAL, errno.ENOBUFS):
+                raise
+            self.stats["send_errors"] += 1
+
+    def announce(self, op: str = "hello", *, ask: bool = False) -> None:
+        if self.me is None or self._send is None:
+            return
+        data = encode_datagram(op, self.me, ask=ask, secret=self.secret)
+        targets = list(self._destinations)
+        targets.extend(a for a in self._learned.values() if a not in targets)
+        for addr in targets:
+            self._sendto(data, addr)
+
+    # -- receiving ----------------------------------------------------------------------
+    def handle_datagram(self, data: bytes, src: tuple[str, int], now: float) -> None:
+        """Apply one datagram (public so tests can feed garbage without a socket)."""
+        self.stats["received"] += 1
+        try:
+            dgram = decode_datagram(data, secret=self.secret, require_auth=not self.monitor
+                                    or self.secret is not None)
+        except BadDatagram:
+            self.stats["bad"] += 1
+            return
+        beacon = dgram.beacon
+        if self.me is not None and beacon.id == self.me.id:
+            return  # our own multicast, looped back
+        if dgram.op == "bye":
+            self._learned.pop(beacon.id, None)
+            if self.table.forget(beacon.id) is not None:
+                self._bump()
+            return
+        beacon = with_host(beacon, src[0])
+        if self.monitor and dgram.signed and not dgram.verified:
+            beacon = _mark_unverified(beacon)
+        change = self.table.observe(beacon, now)
+        if beacon.id in self.table and (src not in self._destinations):
+            if beacon.id in self._learned or len(self._learned) < MAX_LEARNED:
+                self._learned[beacon.id] = src
+        if change is not None:
+            self._bump()
+        if dgram.ask and self.me is not None:
+            self._sendto(encode_datagram("hello", self.me, secret=self.secret), src)
+            self.stats["answered"] += 1
+
+    async def _receive_loop(self, sock: socket.socket) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    data, src = sock.recvfrom(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    # e.g. ICMP port unreachable reported on the sender socket
+                    self.stats["send_errors"] += 1
+                    continue
+                self.handle_datagram(data, src, trio.current_time())
+            await trio.lowlevel.checkpoint()
+
+    async def _announce_loop(self) -> None:
+        start = trio.current_time()
+        for offset in ASK_SCHEDULE:
+            await trio.sleep_until(start + offset)
+            self.announce(ask=True)
+        while True:
+            await trio.sleep(self.config.hello_interval)
+            self.announce()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            due = self.table.next_expiry()
+            if due is None:
+                await trio.sleep(self.config.expiry)
+                continue
+            await trio.sleep_until(due + 0.001)
+            gone = self.table.expire(trio.current_time())
+            for b in gone:
+                self._learned.pop(b.id, None)
+            if gone:
+                self._bump()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._open_sockets()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop, self._listen)
+                nursery.start_soon(self._receive_loop, self._send)
+                nursery.start_soon(self._expiry_loop)
+                nursery.start_soon(self._announce_loop)
+                self.started.set()
+                task_status.started(self)
+        finally:
+            try:
+                self.announce("bye")  # let peers drop us now rather than after expiry
+            except OSError:
+                pass
+            for s in (self._listen, self._send):
+                if s is not None:
+                    trio.lowlevel.notify_closing(s)
+                    s.close()
+
+
+def _mark_unverified(beacon: Beacon) -> Beacon:
+    return replace(beacon, name=beacon.name + " (signed, unverified)")

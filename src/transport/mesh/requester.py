@@ -1,0 +1,353 @@
+"""Requester: sends requests to whichever Responders advertise their type.
+
+One :class:`~transport.rpc.RpcClient` per discovered Responder (same namespace and
+key).  ``await requester.send({"type": "t", ...}, timeout=5)``:
+
+- waits (queued) until a Responder advertising ``t`` exists, up to the timeout;
+- spreads requests round-robin over those Responders, preferring connected ones and
+  skipping any whose circuit breaker is open;
+- on a retryable error (the Responder vanished: ``Unreachable``; or it answered with
+  an error marked ``retryable``) tries again, on another Responder when there is one,
+  after a short backoff, at most ``retries`` times; a non-retryable error is raised at
+  once; past the deadline, ``TimeoutError_`` says what was tried.
+- at most ``max_pending`` requests may be outstanding: the next one gets ``QueueFull``
+  at once instead of growing memory without bound.
+
+``async for answer in requester.send_many(requests, window=100)`` keeps up to ``window``
+requests in flight from one task and yields the answers in the order of ``requests``.
+Many small requests then share frames both ways and no task is woken per request,
+which is several times the throughput of as many tasks each awaiting ``send``.  Each
+request still gets retries and fail-over (a retryable failure is sent again through
+``send``); the first error ends the iteration unless ``return_exceptions=True``, which
+yields the error in that request's place instead.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterable
+
+import trio
+
+from transport.mesh.breaker import CircuitBreaker, backoff
+from transport.errors import BadMessage, Closed, QueueFull, RemoteError, TimeoutError_
+from transport.mesh.component import Component, _names
+from transport.mesh.peers import Beacon
+from transport.rpc import RpcClient
+from transport.rpc.client import PendingCall
+
+
+@dataclass
+class _Link:
+    beacon: Beacon
+    client: RpcClient
+    breaker: CircuitBreaker
+
+
+class Requester(Component):
+    role = "requester"
+
+    def __init__(self, name: str, *, requests: list[str] | tuple[str, ...] = (),
+                 timeout: float = 10.0, max_pending: int = 10_000, retries: int = 3,
+                 breaker_threshold: int = 3, breaker_cooldown: float = 1.0,
+                 spin: bool = True, **kw):
+        super().__init__(name, **kw)
+        if timeout <= 0 or max_pending < 1 or retries < 0 or breaker_threshold < 1:
+            raise ValueError("need timeout > 0, max_pending >= 1, retries >= 0, breaker_threshold >= 1")
+        self.requests = _names(requests, "requests")
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self.retries = retries
+        self.spin = spin
+        self._breaker_args = dict(threshold=breaker_threshold, cooldown=breaker_cooldown)
+        self.links: dict[str, _Link] = {}
+        self._links_changed = trio.Event()
+        self._outstanding = 0
+        self._candidates: dict[str, list[_Link]] = {}  # event -> links serving it
+        self._turn = 0
+        self.stats = {"sent": 0, "answered": 0, "failed": 0, "retried": 0, "refused": 0}
+
+    def advertised(self) -> tuple[str, ...]:
+        return self.requests
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    # -- following discovery ------------------------------------------------------
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        await self._start_discovery(nursery)
+        nursery.start_soon(self._follow, nursery)
+
+    async def _follow(self, nursery: trio.Nursery) -> None:
+        seen = -1
+        while True:
+            seen = await self.discovery.wait_change(seen)
+            await self._reconcile(nursery)
+
+    async def _reconcile(self, nursery: trio.Nursery) -> None:
+        wanted = {b.id: b for b in self.discovery.peers() if b.role == "responder" and b.endpoint}
+        for pid in list(self.links):
+            b = wanted.get(pid)
+            if b is None or b.endpoint != self.links[pid].beacon.endpoint:
+                # Closing fails its in-flight calls with Unreachable: they fail over.
+                self.links.pop(pid).client.close()
+        for pid, b in wanted.items():
+            link = self.links.get(pid)
+            if link is None:
+                client = RpcClient(b.endpoint, guard=self.guard(b"rpc"), spin=self.spin)
+                await nursery.start(client.run)
+                self.links[pid] = _Link(b, client, CircuitBreaker(**self._breaker_args))
+            else:
+                link.beacon = b
+        self._candidates.clear()
+        self._links_changed.set()
+        self._links_changed = trio.Event()
+
+    # -- choosing -----------------------------------------------------------------
+    def _pick(self, event: str, tried: set[str], now: float) -> _Link | None:
+        """Round-robin over the links serving ``event``: connected ones whose breaker
+        allows first; a fresh one still gets the request (nng queues it until the dial
+        completes) when it is all there is."""
+        candidates = self._candidates.get(event)
+        if candidates is None:
+            candidates = [self.links[b.id] for b in
+                          self.discovery.table.serving("responder", event) if b.id in self.links]
+            if len(self._candidates) < 10_000:
+                self._candidates[event] = candidates
+        n = len(candidates)
+        if not n:
+            return None
+        turn = self._turn
+        fallback = None
+        for i in range(n):
+            link = candidates[(turn + i) % n]
+            if link.beacon.id in tried or not link.breaker.allows(now):
+                continue
+            if link.client.connected:
+                self._turn = turn + i + 1
+                return link
+            if fallback is None:
+                fallback = link
+                self._turn = turn + i + 1
+        return fallback
+
+    def _next_reopen(self, event: str, now: float) -> float | None:
+        times = [link.breaker.opened_at + link.breaker.current_cooldown
+                 for link in self.links.values() if link.breaker.state == "open"]
+        return min(times) if times else None
+
+    # -- sending ------------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self.discovery is None or not self._ready.is_set() or self._scope.cancel_called:
+            raise Closed(f"requester {self.name!r} is not running")
+
+    def _admit(self, request: Any) -> None:
+        """The checks every request passes before it counts as outstanding (with
+        :meth:`_check_running`)."""
+        if type(request) is not dict and not isinstance(request, dict):
+            raise BadMessage("a request is a dict with a non-empty string 'type'")
+        event = request.get("type")
+        if type(event) is not str or not event:
+            raise BadMessage("a request is a dict with a non-empty string 'type'")
+        if self._outstanding >= self.max_pending:
+            self.stats["refused"] += 1
+            raise QueueFull(f"requester {self.name!r} already has {self.max_pending} "
+                            f"requests outstanding")
+
+    async def send(self, request: dict, *, timeout: float | None = None,
+                   chunks: Any = None) -> Any:
+        """The answer to ``request``.  ``chunks`` (an iterable or async iterable) makes
+        it a chunked request, read by an ``async def handler(req, chunks)``; such a
+        request waits for a Responder like any other but is sent once: a failure after
+        that is raised, not retried (its chunks cannot be sent twice)."""
+        self._admit(request)
+        self._check_running()
+        limit = self.timeout if timeout is None else timeout
+        self._outstanding += 1
+        self.stats["sent"] += 1
+        try:
+            result = await self._deliver(request["type"], request, limit, chunks)
+        except BaseException:
+            self.stats["failed"] += 1
+            raise
+        finally:
+            self._outstanding -= 1
+        self.stats["answered"] += 1
+        return result
+
+    async def _deliver(self, event: str, request: dict, limit: float, chunks: Any = None) -> Any:
+        deadline = trio.current_time() + limit
+        tried: set[str] = set()
+        attempt = 0
+        last_error: RemoteError | None = None
+        dispatched = False
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                break
+            link = self._pick(event, tried, now)
+            if link is None:
+                if tried:           # every candidate failed once: start over (after backoff)
+                    tried.clear()
+                    continue
+                wake = self._next_reopen(event, now)
+                with trio.move_on_at(min(deadline, wake + 0.001) if wake else deadline):
+                    await self._links_changed.wait()
+                continue
+            dispatched = True
+            link.breaker.on_dispatch()
+            try:
+                result = await link.client.call(self.namespace, event, request,
+                                                timeout=deadline - now, chunks=chunks)
+            except TimeoutError_ as exc:
+                link.breaker.on_failure(trio.current_time())
+                last_error = exc
+                break
+            except RemoteError as exc:
+                if not exc.retryable:
+                    link.breaker.on_success()  # it answered: alive, the request is at fault
+                    raise
+                link.breaker.on_failure(trio.current_time())
+                last_error = exc
+                attempt += 1
+                if attempt > self.retries or chunks is not None:  # chunks go once
+                    raise
+                self.stats["retried"] += 1
+                tried.add(link.beacon.id)
+                await trio.sleep(min(backoff(attempt), max(0.0, deadline - trio.current_time())))
+            else:
+                link.breaker.on_success()
+                return result
+        if not dispatched:
+            raise TimeoutError_(f"no responder advertising {event!r} in namespace "
+                                f"{self.namespace!r} appeared within {limit:g} s")
+        detail = f"; last error: {last_error}" if last_error else ""
+        raise TimeoutError_(f"no answer to {event!r} within {limit:g} s{detail}")
+
+    # -- many in flight from one task -----------------------------------------------
+    async def send_many(self, requests: Iterable[dict], *, window: int = 100,
+                        timeout: float | None = None,
+                        return_exceptions: bool = False) -> AsyncIterator[Any]:
+        """Send ``requests`` (any iterable, even an endless generator) keeping up to
+        ``window`` in flight, and yield their answers in order (module docstring).
+        ``timeout`` bounds each request, as for :meth:`send`.  Leave the loop early
+        inside ``async with contextlib.aclosing(...)`` to give up the rest at once."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        limit = self.timeout if timeout is None else timeout
+        source = iter(requests)
+        in_flight: deque[tuple[dict, _Link | None, Any]] = deque()
+        # Refill in bursts of half a window: a burst leaves as one frame and its answers
+        # come back close together.  Topping up one request per answer settles into a
+        # frame per request each way, and every frame costs both processes a wake-up.
+        refill_at = window - max(1, window // 2)
+        try:
+            while True:
+                if len(in_flight) <= refill_at:
+                    self._refill(source, in_flight, window, limit)
+                if not in_flight:
+                    return
+                request, link, call = in_flight.popleft()
+                if type(call) is PendingCall and call.done and call.error is None \
+                        and not call.expired and not call.streamed:
+                    # Answered already, with a plain value: the common case, kept short.
+                    self._outstanding -= 1
+                    self.stats["answered"] += 1
+                    link.breaker.on_success()
+                    answer = call.items[0]
+                else:
+                    try:
+                        answer = await self._landed(request, link, call, limit)
+                    except RemoteError as exc:
+                        if not return_exceptions:
+                            raise
+                        answer = exc
+                yield answer
+        finally:
+            for _, _, call in in_flight:  # left early: the rest are given up
+                if isinstance(call, PendingCall):
+                    call.cancel()
+                    self._outstanding -= 1
+
+    def _refill(self, source, in_flight: deque, window: int, limit: float) -> None:
+        """Start requests from ``source`` until ``window`` are in flight.  One link per
+        request type per burst (round-robin moves on burst by burst), and the links
+        hold their sends until the burst is complete, so it leaves as one frame each."""
+        self._check_running()
+        chosen: dict[str, _Link | None] = {}
+        now = trio.current_time()
+        started = 0
+        for link in self.links.values():
+            link.client.hold(True)
+        try:
+            while len(in_flight) < window:
+                request = next(source, _END)
+                if request is _END:
+                    break
+                try:
+                    self._admit(request)
+                except RemoteError as exc:  # not a request, or too many outstanding:
+                    in_flight.append((request, None, exc))  # its answer, in its place
+                    continue
+                event = request["type"]
+                link = chosen.get(event, _END)
+                if link is _END:
+                    link = chosen[event] = self._pick(event, _NONE_TRIED, now)
+                if link is None:  # nobody serves it yet: send() waits for one in its turn
+                    in_flight.append((request, None, None))
+                    continue
+                try:
+                    call = link.client.start(self.namespace, event, request, timeout=limit,
+                                             now=now)
+                except RemoteError as exc:  # e.g. a payload msgpack cannot carry
+                    in_flight.append((request, None, exc))
+                    continue
+                if link.breaker.state != "closed":  # half-open: one trial, not a burst
+                    link.breaker.on_dispatch()
+                    del chosen[event]
+                self._outstanding += 1
+                started += 1
+                in_flight.append((request, link, call))
+            self.stats["sent"] += started
+        finally:
+            for link in self.links.values():
+                link.client.hold(False)
+
+    async def _landed(self, request: dict, link: _Link | None, call: Any, limit: float) -> Any:
+        """The answer of one request started by :meth:`_refill`."""
+        if call is None:
+            return await self.send(request, timeout=limit)
+        if not isinstance(call, PendingCall):
+            raise call
+        try:
+            while not call.done:
+                await call.wait()
+        except BaseException:
+            call.cancel()  # cancelled while waiting: the server can stop too
+            self._outstanding -= 1
+            raise
+        self._outstanding -= 1
+        try:
+            answer = call.outcome()
+        except TimeoutError_:
+            link.breaker.on_failure(trio.current_time())
+            self.stats["failed"] += 1
+            raise
+        except RemoteError as exc:
+            if not exc.retryable:
+                link.breaker.on_success()  # it answered: alive, the request is at fault
+                self.stats["failed"] += 1
+                raise
+            link.breaker.on_failure(trio.current_time())
+            self.stats["retried"] += 1
+            left = call.deadline - trio.current_time() if call.deadline != math.inf else limit
+            return await self.send(request, timeout=max(left, 0.001))  # fail over
+        link.breaker.on_success()
+        self.stats["answered"] += 1
+        return answer
+
+
+_END = object()
+_NONE_TRIED: frozenset = frozenset()

@@ -1,0 +1,90 @@
+"""Responder: answers the request types it advertises, on an RpcServer.
+
+``@responder.on("user.*")`` registers a handler ``handler(req)`` where ``req`` is the
+request as the Requester sent it (a dict with ``type``); the return value is the answer,
+a raised :class:`~transport.errors.RemoteError` keeps its code and ``retryable`` flag,
+anything else reaches the caller as a ``HandlerError``.
+
+The handler may be ``async def`` (it runs on a task and may await anything) or a plain
+``def``: that one runs where the request arrives, with no task and no scheduler pass,
+which is the fastest way to answer quick work, but it blocks the Responder while it
+runs, so keep it to computation that takes microseconds, not I/O.  A chunked request
+(``requester.send(req, chunks=...)``) goes to ``async def handler(req, chunks)``, which
+reads the chunks with ``async for`` at its own pace.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import trio
+
+from transport.errors import UnknownEvent
+from transport.mesh.component import Component, _names
+from transport.mesh.peers import matches
+from transport.rpc import Request, RpcServer
+
+Handler = Callable[[Any], Any]  # plain or async def
+
+
+class Responder(Component):
+    role = "responder"
+
+    def __init__(self, name: str, *, responds_to: list[str] | tuple[str, ...] = (),
+                 max_inflight: int = 10_000, spin: bool = True, **kw):
+        super().__init__(name, **kw)
+        self.responds_to = _names(responds_to, "responds_to")
+        self.max_inflight = max_inflight
+        self.spin = spin
+        self._handlers: dict[str, Handler] = {}
+        self._resolved: dict[str, Handler | None] = {}
+        self.server: RpcServer | None = None
+
+    def on(self, pattern: str) -> Callable[[Handler], Handler]:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError("event pattern must be a non-empty string")
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[pattern] = fn
+            self._resolved.clear()
+            return fn
+        return register
+
+    def advertised(self) -> tuple[str, ...]:
+        # Routing is strictly by advertised type: what the user declared, plus every
+        # handler pattern (declaring nothing must not mean "send me everything").
+        return tuple(dict.fromkeys(self.responds_to + tuple(self._handlers)))
+
+    def _handler_for(self, event: str) -> Handler | None:
+        try:
+            return self._resolved[event]
+        except KeyError:
+            pass
+        fn = self._handlers.get(event)
+        if fn is None:
+            for pattern, candidate in self._handlers.items():
+                if matches(pattern, event):
+                    fn = candidate
+                    break
+        if len(self._resolved) < 10_000:
+            self._resolved[event] = fn
+        return fn
+
+    def _dispatch(self, req: Request) -> Any:
+        """A value (plain handler) or a coroutine the RpcServer awaits on a task."""
+        fn = self._handler_for(req.event)
+        if fn is None:
+            raise UnknownEvent(f"responder {self.name!r} has no handler for {req.event!r}")
+        if req.chunks is not None:  # a chunked request: async def handler(req, chunks)
+            return fn(req.payload, req.chunks)
+        return fn(req.payload)
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        self.server = RpcServer(f"tcp://{self.bind}:0", self._dispatch,
+                                max_inflight=self.max_inflight, guard=self.guard(b"rpc"),
+                                spin=self.spin)
+        address = await nursery.start(self.server.run)
+        await self._start_discovery(nursery, address)
+
+    @property
+    def address(self) -> str | None:
+        return self.server.address if self.server else None

@@ -1,0 +1,103 @@
+"""What an :class:`~transport.rpc.RpcServer` handler sees and may return: the
+:class:`Request`, and besides a plain value or a coroutine, a :class:`Stream` or a
+:class:`Deferred` answer (see :mod:`transport.rpc` for how each is answered)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Protocol
+
+if TYPE_CHECKING:
+    from transport.inbound import InputStream
+    from transport.rpc.server import RpcServer, _Connection
+
+
+class FrameGuard(Protocol):
+    """Optional frame authentication (the mesh's shared secret): ``seal`` wraps an
+    outgoing frame, ``open`` unwraps an incoming one or raises CodecError."""
+
+    def seal(self, frame: bytes) -> bytes: ...
+    def open(self, frame: bytes) -> bytes: ...
+
+
+def sealing(try_send: Callable[[bytes], Any] | None,
+            guard: FrameGuard | None) -> Callable[[bytes], Any] | None:
+    """A link's direct write (``try_send_nowait``) that seals each frame it is given
+    first, as the writer task does: with a guard, lone messages still go out at once."""
+    if try_send is None or guard is None:
+        return try_send
+    seal = guard.seal
+    return lambda frame: try_send(seal(frame))
+
+
+@dataclass(slots=True)
+class Request:
+    sid: int
+    target: str
+    event: str
+    payload: Any
+    peer: int  # which client connection it came on
+    chunks: "InputStream | None" = None  # a chunked request's chunks (transport/inbound.py)
+
+
+class Stream:
+    """Return this from a handler to stream ``items`` as CHUNKs then CHOKE."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: AsyncIterable[Any]):
+        self.items = items
+
+
+class Deferred:
+    """A handler's answer that arrives later, from elsewhere, with no task waiting.
+
+    The handler returns a Deferred; whoever produces the answer settles it once with
+    :meth:`resolve`, :meth:`fail` or :meth:`stream` (later settlements are ignored), from
+    synchronous code such as a completion callback, and the server answers from there.
+    ``on_cancel`` is called if the caller gives up first (CANCEL, or it disconnected);
+    the answer is then not sent.  Settling before the handler has returned is fine."""
+
+    __slots__ = ("on_cancel", "poll", "_outcome", "_server", "_conn", "_sid")
+
+    def __init__(self, on_cancel: Callable[[], Any] | None = None,
+                 poll: Callable[[], bool] | None = None):
+        self.on_cancel = on_cancel
+        # Settles it now if its answer has arrived (True if anything came): the server
+        # polls with it when this is all it waits for (transport/spin.py).
+        self.poll = poll
+        self._outcome: tuple[int, Any] | None = None
+        self._server: RpcServer | None = None
+        self._conn: _Connection | None = None
+        self._sid = 0
+
+    def resolve(self, value: Any) -> None:
+        """Answer with ``RESULT value``."""
+        self._settle(_RESOLVED, value)
+
+    def fail(self, error: BaseException) -> None:
+        """Answer with ``ERROR`` (as if the handler had raised ``error``)."""
+        self._settle(_FAILED, error)
+
+    def stream(self, items: AsyncIterable[Any]) -> None:
+        """Answer with ``items`` as CHUNKs then CHOKE (streamed on a worker task)."""
+        self._settle(_STREAMED, items)
+
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None
+
+    def _settle(self, how: int, value: Any) -> None:
+        if self._outcome is None:
+            self._outcome = (how, value)
+            if self._server is not None:
+                self._server._settled(self._conn, self._sid, how, value)
+
+    def _bind(self, server: "RpcServer", conn: "_Connection", sid: int) -> None:
+        self._server, self._conn, self._sid = server, conn, sid
+        if self._outcome is not None:
+            server._settled(conn, sid, *self._outcome)
+
+
+_RESOLVED, _FAILED, _STREAMED = 1, 2, 3
+
+Handler = Callable[[Request], Any]  # a value, a coroutine, a Stream or a Deferred

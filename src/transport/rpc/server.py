@@ -1,0 +1,506 @@
+"""Request/response with streamed replies, over nng or framed streams.
+
+Shared by the engine's control endpoint, the ``native-server`` driver and the mesh
+Requester/Responder.  One :class:`RpcServer` serves many :class:`RpcClient`\\ s; the
+address picks the link (:mod:`transport._links`): ``tcp://``/``ipc://`` for framed
+trio sockets (the default: reliable, lowest latency), ``nng+tcp://``/``nng+ipc://`` for
+nng Pair1 (any nng binding can talk to it; best-effort under overload).  Every frame is a batch of envelopes (:mod:`transport.codec`):
+
+- client → server ``REQUEST sid [target, event, payload]``, ``CANCEL sid``;
+- server → client, on the same sid, exactly one of ``RESULT value``,
+  ``CHUNK item``… ``CHOKE``, or ``ERROR {code,type,message,retryable}``
+  (a stream may also end with ``ERROR``).
+
+A handler is called as ``handler(req: Request)`` where the request arrives, and what it
+returns says how the answer is made:
+
+- a plain value is the ``RESULT``, sent at once: a plain ``def`` handler costs no task
+  and no scheduler pass (keep it quick: it runs on the connection's reader);
+- a coroutine (an ``async def`` handler) is awaited on a worker task, and its value is
+  answered the same way;
+- :class:`Stream` (any async iterable) streams ``CHUNK``s and a ``CHOKE``, on a worker;
+- :class:`Deferred`: the answer comes later from elsewhere (e.g. a job in a slave
+  pool), settled by a callback, with no task waiting for it.
+
+Raising sends ``ERROR`` (a :class:`~transport.errors.RemoteError` keeps its code,
+anything else becomes a ``HandlerError`` with the exception's type and message).
+"""
+from __future__ import annotations
+
+import itertools
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
+
+from transport.codec import Kind, decode_lists, encode_envelope
+from transport.errors import (BadMessage, Closed, CodecError, QueueFull, TransportError, Unreachable,
+                     error_to_body)
+from transport.inbound import InputStream
+from transport._links import is_stream, listen_stream, nng_url
+from transport._outbox import Outbox
+from transport.rpc.handlers import (_FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
+                           sealing)
+from transport._spin import SpinPolicy, poll_next, spin_until
+
+if TYPE_CHECKING:
+    import pynng
+
+    from transport.sockets import TrioSocket
+
+# The kinds on the hot paths as plain ints: an enum member lookup costs more than
+# the comparison it feeds (~75 ns each).
+_REQUEST, _CANCEL, _RESULT = int(Kind.REQUEST), int(Kind.CANCEL), int(Kind.RESULT)
+_CHUNK, _CHOKE, _CREDIT = int(Kind.CHUNK), int(Kind.CHOKE), int(Kind.CREDIT)
+# Handler results that are certainly answers (not coroutines, Streams or Deferreds).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+
+# Worker tasks kept parked for the next request once a burst is over (the rest end).
+MAX_IDLE_WORKERS = 512
+_park = trio.lowlevel.wait_task_rescheduled
+_reschedule = trio.lowlevel.reschedule
+
+
+class _Connection:
+    """One client as the server sees it: its replies queue here until its writer
+    task packs them into frames."""
+
+    __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs",
+                 "spin", "answer_spin")
+
+    def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
+                 try_send: Callable[[bytes], bool | int] | None = None,
+                 flush: Callable[[], Awaitable[None]] | None = None):
+        self.id = conn_id
+        self.send = send
+        self.try_send = try_send  # writes (seals) a frame now if the link takes it without blocking
+        self.flush = flush  # finishes a frame try_send could only start
+        self.outbox = Outbox()
+        self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
+        self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
+        self.inputs: dict[int, InputStream] = {}  # sid -> chunks of a request still coming
+        self.spin: SpinPolicy | None = None  # polling for its next request (transport/spin.py)
+        self.answer_spin: SpinPolicy | None = None  # ... for a Deferred's answer
+
+
+class _Worker:
+    """A task that finishes requests one after another: awaits a handler's coroutine,
+    or streams a :class:`Stream`.
+
+    Spawning a task and opening a cancel scope for every request costs more than a
+    quick handler itself (~8 + 5 µs here), so requests go to parked workers instead:
+    waking one is a single reschedule.  Each worker runs inside one cancel scope;
+    cancelling a request (CANCEL, or its client leaving) cancels the worker serving
+    it, which ends after that request and is replaced on demand."""
+
+    __slots__ = ("task", "scope", "conn", "sid", "work")
+
+    def __init__(self, conn: _Connection, sid: int, work: Any):
+        self.task = None
+        self.scope = trio.CancelScope()
+        self.conn: _Connection | None = conn
+        self.sid = sid
+        self.work: Any = work  # the coroutine or Stream to finish
+
+
+class RpcServer:
+    """Serve requests from many clients, each request on a (reused) worker task.
+
+    ``spin=True``: when its only client over a stream link has every request answered,
+    poll a moment for the next one instead of sleeping (transport/spin.py): for a
+    server whose client calls one request after another, at the cost of CPU.  Either
+    way, a :class:`Deferred` made with ``poll`` is polled for its answer when it is all
+    the server waits for."""
+
+    def __init__(self, address: str, handler: Handler, *, max_inflight: int = 10_000,
+                 guard: FrameGuard | None = None, high_water: int = 8192, spin: bool = False):
+        self.requested_address = address
+        self.address: str | None = None
+        self.handler = handler
+        self.max_inflight = max_inflight
+        self.guard = guard
+        self.high_water = high_water
+        self.spin = spin
+        self._connections: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._inflight = 0
+        self._queued = 0
+        self._room = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._idle: list[_Worker] = []  # parked workers, the most recently used last
+        self.served = 0
+        self.failed = 0
+        self.bad_frames = 0
+        self.refused = 0
+        self.polled = 0  # frames of requests that arrived while polling for them
+        self.answers_polled = 0  # Deferreds settled while polling for them
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if is_stream(self.requested_address):
+                listeners, self.address = await listen_stream(self.requested_address)
+                task_status.started(self.address)
+                await trio.serve_listeners(self._serve_stream, listeners, handler_nursery=nursery)
+            else:
+                await self._run_nng(task_status)
+
+    # -- framed streams: one reader and one writer task per connection -------------
+    async def _serve_stream(self, raw: trio.SocketStream) -> None:
+        from transport.streams import FramedStream
+
+        stream = FramedStream(raw)
+        conn = _Connection(next(self._ids), stream.send,
+                           sealing(stream.try_send_nowait, self.guard), stream.flush)
+        conn.answer_spin = SpinPolicy()
+        if self.spin:
+            conn.spin = SpinPolicy()
+        self._connections[conn.id] = conn
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, conn)
+                try:
+                    while True:
+                        frames = await stream.recv_many()
+                        while frames:
+                            for frame in frames:
+                                self._on_frame(conn, frame)
+                            while len(conn.outbox) >= self.high_water:
+                                # This client reads its answers slower than it asks: stop
+                                # reading its requests until they drain (TCP pushes back).
+                                await self._wait_room()
+                            self._poll_deferred(conn)
+                            frames = await self._poll_next(conn, stream)
+                except (Closed, CodecError):
+                    pass  # the client went away, or spoke garbage framing: drop it
+                nursery.cancel_scope.cancel()
+        finally:
+            self._drop(conn)
+            stream.close()
+
+    def _poll_deferred(self, conn: _Connection) -> None:
+        """When all this server waits for is one Deferred that can poll for its answer
+        (a lone job in a slave: its answer is due any moment), poll for it for a
+        moment instead of going back to sleep: the answer then leaves from here, one
+        wake-up of this process per request instead of two (transport/spin.py)."""
+        # (_inflight == 1 with that one Deferred: no worker is running either)
+        if len(conn.deferred) != 1 or conn.inputs or len(self._connections) != 1 \
+                or self._inflight != 1 or conn.answer_spin is None:
+            return
+        deferred = next(iter(conn.deferred.values()))
+        if deferred.poll is None:
+            return
+        try:
+            self.answers_polled += spin_until(conn.answer_spin, deferred.poll,
+                                              lambda: deferred.settled)
+        except Exception:  # its owner's bug must not take the connection down
+            pass  # (its answer, or the failure, still comes the usual way)
+
+    async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
+        """With ``spin``: the next frame of a lone client whose requests are all
+        answered, polled for a moment (transport/spin.py); [] if it did not come."""
+        def expecting() -> bool:  # no answer still to send, no other client to hear
+            return not (conn.running or conn.deferred or conn.inputs) \
+                and len(self._connections) == 1
+
+        frames = await poll_next(conn.spin, stream.poll_frames, expecting)
+        self.polled += len(frames)
+        return frames
+
+    # -- nng: one polyamorous socket, a connection per pipe ------------------------
+    async def _run_nng(self, task_status) -> None:
+        # pynng only when an nng link is asked for: it costs a process ~9 MB of RSS
+        # and an asyncio import, which a mesh component on TCP streams never needs.
+        import pynng
+
+        from transport.sockets import TrioSocket, bound_address
+
+        raw = pynng.Pair1(polyamorous=True)
+        try:
+            raw.listen(nng_url(self.requested_address))
+        except pynng.NNGException as exc:
+            raw.close()
+            raise TransportError(f"cannot listen on {self.requested_address}: {exc}") from None
+        sock = TrioSocket(raw)
+        by_pipe: dict[int, _Connection] = {}
+
+        def pipe_gone(pipe: pynng.Pipe) -> None:
+            conn = by_pipe.pop(pipe.id, None)
+            if conn is not None:
+                self._drop(conn)
+
+        try:
+            sock.on_pipe_event(removed=pipe_gone)
+            self.address = "nng+" + bound_address(raw)
+            task_status.started(self.address)
+            while True:
+                msg = await sock.recv_msg()
+                pipe = msg.pipe
+                conn = by_pipe.get(pipe.id)
+                if conn is None:
+                    conn = by_pipe[pipe.id] = self._nng_connection(sock, pipe)
+                self._on_frame(conn, msg.bytes)
+        finally:
+            sock.close()
+
+    def _nng_connection(self, sock: TrioSocket, pipe: pynng.Pipe) -> _Connection:
+        import pynng
+
+        async def send(frame: bytes) -> None:
+            try:
+                await sock.send_msg(pynng.Message(frame, pipe))
+            except pynng.NNGException as exc:
+                raise Closed(f"nng pipe gone: {exc}") from None
+
+        conn = _Connection(next(self._ids), send)
+        self._connections[conn.id] = conn
+        self._nursery.start_soon(self._writer, conn)
+        return conn
+
+    # -- shared ----------------------------------------------------------------------
+    def _drop(self, conn: _Connection) -> None:
+        """The client is gone: nobody is left to read its answers, so stop that work."""
+        if self._connections.pop(conn.id, None) is None:
+            return
+        for worker in conn.running.values():
+            worker.scope.cancel()
+        for sid in list(conn.deferred):
+            self._cancel_deferred(conn, sid)
+        for chunks in conn.inputs.values():
+            chunks.fail(Unreachable("the client left before the end of its request"))
+        conn.inputs.clear()
+        self._queued -= conn.outbox.clear()
+        conn.send = None  # tells its writer to stop
+        conn.outbox.wake()
+
+    def _on_frame(self, conn: _Connection, frame: bytes) -> None:
+        try:
+            if self.guard is not None:
+                frame = self.guard.open(frame)
+            envelopes = decode_lists(frame)
+        except CodecError:
+            self.bad_frames += 1
+            return
+        # Answers to a frame of many requests leave together, as one frame.
+        conn.outbox.held = len(envelopes) > 1
+        try:
+            for kind, sid, body in envelopes:
+                if kind == _REQUEST:
+                    self._on_request(conn, sid, body)
+                elif kind == _CHUNK or kind == _CHOKE:  # a chunked request's chunks
+                    chunks = conn.inputs.get(sid)
+                    if chunks is not None:
+                        if kind == _CHUNK:
+                            chunks.feed(body)
+                        else:
+                            chunks.end()
+                            del conn.inputs[sid]
+                elif kind == _CANCEL:
+                    worker = conn.running.get(sid)
+                    if worker is not None:
+                        worker.scope.cancel()
+                    elif sid in conn.deferred:
+                        self._cancel_deferred(conn, sid)
+                # other kinds from a client are meaningless: ignored, like unknown frames
+        finally:
+            try:
+                sent = conn.outbox.release(conn.try_send)
+            except Closed:
+                sent = 0  # the client is gone; its reader drops the connection
+            if sent:
+                self._queued -= sent
+                self._room.set()
+
+    def _on_request(self, conn: _Connection, sid: int, body: Any) -> None:
+        if not (isinstance(body, list) and 3 <= len(body) <= 4 and isinstance(body[1], str)):
+            self._emit(conn, Kind.ERROR, sid, error_to_body(
+                BadMessage("REQUEST body must be [target, event, payload(, chunked)]")))
+            return
+        if self._inflight >= self.max_inflight:
+            self.refused += 1
+            self._emit(conn, Kind.ERROR, sid, error_to_body(
+                QueueFull(f"server has {self.max_inflight} requests in flight")))
+            return
+        target = body[0] if isinstance(body[0], str) else ""
+        chunks = None
+        if len(body) == 4 and body[3] is True:  # CHUNKs of the request follow
+            chunks = conn.inputs[sid] = InputStream(
+                lambda n: self._emit(conn, _CREDIT, sid, n))
+        self._inflight += 1
+        try:
+            out = self.handler(Request(sid, target, body[1], body[2], conn.id, chunks))
+        except Exception as exc:  # the handler's failure is the caller's answer
+            self._answered(conn, sid, Kind.ERROR, error_to_body(exc), failed=True)
+            return
+        if type(out) in _PLAIN:
+            self._answered(conn, sid, _RESULT, out)
+        elif type(out) is CoroutineType or isinstance(out, Stream):
+            self._to_worker(conn, sid, out)
+        elif isinstance(out, Deferred):
+            conn.deferred[sid] = out
+            out._bind(self, conn, sid)
+        elif hasattr(type(out), "__await__"):  # some other awaitable
+            self._to_worker(conn, sid, out)
+        else:
+            self._answered(conn, sid, _RESULT, out)
+
+    def _answered(self, conn: _Connection, sid: int, kind: int, body: Any,
+                  failed: bool = False) -> None:
+        """A request finished without a worker: send its answer, count it."""
+        if conn.inputs:
+            conn.inputs.pop(sid, None)  # chunks still coming for it are dropped
+        self._emit(conn, kind, sid, body)
+        if failed:
+            self.failed += 1
+        else:
+            self.served += 1
+        self._inflight -= 1
+        if not self._inflight:
+            self._room.set()
+
+    def _settled(self, conn: _Connection, sid: int, how: int, value: Any) -> None:
+        """A :class:`Deferred` got its answer."""
+        if conn.deferred.pop(sid, None) is None:
+            return  # its caller gave up meanwhile; that was counted then
+        if how == _RESOLVED:
+            self._answered(conn, sid, Kind.RESULT, value)
+        elif how == _FAILED:
+            self._answered(conn, sid, Kind.ERROR, error_to_body(value), failed=True)
+        else:
+            self._to_worker(conn, sid, Stream(value))
+
+    def _cancel_deferred(self, conn: _Connection, sid: int) -> None:
+        deferred = conn.deferred.pop(sid)
+        chunks = conn.inputs.pop(sid, None)
+        if chunks is not None:
+            chunks.fail(Unreachable("the caller gave up on the request"))
+        self._inflight -= 1
+        if not self._inflight:
+            self._room.set()
+        if deferred.on_cancel is not None:
+            try:
+                deferred.on_cancel()
+            except Exception:  # its owner's bug must not take the connection down
+                pass
+
+    def _to_worker(self, conn: _Connection, sid: int, work: Any) -> None:
+        """Finish ``work`` (a coroutine, an awaitable or a Stream) on a worker task."""
+        if self._idle:
+            worker = self._idle.pop()
+            worker.conn, worker.sid, worker.work = conn, sid, work
+            conn.running[sid] = worker
+            _reschedule(worker.task)
+        else:
+            worker = conn.running[sid] = _Worker(conn, sid, work)
+            self._nursery.start_soon(self._work, worker)
+
+    async def _work(self, worker: _Worker) -> None:
+        worker.task = trio.lowlevel.current_task()
+        idle = self._idle
+
+        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+            idle.remove(worker)  # cancelled while parked: it can take no more requests
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with worker.scope:
+            while True:
+                conn, sid, work = worker.conn, worker.sid, worker.work
+                try:
+                    await self._finish(conn, sid, work)
+                finally:
+                    worker.conn = worker.work = None
+                    self._inflight -= 1
+                    conn.running.pop(sid, None)
+                    if conn.inputs:
+                        conn.inputs.pop(sid, None)
+                    if not self._inflight:
+                        self._room.set()
+                if len(idle) >= MAX_IDLE_WORKERS:
+                    return
+                idle.append(worker)
+                await _park(abort)  # until _to_worker hands us the next one
+
+    async def _finish(self, conn: _Connection, sid: int, work: Any) -> None:
+        try:
+            result = work if isinstance(work, Stream) else await work
+            if isinstance(result, Stream):
+                items = result.items
+                try:
+                    async for item in items:
+                        self._emit(conn, Kind.CHUNK, sid, item)
+                        if self._queued >= self.high_water:
+                            await self._wait_room()
+                finally:
+                    # A stream left early (CANCEL, the client gone) runs its cleanup now,
+                    # e.g. cancelling the job behind it, not whenever it is collected.
+                    aclose = getattr(items, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                self._emit(conn, Kind.CHOKE, sid, None)
+            else:
+                self._emit(conn, Kind.RESULT, sid, result)
+            self.served += 1
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # the handler's failure is the caller's answer
+            self.failed += 1
+            self._emit(conn, Kind.ERROR, sid, error_to_body(exc))
+
+    def _emit(self, conn: _Connection, kind: int, sid: int, body: Any) -> None:
+        if conn.send is None:
+            return  # the client left; _drop already cancelled the request
+        try:
+            packed = encode_envelope(kind, sid, body)
+        except CodecError as exc:  # a reply msgpack cannot carry fails its caller, not the batch
+            packed = encode_envelope(Kind.ERROR, sid, error_to_body(
+                BadMessage(f"reply could not be encoded: {exc}")))
+        # A lone answer goes out at once when the writer is idle; the rest queue and batch.
+        try:
+            if conn.outbox.put(packed, conn.try_send):
+                self._queued += 1
+        except Closed:
+            pass  # the client is gone; its reader drops the connection
+
+    async def flush(self) -> None:
+        """Wait until every request in flight has been answered and every answer handed
+        to the link (e.g. before a draining node cancels its endpoint).  Bound it with a
+        timeout: a handler that never finishes keeps it waiting."""
+        while self._inflight or self._queued:
+            await self._wait_room()
+
+    async def _wait_room(self) -> None:
+        if self._room.is_set():
+            self._room = trio.Event()
+        await self._room.wait()
+
+    async def _writer(self, conn: _Connection) -> None:
+        while True:
+            await conn.outbox.wait()
+            send = conn.send
+            if send is None:
+                return
+            try:
+                if conn.flush is not None:
+                    await conn.flush()
+                for frame, count in conn.outbox.frames():
+                    self._queued -= count
+                    if self.guard is not None:
+                        frame = self.guard.seal(frame)
+                    await send(frame)
+            except Closed:
+                return  # that client is gone; _drop cancels its handlers
+            self._room.set()
+
+
+from transport.rpc.client import ReplyStream, RpcClient  # noqa: E402  (the client half; re-exported)
+
+__all__ = ["Deferred", "FrameGuard", "Handler", "ReplyStream", "Request", "RpcClient", "RpcServer",
+           "Stream"]
