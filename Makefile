@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo lint test bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m engine run examples/
 
-test: $(STAMP)
+# Types first: plain mypy on src/, the strict flags on the pure cores ([tool.mypy]).
+lint: $(STAMP)
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .mypy_cache

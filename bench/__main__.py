@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import trio
 
-from . import baselines, cote, engine, mesh, pool, rpc, sockend
+from . import baselines, cote, engine, mesh, pool, rpc, sockend, timing
 from .harness import (PAYLOAD, Results, Row, RRFigures, Settings, median, rss_mb, skip,
                       verdict)
 from .report import RESULTS_JSON, machine, print_rows, print_rr_table, write_json
 
-FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend")
+FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing")
 LEAK_LIMIT = 1.10                       # RSS after the run / after warm-up
 PUBSUB_ROUNDS = 3                       # pub/sub runs of ours and of cote's, alternating
 
@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         family_streaming(settings, results)
     if "sockend" in args.families:
         systems.update(family_sockend(settings, results))
+    if "timing" in args.families:
+        timing.family_timing(settings, results, _measure)
     results.figures["bench_rss_end_mb"] = rss_mb()
     info["seconds"] = round(time.perf_counter() - t0, 1)
 

@@ -11,14 +11,14 @@ import pytest
 import trio
 
 from engine.client import connect
+from support import wait_until
 from transport.errors import BadMessage, HandlerError, TimeoutError_
 from transport.inbound import WINDOW, InputStream
 from transport.rpc import RpcClient, RpcServer
 from transport.sync_client import SyncRpcClient
 
-pytestmark = pytest.mark.e2e
 
-
+@pytest.mark.e2e
 async def test_an_rpc_handler_reads_the_chunks_at_its_own_pace(nursery):
     buffered: list[int] = []
 
@@ -53,8 +53,7 @@ async def test_an_rpc_handler_reads_the_chunks_at_its_own_pace(nursery):
             with pytest.raises(BadMessage):
                 await client.call("t", "sum", None, chunks=[object()])
             assert await client.call("t", "sum", None, chunks=[]) == 0
-    while server.inflight:
-        await trio.sleep(0.01)
+    await wait_until(lambda: server.inflight == 0, "every handler has ended")
 
 
 async def test_an_input_stream_refuses_a_sender_that_ignores_the_window():
@@ -105,6 +104,7 @@ async def one_arg(payload):
 """
 
 
+@pytest.mark.e2e
 async def test_chunked_requests_through_a_node_to_a_slave(tmp_path, start_node):
     import hashlib
 

@@ -2,12 +2,14 @@
 import json
 import sys
 
+import pytest
 import trio
 
 from support import free_udp_port
 from transport import DiscoveryConfig, Responder
 
 
+@pytest.mark.e2e
 async def test_engine_monitor_lists_a_live_responder():
     port = free_udp_port()
     cfg = DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.3, expiry=2.0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -18,7 +18,7 @@ from engine.client import connect
 from engine.errors import AppNotFound, QueueFull
 from engine.cluster.service import Cluster, ClusterOptions
 from engine.cluster.bundle import BundleError, check_bundle, digest_of, write_bundle
-from support import NodeProcess, free_udp_port, start_node_process, stop_node
+from support import NodeProcess, free_udp_port, start_node_process, stop_node, wait_until
 from transport.errors import BadMessage
 from transport.rpc import RpcClient
 
@@ -56,18 +56,6 @@ def cluster(tmp_path):
     assert not left, f"processes left behind by the cluster's nodes: {left}"
 
 
-async def wait_for(predicate, timeout: float, what: str):
-    """Poll an async predicate until it returns a truthy value; return that value."""
-    deadline = trio.current_time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(0.1)
-
-
 async def node_ids(client) -> set[str]:
     return {n["id"] for n in (await client.verb("nodes"))["nodes"]}
 
@@ -76,15 +64,14 @@ async def apps_of(client) -> set[str]:
     return set((await client.list())["apps"])
 
 
+@pytest.mark.e2e
 async def test_discovery_deploy_sync_on_join_and_undeploy(cluster, tmp_path):
     with trio.fail_after(60):
         a, b = await cluster(), await cluster()
         async with connect(a.address, timeout=20) as ca, connect(b.address, timeout=20) as cb:
-            t0 = time.monotonic()
-            await wait_for(lambda: _count(ca, 2), 10, "A to see 2 nodes")
-            await wait_for(lambda: _count(cb, 2), 10, "B to see 2 nodes")
-            discovered_in = time.monotonic() - t0
-            assert discovered_in < 5, discovered_in     # ~0.1 s idle; the machine is loaded
+            # (how soon: bench/timing.py)
+            await wait_until(lambda: _count(ca, 2), "A sees 2 nodes", timeout=10, interval=0.1)
+            await wait_until(lambda: _count(cb, 2), "B sees 2 nodes", timeout=10, interval=0.1)
 
             app = echo_app(tmp_path / "apps", "echo")
             result = await ca.deploy(app / "manifest.json")
@@ -100,17 +87,36 @@ async def test_discovery_deploy_sync_on_join_and_undeploy(cluster, tmp_path):
 
             c = await cluster()                          # a late joiner syncs the apps
             async with connect(c.address, timeout=20) as cc:
-                await wait_for(lambda: _has(cc, "echo"), 10, "C to sync echo")
+                await wait_until(lambda: _has(cc, "echo"), "C has synced echo", timeout=10, interval=0.1)
                 assert await cc.call("echo", "echo", 7) == 7
-                await wait_for(lambda: _count(ca, 3), 10, "A to see 3 nodes")
+                await wait_until(lambda: _count(ca, 3), "A sees 3 nodes", timeout=10, interval=0.1)
 
                 result = await ca.undeploy("echo", drain=1)
                 assert sorted(result["peers"].values()) == ["undeployed", "undeployed"]
-                for client in (ca, cb, cc):
+                clients = (ca, cb, cc)
+                for client in clients:
                     assert "echo" not in await apps_of(client)
-                await trio.sleep(1.5)                    # several report rounds: no re-sync
-                for client in (ca, cb, cc):
+                # No re-sync: two report rounds later, every node having heard every
+                # peer in each, nobody has pulled echo back, nor tried to.
+                for _ in range(2):
+                    since = trio.current_time()
+                    for client in clients:
+                        await wait_until(partial(_heard_every_peer_since, client, since),
+                                         "a node hears a report from every peer",
+                                         timeout=10, interval=0.1)
+                for client in clients:
+                    view = await client.verb("nodes")
+                    assert "echo" in view["tombstones"], view
+                    assert not [k for k in view["sync_failed"] if k.startswith("echo@")], view
                     assert "echo" not in await apps_of(client)
+
+
+async def _heard_every_peer_since(client, since: float) -> bool:
+    """``client``'s node has heard from each of its peers since ``since`` (this test's
+    trio clock).  The node gives each peer's age, a duration, so the two processes'
+    clocks need not agree; the call's own latency only makes the check stricter."""
+    elapsed = trio.current_time() - since
+    return all(v["self"] or v["age"] < elapsed for v in (await client.verb("nodes"))["nodes"])
 
 
 async def _count(client, n: int) -> bool:
@@ -131,12 +137,13 @@ async def _has(client, app: str) -> bool:
 async def _shared_and_warm(ca, cb, app: str) -> None:
     """B has synced ``app``, A routes to B, and both pools have a slave, so a burst
     measures balancing, not spawning."""
-    await wait_for(lambda: _has(cb, app), 10, "B to sync the app")
-    await wait_for(lambda: _routable(ca, app, 2), 10, "A to route to B")
+    await wait_until(lambda: _has(cb, app), "B has synced the app", timeout=10, interval=0.1)
+    await wait_until(lambda: _routable(ca, app, 2), "A routes to B", timeout=10, interval=0.1)
     await ca.call(app, "echo", 0)
     await cb.call(app, "echo", 0)
 
 
+@pytest.mark.e2e
 async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_path):
     app = echo_app(tmp_path / "apps", "slow", **{"pool-limit": 1, "queue-limit": 50})
     with trio.fail_after(60):
@@ -166,11 +173,12 @@ async def test_saturated_node_offloads_then_survives_peer_death(cluster, tmp_pat
                 for i in range(4):
                     nursery.start_soon(one, i)
             assert len(results) == 4                 # served locally, even mid-failure
-            await wait_for(lambda: _count(ca, 1), 6, "A to drop B")
+            await wait_until(lambda: _count(ca, 1), "A has dropped B", timeout=6, interval=0.1)
             gone, alive = psutil.wait_procs(b_slaves, timeout=10)
             assert not alive, alive                  # B's slaves died with it
 
 
+@pytest.mark.e2e
 async def test_native_server_requests_are_balanced_across_the_cluster(cluster, tmp_path):
     app = echo_app(tmp_path / "apps", "nslow", **{"pool-limit": 1, "queue-limit": 50})
     manifest = json.loads((app / "manifest.json").read_text())
@@ -199,15 +207,16 @@ async def test_native_server_requests_are_balanced_across_the_cluster(cluster, t
             assert driver["submitted"] == driver["done"] == 8 and driver["errors"] == 0, driver
 
 
+@pytest.mark.e2e
 async def test_nodes_cli_and_errors_only_when_no_node_can_serve(cluster, tmp_path):
     app = echo_app(tmp_path / "apps", "echo", **{"pool-limit": 1, "queue-limit": 1})
     with trio.fail_after(45):
         a = await cluster(app)
         b = await cluster()
         async with connect(b.address, timeout=20) as cb, connect(a.address, timeout=20) as ca:
-            await wait_for(lambda: _has(cb, "echo"), 10, "B to sync")
-            await wait_for(lambda: _count(cb, 2), 10, "B to see A")
-            await wait_for(lambda: _routable(ca, "echo", 2), 10, "A to route to B")
+            await wait_until(lambda: _has(cb, "echo"), "B has synced", timeout=10, interval=0.1)
+            await wait_until(lambda: _count(cb, 2), "B sees A", timeout=10, interval=0.1)
+            await wait_until(lambda: _routable(ca, "echo", 2), "A routes to B", timeout=10, interval=0.1)
             with pytest.raises(AppNotFound):
                 await ca.call("nope", "echo", 1)
             await ca.call("echo", "echo", 0)       # a slave each, so queue-limit counts
@@ -249,13 +258,13 @@ async def test_nodes_cli_and_errors_only_when_no_node_can_serve(cluster, tmp_pat
         assert text.count("  echo\trunning") == 1 and "(this node)" in text, text   # B only, now
 
 
+@pytest.mark.e2e
 async def test_nodes_verb_on_a_node_outside_any_cluster(tmp_path):
     from engine.node.node import Node as EngineNode
 
     node = EngineNode(control="tcp://127.0.0.1:0")
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
-        import engine.cluster.verbs  # noqa: F401  (the verbs a clustered node has)
         async with connect(node.control_address, timeout=5) as client:
             with pytest.raises(BadMessage, match="not in a cluster"):
                 await client.verb("nodes")

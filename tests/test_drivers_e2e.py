@@ -3,7 +3,6 @@ processes running an app.py that uses ``from engine import on``."""
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import msgpack
@@ -14,6 +13,7 @@ from transport.rpc import RpcClient
 
 from engine.app import App
 from engine.manifest import load_manifest
+from support import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -51,12 +51,6 @@ def write_app(tmp_path: Path, drivers: dict, engine: dict | None = None) -> App:
                 "engine": engine or {"pool-limit": 2, "queue-limit": 20}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return App(load_manifest(tmp_path))
-
-
-async def wait_for(predicate, timeout=30.0):
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
 
 
 def req(address, payload):
@@ -103,12 +97,14 @@ async def test_timers_fs_monitor_and_servers_through_real_slaves(tmp_path):
                     for i in range(3):
                         s.send(msgpack.packb(i))
             await trio.to_thread.run_sync(push)
-            await wait_for(lambda: d["sink"].stats.done == 3)
+            await wait_until(lambda: d["sink"].stats.done == 3, "the sink ran the three jobs", timeout=30)
             # filesystem monitor
             (spool / "in.txt").write_text("x")
-            await wait_for(lambda: d["spool"].stats.done >= 1)
+            await wait_until(lambda: d["spool"].stats.done >= 1, "the monitor ran a job for the file",
+                             timeout=30)
             # timers have been ticking all along
-            await wait_for(lambda: d["every"].stats.done >= 3 and d["drift"].stats.done >= 3)
+            await wait_until(lambda: d["every"].stats.done >= 3 and d["drift"].stats.done >= 3,
+                             "both timers ticked three times", timeout=30)
             info = app.info()["drivers"]
             assert info["drift"]["in_flight"] <= 1 and info["every"]["errors"] == 0
         await app.stop(5)

@@ -1,7 +1,6 @@
 """filesystem-monitor: the pure inotify core on bytes, and the driver on a real tmp dir."""
 import os
 import struct
-from pathlib import Path
 
 import pytest
 import trio
@@ -12,6 +11,7 @@ from engine.drivers.registry import OptionContext
 from engine.drivers.testing import FakeApp
 from engine.errors import DriverError, ManifestError
 from engine.manifest import DriverSpec
+from support import wait_until
 
 
 def raw(wd, mask, name="", cookie=0):
@@ -67,12 +67,6 @@ def make(tmp_path, **raw_opts):
     return FilesystemMonitor(DriverSpec("fs", "filesystem-monitor", "changed", opts))
 
 
-async def until(predicate, timeout=10):
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 async def test_monitor_reports_each_kind_of_change(tmp_path):
     (tmp_path / "old.txt").write_text("x")
     app = FakeApp()
@@ -80,15 +74,14 @@ async def test_monitor_reports_each_kind_of_change(tmp_path):
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.run, app)
         (tmp_path / "new.txt").write_text("hello")
-        await until(lambda: len(app.submitted) >= 1)
+        await wait_until(lambda: len(app.submitted) >= 1, "the new file is reported")
         with open(tmp_path / "old.txt", "a") as f:
             f.write("more")
         os.rename(tmp_path / "new.txt", tmp_path / "renamed.txt")
         os.unlink(tmp_path / "old.txt")
         (tmp_path / "sub").mkdir()
         (tmp_path / "sub" / "deep.txt").write_text("d")
-        await until(lambda: len(app.submitted) >= 5)
-        await trio.sleep(0.1)
+        await wait_until(lambda: len(app.submitted) >= 5, "five changes are reported")
         nursery.cancel_scope.cancel()
     seen = [(j.payload["kind"], j.payload["relative"]) for j in app.submitted]
     assert seen[:4] == [("created", "new.txt"), ("modified", "old.txt"),
@@ -108,8 +101,9 @@ async def test_monitor_pattern_and_non_recursive(tmp_path):
         (tmp_path / "skip.txt").write_text("x")
         (tmp_path / "sub" / "deep.csv").write_text("x")  # not recursive: unseen
         (tmp_path / "take.csv").write_text("x")
-        await until(lambda: len(app.submitted) >= 1)
-        await trio.sleep(0.1)
+        # inotify reports in order: once take.csv is in, the two written before it have
+        # been read too, and left out (a watch on sub/ would have reported deep.csv).
+        await wait_until(lambda: app.submitted, "take.csv is reported")
         nursery.cancel_scope.cancel()
     assert [j.payload["relative"] for j in app.submitted] == ["take.csv"]
 
@@ -124,10 +118,10 @@ async def test_monitor_holds_when_pool_is_full_and_loses_nothing(tmp_path):
         await nursery.start(driver.run, app)
         for i in range(6):
             (tmp_path / f"f{i}").write_text("x")
-        await until(lambda: driver.stats.held >= 1)
+        await wait_until(lambda: driver.stats.held >= 1, "the monitor holds a change back")
         assert len(app.submitted) == 2
         release.set()
-        await until(lambda: len(app.submitted) == 6)
+        await wait_until(lambda: len(app.submitted) == 6, "all six files are reported")
         nursery.cancel_scope.cancel()
     assert sorted(j.payload["relative"] for j in app.submitted) == [f"f{i}" for i in range(6)]
 

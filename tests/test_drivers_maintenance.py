@@ -1,10 +1,13 @@
-"""The maintenance pubsub channel: state at least once a second, sink results, framing."""
+"""The maintenance pubsub channel: state at least once a second, sink results, framing.
+
+In process: the channels here listen on nng's ``inproc://`` (the channel does not care
+which transport; TCP is tests/test_drivers_live.py's, through a real node)."""
 import pynng
 import pytest
 import trio
 from transport.sockets import TrioSocket
 
-from engine.node.maintenance import MaintenanceChannel, RateMeter, frame, split_frame
+from engine.node.maintenance import INTERVAL, MaintenanceChannel, RateMeter, frame, split_frame
 
 
 class InfoApp:
@@ -28,7 +31,7 @@ def test_frame_roundtrip_and_rate():
 
 async def test_channel_publishes_state_and_results():
     app = InfoApp()
-    channel = MaintenanceChannel(app, interval=0.05)
+    channel = MaintenanceChannel(app, "inproc://maintenance-results", interval=0.05)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(channel.run)
         sub = TrioSocket(pynng.Sub0(dial=address))
@@ -52,10 +55,20 @@ async def test_channel_publishes_state_and_results():
     assert ("result.sink", {"result": 1}) in got
 
 
+async def test_state_goes_out_once_a_second(autojump_clock):
+    assert INTERVAL <= 1.0
+    channel = MaintenanceChannel(InfoApp(), "inproc://maintenance-interval")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(channel.run)
+        await trio.sleep(10 * INTERVAL + INTERVAL / 2)
+        nursery.cancel_scope.cancel()
+    assert channel.published == 11 and channel.dropped == 0   # at 0, 1, ..., 10 intervals
+
+
 async def test_channel_port_taken():
     from engine.errors import DriverError
     from transport.sockets import bound_address
-    with pynng.Pub0(listen="tcp://127.0.0.1:0") as squatter:
+    with pynng.Pub0(listen="inproc://maintenance-taken") as squatter:
         channel = MaintenanceChannel(InfoApp(), bound_address(squatter))
         async with trio.open_nursery() as nursery:
             with pytest.raises(DriverError, match="pubsub"):
@@ -76,7 +89,7 @@ def test_top_render_shows_apps_and_drivers():
 async def test_top_snapshot_reads_channels_and_falls_back_to_info():
     from engine.cli.top import render, snapshot
     app = InfoApp()
-    channel = MaintenanceChannel(app, interval=0.05)
+    channel = MaintenanceChannel(app, "inproc://maintenance-top", interval=0.05)
 
     class Client:
         async def list(self):

@@ -11,6 +11,9 @@ from engine.drivers.registry import OptionContext
 from engine.drivers.testing import FakeApp
 from engine.errors import DriverError, ManifestError
 from engine.manifest import DriverSpec
+from support import wait_until
+
+pytestmark = pytest.mark.e2e   # each driver listens on loopback
 
 CTX = OptionContext(file="m.json", path="drivers.n", base_dir=Path("."))
 
@@ -54,8 +57,7 @@ async def test_native_server_queue_full_and_no_endpoint():
         with trio.fail_after(15):
             async with RpcClient(address, timeout=10) as client, trio.open_nursery() as calls:
                 calls.start_soon(client.call, "a", "b", 1)
-                while app.in_flight < 1:
-                    await trio.sleep(0.01)
+                await wait_until(lambda: app.in_flight == 1, "the first call's job runs")
                 with pytest.raises(QueueFull):
                     await client.call("a", "b", 2)
                 release.set()  # the first call then completes before the client closes
@@ -80,8 +82,7 @@ async def test_native_server_answers_from_the_job_and_a_caller_giving_up_cancels
                 assert await client.call("a", "b", 0) == 0
                 with pytest.raises(TimeoutError_):
                     await client.call("a", "b", 30, timeout=0.2)
-                while not app.submitted[1].cancelled:  # the CANCEL reached the job
-                    await trio.sleep(0.01)
+                await wait_until(lambda: app.submitted[1].cancelled, "the CANCEL reaches the job")
                 assert driver.server.inflight == 0
                 assert driver.server._idle == []  # answered from callbacks: no worker task
         nursery.cancel_scope.cancel()
@@ -97,8 +98,7 @@ async def test_native_sink_acks_and_publishes():
             async with RpcClient(address, timeout=10) as client:
                 for i in range(3):
                     assert await client.call("", "", i) is None
-            while len(app.published) < 3:
-                await trio.sleep(0.01)
+            await wait_until(lambda: len(app.published) == 3, "the three outcomes are published")
         nursery.cancel_scope.cancel()
     assert [p["result"] for _, p in app.published] == [0, 1, 2]
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 from transport.errors import BadMessage, QueueFull, UnknownEvent
 
 from engine.drivers.registry import OptionContext
@@ -13,11 +12,6 @@ from engine.drivers.testing import FakeApp
 from engine.manifest import DriverSpec
 
 CTX = OptionContext(file="m.json", path="drivers.later", base_dir=Path("."))
-
-
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
 
 
 def make(**raw):
@@ -35,7 +29,7 @@ async def test_events_fire_when_due_in_order(autojump_clock):
         await nursery.start(driver.run, app)
         driver.schedule(10, "b")
         driver.schedule(5, "a")
-        await trio.sleep(1)
+        await trio.sleep(1)               # virtual time (autojump_clock), as all waits here
         driver.schedule(1, "first")       # earlier than everything queued: wakes the driver
         driver.schedule(0, "now")
         with pytest.raises(QueueFull):

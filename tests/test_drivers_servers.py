@@ -1,4 +1,5 @@
-"""nng-server, nng-sink and raw-socket-server on real loopback sockets, with a fake app."""
+"""nng-server, nng-sink and raw-socket-server on real loopback sockets (e2e), with a fake
+app; their option parsing and framers in process."""
 import struct
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from engine.drivers.testing import FakeApp
 from engine.errors import DriverError, ManifestError
 from engine.manifest import DriverSpec
 from transport.sockets import bound_address
+
+from support import wait_until
 
 CTX = OptionContext(file="m.json", path="drivers.s", base_dir=Path("."))
 
@@ -37,26 +40,34 @@ def req_call(address, payload, raw=False):
         return msgpack.unpackb(sock.recv())
 
 
+@pytest.mark.e2e
 async def test_nng_server_answers_concurrently():
-    app = FakeApp(sleeper(0.3))
+    n = 16
+    all_in = trio.Event()
+
+    async def barrier(event, payload):
+        # No job finishes before all are in: served one at a time, this never returns.
+        if app.in_flight == n:
+            all_in.set()
+        await all_in.wait()
+        return {"echo": payload, "event": event}
+    app = FakeApp(barrier)
     driver = make(NngServer, endpoint="tcp://127.0.0.1:0")
     async with trio.open_nursery() as nursery:
         address = await nursery.start(driver.run, app)
         results = {}
-        start = trio.current_time()
         with trio.fail_after(20):
             async with trio.open_nursery() as clients:
-                for i in range(16):
+                for i in range(n):
                     async def one(i=i):
                         results[i] = await trio.to_thread.run_sync(req_call, address, {"n": i})
                     clients.start_soon(one)
-        elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
-    assert results == {i: {"result": {"echo": {"n": i}, "event": "request"}} for i in range(16)}
-    assert elapsed < 0.3 * 16 / 2  # served concurrently, not one at a time
-    assert driver.info()["done"] == 16
+    assert results == {i: {"result": {"echo": {"n": i}, "event": "request"}} for i in range(n)}
+    assert driver.info()["done"] == n
 
 
+@pytest.mark.e2e
 async def test_nng_server_error_maps():
     async def handler(event, payload):
         raise KeyError("missing")
@@ -72,6 +83,7 @@ async def test_nng_server_error_maps():
     assert set(failed["error"]) == {"code", "type", "message", "retryable"}
 
 
+@pytest.mark.e2e
 async def test_nng_server_answers_queue_full_at_once():
     release = trio.Event()
     async def handler(event, payload):
@@ -80,18 +92,23 @@ async def test_nng_server_answers_queue_full_at_once():
     driver = make(NngServer, endpoint="tcp://127.0.0.1:0")
     async with trio.open_nursery() as nursery:
         address = await nursery.start(driver.run, app)
-        nursery.start_soon(trio.to_thread.run_sync, req_call, address, "first")
+        first = []
+
+        async def ask_first():
+            first.append(await trio.to_thread.run_sync(req_call, address, "first"))
+        nursery.start_soon(ask_first)
         with trio.fail_after(10):
-            while app.in_flight < 1:
-                await trio.sleep(0.01)
+            await wait_until(lambda: app.in_flight == 1, "the first request's job runs")
             second = await trio.to_thread.run_sync(req_call, address, "second")
         release.set()
-        await trio.sleep(0.1)
+        await wait_until(lambda: first, "the first request is answered")
         nursery.cancel_scope.cancel()
+    assert first[0]["result"] is None
     assert second["error"]["code"] == "queue-full" and second["error"]["retryable"] is True
     assert driver.stats.skipped == 1
 
 
+@pytest.mark.e2e
 async def test_nng_server_port_taken_is_driver_error():
     with pynng.Rep0(listen="tcp://127.0.0.1:0") as squatter:
         taken = bound_address(squatter)
@@ -108,21 +125,21 @@ def test_aliases_and_endpoint_validation():
     assert info.value.path == "drivers.s.endpoint"
 
 
+@pytest.mark.e2e
 async def test_nng_sink_runs_jobs_and_publishes_outcomes():
     app = FakeApp(sleeper(0))
     driver = make(NngSink, endpoint="tcp://127.0.0.1:0", publish=True)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(driver.run, app)
-        def push():
-            with pynng.Push0(dial=address, send_timeout=10_000) as sock:
+        # Open until everything is in: closing a Push0 may drop what it still holds.
+        with pynng.Push0(dial=address, send_timeout=10_000) as sock:
+            def push():
                 for i in range(5):
                     sock.send(msgpack.packb(i))
                 sock.send(b"\xc1")  # garbage: counted, dropped
-                import time; time.sleep(0.2)
-        await trio.to_thread.run_sync(push)
-        with trio.fail_after(10):
-            while len(app.published) < 5 or driver.stats.errors < 1:
-                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(push)
+            await wait_until(lambda: len(app.published) == 5 and driver.stats.errors == 1,
+                             "five outcomes are published and the garbage is counted")
         nursery.cancel_scope.cancel()
     assert sorted(p["payload"] for _, p in app.published) == list(range(5))
     assert {t for t, _ in app.published} == {"result.s"}
@@ -130,6 +147,7 @@ async def test_nng_sink_runs_jobs_and_publishes_outcomes():
     assert driver.stats.errors == 1 and driver.stats.done == 5
 
 
+@pytest.mark.e2e
 async def test_nng_sink_holds_backpressure_instead_of_dropping():
     release = trio.Event()
     async def handler(event, payload):
@@ -144,25 +162,12 @@ async def test_nng_sink_holds_backpressure_instead_of_dropping():
                 for i in range(20):
                     sock.send(msgpack.packb(i))
         nursery.start_soon(trio.to_thread.run_sync, push)
-        with trio.fail_after(10):
-            while driver.stats.held < 1:
-                await trio.sleep(0.01)
+        await wait_until(lambda: driver.stats.held >= 1, "the sink holds a message back")
         assert len(app.submitted) == 2
         release.set()
-        with trio.fail_after(10):
-            while driver.stats.done < 20:
-                await trio.sleep(0.01)
+        await wait_until(lambda: driver.stats.done == 20, "all twenty jobs are done")
         nursery.cancel_scope.cancel()
     assert sorted(j.payload for j in app.submitted) == list(range(20))
-
-
-async def test_sink_publish_needs_a_channel():
-    class NoPubsub:
-        name = "x"
-    driver = make(NngSink, endpoint="tcp://127.0.0.1:0", publish=True)
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(DriverError, match="pubsub"):
-            await nursery.start(driver.run, NoPubsub())
 
 
 def test_framers():
@@ -189,6 +194,7 @@ async def read_until(stream, count, sep=b"\n"):
     return data
 
 
+@pytest.mark.e2e
 async def test_raw_socket_line_framing_pipelined_in_order():
     async def handler(event, payload):
         if payload == "boom":
@@ -208,6 +214,7 @@ async def test_raw_socket_line_framing_pipelined_in_order():
     assert data == b'SLOW\nFAST\nERROR handler: bad input\n{"a": [1, 2]}\n'
 
 
+@pytest.mark.e2e
 async def test_raw_socket_length_prefixed_and_queue_full():
     release = trio.Event()
     async def handler(event, payload):
@@ -219,9 +226,7 @@ async def test_raw_socket_length_prefixed_and_queue_full():
         host, port = await nursery.start(driver.run, app)
         stream = await trio.open_tcp_stream(host, port)
         await stream.send_all(struct.pack(">I", 3) + b"abc" + struct.pack(">I", 1) + b"z")
-        with trio.fail_after(10):
-            while driver.stats.skipped < 1:
-                await trio.sleep(0.01)
+        await wait_until(lambda: driver.stats.skipped == 1, "the second frame is refused")
         release.set()
         data = b""
         with trio.fail_after(10):
@@ -234,6 +239,7 @@ async def test_raw_socket_length_prefixed_and_queue_full():
     assert encode_frame_reply({"k": 1}) == struct.pack(">I", 5) + b"\x01" + msgpack.packb({"k": 1})
 
 
+@pytest.mark.e2e
 async def test_raw_socket_port_taken_and_oversize_frame():
     driver = make(RawSocketServer, endpoint="127.0.0.1:0", **{"max-frame": 4})
     async with trio.open_nursery() as nursery:

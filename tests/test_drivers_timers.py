@@ -1,10 +1,10 @@
-"""Timer and cron drivers against a fake app, on trio's MockClock."""
+"""Timer and cron drivers against a fake app, on trio's MockClock (the ``autojump_clock``
+fixture of tests/conftest.py): every sleep here is virtual time."""
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 
 from engine.drivers.cron import CronDriver, count_between, next_fire
 from engine.drivers.registry import OptionContext
@@ -14,11 +14,6 @@ from engine.errors import ManifestError
 from engine.manifest import DriverSpec
 
 CTX = OptionContext(file="manifest.json", path="drivers.t", base_dir=Path("."))
-
-
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
 
 
 def spec(cls, raw, emit="tick"):

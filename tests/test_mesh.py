@@ -1,4 +1,7 @@
-"""Mesh components end to end on loopback (real sockets, one discovery port per test)."""
+"""Mesh components end to end on loopback (real sockets, one discovery port per test).
+
+How fast things happen (the first answer after a late start, a publisher's rate beside a
+stalled subscriber) is measured by ``python -m bench`` (bench/timing.py), not here."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from support import free_udp_port
+from support import free_udp_port, wait_until
 from transport import (
     DiscoveryConfig, HandlerError, Publisher, QueueFull, RemoteError, Requester, Responder,
     Subscriber, TimeoutError_, register_error,
@@ -37,9 +40,8 @@ def responder(disco, name="rep", types=("randomRequest",), reply=None, **kw):
 
 
 async def wait_links(requester, n):
-    with trio.fail_after(5):
-        while sum(1 for l in requester.links.values() if l.client.connected) < n:
-            await trio.sleep(0.01)
+    await wait_until(lambda: sum(1 for l in requester.links.values() if l.client.connected) >= n,
+                     f"the requester has {n} connected link(s)", timeout=5)
 
 
 async def test_request_response(disco):
@@ -50,23 +52,20 @@ async def test_request_response(disco):
 
 
 @pytest.mark.parametrize("last", ["responder", "requester"])
-async def test_first_answer_within_300ms_in_either_start_order(disco, last):
-    best = float("inf")
-    for _ in range(3):  # best of three: the machine is shared, the protocol is what we test
-        cfg = DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1")
-        rep = responder(cfg)
-        rq = Requester("req", discovery=cfg)
-        first, second = (rq, rep) if last == "responder" else (rep, rq)
-        async with first:
-            await trio.sleep(0.3)
-            t0 = trio.current_time()
-            async with second:
-                with trio.fail_after(5):
-                    await rq.send({"type": "randomRequest", "val": 1})
-                best = min(best, trio.current_time() - t0)
-        if best < 0.3:
-            break
-    assert best < 0.3, f"first answer took {best:.3f} s"
+async def test_first_answer_in_either_start_order(last):
+    # How soon (< 300 ms) is a bench/timing.py row; here: found and answered at all.
+    cfg = DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1")
+    rep = responder(cfg)
+    rq = Requester("req", discovery=cfg)
+    first, second = (rq, rep) if last == "responder" else (rep, rq)
+    async with first:
+        # Real time on purpose: the first one's start-up hellos (the discovery's ask
+        # schedule, 0.2 s) are over before the second exists, so the second is found
+        # by the late joiner's path, not by the first one's start-up.
+        await trio.sleep(0.3)
+        async with second:
+            with trio.fail_after(5):
+                assert await rq.send({"type": "randomRequest", "val": 1}) == {"by": "rep", "val": 1}
 
 
 async def test_chunked_request_to_a_responder(disco):
@@ -100,12 +99,11 @@ async def test_requests_queue_until_a_responder_appears(disco):
             results.append(await rq.send({"type": "randomRequest", "val": i}, timeout=5))
         for i in range(5):
             nursery.start_soon(ask, i)
-        await trio.sleep(0.3)
-        assert results == [] and rq.outstanding == 5
+        await wait_until(lambda: rq.outstanding == 5, "the five requests are outstanding")
+        assert results == []   # no responder exists yet: nothing could answer
         async with responder(disco):
-            with trio.fail_after(5):
-                while len(results) < 5:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: len(results) == 5, "the late responder answers all five",
+                             timeout=5)
         assert sorted(r["val"] for r in results) == list(range(5))
 
 
@@ -160,14 +158,25 @@ async def test_responder_vanishing_alone_gives_clear_error(disco):
 
 async def test_namespace_key_and_type_isolation(disco):
     async with responder(disco, namespace="a"), responder(disco, key="prod"), \
+            responder(disco, "plain"), \
+            Requester("req", namespace="a", discovery=disco) as sees_ns, \
+            Requester("req", key="prod", discovery=disco) as sees_key, \
             Requester("req", namespace="b", discovery=disco) as rq_ns, \
             Requester("req", key="dev", discovery=disco) as rq_key, \
             Requester("req", discovery=disco) as rq_type:
-        await trio.sleep(0.3)
-        assert rq_ns.peers() == [] and rq_key.peers() == []
+        # The positive side first: each responder is found by a requester of its scope,
+        # so its beacons are out and being heard by everyone on this port.
+        await wait_until(lambda: sees_ns.peers() and sees_key.peers() and rq_type.peers(),
+                         "every responder is found in its own scope", timeout=5)
+        # Each other-scope requester has been ignoring beacons all along.
+        await wait_until(lambda: rq_ns.discovery.table.ignored and rq_key.discovery.table.ignored,
+                         "the other-scope requesters have heard (and ignored) beacons", timeout=5)
+        # A request waits up to its timeout for a responder (the behaviour under test).
         for rq, t in [(rq_ns, "randomRequest"), (rq_key, "randomRequest"), (rq_type, "other")]:
             with pytest.raises(TimeoutError_, match="no responder advertising"):
                 await rq.send({"type": t}, timeout=0.3)
+        assert rq_ns.peers() == [] and rq_key.peers() == []
+        assert [b.name for b in rq_type.peers() if b.role == "responder"] == ["plain"]
 
 
 async def test_secret_rejects_foreign_peers_and_frames(disco):
@@ -185,9 +194,9 @@ async def test_secret_rejects_foreign_peers_and_frames(disco):
         # A foreign process that dials the data socket directly is not served either.
         raw = await connect_stream(rep.address)
         await raw.send(encode_one(Kind.REQUEST, 1, ["", "randomRequest", {"type": "randomRequest"}]))
-        await trio.sleep(0.3)
+        await wait_until(lambda: rep.server.bad_frames == 1, "the unsealed frame is refused")
         raw.close()
-        assert len(rep.served) == 1 and rep.server.bad_frames == 1
+        assert len(rep.served) == 1   # refused as a bad frame: never reached the handler
 
 
 @register_error
@@ -237,7 +246,7 @@ async def test_bounded_pending_queue(disco):
             trio.open_nursery() as nursery:
         for _ in range(2):
             nursery.start_soon(rq.send, {"type": "nobody"})
-        await trio.sleep(0.05)
+        await wait_until(lambda: rq.outstanding == 2, "two requests are outstanding")
         with pytest.raises(QueueFull, match="2 requests outstanding"):
             await rq.send({"type": "nobody"})
         assert rq.stats == {"sent": 2, "answered": 0, "failed": 0, "retried": 0, "refused": 1}
@@ -270,16 +279,17 @@ async def test_stats_unknown_event_zero_timeout_and_closed(disco):
 
 async def test_pubsub_late_joiner_and_wildcards(disco):
     async with Publisher("pub", broadcasts=["user.created", "user.deleted"], discovery=disco) as pub:
+        published = [0]
+
         async def publish_forever():
-            i = 0
             while True:
-                pub.publish("user.created", {"i": i})
-                pub.publish("user.deleted", {"i": i})
-                i += 1
-                await trio.sleep(0.01)
+                pub.publish("user.created", {"i": published[0]})
+                pub.publish("user.deleted", {"i": published[0]})
+                published[0] += 1
+                await trio.sleep(0.01)   # a live publisher's pace, in real time
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publish_forever)
-            await trio.sleep(0.3)
+            await wait_until(lambda: published[0] >= 10, "events are published before anyone listens")
             async with Subscriber("late", subscribes_to=["user.created"], discovery=disco) as sub:
                 with trio.fail_after(5):
                     events = [await sub.receive() for _ in range(5)]
@@ -294,9 +304,8 @@ async def test_slow_subscriber_does_not_stall_publisher(disco):
     async with Subscriber("slow", discovery=disco, buffer=50, nng_buffer=4) as slow, \
             Subscriber("fast", discovery=disco) as fast, \
             Publisher("pub", broadcasts=["tick"], discovery=disco, nng_buffer=32) as pub:
-        with trio.fail_after(5):
-            while pub.subscribers < 2:  # both connected, not just discovered
-                await trio.sleep(0.01)
+        await wait_until(lambda: pub.subscribers == 2, "both subscribers are connected, not just "
+                         "discovered", timeout=5)
         got = 0
 
         async def consume_fast():
@@ -306,25 +315,26 @@ async def test_slow_subscriber_does_not_stall_publisher(disco):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(consume_fast)
-            t0 = trio.current_time()
             blob = b"x" * 1000  # 20 MB in all: more than every queue between them holds
-            for i in range(n):
-                pub.publish("tick", (i, blob))
-                if i % 200 == 0:
-                    await pub.flush()
-            await pub.flush()
-            publish_time = trio.current_time() - t0
-            with trio.fail_after(10):
-                while got < n:
-                    await trio.sleep(0.01)
+            # The slow one reads nothing until every event is out: were the publisher
+            # held back by it, this would never finish.  (How fast it finishes is a
+            # bench/timing.py row.)
+            with trio.fail_after(30):
+                for i in range(n):
+                    pub.publish("tick", (i, blob))
+                    if i % 200 == 0:
+                        await pub.flush()
+                await pub.flush()
+            await wait_until(lambda: got == n, "the fast subscriber has every event")
             first = await slow.receive()
-            seen = 1
-            while True:  # now drain the slow one: what it lost was dropped, and counted
-                with trio.move_on_after(0.5) as idle:
-                    seen += len(await slow.receive_many())
-                if idle.cancelled_caught:
-                    break
-    assert publish_time < 5 and got == n and fast.stats["dropped"] == 0
+            seen, last = 1, first.data[0]
+            with trio.fail_after(10):
+                # Now drain the slow one up to the last event (Sub0 drops the oldest, so
+                # the newest stays): what it lost on the way was dropped, and counted.
+                while last < n - 1:
+                    events = await slow.receive_many()
+                    seen, last = seen + len(events), events[-1].data[0]
+    assert got == n and fast.stats["dropped"] == 0
     # Sub0 makes room by dropping the oldest frame it holds, so under load even the
     # first events may go before the slow reader takes any; from its first event
     # on, every event is either seen or counted as dropped.
@@ -339,9 +349,9 @@ async def test_malformed_datagrams_are_counted_and_ignored(disco):
                 s.sendto(junk, ("127.0.0.1", disco.port))
         with trio.fail_after(5):
             assert (await rq.send({"type": "randomRequest", "val": 2}))["val"] == 2
-        await trio.sleep(0.1)
         # unicast to a shared (SO_REUSEPORT) port reaches one of the listeners
-        assert rep.discovery.stats["bad"] + rq.discovery.stats["bad"] >= 5
+        await wait_until(lambda: rep.discovery.stats["bad"] + rq.discovery.stats["bad"] >= 5,
+                         "all five datagrams are counted bad")
 
 
 def _run(args, env, timeout=20):

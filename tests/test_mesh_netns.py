@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
 
 RESPONDER = """

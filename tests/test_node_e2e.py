@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -16,7 +15,7 @@ import trio
 
 from engine.client import connect
 from engine.errors import AppNotFound, QueueFull
-from support import slave_pids
+from support import slave_pids, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,8 +76,8 @@ async def test_client_calls_streams_and_pool_growth(apps_dir, start_node):
             assert chunks == [{"i": i} for i in range(5)]
             assert await c.call("echo", "count", {"n": 2}) == [{"i": 0}, {"i": 1}]
 
-            # A burst of slow jobs grows the pool to its limit (4), never above.
-            most = 0
+            # A burst of slow jobs grows the pool to its limit (4), never above: the
+            # pool's own count of slaves started says so, not a sample of its size.
             results = []
 
             async def one(i):
@@ -87,16 +86,9 @@ async def test_client_calls_streams_and_pool_growth(apps_dir, start_node):
             async with trio.open_nursery() as nursery:
                 for i in range(10):
                     nursery.start_soon(one, i)
-                for _ in range(40):
-                    info = await c.info("echo")
-                    most = max(most, len(info["pool"]["slaves"]))
-                    if len(results) == 10:
-                        break
-                    await trio.sleep(0.1)
             assert len(results) == 10
             info = await c.info("echo")
-            assert most == 4, info
-            assert info["pool"]["spawned"] == 4
+            assert info["pool"]["spawned"] == 4 and info["pool"]["crashes"] == 0, info
             assert info["pool"]["done"] >= 13
             assert info["pool"]["latency_ms"]["p50"] is not None
             assert len(slave_pids(node)) <= 4
@@ -200,8 +192,10 @@ async def test_sigterm_drains_in_flight_jobs_and_leaves_no_process(apps_dir, sta
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(in_flight)
-                while not slave_pids(node) or (await c.info("echo"))["pool"]["running"] == 0:
-                    await trio.sleep(0.05)
+
+                async def running():
+                    return slave_pids(node) and (await c.info("echo"))["pool"]["running"] > 0
+                await wait_until(running, "the slow call runs in a slave", timeout=30, interval=0.05)
                 children = node.descendants()
                 assert children
                 node.proc.send_signal(signal.SIGTERM)
@@ -226,10 +220,8 @@ async def test_sigkilled_node_takes_its_slaves_with_it(apps_dir, start_node):
         assert len(zygotes) == 1 and pids <= {p.pid for p in zygotes[0].children()}
         node.proc.kill()
         assert await node.wait_exit(10) == -signal.SIGKILL
-        started = time.monotonic()
         gone, alive = psutil.wait_procs(family, timeout=10)
         assert not alive, f"outlived a SIGKILLed node: {alive}"
-        assert time.monotonic() - started < 10
 
 
 async def test_long_stream_arrives_whole(apps_dir, start_node):
@@ -262,11 +254,11 @@ async def test_app_with_a_timer_driver_runs_it(apps_dir, start_node):
     node = await start_node(apps_dir)
     with trio.fail_after(40):
         async with connect(node.address, timeout=20) as c:
-            while True:
+            async def ticked_three_times():
                 info = await c.info("ticker")
-                if info["pool"]["done"] >= 3:
-                    break
-                await trio.sleep(0.1)
+                return info if info["pool"]["done"] >= 3 else None
+            info = await wait_until(ticked_three_times, "the timer's jobs ran three times",
+                                    timeout=40, interval=0.1)
             assert info["drivers"]["tick"]["type"] == "recurring-timer"
             assert info["drivers"]["tick"]["emit"] == "echo"
             # the timer's jobs share the pool with calls through the control endpoint

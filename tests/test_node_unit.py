@@ -17,18 +17,26 @@ from engine.drivers import registry
 from engine.errors import AppNotFound, DriverError, ManifestError, ShuttingDown
 from engine.manifest import load_manifest
 from engine.node.node import Node, find_manifests
+from support import wait_until
 from transport.errors import BadMessage, HandlerError, UnknownEvent
 
 
 class FakeJob:
+    """An :class:`engine.pool.base.JobHandle` that knows its outcome at once."""
+
     def __init__(self, event, payload):
         self.event, self.payload = event, payload
         self.streaming = event == "count"
         self.done = False
         self.cancelled = False
+        self.polled = 0
 
     def cancel(self):
         self.cancelled = True
+
+    def poll(self):
+        self.polled += 1
+        return False
 
     # The callback side of engine.pool.job.Job (the control endpoint answers through it):
     # this fake knows its outcome at once.
@@ -82,6 +90,9 @@ class FakePool:
         finally:
             self.running = False
             self.exited.set()
+
+    def use_zygote(self, zygote):  # engine.pool.base.Pool: the node offers its zygote
+        pass
 
     def submit(self, event, payload, chunks=None):
         self.submitted += 1
@@ -148,6 +159,7 @@ def fake_app(manifest):
 
 # -- App ----------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 async def test_app_starts_pool_and_drivers_then_stops(tmp_path):
     folder = make_app(tmp_path, "a", {"drivers": {"tick": {"type": "test-node-fake", "emit": "t"}}})
     app = fake_app(load_manifest(folder))
@@ -167,6 +179,7 @@ async def test_app_starts_pool_and_drivers_then_stops(tmp_path):
         app.submit("echo", 1)
 
 
+@pytest.mark.e2e
 async def test_driver_failure_fails_start_and_leaves_nothing_running(tmp_path):
     folder = make_app(tmp_path, "a", {"drivers": {
         "ok": {"type": "test-node-fake"}, "bad": {"type": "test-node-fake", "fail": True}}})
@@ -195,6 +208,7 @@ def test_find_manifests_ignores_folders_without_one(tmp_path):
     assert [p for p, _ in missing] == [str(tmp_path / "nowhere"), str(tmp_path / "apps" / "mesh")]
 
 
+@pytest.mark.e2e
 async def test_node_hosts_good_apps_and_reports_bad_ones(tmp_path):
     root = tmp_path / "apps"
     make_app(root, "good", {})
@@ -225,6 +239,7 @@ async def test_node_hosts_good_apps_and_reports_bad_ones(tmp_path):
         assert all(p.exited.is_set() for p in FakePool.instances)
 
 
+@pytest.mark.e2e
 async def test_app_failing_after_start_is_dropped_not_the_node(tmp_path):
     make_app(tmp_path, "a", {})
     make_app(tmp_path, "b", {})
@@ -235,14 +250,14 @@ async def test_app_failing_after_start_is_dropped_not_the_node(tmp_path):
             await node.load_apps([tmp_path])
             app_a = node.apps["a"]
             app_a._scope.cancel()            # as if its pool crashed out
-            await app_a._stopped.wait()
-            await trio.sleep(0)
-            assert list(node.apps) == ["b"] and node.state == "running"
+            await wait_until(lambda: list(node.apps) == ["b"], "the node drops app a", timeout=4)
+            assert app_a.state == "stopped" and node.state == "running"
             await node.shutdown()
 
 
 # -- control endpoint over real RpcServer/RpcClient ------------------------------------------
 
+@pytest.mark.e2e
 async def test_control_verbs_and_app_calls(tmp_path):
     make_app(tmp_path / "apps", "echo", {})
     node = Node(control="tcp://127.0.0.1:0", app_factory=fake_app)
@@ -279,6 +294,93 @@ async def test_control_verbs_and_app_calls(tmp_path):
             await node.shutdown()
 
 
+async def test_the_control_handler_answers_from_its_nodes_own_table():
+    from engine.node.control import ClusterControlHandler, ControlHandler
+    from transport.rpc import Deferred, Request
+
+    async def ping(node, args):
+        return ("pong", node, args)
+
+    class Host:
+        def __init__(self):
+            self.submitted = []
+
+        def get(self, name):
+            assert name == "app"
+            host = self
+
+            class _App:
+                def submit(self, event, payload, chunks=None):
+                    host.submitted.append((event, payload, chunks))
+                    return FakeJob(event, payload)
+            return _App()
+
+    class Cluster:
+        served: list = []
+
+        async def serve(self, app, event, payload):
+            self.served.append((app, event, payload))
+            return "from the cluster"
+
+    host = Host()
+    handler = ControlHandler(host, {"ping": ping})
+    assert await handler(Request(1, "", "ping", 7, peer=1)) == ("pong", host, 7)
+    with pytest.raises(UnknownEvent, match=r"no node verb 'list' \(verbs: ping\)"):
+        handler(Request(2, "", "list", None, peer=1))
+    assert isinstance(handler(Request(3, "app", "echo", 1, peer=1)), Deferred)   # answered by the job
+
+    cluster = Cluster()
+    clustered = ClusterControlHandler(host, {"ping": ping}, cluster)
+    assert await clustered(Request(4, "app", "echo", 2, peer=1)) == "from the cluster"
+    assert cluster.served == [("app", "echo", 2)]
+    chunked = clustered(Request(5, "app", "upload", 3, peer=1, chunks=object()))
+    assert isinstance(chunked, Deferred) and host.submitted[-1][0] == "upload"  # runs where its chunks are
+    assert await clustered(Request(6, "", "ping", 8, peer=1)) == ("pong", host, 8)
+
+
+def test_reply_later_hands_the_rpc_server_the_jobs_own_poll_and_cancel():
+    """The Deferred polls and cancels through the job (engine.pool.base.JobHandle), and
+    is settled from the job's reply callback: a value, or the job's error."""
+    from engine.node.control import reply_later
+    from transport.rpc.handlers import FAILED, RESOLVED
+
+    settled = []
+    job = FakeJob("echo", 5)
+    deferred = reply_later(job)
+    deferred.bind(lambda conn, sid, how, value: settled.append((how, value)), None, 1)
+    assert settled == [(RESOLVED, 5)]
+    assert deferred.poll() is False and job.polled == 1
+    deferred.on_cancel()
+    assert job.cancelled
+
+    failed = reply_later(FakeJob("nope", None))
+    failed.bind(lambda conn, sid, how, value: settled.append((how, value)), None, 2)
+    how, error = settled[-1]
+    assert how == FAILED and isinstance(error, HandlerError) and error.type == "UnknownEvent"
+
+
+async def test_a_stream_left_early_cancels_its_job_and_a_failing_cancel_is_logged(caplog):
+    """The caller leaves a streamed reply after one chunk: the job is cancelled; if that
+    cancel raises, the error is logged (not raised over why the stream ended, nor lost)."""
+    from engine.node.control import answer
+    from transport.rpc import Stream
+
+    class BadCancel(FakeJob):
+        def cancel(self):
+            super().cancel()
+            raise RuntimeError("the pool is gone")
+
+    for job in (FakeJob("count", {"n": 5}), BadCancel("count", {"n": 5})):
+        reply = await answer(job)
+        assert isinstance(reply, Stream)
+        chunks = reply.items.__aiter__()
+        assert await chunks.__anext__() == {"i": 0}
+        await chunks.aclose()
+        assert job.cancelled and not job.done
+    assert any("cancelling" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.e2e
 async def test_connect_to_nothing_is_unreachable():
     from transport.errors import Unreachable
 
@@ -290,10 +392,11 @@ async def test_connect_to_nothing_is_unreachable():
 
 # -- CLI table --------------------------------------------------------------------------------
 
-def test_cli_is_a_table_other_modules_can_extend(capsys):
+def test_cli_is_the_table_it_is_given(capsys):
     from engine.cli import commands as cli
+    from engine.cli.common import command
 
-    @cli.command("test-hello", "say hello")
+    @command("test-hello", "say hello")
     def hello_command(p):
         p.add_argument("who")
 
@@ -302,15 +405,27 @@ def test_cli_is_a_table_other_modules_can_extend(capsys):
             return 7
         return run
 
-    try:
-        assert cli.main(["test-hello", "world"]) == 7
-        assert capsys.readouterr().out == "hello world\n"
-        for verb in ("run", "call", "list", "info", "deploy", "undeploy", "crashlog"):
-            assert verb in cli.COMMANDS
-    finally:
-        del cli.COMMANDS["test-hello"]
+    assert hello_command.name == "test-hello" and "test-hello" not in cli.COMMANDS  # made, not registered
+    assert cli.main(["test-hello", "world"], commands={**cli.COMMANDS, "test-hello": hello_command}) == 7
+    assert capsys.readouterr().out == "hello world\n"
+    assert list(cli.COMMANDS) == ["run", "call", "list", "info", "deploy", "undeploy", "crashlog",
+                                  "top", "schedule", "nodes"]
+    with pytest.raises(TypeError):
+        cli.COMMANDS["test-hello"] = hello_command  # type: ignore[index]  (the table is fixed)
+    with pytest.raises(SystemExit):
+        cli.main(["test-hello", "world"])     # not in the table the CLI has
+    assert "invalid choice: 'test-hello'" in capsys.readouterr().err
 
 
+def test_run_takes_the_cluster_options():
+    from engine.cli.commands import build_parser
+
+    args = build_parser().parse_args(["run", "apps", "--cluster", "c", "--state-dir", "/tmp/s",
+                                      "--discovery-port", "4000"])
+    assert (args.paths, args.cluster, args.state_dir, args.discovery_port) == (["apps"], "c", "/tmp/s", 4000)
+
+
+@pytest.mark.e2e
 def test_cli_prints_errors_and_exits_non_zero(capsys):
     from engine.cli import commands as cli
 

@@ -1,4 +1,6 @@
-"""The node-side slave session state machine, driven with plain numbers for time."""
+"""The two pure sides of the slave protocol: the node's session of a slave (driven with
+plain numbers for time) and the slave's own (engine.protocol.slave_session).
+fuzz/test_session_pair.py runs them against each other."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +9,13 @@ from engine.errors import JobCancelled, ShuttingDown, SlaveDied, SlaveHung
 from engine.pool.prefetch import AUTO_PREFETCH_MAX
 from engine.protocol.node_session import (PROTOCOL_VERSION, STREAM_WINDOW, Chunk, Failed, Finished, InputCredit,
                              Kill, ProtocolError, Ready, Send, SlaveSession, State, Stopping)
+from engine.protocol.messages import invoke_body
+from engine.protocol.slave_session import (CancelHandler, CloseInput, EndInput, Exit, Feed, OpenInput, Resume,
+                                           Start, WorkerSession)
+from engine.protocol.slave_session import ProtocolError as WorkerProtocolError
+from engine.protocol.slave_session import State as WorkerState
 from transport.codec import Envelope, Kind
-from transport.errors import HandlerError, error_to_body
+from transport.errors import BadMessage, HandlerError, UnknownEvent, body_to_error, error_to_body
 
 
 def session(now=0.0, **kw):
@@ -209,3 +216,160 @@ def test_credit_from_the_slave_lets_the_node_send_more_of_a_chunked_request():
     assert s.receive(Envelope(Kind.CREDIT, 5, 16), 0.1) == [InputCredit("j5", 16)]
     assert s.receive(Envelope(Kind.CREDIT, 9, 16), 0.1) == []    # not a job it holds
     assert s.receive(Envelope(Kind.CREDIT, 5, -1), 0.1) == []    # nonsense is ignored
+
+
+# -- the slave's side: engine.protocol.slave_session ------------------------------------------
+
+def worker(concurrency=1, events=("echo", "count", "digest")):
+    return WorkerSession(concurrency=concurrency, events=events)
+
+
+def invoke(w, sid, event="echo", payload=None, chunked=False):
+    return w.receive(Envelope(Kind.INVOKE, sid, invoke_body(event, payload, chunked)))
+
+
+def error_of(action):
+    assert type(action) is Envelope and action.kind == Kind.ERROR, action
+    return body_to_error(action.body)
+
+
+def test_the_node_accepts_the_workers_handshake():
+    w = worker(concurrency=3)
+    hello_env = w.hello(pid=42, app="a")
+    assert hello_env.kind == Kind.HANDSHAKE and hello_env.body["events"] == ["count", "digest", "echo"]
+    assert hello_env.body["window"] == STREAM_WINDOW
+    assert session(concurrency=4).receive(hello_env, 0.0) == [Ready(3)]
+    assert w.heartbeat() == Envelope(Kind.HEARTBEAT, 0, {"jobs": 0})
+
+
+def test_worker_starts_an_invoke_and_answers_it_exactly_once():
+    w = worker()
+    assert invoke(w, 7, "echo", {"x": 1}) == [Start(7, "echo", {"x": 1})]
+    assert w.heartbeat().body == {"jobs": 1}
+    [reply] = w.result(7, "v")
+    assert type(reply) is Envelope and reply == (Kind.RESULT, 7, "v")
+    with pytest.raises(WorkerProtocolError, match="answered twice"):
+        w.result(7, "again")
+    with pytest.raises(WorkerProtocolError):
+        w.failed(7, ValueError("late"))
+    assert not w.running
+
+
+def test_worker_answers_a_bad_invoke_instead_of_crashing():
+    w = worker()
+    for body in (None, "echo", [], ["echo"], [1, 2], ["echo", 1, True, 4], {"event": "echo"}):
+        [err] = w.receive(Envelope(Kind.INVOKE, 3, body))
+        assert isinstance(error_of(err), BadMessage) and err.sid == 3
+    assert not w.running and not w.waiting
+    invoke(w, 4)
+    [err] = invoke(w, 4)                           # a sid it already holds
+    assert isinstance(error_of(err), BadMessage) and "already in use" in error_of(err).message
+    assert list(w.running) == [4]
+
+
+def test_worker_answers_an_unknown_event_when_it_would_start_taking_no_slot():
+    w = worker(concurrency=1)
+    invoke(w, 1)
+    assert invoke(w, 2, "nope") == []               # queued behind job 1, like any other
+    assert invoke(w, 3) == []
+    reply, unknown, start = w.result(1, None)
+    assert reply == (Kind.RESULT, 1, None)
+    assert isinstance(error_of(unknown), UnknownEvent) and unknown.sid == 2
+    assert "['count', 'digest', 'echo']" in error_of(unknown).message
+    assert start == Start(3, "echo", None)
+
+
+def test_worker_runs_at_most_concurrency_and_starts_prefetched_jobs_in_order():
+    w = worker(concurrency=2)
+    assert [type(a) for sid in (1, 2) for a in invoke(w, sid)] == [Start, Start]
+    assert invoke(w, 3) == [] and invoke(w, 4) == [] and list(w.waiting) == [3, 4]
+    assert w.result(2, "b") == [Envelope(Kind.RESULT, 2, "b"), Start(3, "echo", None)]
+    assert sorted(w.running) == [1, 3] and list(w.waiting) == [4]
+    assert invoke(w, 5) == []                        # a free slot would not jump the queue
+    assert w.stream_ended(1) == [Envelope(Kind.CHOKE, 1, None), Start(4, "echo", None)]
+
+
+def test_worker_cancels_a_waiting_job_at_once_and_a_running_one_through_its_handler():
+    w = worker(concurrency=1)
+    invoke(w, 1)
+    invoke(w, 2)
+    [ack] = w.receive(Envelope(Kind.CANCEL, 2, None))   # waiting: answered now
+    assert isinstance(error_of(ack), JobCancelled) and ack.sid == 2 and not w.waiting
+    assert w.receive(Envelope(Kind.CANCEL, 1, None)) == [CancelHandler(1)]
+    assert w.receive(Envelope(Kind.CANCEL, 1, None)) == []    # told once
+    [ack] = w.cancelled(1)
+    assert isinstance(error_of(ack), JobCancelled) and ack.sid == 1
+    assert w.receive(Envelope(Kind.CANCEL, 1, None)) == []    # answered: its reply is on its way
+    invoke(w, 3)
+    w.receive(Envelope(Kind.CANCEL, 3, None))
+    assert w.result(3, "done anyway") == [Envelope(Kind.RESULT, 3, "done anyway")]  # not cancelled twice
+    assert not w.cancelling
+
+
+def test_worker_keeps_a_stream_within_its_window_of_credit():
+    w = worker()
+    invoke(w, 1, "count")
+    for i in range(STREAM_WINDOW):
+        assert w.send_window(1) == STREAM_WINDOW - i
+        assert w.chunk(1, i) == Envelope(Kind.CHUNK, 1, i)
+    assert w.send_window(1) == 0
+    with pytest.raises(WorkerProtocolError, match="window"):
+        w.chunk(1, "one too many")
+    for nonsense in (0, -3, "16", 2.5, None):
+        assert w.receive(Envelope(Kind.CREDIT, 1, nonsense)) == []
+    assert w.receive(Envelope(Kind.CREDIT, 1, 16)) == [Resume(1)]
+    assert w.receive(Envelope(Kind.CREDIT, 1, 16)) == []      # it was not waiting any more
+    assert w.send_window(1) == 32
+    assert w.receive(Envelope(Kind.CREDIT, 9, 16)) == []      # not a job it runs
+
+
+def test_worker_terminate_answers_waiting_jobs_then_says_so_and_exits():
+    w = worker(concurrency=1)
+    invoke(w, 1)
+    invoke(w, 2)
+    invoke(w, 3, "digest", chunked=True)
+    *errors, close, bye, exit_ = w.receive(Envelope(Kind.TERMINATE, 0, None))
+    assert [e.sid for e in errors] == [2, 3] and all(isinstance(error_of(e), ShuttingDown) for e in errors)
+    assert close == CloseInput(3) and bye == Envelope(Kind.TERMINATE, 0, None) and exit_ == Exit()
+    assert w.state is WorkerState.EXITING
+    assert invoke(w, 4) == []                          # it reads no more
+    assert w.result(1, "x") == [Envelope(Kind.RESULT, 1, "x")]  # a job running meanwhile still answers
+
+
+def test_worker_holds_a_chunked_requests_input_until_the_job_is_answered():
+    w = worker(concurrency=1)
+    invoke(w, 1)
+    assert invoke(w, 2, "digest", "f", chunked=True) == [OpenInput(2)]   # waits, its chunks may come
+    assert w.receive(Envelope(Kind.CHUNK, 2, b"a")) == [Feed(2, b"a")]
+    assert w.receive(Envelope(Kind.CHUNK, 9, b"?")) == []              # no such input
+    assert w.result(1, None)[1] == Start(2, "digest", "f")
+    assert w.grant_input(2, 16) == [Envelope(Kind.CREDIT, 2, 16)]
+    assert w.receive(Envelope(Kind.CHOKE, 2, None)) == [EndInput(2)]
+    assert w.result(2, "sha") == [Envelope(Kind.RESULT, 2, "sha"), CloseInput(2)]
+    assert w.grant_input(2, 16) == [] and w.receive(Envelope(Kind.CHUNK, 2, b"late")) == []
+
+
+def test_worker_cancelling_a_waiting_chunked_job_drops_its_input():
+    w = worker(concurrency=1)
+    invoke(w, 1)
+    invoke(w, 2, "digest", chunked=True)
+    ack, close = w.receive(Envelope(Kind.CANCEL, 2, None))
+    assert isinstance(error_of(ack), JobCancelled) and close == CloseInput(2)
+
+
+def test_worker_sends_nothing_and_starts_nothing_once_the_link_is_gone():
+    w = worker(concurrency=1)
+    invoke(w, 1, "count")
+    invoke(w, 2)
+    w.connection_lost()
+    assert w.chunk(1, "x") is None
+    assert w.result(1, "x") == [] and not w.running and not w.waiting
+    assert invoke(w, 3) == []
+
+
+def test_the_protocol_window_is_the_one_chunked_requests_run_on():
+    """A slave reads a chunked request through transport.inbound, whose window and
+    credit batch must be the ones its handshake announces."""
+    from engine.protocol import messages
+    from transport import inbound
+    assert (messages.STREAM_WINDOW, messages.CREDIT_BATCH) == (inbound.WINDOW, inbound.CREDIT_BATCH)

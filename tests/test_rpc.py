@@ -3,9 +3,12 @@ import pynng
 import pytest
 import trio
 
+from support import wait_until
 from transport.codec import Kind, encode
 from transport.errors import BadMessage, HandlerError, QueueFull, TimeoutError_, Unreachable
 from transport.rpc import RpcClient, RpcServer, Stream
+
+pytestmark = pytest.mark.e2e
 
 
 class Boom(Exception):
@@ -77,9 +80,7 @@ async def test_timeout_cancels_server_side_work(server):
         async with RpcClient(server.address) as client:
             with pytest.raises(TimeoutError_):
                 await client.call("app", "sleep", 30, timeout=0.2)
-            with trio.fail_after(5):
-                while server.inflight:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: server.inflight == 0, "the CANCEL stops the handler")
 
 
 async def test_many_in_flight_are_batched_and_all_answered(server):
@@ -102,7 +103,7 @@ async def test_max_inflight_refuses_with_queue_full(nursery, address):
             async with trio.open_nursery() as n:
                 n.start_soon(client.call, "app", "sleep", 0.5)
                 n.start_soon(client.call, "app", "sleep", 0.5)
-                await trio.sleep(0.2)
+                await wait_until(lambda: srv.inflight == 2, "both sleeps run on the server")
                 with pytest.raises(QueueFull):
                     await client.call("app", "echo", 1)
 
@@ -121,7 +122,7 @@ async def test_server_vanishing_fails_pending_calls_unreachable(address):
             async with RpcClient(srv.address) as client:
                 await client.wait_connected()
                 async def stop_soon():
-                    await trio.sleep(0.2)
+                    await wait_until(lambda: srv.inflight == 1, "the call is in flight")
                     server_scope.cancel()
                 outer.start_soon(stop_soon)
                 with pytest.raises(Unreachable):
@@ -173,8 +174,7 @@ async def test_stream_link_reconnects_after_server_restart(tmp_path):
                     await client.wait_connected()
                     assert await client.call("app", "echo", attempt) == attempt
                     n.cancel_scope.cancel()
-                while client.connected:
-                    await trio.sleep(0.01)
+                await wait_until(lambda: not client.connected, "the client sees the server gone")
 
 
 async def test_stream_link_garbage_framing_drops_only_that_connection(nursery):
@@ -212,8 +212,7 @@ async def test_flush_waits_for_answers_in_flight(nursery):
         async with RpcClient(srv.address) as client:
             async with trio.open_nursery() as n:
                 n.start_soon(client.call, "app", "sleep", 0.3)
-                while not srv.inflight:
-                    await trio.sleep(0.01)
+                await wait_until(lambda: srv.inflight, "the call is in flight")
                 await srv.flush()
                 assert srv.inflight == 0 and srv.served == 1
 

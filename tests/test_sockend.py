@@ -21,7 +21,7 @@ from sockend import EventOutbox, Sockend, SockendConfig, TransportMesh
 from sockend.http import resolve_static
 from sockend.protocol import (SKIPPED_EVENT, BadFrame, BadPath, ClientChunk, namespace_from_path,
                               parse_request)
-from support import free_udp_port
+from support import free_udp_port, wait_until
 from transport import HandlerError, Publisher, Responder, TimeoutError_
 
 # -- pure: the wire format -------------------------------------------------------------
@@ -68,6 +68,9 @@ def test_parse_request_raises_only_badframe(text):
     try:
         r = parse_request(text)
     except BadFrame:
+        return
+    if isinstance(r, ClientChunk):   # e.g. '{"chunk": null, "id": 0}': a chunk of an upload
+        assert isinstance(r.id, (int, str)) and (r.end or "chunk" in json.loads(text))
         return
     assert isinstance(r.type, str) and r.type and isinstance(r.data, dict)
 
@@ -199,12 +202,7 @@ async def ask(ws, frame):
             return msg
 
 
-async def wait_until(predicate, timeout=5.0):
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
+@pytest.mark.e2e
 async def test_malformed_frames_get_typed_errors_and_the_connection_stays_usable():
     mesh = FakeMesh()
 
@@ -226,6 +224,7 @@ async def test_malformed_frames_get_typed_errors_and_the_connection_stays_usable
             assert server.stats["malformed"] == 5 and server.stats["answered"] == 1
 
 
+@pytest.mark.e2e
 async def test_limits_message_size_clients_and_requests_in_flight():
     mesh = FakeMesh()
     release = trio.Event()
@@ -243,7 +242,7 @@ async def test_limits_message_size_clients_and_requests_in_flight():
                         pass
                 for i in (1, 2):
                     await ws.send_message(json.dumps({"id": i, "type": "block"}))
-                await wait_until(lambda: server.stats["requests"] == 2)
+                await wait_until(lambda: server.stats["requests"] == 2, "both requests are in flight")
                 refused = await ask(ws, {"id": 3, "type": "block"})
                 assert refused["error"]["code"] == "queue-full"
                 release.set()
@@ -253,7 +252,8 @@ async def test_limits_message_size_clients_and_requests_in_flight():
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.get_message()
                 assert info.value.reason.code == 1009
-            await wait_until(lambda: server.stats["too_big"] == 1 and server.clients == 0)
+            await wait_until(lambda: server.stats["too_big"] == 1 and server.clients == 0,
+                             "the oversized message closes its client")
             async with open_websocket_url(url(server)) as ws:   # the server is fine
                 assert (await ask(ws, {"id": 1, "type": "$types"}))["data"] == ["block"]
 
@@ -267,6 +267,7 @@ async def open_slow_client(nursery, server, path="/"):
                                     message_queue_size=1)
 
 
+@pytest.mark.e2e
 async def test_a_stalled_browser_is_evicted_and_never_holds_back_the_others():
     mesh = FakeMesh()
     payload = "x" * 65536
@@ -277,8 +278,8 @@ async def test_a_stalled_browser_is_evicted_and_never_holds_back_the_others():
             slow = await open_slow_client(nursery, server)
             fast = [await stack.enter_async_context(open_websocket_url(url(server)))
                     for _ in range(3)]
-            await wait_until(lambda: len(server.hubs.get("", None).clients) == 4
-                             if "" in server.hubs else False)
+            await wait_until(lambda: "" in server.hubs and len(server.hubs[""].clients) == 4,
+                             "the four browsers have joined the hub")
             await server.hubs[""].ready.wait()
             received = [[] for _ in fast]
             for seq in range(n_events):
@@ -289,11 +290,12 @@ async def test_a_stalled_browser_is_evicted_and_never_holds_back_the_others():
             assert all(r == list(range(n_events)) for r in received)
             assert server.stats["evicted"] == 1
             assert server.stats["events_skipped"] > 40
-            await wait_until(lambda: server.hubs[""].clients and len(server.hubs[""].clients) == 3)
+            await wait_until(lambda: len(server.hubs[""].clients) == 3, "the stalled one is gone")
             await slow.aclose()
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.e2e
 async def test_static_files_and_bad_http_on_the_websocket_port(tmp_path):
     (tmp_path / "index.html").write_text("<h1>hello</h1>")
 
@@ -321,6 +323,7 @@ async def test_static_files_and_bad_http_on_the_websocket_port(tmp_path):
                                        b"Connection: Upgrade\r\n\r\n")).startswith(b"HTTP/1.1 404")
 
 
+@pytest.mark.e2e
 async def test_a_namespace_link_opens_with_its_first_browser_and_closes_after_the_last():
     mesh = FakeMesh()
     with trio.fail_after(20):
@@ -329,12 +332,14 @@ async def test_a_namespace_link_opens_with_its_first_browser_and_closes_after_th
                     open_websocket_url(url(server, "/rnd")):
                 await ask(a, {"id": 1, "type": "$types"})
                 assert mesh.opened["rnd"] == 1 and mesh.closed["rnd"] == 0
-            await wait_until(lambda: mesh.closed["rnd"] == 1 and "rnd" not in server.hubs)
+            await wait_until(lambda: mesh.closed["rnd"] == 1 and "rnd" not in server.hubs,
+                             "the link closes after the linger")
             async with open_websocket_url(url(server, "/rnd")) as a:
                 await ask(a, {"id": 1, "type": "$types"})
                 assert mesh.opened["rnd"] == 2
 
 
+@pytest.mark.e2e
 async def test_a_failed_mesh_link_closes_its_browsers_with_1011_and_recovers():
     mesh = FakeMesh()
     mesh.broken = True
@@ -397,8 +402,10 @@ async def test_a_browser_uploads_chunks_to_a_responder_under_its_credit(disco):
     with trio.fail_after(40):
         async with rep, running(TransportMesh(discovery=disco)) as server, \
                 open_websocket_url(url(server, "/up")) as ws:
-            while (await ask(ws, {"id": 0, "type": "$types"}))["data"] != ["upload"]:
-                await trio.sleep(0.05)
+            async def upload_found():
+                return (await ask(ws, {"id": 0, "type": "$types"}))["data"] == ["upload"]
+            await wait_until(upload_found, "the upload responder is found", timeout=20,
+                             interval=0.05)
             await ws.send_message(json.dumps({"id": 1, "type": "upload", "data": {"name": "n"},
                                               "chunked": True}))
             window, sent, answer = 64, 0, None
@@ -430,7 +437,7 @@ async def test_a_request_nobody_serves_fails_with_a_timeout_error(disco):
             err = await ask(ws, {"id": 9, "type": "randomRequest", "data": {"val": 1}, "timeout": 0.5})
             assert err["id"] == 9 and err["ok"] is False and err["error"]["code"] == "timeout"
             assert err["error"]["retryable"] is True
-            assert 0.4 < trio.current_time() - t0 < 10
+            assert trio.current_time() - t0 > 0.4   # never before the timeout asked for
 
 
 @pytest.mark.e2e
@@ -458,12 +465,21 @@ async def test_publisher_events_fan_out_to_every_browser_of_its_namespace_only(d
                 while not all(len(g) >= 20 for g in got):   # the subscriber may join late
                     pub.publish("randomUpdate", {"seq": seq})
                     seq += 1
-                    await trio.sleep(0.02)
+                    await trio.sleep(0.02)   # a live publisher's pace, in real time
             for g in got:   # each browser saw a contiguous run, in order
                 assert g == list(range(g[0], g[0] + 20))
-            with trio.move_on_after(0.3):
-                msg = await outsider.get_message()
-                pytest.fail(f"the default namespace got a 'rnd' event: {msg}")
+            # The outsider's own namespace delivers to it, and that comes first: a 'rnd'
+            # event leaking to it would have been on its way since the 20 above.
+            async with Publisher("pub0", broadcasts=["marker"], discovery=disco) as pub0, \
+                    trio.open_nursery() as marking:
+                async def mark():
+                    while True:
+                        pub0.publish("marker", {"n": 1})
+                        await trio.sleep(0.02)   # until its subscriber has joined
+                marking.start_soon(mark)
+                first = json.loads(await outsider.get_message())
+                marking.cancel_scope.cancel()
+            assert first["event"] == "marker", f"the default namespace got: {first}"
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -558,10 +574,13 @@ async def run_page(chromium, page_url, tmp_path, expression, *, until, timeout):
     try:
         with trio.fail_after(timeout):
             port_file = profile / "DevToolsActivePort"
-            while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
+
+            def devtools_port_written():
                 if proc.poll() is not None:
                     pytest.fail(f"chromium exited: {(tmp_path / 'chromium.log').read_text()[-2000:]}")
-                await trio.sleep(0.05)
+                return port_file.exists() and len(port_file.read_text().split()) >= 2
+            await wait_until(devtools_port_written, "chromium writes its DevTools port",
+                             timeout=timeout, interval=0.05)
             port, path = port_file.read_text().split()[:2]
             async with open_websocket_url(f"ws://127.0.0.1:{port}{path}") as cdp:
                 ids = iter(range(1, 10**6))
@@ -581,13 +600,13 @@ async def run_page(chromium, page_url, tmp_path, expression, *, until, timeout):
                 target = (await call("Target.createTarget", {"url": page_url}))["targetId"]
                 session = (await call("Target.attachToTarget",
                                       {"targetId": target, "flatten": True}))["sessionId"]
-                while True:
+                async def shown():
                     result = await call("Runtime.evaluate",
                                         {"expression": expression, "returnByValue": True}, session)
                     value = result.get("result", {}).get("value")
-                    if isinstance(value, str) and until(value):
-                        return value
-                    await trio.sleep(0.1)
+                    return value if isinstance(value, str) and until(value) else None
+                return await wait_until(shown, "the page shows what was awaited",
+                                        timeout=timeout, interval=0.1)
     finally:
         with trio.CancelScope(shield=True):
             # TERM first so chromium reaps its own helpers; then KILL its whole group.
@@ -613,7 +632,7 @@ async def test_headless_chromium_requests_and_receives_events_through_sockend_js
             async def keep_publishing():
                 while True:
                     pub.publish("randomUpdate", {"val": 42})
-                    await trio.sleep(0.1)
+                    await trio.sleep(0.1)   # a live publisher's pace, in real time
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_publishing)
                 text = await run_page(chromium, f"http://127.0.0.1:{server.port}/", tmp_path,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import trio
 
+from support import wait_until
 from transport.errors import BadMessage, HandlerError, TimeoutError_, TransportError, Unreachable
 from transport.rpc import RpcServer, Stream
 from transport.sync_client import SyncRpcClient
+
+pytestmark = pytest.mark.e2e
 
 cleaned_up = []
 
@@ -67,8 +70,7 @@ async def test_timeout_cancels_on_the_server_and_the_late_answer_is_skipped(serv
             return client.call("app", "echo", "next", timeout=10)
     with trio.fail_after(20):
         assert await in_thread(scenario) == ["app", "next"]
-        while server.inflight:  # the CANCEL stopped the sleeping handler
-            await trio.sleep(0.01)
+        await wait_until(lambda: server.inflight == 0, "the CANCEL stops the sleeping handler")
 
 
 async def test_leaving_a_stream_early_cancels_it(server):
@@ -83,8 +85,7 @@ async def test_leaving_a_stream_early_cancels_it(server):
     cleaned_up.clear()
     with trio.fail_after(20):
         got, after = await in_thread(scenario)
-        while 1000 not in cleaned_up:  # the server's stream ran its cleanup
-            await trio.sleep(0.01)
+        await wait_until(lambda: 1000 in cleaned_up, "the server's stream runs its cleanup")
     assert got == [0, 1, 2] and after == ["app", 2]
 
 

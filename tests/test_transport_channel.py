@@ -1,7 +1,12 @@
-"""TrioSocket and EnvelopeChannel over real nng Pair0 sockets."""
+"""TrioSocket and EnvelopeChannel over real nng Pair0 sockets (nng's in-process
+transport: the same pollable descriptors and non-blocking calls as over ipc or tcp,
+without an address on the machine)."""
+import itertools
+
 import pynng
 import pytest
 import trio
+import trio.testing
 
 from transport.channel import EnvelopeChannel
 from transport.codec import Kind
@@ -9,9 +14,12 @@ from transport.errors import Closed
 from transport.sockets import TrioSocket
 
 
+_names = itertools.count()
+
+
 @pytest.fixture
-def pair(tmp_path):
-    addr = f"ipc://{tmp_path}/pair.sock"
+def pair():
+    addr = f"inproc://test-transport-channel-{next(_names)}"
     a = TrioSocket(pynng.Pair0(listen=addr))
     b = TrioSocket(pynng.Pair0(dial=addr))
     yield a, b
@@ -34,7 +42,7 @@ async def test_close_wakes_a_parked_receiver(pair):
                 with pytest.raises(Closed):
                     await a.recv()
             n.start_soon(receive)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # parked on the descriptor
             a.close()
 
 

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from transport.channel import EnvelopeChannel
 from transport.codec import Kind
@@ -42,6 +43,69 @@ async def test_oversized_length_prefix_is_a_codec_error():
     a.close(); fb.close()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_socket_stream_hands_its_descriptor_over_whole():
+    # FramedStream reads and writes the stdlib socket directly; a trio SocketStream
+    # keeps its own private, so the FramedStream takes the descriptor over (detach):
+    # one owner at a time, nothing duplicated, nothing closed twice.
+    fds = open_fds()
+    a, b = socketpair()
+    raw = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    fb = FramedStream(raw)
+    fa = from_socket(a)
+    try:
+        with trio.fail_after(5):
+            await raw.aclose()  # what trio.serve_listeners does when its handler returns
+            await fa.send(b"still here")
+            assert await fb.recv() == b"still here"
+            assert fb.poll_frames() == []  # the direct, non-blocking read works too
+            await fb.send(b"and back")
+            assert await fa.recv() == b"and back"
+            assert open_fds() == fds + 2  # no extra descriptor
+            fb.close()  # the peer sees the end of the stream: nobody else holds it open
+            with pytest.raises(Closed):
+                await fa.recv()
+    finally:
+        fa.close()
+        fb.close()  # closing again is harmless
+    assert open_fds() == fds
+
+
+async def test_closing_wakes_a_receiver_parked_on_the_socket():
+    a, b = socketpair()
+    fa, fb = from_socket(a), from_socket(b)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            async def receive():
+                with pytest.raises(Closed):
+                    await fb.recv()
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            fb.close()
+    fa.close()
+
+
+async def test_frames_over_a_stream_that_is_not_a_socket():
+    # Any trio stream works, through its generic methods; polling finds only what a
+    # read already buffered.
+    left, right = trio.testing.memory_stream_pair()
+    fl, fr = FramedStream(left), FramedStream(right)
+    with trio.fail_after(5):
+        assert not fl.try_send_nowait(b"no direct write")
+        await fl.send(b"one")
+        await fl.send(b"two")
+        assert await fr.recv() == b"one"
+        assert fr.poll_frames() == [b"two"]
+        assert fr.poll_frames() == []
+        await fl.aclose()
+        with pytest.raises(Closed):
+            await fr.recv()
+
+
+@pytest.mark.e2e
 async def test_child_death_is_seen_as_end_of_stream():
     parent, child = socketpair()
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],

@@ -11,17 +11,19 @@ An exception becomes an error reply carrying the exception's type and message.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-HANDLERS: dict[str, Callable[[Any], Any]] = {}
+HANDLERS: dict[str, Callable[..., Any]] = {}
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def on(event: str) -> Callable[[Callable], Callable]:
+def on(event: str) -> Callable[[Handler], Handler]:
     """Decorator: handle ``event`` with the decorated function (returned unchanged)."""
     if not isinstance(event, str) or not event:
         raise TypeError(f"on(event): event must be a non-empty string, got {event!r}")
 
-    def register(fn: Callable) -> Callable:
+    def register(fn: Handler) -> Handler:
         if not callable(fn):
             raise TypeError(f"@on({event!r}) must decorate a callable, got {fn!r}")
         if event in HANDLERS and HANDLERS[event] is not fn:
@@ -32,5 +34,5 @@ def on(event: str) -> Callable[[Callable], Callable]:
     return register
 
 
-def handlers() -> dict[str, Callable[[Any], Any]]:
+def handlers() -> dict[str, Callable[..., Any]]:
     return dict(HANDLERS)

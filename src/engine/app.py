@@ -10,17 +10,32 @@ seconds, then cancels whatever is left.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Protocol
 
 import trio
 
 from engine.drivers import registry
+from engine.drivers.base import Driver, HostingNode
 from engine.errors import DriverError, ShuttingDown
 from engine.node.maintenance import MaintenanceChannel
 from engine.manifest import AppManifest
 
+if TYPE_CHECKING:
+    from engine.pool.base import Pool
+    from engine.pool.job import Job
+    from engine.pool.zygote_client import Zygote
 
-def _default_pool_factory(manifest: AppManifest):
+
+class AppHost(HostingNode, Protocol):
+    """What an app and its drivers need of the node hosting it
+    (:class:`engine.node.node.Node`): its cluster (drivers), its zygote (the pool)."""
+
+    @property
+    def zygote(self) -> Zygote | None:
+        """Forks the slaves of every app of the node (None: each pool starts its own)."""
+
+
+def _default_pool_factory(manifest: AppManifest) -> Pool:
     # Imported late: the pools pull in subprocess and threading machinery.
     if manifest.engine.backend == "thread":
         from engine.pool.threads import ThreadPool
@@ -33,12 +48,13 @@ def _default_pool_factory(manifest: AppManifest):
 
 class App:
     def __init__(self, manifest: AppManifest, *,
-                 pool_factory: Callable[[AppManifest], Any] = _default_pool_factory):
+                 pool_factory: Callable[[AppManifest], Pool] = _default_pool_factory) -> None:
         self.manifest = manifest
         self.name = manifest.name
-        self.node = None  # the Node hosting it, set by the node (drivers reach its cluster)
-        self.pool = pool_factory(manifest)
-        self.drivers: dict[str, Any] = {}
+        # The Node hosting it, set by the node before run() (drivers reach its cluster).
+        self.node: AppHost | None = None
+        self.pool: Pool = pool_factory(manifest)
+        self.drivers: dict[str, Driver[Any]] = {}
         pubsub = manifest.pubsub.endpoint if manifest.pubsub else None
         self.maintenance = MaintenanceChannel(self, pubsub)
         self.state = "created"          # created -> starting -> running -> stopping -> stopped
@@ -48,7 +64,7 @@ class App:
         self._stopped = trio.Event()
 
     # -- lifetime -------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the app until cancelled or :meth:`stop`-ped."""
         if self.state != "created":
             raise RuntimeError(f"app {self.name} was already run")
@@ -57,8 +73,8 @@ class App:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    zygote = getattr(self.node, "zygote", None)
-                    if zygote is not None and hasattr(self.pool, "use_zygote"):
+                    zygote = self.node.zygote if self.node is not None else None
+                    if zygote is not None:
                         self.pool.use_zygote(zygote)  # one per node, not one per app
                     await nursery.start(self.pool.run)
                     # Drivers get their own scope so stop() can silence them before draining.
@@ -81,7 +97,8 @@ class App:
             self.state = "stopped"
             self._stopped.set()
 
-    async def _run_drivers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_drivers(self, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         failure: DriverError | None = None
         with trio.CancelScope() as self._drivers_scope:
             async with trio.open_nursery() as nursery:
@@ -134,7 +151,7 @@ class App:
         await self._stopped.wait()
 
     # -- use --------------------------------------------------------------------------
-    def submit(self, event: str, payload: Any, chunks: Any = None):
+    def submit(self, event: str, payload: Any, chunks: AsyncIterable[Any] | None = None) -> Job:
         """Queue a job (see SlavePool.submit); raises QueueFull / ShuttingDown / AppBroken
         at once.  ``chunks``: a chunked request's chunks, for the handler to read."""
         if self.state != "running":

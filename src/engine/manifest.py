@@ -17,8 +17,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, TypeGuard
 
+from engine.drivers.options import DriverSpec
 from engine.errors import ManifestError
 
 MANIFEST_FILE = "manifest.json"
@@ -58,14 +59,6 @@ class EngineConfig:
     prefetch: int | Literal["auto"] = "auto"
     crashlog_limit: int = 100                # lines kept from a dead slave's output
     resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
-
-
-@dataclass(frozen=True)
-class DriverSpec:
-    name: str            # the key under "drivers"/"tasks"
-    type: str            # canonical driver type, e.g. "recurring-timer"
-    emit: str            # event name the driver's jobs carry
-    options: Any         # the driver class's parsed, frozen options
 
 
 @dataclass(frozen=True)
@@ -125,7 +118,7 @@ _TOP_KEYS = ("name", "type", "args", "engine", "drivers", "tasks", "pubsub", "ve
 
 
 class _Parser:
-    def __init__(self, source: Path):
+    def __init__(self, source: Path) -> None:
         self.file = str(source)                 # as the user named it, for messages
         self.source = source.absolute()
         self.base_dir = self.source.parent
@@ -133,12 +126,12 @@ class _Parser:
     def error(self, path: str, expected: str, got: Any = None) -> ManifestError:
         return ManifestError(self.file, path, expected, got)
 
-    def obj(self, value: Any, path: str) -> dict:
+    def obj(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.error(path, "a JSON object", value)
         return value
 
-    def reject_unknown(self, data: dict, known: tuple[str, ...], prefix: str) -> None:
+    def reject_unknown(self, data: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
         for key in data:
             if key not in known:
                 hint = difflib.get_close_matches(str(key), known, n=1)
@@ -174,7 +167,7 @@ class _Parser:
             drivers=drivers, pubsub=pubsub, version=version, raw=data,
         )
 
-    def app_name(self, data: dict, override: str | None) -> str:
+    def app_name(self, data: dict[str, Any], override: str | None) -> str:
         if override is not None:
             where, value = "name", override
         elif "name" in data:
@@ -236,7 +229,9 @@ class _Parser:
         return value
 
     def prefetch(self, value: Any, path: str) -> int | Literal["auto"]:
-        if value == "auto" or _is_int(value) and 0 <= value <= MAX_PREFETCH:
+        if value == "auto":
+            return "auto"
+        if _is_int(value) and 0 <= value <= MAX_PREFETCH:
             return value
         raise self.error(path, f'"auto" or a whole number of jobs from 0 to {MAX_PREFETCH}', value)
 
@@ -256,12 +251,12 @@ class _Parser:
         return float(value)
 
     def backend(self, value: Any, path: str) -> str:
-        if value not in BACKENDS:
+        if not isinstance(value, str) or value not in BACKENDS:
             raise self.error(path, f"one of {', '.join(BACKENDS)}", value)
         return value
 
     def spawn(self, value: Any, path: str) -> str:
-        if value not in SPAWN_MODES:
+        if not isinstance(value, str) or value not in SPAWN_MODES:
             raise self.error(path, f"one of {', '.join(SPAWN_MODES)}", value)
         return value
 
@@ -347,11 +342,11 @@ class _Parser:
         return PubsubConfig(endpoint=endpoint)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
         and value not in (float("inf"), float("-inf"))
 

@@ -68,8 +68,8 @@ class TransportMesh:
 
     @asynccontextmanager
     async def open(self, namespace: str) -> AsyncIterator[TransportLink]:
-        kw = dict(namespace=namespace, key=self.key, secret=self.secret,
-                  discovery=self.discovery, bind=self.bind)
+        kw: dict[str, Any] = dict(namespace=namespace, key=self.key, secret=self.secret,
+                                  discovery=self.discovery, bind=self.bind)
         async with Requester(self.name, **kw) as requester, \
                 Subscriber(self.name, subscribes_to=("**",), buffer=self.event_buffer, **kw) as sub:
             yield TransportLink(requester, sub)

@@ -1,9 +1,13 @@
 """Just enough HTTP/1.1 for Sockend's single port: read a request head, tell a websocket
 upgrade from a plain GET, and answer the latter with a static file.
 
-The head is parsed by h11 (already a dependency of trio-websocket's wsproto) and bounded
-in size and time.  The bytes read are replayed to trio-websocket through
-:class:`PrefixedStream`, so the upgrade handshake sees the request exactly as sent.
+One :class:`HttpExchange` per connection: an h11 server connection parses the request
+head (bounded in size; the caller bounds the time) and writes the response, so the
+status line, the framing (``Content-Length``, no body after a HEAD) and
+``Connection: close`` come from h11 and match the request h11 parsed.  h11 is already a
+dependency of trio-websocket's wsproto.  The bytes read are replayed to trio-websocket
+through :class:`PrefixedStream`, so the upgrade handshake sees the request exactly as
+sent.
 
 Static files: ``/sockend.js`` is the browser client shipped in this package; with a
 ``static`` directory, ``/`` is its ``index.html`` and ``/name`` any file directly in it
@@ -15,6 +19,7 @@ from __future__ import annotations
 import mimetypes
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -24,6 +29,7 @@ import trio
 MAX_HEAD = 8192
 MAX_FILE = 16 * 1024 * 1024
 CLIENT_DIR = Path(__file__).parent / "static"
+TEXT = "text/plain; charset=utf-8"
 _SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
 _TEXT_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".html": "text/html",
                ".css": "text/css", ".json": "application/json", ".txt": "text/plain"}
@@ -45,13 +51,32 @@ class HeadError(Exception):
     """The peer sent no valid request head (garbage, too big, or closed early)."""
 
 
-async def read_head(stream: trio.abc.ReceiveStream) -> RequestHead:
-    """Read one request head (the caller bounds the time).  Raises HeadError."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    raw = bytearray()
-    while True:
+class HttpExchange:
+    """One request head in, one response out, through one h11 server connection.
+
+    :meth:`receive` and :meth:`response` are pure (bytes in, bytes out);
+    :meth:`read_head` is the only I/O.  A response can be made whether or not a head
+    was parsed: after a :class:`HeadError` it is the ``400`` h11 allows an unparsable
+    request.
+    """
+
+    def __init__(self) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._raw = bytearray()
+        self._head_only = False   # the request was a HEAD: the response has no body
+
+    def receive(self, data: bytes | bytearray) -> RequestHead | None:
+        """Feed bytes read from the peer: the request head once it is complete, else
+        None (read more).  Raises HeadError."""
+        self._raw += data
+        if len(self._raw) > MAX_HEAD + 4096:
+            raise HeadError("request head too large")
+        self._conn.receive_data(bytes(data))
+        return self._next_head()
+
+    def _next_head(self) -> RequestHead | None:
         try:
-            event = conn.next_event()
+            event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
             raise HeadError(f"bad request head: {exc}") from None
         if isinstance(event, h11.Request):
@@ -60,27 +85,47 @@ async def read_head(stream: trio.abc.ReceiveStream) -> RequestHead:
                 key = name.decode("latin-1").lower()
                 val = value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {val}" if key in headers else val
-            return RequestHead(event.method.decode("ascii", "replace"),
-                               event.target.decode("latin-1"), headers, bytes(raw))
+            method = event.method.decode("ascii", "replace")
+            self._head_only = method == "HEAD"
+            return RequestHead(method, event.target.decode("latin-1"), headers, bytes(self._raw))
         if event is not h11.NEED_DATA:
             raise HeadError(f"unexpected {type(event).__name__} before a request head")
-        data = await stream.receive_some(4096)
-        if not data:
-            raise HeadError("connection closed before a request head")
-        raw += data
-        if len(raw) > MAX_HEAD + 4096:
-            raise HeadError("request head too large")
-        conn.receive_data(data)
+        return None
+
+    async def read_head(self, stream: trio.abc.ReceiveStream) -> RequestHead:
+        """Read one request head (the caller bounds the time).  Raises HeadError."""
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                raise HeadError("connection closed before a request head")
+            head = self.receive(data)
+            if head is not None:
+                return head
+
+    def response(self, status: int, body: bytes, ctype: str = TEXT) -> bytes:
+        """The whole response (head, and body unless the request was a HEAD), ready to
+        send; the connection closes after it."""
+        # Connection last: h11 moves it there itself when the client asked to close,
+        # so every response has the same head whatever the request said.
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-cache"),
+                   ("X-Content-Type-Options", "nosniff"), ("Connection", "close")]
+        out = self._send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase, headers=headers))
+        if not self._head_only:
+            out += self._send(h11.Data(data=body))
+        return out + self._send(h11.EndOfMessage())
+
+    def _send(self, event: h11.Event) -> bytes:
+        return self._conn.send(event) or b""   # None only for ConnectionClosed
 
 
 class PrefixedStream(trio.abc.Stream):
     """A stream that first yields bytes already read from it (the request head)."""
 
-    def __init__(self, prefix: bytes, stream: trio.abc.Stream):
+    def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
         self._prefix = prefix
         self.stream = stream
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             n = len(self._prefix) if max_bytes is None else max_bytes
             out, self._prefix = self._prefix[:n], self._prefix[n:]
@@ -88,7 +133,7 @@ class PrefixedStream(trio.abc.Stream):
             return out
         return await self.stream.receive_some(max_bytes)
 
-    async def send_all(self, data) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -136,19 +181,11 @@ def content_type(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
-def response(status: int, reason: str, body: bytes, ctype: str = "text/plain; charset=utf-8",
-             *, head_only: bool = False) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}",
-             f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-cache",
-             "X-Content-Type-Options: nosniff", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + (b"" if head_only else body)
-
-
-async def serve_static(stream: trio.abc.SendStream, head: RequestHead,
+async def serve_static(stream: trio.abc.SendStream, exchange: HttpExchange, head: RequestHead,
                        static_dir: Path | None) -> int:
     """Answer a plain HTTP request; returns the status sent."""
     if head.method not in ("GET", "HEAD"):
-        await stream.send_all(response(405, "Method Not Allowed", b"only GET and HEAD\n"))
+        await stream.send_all(exchange.response(405, b"only GET and HEAD\n"))
         return 405
     path = resolve_static(head.target, static_dir)
     body = None
@@ -158,10 +195,8 @@ async def serve_static(stream: trio.abc.SendStream, head: RequestHead,
                 body = await trio.Path(path).read_bytes()
         except OSError:
             body = None
-    if body is None:
-        await stream.send_all(response(404, "Not Found", b"not found\n",
-                                       head_only=head.method == "HEAD"))
+    if path is None or body is None:
+        await stream.send_all(exchange.response(404, b"not found\n"))
         return 404
-    await stream.send_all(response(200, "OK", body, content_type(path),
-                                   head_only=head.method == "HEAD"))
+    await stream.send_all(exchange.response(200, body, content_type(path)))
     return 200

@@ -64,7 +64,7 @@ def namespace_from_path(path: str) -> str:
 class ClientRequest:
     id: int | str
     type: str
-    data: dict
+    data: dict[str, Any]
     timeout: float | None = None
     chunked: bool = False     # an upload: chunk frames follow
 

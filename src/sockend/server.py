@@ -22,8 +22,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from transport.errors import QueueFull, RemoteError, TimeoutError_, TransportError, Unreachable
 from transport.inbound import InputStream
 
-from sockend.bridge import Mesh
-from sockend.http import HeadError, PrefixedStream, read_head, response, serve_static
+from sockend.bridge import Mesh, NamespaceLink
+from sockend.http import HeadError, HttpExchange, PrefixedStream, serve_static
 from sockend.hub import Client, NamespaceHub
 from sockend.protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
                        error_frame, namespace_from_path, ok_frame, parse_request)
@@ -119,30 +119,32 @@ class Sockend:
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         cfg = self.config
-        with trio.move_on_after(cfg.handshake_timeout) as waiting:
+        http = HttpExchange()
+        head = None
+        with trio.move_on_after(cfg.handshake_timeout):
             try:
-                head = await read_head(stream)
+                head = await http.read_head(stream)
             except HeadError as exc:
                 self.stats["bad_http"] += 1
-                await stream.send_all(response(400, "Bad Request", f"{exc}\n".encode()))
+                await stream.send_all(http.response(400, f"{exc}\n".encode()))
                 return
-        if waiting.cancelled_caught:
+        if head is None:
             self.stats["handshake_timeouts"] += 1
             return
         if not head.is_websocket:
-            status = await serve_static(stream, head, cfg.static_dir)
+            status = await serve_static(stream, http, head, cfg.static_dir)
             self.stats[f"http_{status}"] += 1
             return
         try:
             namespace = namespace_from_path(head.target)
         except BadPath as exc:
-            return await self._refuse(stream, 404, "Not Found", str(exc))
+            return await self._refuse(stream, http, 404, str(exc))
         if cfg.namespaces is not None and namespace not in cfg.namespaces:
-            return await self._refuse(stream, 404, "Not Found", f"no namespace {namespace!r}")
+            return await self._refuse(stream, http, 404, f"no namespace {namespace!r}")
         if self.clients >= cfg.max_clients:
-            return await self._refuse(stream, 503, "Service Unavailable", "too many clients")
+            return await self._refuse(stream, http, 503, "too many clients")
         if namespace not in self.hubs and len(self.hubs) >= cfg.max_namespaces:
-            return await self._refuse(stream, 503, "Service Unavailable", "too many namespaces")
+            return await self._refuse(stream, http, 503, "too many namespaces")
         self.clients += 1   # counted before any checkpoint, so the limit holds
         try:
             async with trio.open_nursery() as conn_nursery:
@@ -163,14 +165,16 @@ class Sockend:
         finally:
             self.clients -= 1
 
-    async def _refuse(self, stream, status: int, reason: str, why: str) -> None:
+    async def _refuse(self, stream: trio.SocketStream, http: HttpExchange, status: int, why: str) -> None:
         self.stats[f"refused_{status}"] += 1
-        await stream.send_all(response(status, reason, f"{why}\n".encode()))
+        await stream.send_all(http.response(status, f"{why}\n".encode()))
 
     # -- one browser ---------------------------------------------------------------------
     def _hub(self, namespace: str) -> NamespaceHub:
         hub = self.hubs.get(namespace)
         if hub is None or hub.closing:
+            if self._nursery is None:
+                raise RuntimeError("Sockend is not running")   # browsers arrive only in run()
             hub = NamespaceHub(namespace, self.mesh, self.stats, linger=self.config.linger)
             self.hubs[namespace] = hub
             self._nursery.start_soon(hub.run, self._hub_gone)
@@ -192,7 +196,7 @@ class Sockend:
                 if hub.failure is None and hub.link is not None:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._write_events, client)
-                        await self._read_requests(client, hub, nursery)
+                        await self._read_requests(client, hub.link, nursery)
                         nursery.cancel_scope.cancel()
             with trio.move_on_after(1):
                 if client.evicted:
@@ -203,7 +207,7 @@ class Sockend:
         finally:
             hub.remove(client)
 
-    async def _read_requests(self, client: Client, hub: NamespaceHub, nursery) -> None:
+    async def _read_requests(self, client: Client, link: NamespaceLink, nursery: trio.Nursery) -> None:
         while True:
             try:
                 message = await client.ws.get_message()
@@ -238,23 +242,23 @@ class Sockend:
                 rid = request.id
                 chunks = client.uploads[rid] = InputStream(
                     lambda n: nursery.start_soon(self._send, client, credit_frame(rid, n)))
-            nursery.start_soon(self._answer, client, hub, request, chunks)
+            nursery.start_soon(self._answer, client, link, request, chunks)
 
-    async def _answer(self, client: Client, hub: NamespaceHub, req: ClientRequest,
+    async def _answer(self, client: Client, link: NamespaceLink, req: ClientRequest,
                       chunks: InputStream | None = None) -> None:
         limit = min(req.timeout or self.config.request_timeout, self.config.request_timeout)
         try:
             if req.type == TYPES_REQUEST:
-                frame = ok_frame(req.id, hub.link.responder_types())
+                frame = ok_frame(req.id, link.responder_types())
             else:
                 # Past the link's own timeout, a grace second: a link that misbehaves
                 # still cannot leave the browser without an answer.
                 with trio.move_on_after(limit + 1) as guard:
                     request = {**req.data, "type": req.type}
                     if chunks is None:
-                        result = await hub.link.request(request, limit)
+                        result = await link.request(request, limit)
                     else:
-                        result = await hub.link.request(request, limit, chunks=chunks)
+                        result = await link.request(request, limit, chunks=chunks)
                 if guard.cancelled_caught:
                     raise TimeoutError_(f"no answer to {req.type!r} within {limit:g} s")
                 frame = ok_frame(req.id, result)

@@ -11,15 +11,68 @@ speak frames of envelopes (:mod:`transport.codec`) over either:
   so a client in any language with an nng binding can talk to it.  nng documents that
   mode as best-effort: a client that cannot keep up may miss replies, so callers rely
   on their timeouts there.
+
+Both are a :class:`Link` (``send``/``recv``/``close`` of whole frames), which is what
+:class:`transport.channel.EnvelopeChannel` and the rpc client and server are written
+against; a framed stream is moreover a :class:`StreamLink`, whose extra methods (write
+now if the socket takes it, read every frame a wake-up brought, poll without waiting)
+are the fast paths of the default links.
 """
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from transport.errors import TransportError
 from transport.streams import FramedStream
+
+if TYPE_CHECKING:
+    from transport.sockets import TrioSocket
+
+class Link(Protocol):
+    """One connected link carrying frames (byte strings, each delivered whole): a
+    :class:`transport.sockets.TrioSocket` (nng) or a :class:`FramedStream`.  Each
+    raises :class:`transport.errors.Closed` once the link is gone."""
+
+    async def send(self, data: bytes) -> None:
+        """Send one frame (waits for room)."""
+
+    async def recv(self) -> bytes:
+        """The next frame."""
+        ...
+
+    def close(self) -> None:
+        """Close now (synchronous: callers close from ``finally`` and callbacks)."""
+
+
+class StreamLink(Link, Protocol):
+    """A link over a byte stream (:class:`FramedStream`): what it adds are the fast paths
+    an nng socket has no equivalent of."""
+
+    def try_send_nowait(self, data: bytes) -> bool | int:
+        """Write a frame now if the socket takes it without blocking: True if all of it
+        went, ``transport._outbox.SENT_PARTLY`` if only its start did (:meth:`flush`
+        finishes it), False if nothing was written."""
+        ...
+
+    async def flush(self) -> None:
+        """Finish writing what :meth:`try_send_nowait` left half sent."""
+
+    async def recv_many(self) -> list[bytes]:
+        """Every complete frame already read (at least one), reading once if none is."""
+        ...
+
+    def poll_frames(self) -> list[bytes]:
+        """Complete frames available without waiting (often none)."""
+        ...
+
+
+if TYPE_CHECKING:  # both kinds keep the faces the links' users are typed against
+    _nng_link: type[Link] = TrioSocket
+    _stream_link: type[StreamLink] = FramedStream
+
 
 NNG_PREFIX = "nng+"
 _TCP = "tcp://"

@@ -23,6 +23,9 @@ MAX_BATCH = 512  # envelopes per frame; keeps one frame's encode/decode short
 # the link keeps the rest, and the writer must finish it (the link's ``flush``)
 # before anything else goes out.
 SENT_PARTLY = 2
+# A link's direct write: False (it would block, or the writer is mid-frame), True (the
+# whole frame went) or SENT_PARTLY.
+TrySend = Callable[[bytes], bool | int]
 # s between direct writes: longer than the gap between two envelopes of one burst (a
 # few µs), shorter than a round trip to another process (~40 µs and up here), so lone
 # request/reply traffic always goes direct and bursts always batch.
@@ -45,7 +48,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.items)
 
-    def put(self, packed: bytes, try_send: Callable[[bytes], bool] | None = None) -> bool:
+    def put(self, packed: bytes, try_send: TrySend | None = None) -> bool:
         """Queue one packed envelope, or, when nothing is queued, write it at once
         through ``try_send`` (which returns False if the link would block or the writer
         is mid-frame, True when it wrote the frame, SENT_PARTLY when it wrote only the
@@ -63,7 +66,7 @@ class Outbox:
             self._wakeup.set()
         return True
 
-    def release(self, try_send: Callable[[bytes], bool | int] | None = None) -> int:
+    def release(self, try_send: TrySend | None = None) -> int:
         """End a hold.  The burst queued meanwhile leaves now, as one frame, when the
         link takes it without blocking, rather than when the writer task next runs:
         a sender that keeps working after its burst (``send_many`` consuming the
@@ -73,7 +76,7 @@ class Outbox:
         items = self.items
         if not items:
             return 0
-        sent = False
+        sent: bool | int = False
         try:
             if try_send is not None and len(items) <= MAX_BATCH:
                 sent = try_send(join_frame(items))

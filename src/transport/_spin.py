@@ -12,15 +12,19 @@ next request ~24,000/s, p99 230 → 85 µs.  A bare trio TCP echo does ~16,000/s
 Polling holds the trio loop and burns CPU, so it is done only:
 
 - for a message that is due: the answer to a client's only call in flight
-  (``RpcClient``, on by default); the next request of a server's only client once
+  (``RpcClient``, on by default; a cluster link turns it off, the engine's other clients
+  of a node keep it: ``python -m bench.polling`` measures why, docs/architecture.md has
+  the figures); the next request of a server's only client once
   every earlier one is answered (``RpcServer(spin=True)``: the mesh Responder turns it
   on; the engine's node, a hub of many links, does not); the answer to a server's only
   request in flight, when its handler returned a :class:`Deferred` that can poll (the
   node: a lone job's reply from its slave, so the node wakes once per request, not
   twice; native-server sequential +8-20%);
 - when no other task of the process is waiting in trio's run queue and no deadline
-  falls within :data:`SPIN_BUDGET` (:func:`quiet`), and for at most that long (a task
-  trio already took into the current batch is not seen, and waits with the rest);
+  falls within :data:`SPIN_BUDGET` (:func:`quiet`, which reads trio's runner: the one
+  read of trio's privates, kept in :mod:`transport._trio_internals`), and for at most
+  that long (a task trio already took into the current batch is not seen, and waits
+  with the rest);
 - while it pays (:class:`SpinPolicy`): a poll that ends empty-handed (a slow peer, or
   one in this same process, which cannot answer while we poll) makes the next 1, 2, 4
   … up to :data:`MAX_SKIP` chances park instead; a poll that gets its message ends
@@ -36,6 +40,11 @@ from time import perf_counter
 from typing import Callable
 
 import trio
+
+from transport._trio_internals import quiet
+
+__all__ = ["MAX_SKIP", "SPIN_BUDGET", "YIELD_EVERY", "SpinPolicy", "poll_for", "poll_next",
+           "quiet", "spin_until"]
 
 SPIN_BUDGET = 150e-6   # s: about 2.5 fast round trips here, well under a slow one
 MAX_SKIP = 1024        # chances to poll given up after a run of empty-handed polls, at most
@@ -87,29 +96,6 @@ class SpinPolicy:
         return False
 
 
-try:  # trio's own run state: see quiet()
-    from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT
-except ImportError:  # pragma: no cover - a trio that moved it: the public, slower way
-    _RUN_CONTEXT = None
-
-
-def quiet(budget: float) -> bool:
-    """No task of this trio run is in the run queue, and none is due within ``budget`` s.
-
-    Read from trio's runner directly: ``trio.lowlevel.current_statistics()`` says the
-    same but first counts the waiters of every registered descriptor, which costs
-    4 µs with none and 30 µs with 1,000 sockets here, against a round trip of 40 µs.
-    A trio that keeps its run queue or deadlines elsewhere gets the public way."""
-    runner = getattr(_RUN_CONTEXT, "runner", None)
-    try:
-        if runner.runq:
-            return False
-        return runner.deadlines.next_deadline() - runner.clock.current_time() >= budget
-    except AttributeError:
-        stats = trio.lowlevel.current_statistics()
-        return not stats.tasks_runnable and stats.seconds_to_next_deadline >= budget
-
-
 def spin_until(policy: SpinPolicy, step: Callable[[], object],
                done: Callable[[], bool]) -> bool:
     """One chance to poll for an answer that is due: if the policy allows it and the
@@ -127,8 +113,8 @@ def spin_until(policy: SpinPolicy, step: Callable[[], object],
     return done()
 
 
-async def poll_next(policy: SpinPolicy | None, poll: Callable[[], list],
-                    expecting: Callable[[], bool]) -> list:
+async def poll_next(policy: SpinPolicy | None, poll: Callable[[], list[bytes]],
+                    expecting: Callable[[], bool]) -> list[bytes]:
     """For a loop that reads its next message once it has acted on the last (a
     server): that message polled for a moment, when ``expecting()`` (nothing of its
     own still in progress, so the peer's next move is to send it) and the policy and

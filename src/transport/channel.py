@@ -19,16 +19,21 @@ import trio
 
 from transport.codec import Envelope, Kind, decode, encode_envelope
 from transport.errors import BadMessage, Closed, CodecError, error_to_body
-from transport._outbox import Outbox
+from transport._outbox import Outbox, TrySend
+from transport.streams import FramedStream
 
 if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynng is heavy
     from transport.sockets import TrioSocket
-    from transport.streams import FramedStream
 
 
 class EnvelopeChannel:
-    def __init__(self, sock: "TrioSocket | FramedStream", *, high_water: int = 4096):
+    def __init__(self, sock: TrioSocket | FramedStream, *, high_water: int = 4096):
         self.sock = sock
+        # A stream link writes a lone frame at once, reads every frame a read brought,
+        # and can be polled (transport/_spin.py); an nng socket does none of these.
+        self._stream = sock if isinstance(sock, FramedStream) else None
+        self._try_send: TrySend | None = (
+            self._stream.try_send_nowait if self._stream is not None else None)
         self.high_water = high_water
         self._outbox = Outbox()
         self._drained = trio.Event()
@@ -48,7 +53,7 @@ class EnvelopeChannel:
         except CodecError as exc:
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(f"message could not be encoded: {exc}")))
-        if not self._outbox.put(packed, getattr(self.sock, "try_send_nowait", None)):
+        if not self._outbox.put(packed, self._try_send):
             self.frames_sent += 1
 
     def hold(self) -> None:
@@ -58,7 +63,7 @@ class EnvelopeChannel:
 
     def release(self) -> None:
         try:
-            if self._outbox.release(getattr(self.sock, "try_send_nowait", None)):
+            if self._outbox.release(self._try_send):
                 self.frames_sent += 1
                 self._drained.set()
         except Closed:
@@ -79,15 +84,16 @@ class EnvelopeChannel:
                 self._drained = trio.Event()
             await self._drained.wait()
 
-    async def run_writer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
         """The writer task; run it in the nursery that owns the channel."""
         task_status.started()
         try:
-            flush = getattr(self.sock, "flush", None)
+            stream = self._stream
             while True:
                 await self._outbox.wait()
-                if flush is not None:
-                    await flush()
+                if stream is not None:
+                    await stream.flush()  # the rest of a frame a direct write began
                 for frame, _ in self._outbox.frames():
                     await self.sock.send(frame)
                     self.frames_sent += 1
@@ -100,18 +106,18 @@ class EnvelopeChannel:
     async def receive(self) -> list[Envelope]:
         """The envelopes of the next frame, or of every frame already arrived (over a
         stream: one wake-up per burst).  Malformed frames are counted and skipped."""
-        recv_many = getattr(self.sock, "recv_many", None)
+        stream = self._stream
         while True:
-            frames = await recv_many() if recv_many is not None else [await self.sock.recv()]
+            frames = await stream.recv_many() if stream is not None else [await self.sock.recv()]
             out = self._decode(frames)
             if out:
                 return out
 
     def poll(self) -> list[Envelope]:
         """The envelopes of frames already arrived, without waiting ([] if none, or
-        over nng): for whoever is the one reader meanwhile (transport/spin.py)."""
-        poll_frames = getattr(self.sock, "poll_frames", None)
-        return self._decode(poll_frames()) if poll_frames is not None else []
+        over nng): for whoever is the one reader meanwhile (transport/_spin.py)."""
+        stream = self._stream
+        return self._decode(stream.poll_frames()) if stream is not None else []
 
     def _decode(self, frames: list[bytes]) -> list[Envelope]:
         out: list[Envelope] = []

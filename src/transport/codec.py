@@ -56,7 +56,7 @@ _KEEP_PACKER_BELOW = 1 << 20
 
 def _pack(value: Any) -> bytes:
     global _packer
-    packed = _packer.pack(value)
+    packed: bytes = _packer.pack(value)
     if len(packed) >= _KEEP_PACKER_BELOW:
         _packer = msgpack.Packer(**_packer_opts)
     return packed
@@ -65,16 +65,18 @@ def _pack(value: Any) -> bytes:
 def encode(envelopes: Iterable[Envelope]) -> bytes:
     """Pack envelopes into one frame. Raises CodecError for values msgpack cannot carry."""
     try:
-        return msgpack.packb([tuple(e) for e in envelopes], **_packer_opts)
+        frame: bytes = msgpack.packb([tuple(e) for e in envelopes], **_packer_opts)
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode: {exc}") from exc
+    return frame
 
 
 def encode_one(kind: int, sid: int, body: Any = None) -> bytes:
     try:
-        return msgpack.packb(((kind, sid, body),), **_packer_opts)
+        frame: bytes = msgpack.packb(((kind, sid, body),), **_packer_opts)
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode: {exc}") from exc
+    return frame
 
 
 def encode_envelope(kind: int, sid: int, body: Any = None) -> bytes:
@@ -105,7 +107,7 @@ def decode(frame: bytes) -> list[Envelope]:
     return [Envelope(*item) for item in decode_lists(frame)]
 
 
-def decode_lists(frame: bytes) -> list[list]:
+def decode_lists(frame: bytes) -> list[list[Any]]:
     """:func:`decode` for the hot paths: the same checks, but each envelope is left as
     the ``[kind, sid, body]`` list msgpack made (unpack it like the tuple); building an
     :class:`Envelope` per message costs as much as the unpacking itself."""
@@ -125,9 +127,10 @@ def decode_lists(frame: bytes) -> list[list]:
 def pack(value: Any) -> bytes:
     """Plain msgpack of a payload (for foreign clients: nng-server, pubsub)."""
     try:
-        return msgpack.packb(value, **_packer_opts)
+        data: bytes = msgpack.packb(value, **_packer_opts)
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode: {exc}") from exc
+    return data
 
 
 def unpack(data: bytes) -> Any:

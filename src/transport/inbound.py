@@ -33,11 +33,11 @@ class InputStream:
 
     __slots__ = ("_items", "_ended", "_error", "_waiter", "_grant", "_taken", "_allowed")
 
-    def __init__(self, grant: Callable[[int], None]):
+    def __init__(self, grant: Callable[[int], None]) -> None:
         self._items: deque[Any] = deque()
         self._ended = False
         self._error: RemoteError | None = None
-        self._waiter = None
+        self._waiter: trio.lowlevel.Task | None = None
         self._grant = grant
         self._taken = 0           # taken and not yet granted back
         self._allowed = WINDOW    # chunks the sender may still send
@@ -71,7 +71,7 @@ class InputStream:
         if task is not None:
             _reschedule(task)
 
-    def __aiter__(self) -> "InputStream":
+    def __aiter__(self) -> InputStream:
         return self
 
     async def __anext__(self) -> Any:
@@ -90,14 +90,15 @@ class InputStream:
             self._taken = 0
         return item
 
-    def _abort(self, _raise_cancel) -> trio.lowlevel.Abort:
+    def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
 
 class SendWindow:
     """How many chunks a sender may still send; ``await wait()`` for room, ``credit(n)``
-    when the receiver grants more.  (Also the engine's streamed replies, slave side.)"""
+    when the receiver grants more (a chunked request's sender: an RpcClient, or the
+    node forwarding a request's chunks to its slave)."""
 
     __slots__ = ("left", "_room")
 

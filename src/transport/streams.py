@@ -32,15 +32,25 @@ READ_SIZE = 1 << 16
 
 
 class FramedStream:
-    def __init__(self, stream: trio.abc.Stream, *, max_frame: int = MAX_FRAME):
-        self.stream = stream
+    """Frames over ``stream``: a connected stdlib socket (adopted: closing the
+    FramedStream closes it), a ``trio.SocketStream`` (its descriptor is taken over, see
+    :func:`_adopt`), or any other trio stream (read and written through the generic
+    trio methods)."""
+
+    def __init__(self, stream: trio.abc.Stream | socket.socket, *, max_frame: int = MAX_FRAME):
+        # The stdlib socket read and written directly (None: the generic trio methods).
+        self._sock: socket.socket | None = None
+        if isinstance(stream, socket.socket):
+            self._sock = stream
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(stream))
+        elif isinstance(stream, trio.SocketStream):
+            stream, self._sock = _adopt(stream)
+        self.stream: trio.abc.Stream = stream
         self.max_frame = max_frame
         self._buffer = bytearray()
         self._send_lock = trio.StrictFIFOLock()  # frames from concurrent senders never interleave
         self._tail = b""  # the unsent rest of a frame try_send_nowait could only half write
-        # The stdlib socket under a trio SocketStream (None for other streams: the
-        # generic trio methods are used then).
-        self._sock: socket.socket | None = getattr(getattr(stream, "socket", None), "_sock", None)
+        self._lost: OSError | None = None  # a socket error poll_frames met, for recv_many
 
     # -- sending ----------------------------------------------------------------------
     def try_send_nowait(self, data: bytes) -> bool | int:
@@ -124,19 +134,27 @@ class FramedStream:
 
     def poll_frames(self) -> list[bytes]:
         """Complete frames available without waiting: those buffered, else what one
-        non-blocking read brings (often none).  Trouble (the peer gone, a bad length)
-        is left for the next :meth:`recv_many`, which meets it again and raises."""
+        non-blocking read brings (often none).  Trouble is left for the next
+        :meth:`recv_many`, which raises it: a bad length stays in the buffer, the end
+        of the stream is met again, and a socket error (which the socket reports only
+        once) is kept for it."""
         sock = self._sock
         try:
             frames = self._frames(0)
             if frames or sock is None:
                 return frames
-            chunk = sock.recv(READ_SIZE)
+            try:
+                chunk = sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return []  # nothing yet
+            except OSError as exc:
+                self._lost = exc
+                return []
             if not chunk:
                 return []  # the end of the stream
             self._buffer += chunk
             return self._frames(0)
-        except (OSError, CodecError):  # BlockingIOError: nothing yet
+        except CodecError:
             return []
 
     def _frames(self, limit: int) -> list[bytes]:
@@ -178,15 +196,18 @@ class FramedStream:
                 await trio.lowlevel.checkpoint()
                 return
         if not chunk:
-            raise Closed("peer closed the stream")
+            lost = self._lost  # what a poll read instead of the end of the stream
+            raise Closed(f"stream closed: {lost}" if lost else "peer closed the stream")
         self._buffer += chunk
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
+        """Close now, waking whoever waits on the socket (a stream that is not a socket's
+        closes at the next :meth:`aclose`)."""
         # SocketStream.aclose is only async for the checkpoint; closing the socket is sync.
-        sock = getattr(self.stream, "socket", None)
-        if sock is not None:
-            sock.close()
+        stream = self.stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -225,8 +246,23 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
+def _adopt(stream: trio.SocketStream) -> tuple[trio.SocketStream, socket.socket]:
+    """Take over the descriptor of ``stream``'s socket: a stdlib socket of our own over
+    it, and a fresh SocketStream over that.
+
+    A trio socket keeps its stdlib socket private, and the fast paths above need the
+    stdlib one's non-blocking ``send``/``recv`` (trio's own cost a scheduler pass
+    each).  ``detach()`` hands the descriptor over whole, so exactly one socket object
+    owns it at any time: nothing is duplicated, nothing closed twice; the old trio
+    socket is left closed (closing it again, as ``trio.serve_listeners`` does with the
+    stream it handed out, is a no-op)."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), sock
+
+
 def from_socket(sock: socket.socket) -> FramedStream:
-    return FramedStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    """Frames over a connected stdlib socket, which the FramedStream now owns."""
+    return FramedStream(sock)
 
 
 def from_fd(fd: int) -> FramedStream:

@@ -40,7 +40,8 @@ _END = (Kind.RESULT, Kind.CHOKE, Kind.ERROR)
 
 
 class SyncRpcClient:
-    def __init__(self, address: str, *, timeout: float | None = None):
+    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+        self._target: tuple[str, int] | str  # what connect() takes: (host, port) or a path
         if address.startswith("tcp://"):
             self._family, self._target = socket.AF_INET, _split_host_port(address, "tcp://")
         elif address.startswith(("ipc://", "unix://")):

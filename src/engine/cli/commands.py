@@ -1,89 +1,28 @@
-"""``python -m engine VERB ...``: run a node, or talk to a running one.
+"""``python -m engine COMMAND ...``: run a node, or talk to a running one.
 
-The CLI is a table of commands.  To add a verb, write one function decorated with
-:func:`command` that adds its arguments to the subparser it is given and returns the
-``async def run(args) -> int`` that carries it out (``node_options`` adds the usual
-``--node``/``--timeout``; ``connect_node(args)`` opens the client)::
-
-    @command("top", "show every app's load, refreshed")
-    def top_command(p):
-        node_options(p)
-        p.add_argument("--interval", type=float, default=1.0)
-        async def run(args):
-            async with connect_node(args) as node:
-                ...
-            return 0
-        return run
-
-Put it in this file, or in your own module listed in :data:`COMMAND_MODULES`.
+The command line is the table :data:`COMMANDS`, written out below: the node's own
+commands are here, the others in their modules of :mod:`engine.cli` (``top``,
+``schedule``, the cluster's ``nodes``).  To add a command, write it with
+:func:`engine.cli.common.command` and list it in the table.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import importlib
-import json
 import logging
 import sys
-from typing import Any, Awaitable, Callable
+from types import MappingProxyType
+from typing import Iterator, Mapping
 
 import trio
 
-Runner = Callable[[argparse.Namespace], Awaitable[int]]
-Setup = Callable[[argparse.ArgumentParser], Runner]
-COMMANDS: dict[str, tuple[str, Setup]] = {}
-# Modules that add commands when imported (other helpers' verbs: schedule, monitor...).
-COMMAND_MODULES: list[str] = ["engine.cli.top", "engine.drivers.scheduler", "engine.cluster.verbs"]
+from engine.cli.cluster import add_cluster_options, cluster_options, nodes_command
+from engine.cli.common import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Command, Runner, command,
+                               connect_node, node_options, parse_json_arg, to_json)
+from engine.cli.schedule import schedule_command
+from engine.cli.top import top_command
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-
-def command(name: str, help: str) -> Callable[[Setup], Setup]:
-    def register(setup: Setup) -> Setup:
-        COMMANDS[name] = (help, setup)
-        return setup
-    return register
-
-
-def node_options(p: argparse.ArgumentParser, *, timeout: float | None = 30.0) -> None:
-    from engine.client import DEFAULT_NODE
-
-    p.add_argument("--node", default=DEFAULT_NODE, metavar="ADDR",
-                   help=f"the node's control address (default {DEFAULT_NODE})")
-    p.add_argument("--timeout", type=float, default=timeout, metavar="S",
-                   help="seconds to wait for the reply (per chunk when streaming)")
-
-
-def connect_node(args: argparse.Namespace):
-    from engine.client import connect
-
-    wait = 5.0 if args.timeout is None else min(5.0, args.timeout)
-    return connect(args.node, timeout=args.timeout, connect_timeout=wait)
-
-
-def to_json(value: Any, *, indent: int | None = None) -> str:
-    return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent,
-                      sort_keys=indent is not None)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
-
-
-def _parse_json_arg(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: payload is not JSON ({exc}); quote strings: '\"hi\"'")
+__all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "build_parser", "format_app_info",
+           "main"]
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -97,13 +36,19 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="ADDR",
                    help=f"control endpoint to listen on (default {DEFAULT_CONTROL})")
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
+    add_cluster_options(p)
 
     async def run(args: argparse.Namespace) -> int:
         from engine.node.node import serve
 
+        options = cluster_options(args)
         logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        return await serve(args.paths, control=args.control)
+        if options is None:
+            return await serve(args.paths, control=args.control)
+        from engine.cluster.verbs import in_cluster
+
+        return await serve(args.paths, control=args.control, cluster=in_cluster(options))
     return run
 
 
@@ -118,7 +63,7 @@ def call_command(p: argparse.ArgumentParser) -> Runner:
     node_options(p)
 
     async def run(args: argparse.Namespace) -> int:
-        payload = _parse_json_arg(args.payload)
+        payload = parse_json_arg(args.payload)
         async with connect_node(args) as node:
             if args.upload is not None:
                 reply = await node.call(args.app, args.event, payload, timeout=args.timeout,
@@ -131,7 +76,7 @@ def call_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
-def _file_chunks(path: str, size: int = 64 * 1024):
+def _file_chunks(path: str, size: int = 64 * 1024) -> Iterator[bytes]:
     with (open(sys.stdin.fileno(), "rb", closefd=False) if path == "-" else open(path, "rb")) as f:
         while block := f.read(size):
             yield block
@@ -247,21 +192,27 @@ def crashlog_command(p: argparse.ArgumentParser) -> Runner:
 
 # -- entry point ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
+# The command line: every command, in the order `--help` lists them.
+COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
+    run_command, call_command, list_command, info_command, deploy_command, undeploy_command,
+    crashlog_command, top_command, schedule_command, nodes_command)})
+
+
+def build_parser(commands: Mapping[str, Command] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine", description="engine-trio: host apps, or talk to a node",
         epilog="also: `python -m engine monitor [--once] [--json] ...` lists every mesh "
                "component it discovers (the same as `python -m transport monitor`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, setup) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(runner=setup(p))
+    for name, cmd in commands.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p.set_defaults(runner=cmd.setup(p))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands: Mapping[str, Command] = COMMANDS) -> int:
+    """Run the command ``argv`` names (default: the process's arguments); its exit code.
+    ``commands``: the table to take it from."""
     from transport.errors import RemoteError, TransportError
 
     from engine.errors import EngineError
@@ -272,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         from transport.__main__ import main as transport_main
 
         return transport_main(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(commands).parse_args(argv)
     try:
         return trio.run(args.runner, args)
     except BaseException as exc:

@@ -7,19 +7,22 @@ as states arrive.  An app whose channel is silent or missing is shown from its
 """
 from __future__ import annotations
 
+import argparse
 import time
+from typing import AbstractSet
 
 import pynng
 import trio
 from transport.errors import CodecError
 from transport.sockets import TrioSocket
 
+from engine.cli.common import EXIT_OK, Runner, command, connect_node, node_options
 from engine.node.maintenance import STATE_TOPIC, RateMeter, split_frame, state_of
 
 CLEAR = "\x1b[H\x1b[2J"
 
 
-def render(states: dict[str, dict], *, polled: set[str] = frozenset(), now: float | None = None) -> str:
+def render(states: dict[str, dict], *, polled: AbstractSet[str] = frozenset(), now: float | None = None) -> str:
     """Pure: the table for a set of app states (maintenance ``state`` bodies)."""
     now = time.time() if now is None else now
     head = f"{'APP':<20} {'STATE':<9} {'SLAVES':>6} {'QUEUE':>5} {'RUN':>4} {'JOBS/S':>8} {'DONE':>8} {'ERR':>5} {'P50MS':>7}"
@@ -131,27 +134,21 @@ async def live(client, *, interval: float = 1.0, out=_draw) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _register_cli() -> None:
-    from engine.cli import commands as cli
+@command("top", "a live view of every app, its pool and its drivers")
+def top_command(p: argparse.ArgumentParser) -> Runner:
+    node_options(p, timeout=10.0)
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="redraw period")
 
-    @cli.command("top", "a live view of every app, its pool and its drivers")
-    def top_command(p):
-        cli.node_options(p, timeout=10.0)
-        p.add_argument("--once", action="store_true", help="print one snapshot and exit")
-        p.add_argument("--interval", type=float, default=1.0, metavar="S", help="redraw period")
-
-        async def run(args) -> int:
-            async with cli.connect_node(args) as client:
-                if args.once:
-                    states, polled = await snapshot(client)
-                    print(render(states, polled=polled))
-                else:
-                    try:
-                        await live(client, interval=args.interval)
-                    except KeyboardInterrupt:
-                        pass
-            return 0
-        return run
-
-
-_register_cli()
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as client:
+            if args.once:
+                states, polled = await snapshot(client)
+                print(render(states, polled=polled))
+            else:
+                try:
+                    await live(client, interval=args.interval)
+                except KeyboardInterrupt:
+                    pass
+        return EXIT_OK
+    return run

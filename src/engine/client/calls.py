@@ -94,9 +94,11 @@ def stream(app: str, event: str, payload: Any = None, *, timeout: float = DEFAUL
 
 
 def _inline_in_node() -> bool:
-    """A backend "thread" app's quick handler, run on the node's loop (engine.pool.threads)."""
+    """A backend "thread" app's quick handler, run on the node's loop (engine.pool.threads).
+    Looked up, not imported: a slave never loads the thread pool, and where nothing loaded
+    it no handler can be running inline."""
     thread_pool = sys.modules.get("engine.pool.threads")
-    return thread_pool is not None and getattr(thread_pool.inline, "active", False)
+    return thread_pool is not None and thread_pool.inline.active
 
 
 async def _async_client(node: str | None) -> Any:

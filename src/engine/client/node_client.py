@@ -14,6 +14,7 @@ raised (``AppNotFound``, ``QueueFull``, ``SlaveDied``, ``HandlerError``...).
 """
 from __future__ import annotations
 
+import builtins
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -84,8 +85,9 @@ class NodeClient:
             args["drain"] = drain
         return await self.verb("undeploy", args, timeout=timeout)
 
-    async def crashlog(self, app: str) -> list[str]:
-        return await self.verb("crashlog", {"app": app})
+    async def crashlog(self, app: str) -> builtins.list[str]:  # (`list` is a method here)
+        lines: builtins.list[str] = await self.verb("crashlog", {"app": app})
+        return lines
 
 
 @asynccontextmanager
@@ -109,9 +111,10 @@ async def connect(address: str = DEFAULT_NODE, *, timeout: float | None = None,
         raise only from None
 
 
-def _sole_exception(group: BaseExceptionGroup) -> BaseException | None:
-    while isinstance(group, BaseExceptionGroup):
-        if len(group.exceptions) != 1:
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup):
+        if len(inner.exceptions) != 1:
             return None
-        group = group.exceptions[0]
-    return group
+        inner = inner.exceptions[0]
+    return inner

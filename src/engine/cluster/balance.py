@@ -225,7 +225,9 @@ class BalanceTable:
     def score(self, node_id: str, app: str) -> float | None:
         """The node's load for ``app``, or None if it does not serve it."""
         known = self._nodes.get(node_id)
-        load = known.report.apps.get(app) if known else None
+        if known is None:
+            return None
+        load = known.report.apps.get(app)
         if load is None or not load.serving:
             return None
         return (load.pressure + self.in_flight(node_id, app) / load.capacity
@@ -255,7 +257,7 @@ class BalanceTable:
         local = next((s for s, nid in ranked if nid == local_id), None)
         remote = next(((s, nid) for s, nid in ranked if nid != local_id), None)
         if local is None:
-            return remote[1]
+            return None if remote is None else remote[1]  # (ranked is not empty: remote is set)
         if remote is None:
             self._offloading.discard(app)
             return local_id

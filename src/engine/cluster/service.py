@@ -29,7 +29,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Mapping, cast
 
 import msgpack
 import trio
@@ -37,14 +37,15 @@ import trio
 from transport.mesh.discovery import Discovery, DiscoveryConfig
 from transport.errors import BadMessage, QueueFull, RemoteError, Unreachable
 from transport.mesh.peers import Beacon
-from transport.rpc import Request, RpcClient, Stream
+from transport.rpc import RpcClient, Stream
 
 from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
 from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle, make_bundle, write_bundle
-from engine.node.control import ControlHandler, answer
+from engine.node.control import answer
 from engine.errors import AppBroken, AppNotFound, ShuttingDown
 
 if TYPE_CHECKING:
+    from engine.app import App
     from engine.node.node import Node
 
 log = logging.getLogger("engine.cluster")
@@ -72,7 +73,8 @@ class ClusterOptions:
             raise ValueError("need 0 < report_interval < expiry")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "ClusterOptions | None":
+    def from_env(cls, env: Mapping[str, str] | None = None,
+                 **overrides: Any) -> "ClusterOptions | None":
         """ENGINE_CLUSTER (the name; unset: no cluster), ENGINE_CLUSTER_KEY,
         ENGINE_CLUSTER_SECRET, ENGINE_STATE_DIR, and MESH_* for discovery."""
         env = os.environ if env is None else env
@@ -106,8 +108,10 @@ class Cluster:
         self._seq = 0
         self._cpu = 0.0
         self._nursery: trio.Nursery | None = None
+        # Where apps received from peers are written: a temporary folder made (and
+        # removed) by run() when the options name none.
         self._own_state_dir = options.state_dir is None
-        self.state_dir = Path(options.state_dir or tempfile.mkdtemp(prefix="engine-cluster-"))
+        self.state_dir: Path | None = options.state_dir
         self.discovery: Discovery | None = None
 
     # -- lifetime -----------------------------------------------------------------------
@@ -116,27 +120,29 @@ class Cluster:
                     namespace=NAMESPACE_PREFIX + self.options.name, key=self.options.key,
                     endpoint=self.node.control_address or "", host=socket.gethostname(),
                     pid=os.getpid())
-        self.discovery = Discovery(me, self.options.discovery, secret=self._secret)
-        (self.state_dir / "apps").mkdir(parents=True, exist_ok=True)
+        discovery = self.discovery = Discovery(me, self.options.discovery, secret=self._secret)
+        state_dir = self.state_dir = (self.options.state_dir
+                                      or Path(tempfile.mkdtemp(prefix="engine-cluster-")))
+        (state_dir / "apps").mkdir(parents=True, exist_ok=True)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self.discovery.run)
-                nursery.start_soon(self._watch_peers)
-                nursery.start_soon(self._report_loop)
+                await nursery.start(discovery.run)
+                nursery.start_soon(self._watch_peers, discovery, nursery)
+                nursery.start_soon(self._report_loop, nursery)
                 log.info("cluster %s: node %s announcing %s", self.options.name, self.id,
                          self.node.control_address)
                 task_status.started(self)
         finally:
             if self._own_state_dir:
-                shutil.rmtree(self.state_dir, ignore_errors=True)
+                shutil.rmtree(state_dir, ignore_errors=True)
 
-    async def _watch_peers(self) -> None:
+    async def _watch_peers(self, discovery: Discovery, nursery: trio.Nursery) -> None:
         """Keep one control client per discovered peer (level-triggered)."""
         seen = -1
         while True:
-            seen = await self.discovery.wait_change(seen)
-            current = {b.id: b.endpoint for b in self.discovery.peers() if b.endpoint}
+            seen = await discovery.wait_change(seen)
+            current = {b.id: b.endpoint for b in discovery.peers() if b.endpoint}
             for pid in list(self._clients):
                 if current.get(pid) != self._clients[pid].address:
                     self._drop_peer(pid, "left the cluster")
@@ -144,8 +150,8 @@ class Cluster:
                 if pid not in self._clients:
                     # A hub of many links: never hold the node's loop polling for one.
                     client = self._clients[pid] = RpcClient(endpoint, spin=False)
-                    self._nursery.start_soon(client.run)
-                    self._nursery.start_soon(self._first_exchange, pid, client)
+                    nursery.start_soon(client.run)
+                    nursery.start_soon(self._first_exchange, pid, client)
                     log.info("cluster %s: peer %s at %s", self.options.name, pid, endpoint)
 
     def _drop_peer(self, pid: str, why: str) -> None:
@@ -160,7 +166,7 @@ class Cluster:
             await client.wait_connected()
             await self._exchange(pid)
 
-    async def _report_loop(self) -> None:
+    async def _report_loop(self, nursery: trio.Nursery) -> None:
         import psutil
 
         psutil.cpu_percent(None)             # the first call only starts the measure
@@ -171,37 +177,33 @@ class Cluster:
             self.table.expire(trio.current_time(), keep=self.id)
             for pid, client in list(self._clients.items()):
                 if client.connected and pid not in self._exchanging:
-                    self._nursery.start_soon(self._exchange, pid)
+                    nursery.start_soon(self._exchange, pid)
 
     # -- load reports ----------------------------------------------------------------------
     def _update_rates(self) -> None:
         now = trio.current_time()
         for name, app in self.node.apps.items():
-            done = getattr(app.pool, "done", 0)
+            done = app.pool.done
             then, before, _ = self._done.get(name, (now, done, 0.0))
             rate = (done - before) / (now - then) if now > then else 0.0
             self._done[name] = (now, done, round(rate, 2))
         for name in [n for n in self._done if n not in self.node.apps]:
             del self._done[name]
 
-    def app_load(self, app: Any) -> AppLoad:
-        """The app's load now, from its pool's policy (cheap: called per request)."""
+    def app_load(self, app: App) -> AppLoad:
+        """The app's load now, for this node's report, from its pool's
+        :meth:`~engine.pool.base.Pool.load` (either backend)."""
         engine = app.manifest.engine
         capacity = max(1, engine.pool_limit * engine.concurrency)
-        digest = self._digests.get(app.name, (None, ""))
-        digest = digest[1] if digest[0] is app else ""
+        known, digest = self._digests.get(app.name, (None, ""))
+        if known is not app:
+            digest = ""   # the digest of an earlier app of that name
         rate = self._done.get(app.name, (0, 0, 0.0))[2]
         if app.state != "running":
             return AppLoad(state=app.state, capacity=capacity, digest=digest)
-        policy = getattr(app.pool, "policy", None)
-        if policy is not None:
-            return AppLoad(state=policy.state, queue=len(policy.queue), running=len(policy.owner),
-                           slaves=len(policy.slaves), capacity=capacity, jobs_per_s=rate,
-                           digest=digest)
-        info = app.pool.info()
-        return AppLoad(state=info.get("state", "running"), queue=info.get("queue", 0),
-                       running=info.get("running", 0), slaves=len(info.get("slaves", ())),
-                       capacity=capacity, jobs_per_s=rate, digest=digest)
+        load = app.pool.load()
+        return AppLoad(state=load.state, queue=load.queue, running=load.running,
+                       slaves=load.slaves, capacity=capacity, jobs_per_s=rate, digest=digest)
 
     def local_report(self) -> NodeReport:
         self._seq += 1
@@ -232,14 +234,15 @@ class Cluster:
         if report.id == self.id:
             return
         self.table.update(report, trio.current_time())
-        if report.id not in self._clients:
+        nursery = self._nursery
+        if report.id not in self._clients or nursery is None:
             return                          # not discovered (yet): nothing to fetch through
         for name, load in report.apps.items():
             if (load.serving and load.digest and name not in self.node.apps
                     and name not in self.tombstones and name not in self._syncing
                     and (name, load.digest) not in self.sync_failed):
                 self._syncing.add(name)
-                self._nursery.start_soon(self._pull, report.id, name, load.digest)
+                nursery.start_soon(self._pull, report.id, name, load.digest)
 
     async def _ensure_digests(self) -> None:
         for name, app in list(self.node.apps.items()):
@@ -279,6 +282,8 @@ class Cluster:
             if self._digests.get(name, (None, ""))[1] == bundle["digest"]:
                 return "already deployed"
             raise BundleError(f"app {name} is already deployed here with other content")
+        if self.state_dir is None:
+            raise BundleError("the cluster is not running: no folder to write apps to")
         base = await trio.to_thread.run_sync(write_bundle, bundle, self.state_dir / "apps")
         if name in self.tombstones:
             return "undeployed meanwhile"
@@ -372,7 +377,7 @@ class Cluster:
         self.table.note_sent(pid, app)
         self.stats["forwarded"] += 1
         replies = client.stream("", "cluster.run", {"app": app, "event": event, "payload": payload})
-        chunks = replies.__aiter__()
+        chunks = cast(AsyncGenerator[Any, None], replies.__aiter__())   # (it is one: aclose)
         try:
             first = await chunks.__anext__()
         except StopAsyncIteration:
@@ -439,16 +444,3 @@ async def _nothing():
     return
     yield  # pragma: no cover
 
-
-class ClusterControlHandler(ControlHandler):
-    """The control handler of a clustered node: app requests go through
-    :meth:`Cluster.serve`; node verbs as usual."""
-
-    def __call__(self, req: Request) -> Any:
-        cluster = getattr(self.node, "cluster", None)
-        if req.target == "" or cluster is None or req.chunks is not None:
-            return super().__call__(req)  # a chunked request runs where its chunks arrive
-        return cluster.serve(req.target, req.event, req.payload)  # a coroutine: on a task
-
-
-from engine.cluster import verbs as cluster_commands  # noqa: E402,F401  (registers the cluster.* verbs)

@@ -1,107 +1,163 @@
-"""What every driver shares: option validation helpers and counters.
+"""The seam between an app and its drivers: the :class:`Driver` base class, what a
+driver may ask of its app (:class:`DriverHost`), and what every driver shares
+(counters, submitting with or without waiting for room).
 
-Drivers validate their manifest options with the helpers here so every mistake is a
-:class:`engine.errors.ManifestError` naming the field path (``drivers.spool.path``)
-and what was expected.  ``raw`` is the driver's manifest object; the keys the
-manifest itself consumes (``type``, ``emit``) are ignored here.
+Every built-in driver subclasses :class:`Driver` and registers itself with
+``@registry.register("type-name", *aliases)``.  The app builds one per manifest entry
+as ``cls(spec)``, starts it with ``await nursery.start(driver.run, app)`` and shows
+``driver.info()`` in ``info``/``top``; the manifest validates its options at load with
+``cls.parse_options(raw, ctx)``.  The base holds what used to be copied into each
+driver's ``__init__`` (spec, options, counters) and the common part of ``info()``, so
+a driver only writes what is its own.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Generic, Iterator, Protocol, TypeVar
 
 import trio
 from transport.errors import QueueFull, RemoteError
 
 from engine.errors import AppBroken, DriverError, ShuttingDown
-from engine.drivers.registry import OptionContext
+from engine.drivers.options import DriverSpec, OptionContext
+from engine.pool.base import JobHandle
 
-# Keys of a driver object that belong to the manifest, not to the driver.
-COMMON_KEYS = frozenset({"type", "emit"})
-
-_MISSING = object()
+OptionsT = TypeVar("OptionsT")
 
 
-def check_keys(raw: Any, ctx: OptionContext, allowed: Iterable[str]) -> dict:
-    """``raw`` must be an object with no keys beyond ``allowed`` (typos fail loudly)."""
-    if not isinstance(raw, dict):
-        raise ctx.error("", "an object", raw)
-    known = COMMON_KEYS | set(allowed)
-    for key in raw:
-        if key not in known:
-            raise ctx.error(str(key), f"no such option (known: {', '.join(sorted(allowed)) or 'none'})", raw[key])
-    return raw
+# -- what a driver may ask of its app -------------------------------------------------
+
+class SubmittedJob(JobHandle, Protocol):
+    """A job a driver submitted (:class:`engine.pool.job.Job`; ``FakeJob`` in tests):
+    what the control endpoint answers from (the native server), and the result."""
+
+    async def result(self) -> Any: ...
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None: ...
 
 
-def opt_number(raw: dict, ctx: OptionContext, name: str, *, default: Any = _MISSING,
-               minimum: float | None = None, integer: bool = False) -> Any:
-    value = raw.get(name, default)
-    if value is _MISSING:
-        raise ctx.error(name, "a number (required)")
-    if value is default and default is None:
-        return None
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ctx.error(name, kind, value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ctx.error(name, f"a finite {kind[2:]}", value)
-    if minimum is not None and value < minimum:
-        raise ctx.error(name, f"{kind} >= {minimum:g}", value)
-    return value
+class ClusterRouter(Protocol):
+    """The part of a node's cluster that server drivers balance requests through
+    (:class:`engine.cluster.service.Cluster`)."""
+
+    @property
+    def has_peers(self) -> bool: ...
+
+    async def serve(self, app: str, event: str, payload: Any) -> Any: ...
 
 
-def opt_str(raw: dict, ctx: OptionContext, name: str, *, default: Any = _MISSING,
-            choices: Iterable[str] | None = None) -> Any:
-    value = raw.get(name, default)
-    if value is _MISSING:
-        raise ctx.error(name, "a string (required)")
-    if value is default and default is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ctx.error(name, "a non-empty string", value)
-    if choices is not None and value not in choices:
-        raise ctx.error(name, "one of " + ", ".join(repr(c) for c in choices), value)
-    return value
+class HostingNode(Protocol):
+    """The node an app runs on, as far as drivers see it: its cluster, if any."""
+
+    @property
+    def cluster(self) -> ClusterRouter | None: ...
 
 
-def opt_bool(raw: dict, ctx: OptionContext, name: str, *, default: bool) -> bool:
-    value = raw.get(name, default)
-    if not isinstance(value, bool):
-        raise ctx.error(name, "true or false", value)
-    return value
+class DriverHost(Protocol):
+    """What a driver may use of its app (:class:`engine.app.App`; ``FakeApp`` in tests).
+
+    ``submit`` is synchronous and raises one of :data:`NO_ROOM` when the pool has no
+    room; ``publish`` goes to the app's maintenance channel; ``node`` is None for an
+    app not hosted by a node (tests) or until the node sets it.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def node(self) -> HostingNode | None: ...
+
+    def submit(self, event: str, payload: Any, chunks: Any = None) -> SubmittedJob: ...
+
+    def publish(self, topic: str, value: Any) -> None: ...
 
 
-def parse_host_port(text: str, ctx: OptionContext, name: str) -> tuple[str, int]:
-    """``host:port`` or ``tcp://host:port`` (port 0: the OS picks one)."""
-    body = text[len("tcp://"):] if text.startswith("tcp://") else text
-    host, sep, port = body.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ctx.error(name, "host:port (e.g. 127.0.0.1:9000)", text)
-    return host, int(port)
+# -- counters --------------------------------------------------------------------------
+
+@dataclass
+class DriverStats:
+    """Counters every driver reports through ``info()``."""
+
+    ticks: int = 0          # events seen (timer firings, requests, file changes)
+    submitted: int = 0      # jobs handed to the pool
+    skipped: int = 0        # events dropped or refused because the pool had no room
+    done: int = 0           # jobs answered successfully
+    errors: int = 0         # jobs that failed (handler errors, slave deaths...)
+    last_error: str | None = None
+    held: int = 0           # times the driver had to wait for room in the pool
+    started_at: float = field(default_factory=time.time)
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = str(exc) if isinstance(exc, RemoteError) else f"{type(exc).__name__}: {exc}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ticks": self.ticks, "submitted": self.submitted, "skipped": self.skipped,
+            "done": self.done, "errors": self.errors, "last_error": self.last_error, "held": self.held,
+            "in_flight": self.submitted - self.done - self.errors,
+        }
 
 
-# Schemes whose address is host:port (ws/wss may add a path after it).
-_HOST_PORT_SCHEMES = ("tcp", "tls+tcp", "nng+tcp", "ws", "wss")
+# Submission failures that mean "the pool has no room right now", as opposed to
+# a job that ran and failed.  Timers count these as skipped ticks.
+NO_ROOM = (QueueFull, ShuttingDown, AppBroken)
 
 
-def check_url(text: str, ctx: OptionContext, name: str) -> str:
-    """Catch at manifest load what would otherwise fail only when the driver binds:
-    ``scheme://host:port`` needs a port in 0..65535 (host may be empty: every
-    interface); ``ipc://``, ``unix://``, ``inproc://``... need a path or name."""
-    scheme, sep, rest = text.partition("://")
-    if scheme in _HOST_PORT_SCHEMES:
-        hostport = rest.split("/", 1)[0] if scheme in ("ws", "wss") else rest
-        _host, colon, port = hostport.rpartition(":")
-        if not colon or not port.isdigit() or int(port) > 65535:
-            raise ctx.error(name, f"{scheme}://host:port with a port in 0-65535", text)
-    elif not sep or not rest.strip("/"):
-        raise ctx.error(name, f"{scheme}:// followed by a path", text)
-    return text
+# -- the base class --------------------------------------------------------------------
 
+class Driver(ABC, Generic[OptionsT]):
+    """One event source of one app, built from its manifest entry.
+
+    Subclasses implement :meth:`parse_options` (a static method: the manifest calls it
+    at load, before any driver exists), :meth:`run`, and :meth:`details` for their own
+    ``info()`` fields.  ``type_name`` is set by :func:`engine.drivers.registry.register`.
+    """
+
+    type_name: ClassVar[str]
+
+    def __init__(self, spec: DriverSpec) -> None:
+        self.spec = spec
+        self.options: OptionsT = spec.options
+        self.stats = DriverStats()
+
+    @staticmethod
+    @abstractmethod
+    def parse_options(raw: Any, ctx: OptionContext) -> Any:
+        """Validate the manifest's options (raise ``ctx.error(field, expected, got)``)
+        and return them frozen; they come back as ``spec.options``."""
+
+    @abstractmethod
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled.  Call ``task_status.started()`` once armed or bound
+        (the value, if any, is what callers of ``nursery.start`` get: the bound
+        address for servers); raise :class:`DriverError` if the driver cannot start."""
+
+    def details(self) -> dict[str, Any]:
+        """This driver's own ``info()`` fields (endpoint, schedule, ...)."""
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        """``type`` and ``emit``, the driver's own fields, then the counters."""
+        return {"type": self.type_name, "emit": self.spec.emit, **self.details(), **self.stats.as_dict()}
+
+    def submit_or_skip(self, app: DriverHost, payload: Any) -> SubmittedJob | None:
+        """Hand one event to the pool; None (and a counted skip) if it has no room.
+        For sources that must not wait (timers): a refused event is dropped, counted."""
+        try:
+            job = app.submit(self.spec.emit, payload)
+        except NO_ROOM:
+            self.stats.skipped += 1
+            return None
+        self.stats.submitted += 1
+        return job
+
+
+# -- helpers every driver may use -------------------------------------------------------
 
 def sole_leaf(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups (or exc itself)."""
@@ -123,42 +179,12 @@ def bare_driver_errors() -> Iterator[None]:
         raise
 
 
-# Submission failures that mean "the pool has no room right now", as opposed to
-# a job that ran and failed.  Timers count these as skipped ticks.
-NO_ROOM = (QueueFull, ShuttingDown, AppBroken)
-
-
-@dataclass
-class DriverStats:
-    """Counters every driver reports through ``info()``."""
-
-    ticks: int = 0          # events seen (timer firings, requests, file changes)
-    submitted: int = 0      # jobs handed to the pool
-    skipped: int = 0        # events dropped or refused because the pool had no room
-    done: int = 0           # jobs answered successfully
-    errors: int = 0         # jobs that failed (handler errors, slave deaths...)
-    last_error: str | None = None
-    held: int = 0           # times the driver had to wait for room in the pool
-    started_at: float = field(default_factory=time.time)
-
-    def failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        self.last_error = str(exc) if isinstance(exc, RemoteError) else f"{type(exc).__name__}: {exc}"
-
-    def as_dict(self) -> dict:
-        return {
-            "ticks": self.ticks, "submitted": self.submitted, "skipped": self.skipped,
-            "done": self.done, "errors": self.errors, "last_error": self.last_error, "held": self.held,
-            "in_flight": self.submitted - self.done - self.errors,
-        }
-
-
 # Backoff while the pool has no room (sinks, monitors): short at first so a brief
 # burst costs little latency, capped so a long stall costs little CPU.
 HOLD_BACKOFF = (0.002, 0.1)
 
 
-async def submit_holding(app: Any, event: str, payload: Any, stats: DriverStats) -> Any:
+async def submit_holding(app: DriverHost, event: str, payload: Any, stats: DriverStats) -> SubmittedJob:
     """Submit, waiting (with backoff) while the pool refuses for lack of room.
 
     For drivers whose source keeps its own backlog (a socket's buffers, the kernel's
@@ -178,7 +204,7 @@ async def submit_holding(app: Any, event: str, payload: Any, stats: DriverStats)
         return job
 
 
-async def run_job(job: Any, stats: DriverStats) -> Any:
+async def run_job(job: SubmittedJob, stats: DriverStats) -> Any:
     """Await a submitted job's result, counting it; RemoteErrors are counted and re-raised."""
     try:
         value = await job.result()
@@ -189,7 +215,7 @@ async def run_job(job: Any, stats: DriverStats) -> Any:
     return value
 
 
-async def run_job_quietly(job: Any, stats: DriverStats) -> None:
+async def run_job_quietly(job: SubmittedJob, stats: DriverStats) -> None:
     """For fire-and-forget events: the failure is counted (and shown in info/top), not raised."""
     try:
         await run_job(job, stats)

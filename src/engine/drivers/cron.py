@@ -13,15 +13,16 @@ job) are counted as skipped, never fired late in a burst.  The payload is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import trio
 from croniter import croniter
 
-from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_str, run_job_quietly
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.base import Driver, DriverHost, run_job_quietly
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_str
+from engine.drivers.registry import register
 
 MAX_MISSED_COUNTED = 10_000  # bound the catch-up loop after a very long suspend
 # trio sleeps on a monotonic clock; waking at least this often (seconds) lets the
@@ -35,33 +36,36 @@ class CronOptions:
     timezone: str = "UTC"
 
     @property
-    def tz(self):
+    def tz(self) -> tzinfo:
         return timezone.utc if self.timezone == "UTC" else ZoneInfo(self.timezone)
 
 
 def next_fire(schedule: str, after: datetime) -> datetime:
     """The first fire time strictly after ``after`` (an aware datetime), in its zone."""
-    return croniter(schedule, after).get_next(datetime)
+    return _next(croniter(schedule, after))
 
 
 def count_between(schedule: str, after: datetime, until: datetime) -> int:
     """How many fire times fall in ``(after, until]`` (capped)."""
     it = croniter(schedule, after)
     n = 0
-    while n < MAX_MISSED_COUNTED and it.get_next(datetime) <= until:
+    while n < MAX_MISSED_COUNTED and _next(it) <= until:
         n += 1
     return n
 
 
-@register("cron")
-class CronDriver:
-    # The wall clock, replaceable in tests (which derive it from trio's MockClock).
-    now: Callable[[Any], datetime] = staticmethod(datetime.now)
+def _next(it: croniter) -> datetime:
+    fire: datetime = it.get_next(datetime)   # croniter is untyped: say what it returns
+    return fire
 
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: CronOptions = spec.options
-        self.stats = DriverStats()
+
+@register("cron")
+class CronDriver(Driver[CronOptions]):
+    # The wall clock, replaceable in tests (which derive it from trio's MockClock).
+    now: Callable[[tzinfo], datetime] = staticmethod(datetime.now)
+
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.next_at: datetime | None = None
 
     @staticmethod
@@ -77,7 +81,8 @@ class CronDriver:
             raise ctx.error("timezone", "an IANA time zone name like 'Europe/Paris'", tz) from None
         return CronOptions(schedule=schedule, timezone=tz)
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         schedule, tz = self.options.schedule, self.options.tz
         async with trio.open_nursery() as jobs:
             task_status.started()
@@ -94,17 +99,12 @@ class CronDriver:
                     self.stats.skipped += missed
                 target = next_fire(schedule, max(now, target))
 
-    def _fire(self, app, jobs: trio.Nursery, target: datetime) -> None:
+    def _fire(self, app: DriverHost, jobs: trio.Nursery, target: datetime) -> None:
         self.stats.ticks += 1
-        try:
-            job = app.submit(self.spec.emit, {"tick": self.stats.ticks, "scheduled": target.isoformat()})
-        except NO_ROOM:
-            self.stats.skipped += 1
-            return
-        self.stats.submitted += 1
-        jobs.start_soon(run_job_quietly, job, self.stats)
+        job = self.submit_or_skip(app, {"tick": self.stats.ticks, "scheduled": target.isoformat()})
+        if job is not None:
+            jobs.start_soon(run_job_quietly, job, self.stats)
 
-    def info(self) -> dict:
-        return {"type": "cron", "emit": self.spec.emit, "schedule": self.options.schedule,
-                "timezone": self.options.timezone,
-                "next": self.next_at.isoformat() if self.next_at else None, **self.stats.as_dict()}
+    def details(self) -> dict[str, Any]:
+        return {"schedule": self.options.schedule, "timezone": self.options.timezone,
+                "next": self.next_at.isoformat() if self.next_at else None}

@@ -23,9 +23,10 @@ from typing import Any
 import trio
 
 from engine.errors import DriverError
-from engine.drivers.base import DriverStats, check_keys, opt_bool, opt_str, run_job_quietly, submit_holding
+from engine.drivers.base import Driver, DriverHost, run_job_quietly, submit_holding
 from engine.drivers.inotify import Change, ChangeTracker, Inotify, parse_events, walk_dirs
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_bool, opt_str
+from engine.drivers.registry import register
 
 # A rename arrives as MOVED_FROM then MOVED_TO; they can straddle two reads, so an
 # unpaired MOVED_FROM waits this long for its partner before it counts as deleted.
@@ -40,12 +41,12 @@ class FsMonitorOptions:
 
 
 @register("filesystem-monitor")
-class FilesystemMonitor:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: FsMonitorOptions = spec.options
-        self.stats = DriverStats()
+class FilesystemMonitor(Driver[FsMonitorOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.watches = 0
+        self._root = ""                       # the watched directory (set by run)
+        self._only_file: str | None = None    # watching one file: its path
 
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> FsMonitorOptions:
@@ -72,7 +73,8 @@ class FilesystemMonitor:
                 return True
         return False
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         target = self.options.path
         if target.is_dir():
             self._root, self._only_file = str(target), None
@@ -111,7 +113,7 @@ class FilesystemMonitor:
         except OSError:
             return False  # gone already, or the watch limit: the rest still works
 
-    async def _loop(self, app, inotify: Inotify, tracker: ChangeTracker, jobs: trio.Nursery) -> None:
+    async def _loop(self, app: DriverHost, inotify: Inotify, tracker: ChangeTracker, jobs: trio.Nursery) -> None:
         while True:
             data = inotify.read()
             if data is None:
@@ -148,7 +150,7 @@ class FilesystemMonitor:
                     found.append(Change("created", full))
         return found
 
-    async def _emit(self, app, changes: list[Change], jobs: trio.Nursery) -> None:
+    async def _emit(self, app: DriverHost, changes: list[Change], jobs: trio.Nursery) -> None:
         for change in changes:
             if not self._wanted(change):
                 continue
@@ -159,7 +161,6 @@ class FilesystemMonitor:
             job = await submit_holding(app, self.spec.emit, payload, self.stats)
             jobs.start_soon(run_job_quietly, job, self.stats)
 
-    def info(self) -> dict:
-        return {"type": "filesystem-monitor", "emit": self.spec.emit, "path": str(self.options.path),
-                "pattern": self.options.pattern, "recursive": self.options.recursive,
-                "watches": self.watches, **self.stats.as_dict()}
+    def details(self) -> dict[str, Any]:
+        return {"path": str(self.options.path), "pattern": self.options.pattern,
+                "recursive": self.options.recursive, "watches": self.watches}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class Change:
     path: str                 # absolute path (the new one for "moved")
     src: str | None = None    # the old path of a "moved" file
 
-    def payload(self, root: str) -> dict:
+    def payload(self, root: str) -> dict[str, str]:
         body = {"kind": self.kind, "path": self.path,
                 "relative": os.path.relpath(self.path, root) if self.kind != "overflow" else "."}
         if self.src is not None:
@@ -141,7 +142,8 @@ class ChangeTracker:
 
     def flush_moves(self) -> tuple[list[Change], list[int]]:
         """Moves whose destination never came: the file left the watched tree."""
-        changes, unwatch = [], []
+        changes: list[Change] = []
+        unwatch: list[int] = []
         for old, is_dir in self.pending_moves.values():
             if is_dir:
                 unwatch.extend(self._forget_dir(old))
@@ -187,14 +189,17 @@ def walk_dirs(root: str) -> Iterator[str]:
             yield os.path.join(dirpath, d)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded once, on the first Inotify (not at import)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
 class Inotify:
     """The syscalls: one non-blocking inotify descriptor."""
 
-    _libc = None
-
     def __init__(self) -> None:
-        if Inotify._libc is None:
-            Inotify._libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        self._libc = _libc()
         self.fd = self._check(self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
 
     def _check(self, result: int, what: str) -> int:

@@ -29,9 +29,11 @@ from transport.errors import RemoteError, TransportError
 from transport.rpc import Request, RpcServer
 
 from engine.errors import DriverError
-from engine.drivers.base import NO_ROOM, DriverStats, bare_driver_errors, check_keys, check_url, opt_bool, opt_str, sole_leaf, submit_holding
+from engine.drivers.base import (NO_ROOM, ClusterRouter, Driver, DriverHost, SubmittedJob, bare_driver_errors,
+                                 sole_leaf, submit_holding)
 from engine.drivers.nng_sink import SinkOptions, SinkOutcomes
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, check_url, opt_bool, opt_str
+from engine.drivers.registry import register
 
 RPC_SCHEMES = ("tcp://", "ipc://", "unix://", "nng+tcp://", "nng+ipc://")  # see transport/links.py
 
@@ -41,15 +43,14 @@ class NativeOptions:
     endpoint: str | None = None
 
 
-def _endpoint(raw: dict, ctx: OptionContext, *, required: bool) -> str | None:
-    endpoint = opt_str(raw, ctx, "endpoint") if required else opt_str(raw, ctx, "endpoint", default=None)
-    if endpoint is not None and not endpoint.startswith(RPC_SCHEMES):
+def _endpoint(endpoint: str, ctx: OptionContext) -> str:
+    if not endpoint.startswith(RPC_SCHEMES):
         raise ctx.error("endpoint", "an address like tcp://127.0.0.1:9100, ipc:///path or nng+tcp://127.0.0.1:9100",
                         endpoint)
-    return endpoint if endpoint is None else check_url(endpoint, ctx, "endpoint")
+    return check_url(endpoint, ctx, "endpoint")
 
 
-async def _serve_rpc(server: RpcServer, task_status) -> None:
+async def _serve_rpc(server: RpcServer, task_status: trio.TaskStatus[Any]) -> None:
     """Run the server; failing to bind becomes a bare DriverError (raised outside any
     nursery, so the app sees the DriverError itself, not an exception group)."""
     failure: DriverError | None = None
@@ -68,24 +69,24 @@ async def _serve_rpc(server: RpcServer, task_status) -> None:
 
 
 @register("native-server")
-class NativeServer:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: NativeOptions = spec.options
-        self.stats = DriverStats()
+class NativeServer(Driver[NativeOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.server: RpcServer | None = None
 
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> NativeOptions:
         check_keys(raw, ctx, ["endpoint"])
-        return NativeOptions(endpoint=_endpoint(raw, ctx, required=False))
+        endpoint = opt_str(raw, ctx, "endpoint", default=None)
+        return NativeOptions(endpoint=None if endpoint is None else _endpoint(endpoint, ctx))
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         from engine.node.control import reply_later  # answers from the job's callbacks, no task
 
         stats = self.stats
 
-        def count(job) -> None:
+        def count(job: SubmittedJob) -> None:
             if job.error is None:
                 stats.done += 1
             else:
@@ -93,7 +94,8 @@ class NativeServer:
 
         def handle(req: Request) -> Any:
             stats.ticks += 1
-            cluster = getattr(getattr(app, "node", None), "cluster", None)
+            node = app.node
+            cluster = node.cluster if node is not None else None
             if cluster is not None and cluster.has_peers and req.chunks is None:
                 return self._balanced(cluster, app.name, req.payload)  # on a worker task
             try:
@@ -111,7 +113,7 @@ class NativeServer:
         self.server = RpcServer(self.options.endpoint, handle)
         await _serve_rpc(self.server, task_status)
 
-    async def _balanced(self, cluster, app_name: str, payload: Any) -> Any:
+    async def _balanced(self, cluster: ClusterRouter, app_name: str, payload: Any) -> Any:
         try:
             reply = await cluster.serve(app_name, self.spec.emit, payload)
         except NO_ROOM:
@@ -125,28 +127,26 @@ class NativeServer:
         self.stats.done += 1
         return reply
 
-    def info(self) -> dict:
+    def details(self) -> dict[str, Any]:
         endpoint = self.server.address if self.server else self.options.endpoint
-        return {"type": "native-server", "emit": self.spec.emit, "endpoint": endpoint or "(node control)",
-                **self.stats.as_dict()}
+        return {"endpoint": endpoint or "(node control)"}
 
 
 @register("native-sink")
-class NativeSink:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: SinkOptions = spec.options
-        self.stats = DriverStats()
+class NativeSink(Driver[SinkOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.outcomes = SinkOutcomes(spec, self.options, self.stats)
         self.server: RpcServer | None = None
 
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> SinkOptions:
         check_keys(raw, ctx, ["endpoint", "publish"])
-        return SinkOptions(endpoint=_endpoint(raw, ctx, required=True),
+        return SinkOptions(endpoint=_endpoint(opt_str(raw, ctx, "endpoint"), ctx),
                            publish=opt_bool(raw, ctx, "publish", default=False))
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         self.outcomes.bind(app)
         with bare_driver_errors():
             async with trio.open_nursery() as nursery:
@@ -159,7 +159,6 @@ class NativeSink:
                 self.server = RpcServer(self.options.endpoint, handle)
                 await _serve_rpc(self.server, task_status)
 
-    def info(self) -> dict:
+    def details(self) -> dict[str, Any]:
         endpoint = self.server.address if self.server else self.options.endpoint
-        return {"type": "native-sink", "emit": self.spec.emit, "endpoint": endpoint,
-                "publish": self.options.publish, **self.stats.as_dict()}
+        return {"endpoint": endpoint, "publish": self.options.publish}

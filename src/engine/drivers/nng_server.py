@@ -24,8 +24,9 @@ from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
 from transport.sockets import TrioSocket, bound_address
 
 from engine.errors import DriverError
-from engine.drivers.base import NO_ROOM, DriverStats, check_keys, check_url, opt_str, run_job
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.base import NO_ROOM, Driver, DriverHost, run_job
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, check_url, opt_str
+from engine.drivers.registry import register
 
 NNG_SCHEMES = ("tcp://", "ipc://", "inproc://", "ws://", "tls+tcp://")
 
@@ -36,7 +37,7 @@ class EndpointOptions:
 
 
 def parse_nng_endpoint(raw: Any, ctx: OptionContext) -> str:
-    endpoint = opt_str(raw, ctx, "endpoint")
+    endpoint: str = opt_str(raw, ctx, "endpoint")
     if not endpoint.startswith(NNG_SCHEMES):
         raise ctx.error("endpoint", "an nng address like tcp://127.0.0.1:9100 or ipc:///tmp/app.sock", endpoint)
     return check_url(endpoint, ctx, "endpoint")
@@ -63,11 +64,9 @@ def reply_body(value: Any = None, error: BaseException | None = None) -> bytes:
 
 
 @register("nng-server", "zeromq-server")
-class NngServer:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: EndpointOptions = spec.options
-        self.stats = DriverStats()
+class NngServer(Driver[EndpointOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.address: str | None = None
         self.in_flight = 0
 
@@ -76,7 +75,8 @@ class NngServer:
         check_keys(raw, ctx, ["endpoint"])
         return EndpointOptions(endpoint=parse_nng_endpoint(raw, ctx))
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         raw = pynng.Socket(opener=lib.nng_rep0_open_raw)
         self.address = listen(raw, self.options.endpoint)
         sock = TrioSocket(raw)
@@ -90,7 +90,7 @@ class NngServer:
         finally:
             sock.close()
 
-    async def _serve(self, app, sock: TrioSocket, header: bytes, body: bytes) -> None:
+    async def _serve(self, app: DriverHost, sock: TrioSocket, header: bytes, body: bytes) -> None:
         self.stats.ticks += 1
         self.in_flight += 1
         try:
@@ -104,7 +104,7 @@ class NngServer:
         finally:
             self.in_flight -= 1
 
-    async def _answer(self, app, body: bytes) -> bytes:
+    async def _answer(self, app: DriverHost, body: bytes) -> bytes:
         try:
             payload = unpack(body)
         except CodecError as exc:
@@ -122,9 +122,8 @@ class NngServer:
         except RemoteError as exc:
             return reply_body(error=exc)
 
-    def info(self) -> dict:
-        return {"type": "nng-server", "emit": self.spec.emit, "endpoint": self.address or self.options.endpoint,
-                "serving": self.in_flight, **self.stats.as_dict()}
+    def details(self) -> dict[str, Any]:
+        return {"endpoint": self.address or self.options.endpoint, "serving": self.in_flight}
 
 
 def _header(msg: pynng.Message) -> bytes:

@@ -13,7 +13,7 @@ errors and dropped: there is nobody to answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pynng
 import trio
@@ -21,10 +21,10 @@ from transport.codec import unpack
 from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
 from transport.sockets import TrioSocket
 
-from engine.errors import DriverError
-from engine.drivers.base import DriverStats, check_keys, opt_bool, run_job, submit_holding
+from engine.drivers.base import Driver, DriverHost, DriverStats, SubmittedJob, run_job, submit_holding
 from engine.drivers.nng_server import listen, parse_nng_endpoint
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_bool
+from engine.drivers.registry import register
 
 # Messages nng may hold for us while we are not reading: small, so backpressure
 # reaches producers quickly instead of piling up here.
@@ -46,18 +46,16 @@ def parse_sink_options(raw: Any, ctx: OptionContext) -> SinkOptions:
 class SinkOutcomes:
     """Counts a sink's jobs and, if asked, publishes each outcome."""
 
-    def __init__(self, spec, options: SinkOptions, stats: DriverStats):
+    def __init__(self, spec: DriverSpec, options: SinkOptions, stats: DriverStats) -> None:
         self.spec, self.options, self.stats = spec, options, stats
-        self.publish = None
+        self.publish: Callable[[str, Any], None] | None = None
         self.topic = f"result.{spec.name}"
 
-    def bind(self, app) -> None:
+    def bind(self, app: DriverHost) -> None:
         if self.options.publish:
-            self.publish = getattr(app, "publish", None)
-            if self.publish is None:
-                raise DriverError("publish is true but the app has no pubsub channel")
+            self.publish = app.publish   # the app's maintenance channel
 
-    async def follow(self, job, payload: Any) -> None:
+    async def follow(self, job: SubmittedJob, payload: Any) -> None:
         try:
             outcome = {"result": await run_job(job, self.stats)}
         except RemoteError as exc:
@@ -67,11 +65,9 @@ class SinkOutcomes:
 
 
 @register("nng-sink", "zeromq-sink")
-class NngSink:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: SinkOptions = spec.options
-        self.stats = DriverStats()
+class NngSink(Driver[SinkOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.outcomes = SinkOutcomes(spec, self.options, self.stats)
         self.address: str | None = None
 
@@ -79,7 +75,8 @@ class NngSink:
     def parse_options(raw: Any, ctx: OptionContext) -> SinkOptions:
         return parse_sink_options(raw, ctx)
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         self.outcomes.bind(app)
         raw = pynng.Pull0()
         self.address = listen(raw, self.options.endpoint)
@@ -100,6 +97,5 @@ class NngSink:
         finally:
             sock.close()
 
-    def info(self) -> dict:
-        return {"type": "nng-sink", "emit": self.spec.emit, "endpoint": self.address or self.options.endpoint,
-                "publish": self.options.publish, **self.stats.as_dict()}
+    def details(self) -> dict[str, Any]:
+        return {"endpoint": self.address or self.options.endpoint, "publish": self.options.publish}

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import trio
 from transport.codec import pack
 from transport.errors import BadMessage, CodecError, RemoteError
+from transport.streams import cut_frames
 
 from engine.errors import DriverError
-from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_number, opt_str, parse_host_port, run_job
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.base import NO_ROOM, Driver, DriverHost, run_job
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_number, opt_str, parse_host_port
+from engine.drivers.registry import register
 
 PIPELINE_DEPTH = 64   # replies pending per connection before we stop reading it
 READ_SIZE = 64 * 1024
@@ -37,6 +39,12 @@ READ_SIZE = 64 * 1024
 
 class FrameTooLarge(Exception):
     pass
+
+
+class Framer(Protocol):
+    """Pure: bytes as they arrive in, complete frames out (raises FrameTooLarge)."""
+
+    def feed(self, data: bytes) -> list[bytes]: ...
 
 
 class LineFramer:
@@ -53,13 +61,16 @@ class LineFramer:
             line = bytes(self.buffer[:end])
             del self.buffer[:end + 1]
             frames.append(line[:-1] if line.endswith(b"\r") else line)
-        if len(self.buffer) > self.max_frame or any(len(f) > self.max_frame for f in frames):
+        # The partial line may end in the "\r" of a "\r\n" whose "\n" is still to come.
+        partial = len(self.buffer) - self.buffer.endswith(b"\r")
+        if partial > self.max_frame or any(len(f) > self.max_frame for f in frames):
             raise FrameTooLarge(f"line longer than {self.max_frame} bytes")
         return frames
 
 
 class LengthPrefixedFramer:
-    """Pure: bytes in, complete length-prefixed frames out."""
+    """Pure: bytes in, complete length-prefixed frames out: the engine's own stream
+    framing (:func:`transport.streams.cut_frames`), with this driver's ``max-frame``."""
 
     def __init__(self, max_frame: int):
         self.max_frame = max_frame
@@ -67,16 +78,10 @@ class LengthPrefixedFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         self.buffer += data
-        frames = []
-        while len(self.buffer) >= 4:
-            size = int.from_bytes(self.buffer[:4], "big")
-            if size > self.max_frame:
-                raise FrameTooLarge(f"frame of {size} bytes exceeds {self.max_frame}")
-            if len(self.buffer) < 4 + size:
-                break
-            frames.append(bytes(self.buffer[4:4 + size]))
-            del self.buffer[:4 + size]
-        return frames
+        try:
+            return cut_frames(self.buffer, self.max_frame)
+        except CodecError as exc:  # a length over max_frame
+            raise FrameTooLarge(str(exc)) from None
 
 
 def encode_line_reply(value: Any = None, error: RemoteError | None = None) -> bytes:
@@ -125,22 +130,20 @@ class _Pending:
 
     __slots__ = ("ready", "data")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ready = trio.Event()
         self.data = b""
 
 
 @register("raw-socket-server")
-class RawSocketServer:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: RawSocketOptions = spec.options
-        self.stats = DriverStats()
+class RawSocketServer(Driver[RawSocketOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self.address: tuple[str, int] | None = None
         self.connections = 0
         self.resets = 0          # connections the client reset before all replies went out
         line = self.options.framing == "line"
-        self._framer = LineFramer if line else LengthPrefixedFramer
+        self._framer: Callable[[int], Framer] = LineFramer if line else LengthPrefixedFramer
         self._encode = encode_line_reply if line else encode_frame_reply
 
     @staticmethod
@@ -151,7 +154,8 @@ class RawSocketServer:
         max_frame = opt_number(raw, ctx, "max-frame", default=1 << 20, minimum=1, integer=True)
         return RawSocketOptions(host=host, port=port, framing=framing, max_frame=max_frame)
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             listeners = await trio.open_tcp_listeners(self.options.port, host=self.options.host)
         except OSError as exc:
@@ -164,7 +168,7 @@ class RawSocketServer:
 
         await trio.serve_listeners(handle, listeners)
 
-    async def _connection(self, app, stream: trio.SocketStream) -> None:
+    async def _connection(self, app: DriverHost, stream: trio.SocketStream) -> None:
         self.connections += 1
         send, receive = trio.open_memory_channel[_Pending](PIPELINE_DEPTH)
         try:
@@ -180,7 +184,8 @@ class RawSocketServer:
         finally:
             self.connections -= 1
 
-    async def _reader(self, app, stream, send, nursery: trio.Nursery) -> None:
+    async def _reader(self, app: DriverHost, stream: trio.SocketStream,
+                      send: trio.MemorySendChannel[_Pending], nursery: trio.Nursery) -> None:
         framer = self._framer(self.options.max_frame)
         while data := await stream.receive_some(READ_SIZE):
             try:
@@ -196,19 +201,20 @@ class RawSocketServer:
                 await send.send(slot)   # blocks when PIPELINE_DEPTH replies are pending
                 nursery.start_soon(self._serve, app, frame, slot)
 
-    async def _writer(self, stream, receive, scope: trio.CancelScope) -> None:
+    async def _writer(self, stream: trio.SocketStream, receive: trio.MemoryReceiveChannel[_Pending],
+                      scope: trio.CancelScope) -> None:
         async with receive:
             async for slot in receive:
                 await slot.ready.wait()
                 await stream.send_all(slot.data)
         scope.cancel()  # all answered and the client sent EOF: close
 
-    async def _serve(self, app, frame: bytes, slot: _Pending) -> None:
+    async def _serve(self, app: DriverHost, frame: bytes, slot: _Pending) -> None:
         self.stats.ticks += 1
         slot.data = await self._reply(app, frame)
         slot.ready.set()
 
-    async def _reply(self, app, frame: bytes) -> bytes:
+    async def _reply(self, app: DriverHost, frame: bytes) -> bytes:
         if self.options.framing == "line":
             try:
                 payload: Any = frame.decode("utf-8")
@@ -229,8 +235,7 @@ class RawSocketServer:
         except RemoteError as exc:
             return self._encode(error=exc)
 
-    def info(self) -> dict:
+    def details(self) -> dict[str, Any]:
         host, port = self.address or (self.options.host, self.options.port)
-        return {"type": "raw-socket-server", "emit": self.spec.emit, "endpoint": f"{host}:{port}",
-                "framing": self.options.framing, "connections": self.connections, "resets": self.resets,
-                **self.stats.as_dict()}
+        return {"endpoint": f"{host}:{port}", "framing": self.options.framing,
+                "connections": self.connections, "resets": self.resets}

@@ -1,20 +1,25 @@
 """Driver types by name, and validation of their manifest options.
 
-Each driver module registers a class with :func:`register`; the class has
-``parse_options(raw: dict, where: OptionContext) -> frozen options`` which raises
-:class:`engine.errors.ManifestError` naming the field path, and is constructed as
-``cls(spec)`` where ``spec`` is the manifest's :class:`engine.manifest.DriverSpec`.
+Each driver module registers a :class:`~engine.drivers.base.Driver` subclass with
+:func:`register`; the class has ``parse_options(raw: dict, where: OptionContext) ->
+frozen options`` which raises :class:`engine.errors.ManifestError` naming the field
+path, and is constructed as ``cls(spec)`` where ``spec`` is the manifest's
+:class:`~engine.drivers.options.DriverSpec`.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from engine.errors import ManifestError
+from engine.drivers.base import Driver
+from engine.drivers.options import DriverSpec, OptionContext
 
-_DRIVERS: dict[str, type] = {}
+__all__ = ["BUILTIN_MODULES", "DriverSpec", "OptionContext", "canonical", "get", "known_types",
+           "parse_options", "register"]
+
+DriverT = TypeVar("DriverT", bound="type[Driver[Any]]")
+
+_DRIVERS: dict[str, type[Driver[Any]]] = {}
 _ALIASES: dict[str, str] = {}
 # Modules that register built-in drivers when imported.
 BUILTIN_MODULES: list[str] = [
@@ -24,20 +29,9 @@ BUILTIN_MODULES: list[str] = [
 ]
 
 
-@dataclass(frozen=True)
-class OptionContext:
-    """Where options came from, for error messages and relative paths."""
-
-    file: str          # the manifest file
-    path: str          # field path of the driver, e.g. "drivers.spool"
-    base_dir: Path     # the manifest's folder
-
-    def error(self, field: str, expected: str, got: Any = None) -> ManifestError:
-        return ManifestError(self.file, f"{self.path}.{field}" if field else self.path, expected, got)
-
-
-def register(name: str, *aliases: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
+def register(name: str, *aliases: str) -> Callable[[DriverT], DriverT]:
+    """Class decorator: the manifest's ``"type": name`` (or any alias) builds this class."""
+    def deco(cls: DriverT) -> DriverT:
         _DRIVERS[name] = cls
         for alias in aliases:
             _ALIASES[alias] = name
@@ -55,7 +49,7 @@ def canonical(type_name: str) -> str:
     return _ALIASES.get(type_name, type_name)
 
 
-def get(type_name: str) -> type | None:
+def get(type_name: str) -> type[Driver[Any]] | None:
     _load_builtins()
     return _DRIVERS.get(canonical(type_name))
 
@@ -65,7 +59,7 @@ def known_types() -> list[str]:
     return sorted([*_DRIVERS, *_ALIASES])
 
 
-def parse_options(type_name: str, raw: dict, ctx: OptionContext) -> Any:
+def parse_options(type_name: str, raw: dict[str, Any], ctx: OptionContext) -> Any:
     cls = get(type_name)
     if cls is None:
         raise ctx.error("type", f"one of {', '.join(known_types()) or '(no drivers installed)'}", type_name)

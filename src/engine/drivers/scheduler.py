@@ -20,13 +20,14 @@ import itertools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import trio
 from transport.errors import BadMessage, QueueFull, UnknownEvent
 
-from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_number, run_job_quietly
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.base import Driver, DriverHost, run_job_quietly
+from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_number
+from engine.drivers.registry import register
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,12 @@ def parse_when(in_: Any = None, at: Any = None, *, now: datetime | None = None) 
 
 
 @register("manual-scheduler")
-class ManualScheduler:
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: SchedulerOptions = spec.options
-        self.stats = DriverStats()
+class ManualScheduler(Driver[SchedulerOptions]):
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
         self._heap: list[tuple[float, int, Any]] = []   # (trio deadline, id, payload)
         self._ids = itertools.count(1)
         self._changed = trio.Event()
-        self._app = None
 
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> SchedulerOptions:
@@ -71,7 +69,7 @@ class ManualScheduler:
         return SchedulerOptions(max_pending=opt_number(raw, ctx, "max-pending", default=10_000,
                                                        minimum=1, integer=True))
 
-    def schedule(self, delay: float, payload: Any = None, *, now: float | None = None) -> dict:
+    def schedule(self, delay: float, payload: Any = None, *, now: float | None = None) -> dict[str, Any]:
         """Queue ``payload`` to fire in ``delay`` seconds (sync; raises QueueFull).
         ``now``: the wall-clock reading (unix s) ``delay`` was computed from, so the
         ``due`` reported for an ``at`` time is that time exactly."""
@@ -83,7 +81,8 @@ class ManualScheduler:
         due = (datetime.now(timezone.utc).timestamp() if now is None else now) + delay
         return {"id": event_id, "due": datetime.fromtimestamp(due, timezone.utc).isoformat()}
 
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as jobs:
             task_status.started()
             while True:
@@ -97,26 +96,34 @@ class ManualScheduler:
                     continue
                 _, event_id, payload = heapq.heappop(self._heap)
                 self.stats.ticks += 1
-                try:
-                    job = app.submit(self.spec.emit, payload)
-                except NO_ROOM:
-                    self.stats.skipped += 1
-                    continue
-                self.stats.submitted += 1
-                jobs.start_soon(run_job_quietly, job, self.stats)
+                job = self.submit_or_skip(app, payload)
+                if job is not None:
+                    jobs.start_soon(run_job_quietly, job, self.stats)
 
-    def info(self) -> dict:
-        return {"type": "manual-scheduler", "emit": self.spec.emit, "pending": len(self._heap),
-                **self.stats.as_dict()}
+    def details(self) -> dict[str, Any]:
+        return {"pending": len(self._heap)}
 
 
-# -- the node side: the control verb ---------------------------------------------------
+# -- the node side: the control verb (in every node's table, engine/node/verbs.py) -----
 
-async def schedule_verb(node: Any, args: Any) -> dict:
+class DriversOfApp(Protocol):
+    """An app as the verb sees it (:class:`engine.app.App`): its running drivers."""
+
+    @property
+    def drivers(self) -> Mapping[str, Driver[Any]]: ...
+
+
+class AppsOfNode(Protocol):
+    """A node as the verb sees it (:class:`engine.node.node.Node`): its apps by name
+    (``get`` raises AppNotFound)."""
+
+    def get(self, name: str) -> DriversOfApp: ...
+
+
+async def schedule_verb(node: AppsOfNode, args: Any) -> dict[str, Any]:
     if not isinstance(args, dict) or not isinstance(args.get("app"), str) or not isinstance(args.get("driver"), str):
         raise BadMessage('schedule expects {"app", "driver", "in" | "at", "payload"}')
-    app = node.get(args["app"])
-    driver = getattr(app, "drivers", {}).get(args["driver"])
+    driver = node.get(args["app"]).drivers.get(args["driver"])
     if not isinstance(driver, ManualScheduler):
         raise UnknownEvent(f"app {args['app']} has no manual-scheduler driver {args['driver']!r}")
     now = datetime.now(timezone.utc)
@@ -124,17 +131,10 @@ async def schedule_verb(node: Any, args: Any) -> dict:
                            now=now.timestamp())
 
 
-try:  # registered when the control module is importable (the node's side)
-    from engine.node.control import verb as _verb
-    _verb("schedule")(schedule_verb)
-except ImportError:  # pragma: no cover
-    pass
-
-
 # -- the caller side: from a handler, or any Python code --------------------------------
 
 async def schedule(driver: str, *, in_: float | None = None, at: str | None = None, payload: Any = None,
-                   app: str | None = None, node: str | None = None, timeout: float = 10.0) -> dict:
+                   app: str | None = None, node: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """Ask the node to fire ``driver``'s event later. ``app``/``node`` default to the
     ``ENGINE_APP``/``ENGINE_NODE`` environment of a slave."""
     from engine.client import connect
@@ -146,49 +146,5 @@ async def schedule(driver: str, *, in_: float | None = None, at: str | None = No
     args = {"app": app, "driver": driver, "payload": payload}
     args.update({"in": in_} if in_ is not None else {"at": at})
     async with connect(node, timeout=timeout) as client:
-        return await client.verb("schedule", args, timeout=timeout)
-
-
-def _register_cli() -> None:
-    from engine.cli import commands as cli
-
-    @cli.command("schedule", "schedule a manual-scheduler driver's event for later")
-    def schedule_command(p):
-        cli.node_options(p)
-        p.add_argument("app")
-        p.add_argument("driver")
-        # The payload may follow the time (`--in 5 '{"k": 1}'`, the documented form):
-        # on Python < 3.12 argparse hands an optional positional an empty match when it
-        # sits after an option, so the time options collect it themselves.
-        when = p.add_mutually_exclusive_group(required=True)
-        when.add_argument("--in", dest="in_", nargs="+", metavar=("S", "JSON"), help="seconds from now")
-        when.add_argument("--at", nargs="+", metavar=("ISO", "JSON"),
-                          help="an ISO-8601 time (naive = the node's local time)")
-        p.add_argument("payload", nargs="?", help="JSON payload (default null)")
-
-        async def run(args) -> int:
-            given = args.in_ if args.in_ is not None else args.at
-            texts = given[1:] + ([args.payload] if args.payload is not None else [])
-            if len(texts) > 1:
-                raise SystemExit("error: schedule takes one JSON payload, got "
-                                 + " ".join(repr(t) for t in texts))
-            if args.in_ is not None:
-                try:
-                    when = {"in": float(given[0])}
-                except ValueError:
-                    raise SystemExit(f"error: --in expects seconds, got {given[0]!r}") from None
-            else:
-                when = {"at": given[0]}
-            payload = cli._parse_json_arg(texts[0] if texts else None)
-            async with cli.connect_node(args) as client:
-                reply = await client.verb("schedule", {"app": args.app, "driver": args.driver,
-                                                       "payload": payload, **when})
-            print(cli.to_json(reply))
-            return 0
-        return run
-
-
-try:
-    _register_cli()
-except ImportError:  # pragma: no cover
-    pass
+        reply: dict[str, Any] = await client.verb("schedule", args, timeout=timeout)
+    return reply

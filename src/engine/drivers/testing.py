@@ -1,9 +1,10 @@
 """A stand-in app for testing drivers without slaves.
 
-``FakeApp(handler, queue_limit)`` has the driver-facing surface of
-:class:`engine.app.App`: ``name``, ``submit(event, payload) -> job`` (sync; raises
-``QueueFull`` past ``queue_limit`` jobs not yet finished), jobs with
-``await job.result()``, ``async for chunk in job``, ``cancel()`` and the callback side of
+``FakeApp(handler, queue_limit)`` is a :class:`engine.drivers.base.DriverHost`, the
+driver-facing surface of :class:`engine.app.App`: ``name``, ``node`` (None: no node,
+so no cluster), ``submit(event, payload) -> job`` (sync; raises ``QueueFull`` past
+``queue_limit`` jobs not yet finished), jobs with ``await job.result()``,
+``async for chunk in job``, ``cancel()`` and the callback side of
 :class:`engine.pool.job.Job` (``add_reply_callback``, ``add_done_callback``, ``error``,
 ``result_nowait()``), and ``publish(topic, value)``.
 ``handler(event, payload)`` is an async function (one value) or an async generator
@@ -12,10 +13,14 @@ function (a streamed reply); what it raises reaches the driver as a RemoteError.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import trio
 from transport.errors import HandlerError, QueueFull, RemoteError
+
+from engine.drivers.base import HostingNode
+
+JobCallback = Callable[["FakeJob"], Any]
 
 
 async def echo(event: str, payload: Any) -> Any:
@@ -23,7 +28,7 @@ async def echo(event: str, payload: Any) -> Any:
 
 
 class FakeJob:
-    def __init__(self, app: "FakeApp", event: str, payload: Any):
+    def __init__(self, app: FakeApp, event: str, payload: Any) -> None:
         self.app, self.event, self.payload = app, event, payload
         self._done = trio.Event()
         self._chunks: list[Any] = []
@@ -33,8 +38,8 @@ class FakeJob:
         # Like the pool's Job: whether the reply is a stream of chunks.
         self.streaming = inspect.isasyncgenfunction(app.handler)
         self.cancelled = False
-        self._on_reply: list[Callable] = []
-        self._on_done: list[Callable] = []
+        self._on_reply: list[JobCallback] = []
+        self._on_done: list[JobCallback] = []
 
     @property
     def done(self) -> bool:
@@ -52,19 +57,22 @@ class FakeJob:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def add_reply_callback(self, fn: Callable) -> None:
+    def poll(self) -> bool:
+        return False  # nothing to act on early: the answer arrives from _run's task
+
+    def add_reply_callback(self, fn: JobCallback) -> None:
         if self._chunks or self.done:
             fn(self)
         else:
             self._on_reply.append(fn)
 
-    def add_done_callback(self, fn: Callable) -> None:
+    def add_done_callback(self, fn: JobCallback) -> None:
         if self.done:
             fn(self)
         else:
             self._on_done.append(fn)
 
-    def _call(self, callbacks: list[Callable]) -> None:
+    def _call(self, callbacks: list[JobCallback]) -> None:
         pending = list(callbacks)
         callbacks.clear()
         for fn in pending:
@@ -103,10 +111,10 @@ class FakeJob:
             raise self._error
         return self._value
 
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self._follow()
 
-    async def _follow(self):
+    async def _follow(self) -> AsyncIterator[Any]:
         sent = 0
         while True:
             while sent < len(self._chunks):
@@ -120,8 +128,10 @@ class FakeJob:
 
 
 class FakeApp:
-    def __init__(self, handler: Callable = echo, *, queue_limit: int = 1000, name: str = "fake"):
+    def __init__(self, handler: Callable[..., Any] = echo, *, queue_limit: int = 1000,
+                 name: str = "fake") -> None:
         self.name = name
+        self.node: HostingNode | None = None
         self.handler = handler
         self.queue_limit = queue_limit
         self.in_flight = 0

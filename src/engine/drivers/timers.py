@@ -22,8 +22,9 @@ from typing import Any
 import trio
 from transport.errors import RemoteError
 
-from engine.drivers.base import NO_ROOM, DriverStats, check_keys, opt_number, run_job, run_job_quietly
-from engine.drivers.registry import OptionContext, register
+from engine.drivers.base import Driver, DriverHost, SubmittedJob, run_job, run_job_quietly
+from engine.drivers.options import OptionContext, check_keys, opt_number
+from engine.drivers.registry import register
 
 
 @dataclass(frozen=True)
@@ -37,40 +38,24 @@ def _parse_interval(raw: Any, ctx: OptionContext) -> TimerOptions:
     return TimerOptions(interval=ms / 1000.0)
 
 
-class _Timer:
-    type_name = "timer"
-
-    def __init__(self, spec):
-        self.spec = spec
-        self.options: TimerOptions = spec.options
-        self.stats = DriverStats()
-
+class _Timer(Driver[TimerOptions]):
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> TimerOptions:
         return _parse_interval(raw, ctx)
 
-    def _payload(self) -> dict:
-        return {"tick": self.stats.ticks, "time": time.time()}
-
-    def _submit(self, app):
+    def _submit(self, app: DriverHost) -> SubmittedJob | None:
         """Hand one tick to the pool; None (and a counted skip) if it has no room."""
         self.stats.ticks += 1
-        try:
-            job = app.submit(self.spec.emit, self._payload())
-        except NO_ROOM:
-            self.stats.skipped += 1
-            return None
-        self.stats.submitted += 1
-        return job
+        return self.submit_or_skip(app, {"tick": self.stats.ticks, "time": time.time()})
 
-    def info(self) -> dict:
-        return {"type": self.type_name, "emit": self.spec.emit,
-                "interval_ms": self.options.interval * 1000, **self.stats.as_dict()}
+    def details(self) -> dict[str, Any]:
+        return {"interval_ms": self.options.interval * 1000}
 
 
 @register("recurring-timer")
 class RecurringTimer(_Timer):
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         interval = self.options.interval
         async with trio.open_nursery() as jobs:
             task_status.started()
@@ -92,7 +77,8 @@ class RecurringTimer(_Timer):
 
 @register("drifting-timer")
 class DriftingTimer(_Timer):
-    async def run(self, app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, app: DriverHost, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(self.options.interval)

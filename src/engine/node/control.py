@@ -1,78 +1,70 @@
 """The node's control endpoint: RpcServer requests mapped onto apps and node verbs.
 
 ``REQUEST [app, event, payload]`` submits a job to that app and answers with its
-result, or streams its chunks.  ``REQUEST ["", verb, args]`` runs a node verb from
-:data:`VERBS` (``list``, ``info``, ``deploy``, ``undeploy``, ``crashlog``).
-
-Other modules add verbs with :func:`verb`::
-
-    from engine.node.control import verb
-
-    @verb("schedule")
-    async def schedule(node, args):   # args: the request payload
-        ...                           # return value (or transport.rpc.Stream) is the reply
-
-and make sure their module is imported by the node (list it in :data:`VERB_MODULES`).
+result, or streams its chunks.  ``REQUEST ["", verb, args]`` runs a verb from the
+node's own table (:mod:`engine.node.verbs`; a node in a cluster has the cluster's
+too), given to the handler by the node that made it.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+import logging
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from transport.errors import BadMessage, UnknownEvent
+from transport.errors import UnknownEvent
 from transport.rpc import Deferred, Request, Stream
 
 if TYPE_CHECKING:
-    from engine.node.node import Node
+    from engine.node.clustering import NodeCluster
+    from engine.node.verbs import NodeApi, Verbs
+    from engine.pool.base import JobHandle
 
-VerbFn = Callable[["Node", Any], Awaitable[Any]]
-VERBS: dict[str, VerbFn] = {}
-# Modules that register more verbs when imported (e.g. a scheduler's "schedule").
-VERB_MODULES: list[str] = ["engine.drivers.scheduler"]
-
-
-def verb(name: str) -> Callable[[VerbFn], VerbFn]:
-    def register(fn: VerbFn) -> VerbFn:
-        VERBS[name] = fn
-        return fn
-    return register
-
-
-def _load_verb_modules() -> None:
-    for module in VERB_MODULES:
-        importlib.import_module(module)
+log = logging.getLogger(__name__)
 
 
 class ControlHandler:
-    """The RpcServer handler of one node."""
+    """The RpcServer handler of one node: ``verbs`` is that node's table."""
 
-    def __init__(self, node: "Node"):
+    def __init__(self, node: NodeApi, verbs: Verbs):
         self.node = node
-        _load_verb_modules()
+        self.verbs = verbs
 
     def __call__(self, req: Request) -> Any:
         """A verb's coroutine (the RpcServer runs it on a task), or an app job's
         :func:`reply_later` (answered from the pool, no task)."""
         if req.target == "":
-            fn = VERBS.get(req.event)
+            fn = self.verbs.get(req.event)
             if fn is None:
-                raise UnknownEvent(f"no node verb {req.event!r} (verbs: {', '.join(sorted(VERBS))})")
+                raise UnknownEvent(f"no node verb {req.event!r} (verbs: {', '.join(sorted(self.verbs))})")
             return fn(self.node, req.payload)
         app = self.node.get(req.target)
         return reply_later(app.submit(req.event, req.payload, req.chunks))
 
 
-def reply_later(job: Any) -> Deferred:
+class ClusterControlHandler(ControlHandler):
+    """The control handler of a node in a cluster: app requests go through
+    :meth:`NodeCluster.serve` (here, or on a less loaded peer); node verbs as usual."""
+
+    def __init__(self, node: NodeApi, verbs: Verbs, cluster: NodeCluster):
+        super().__init__(node, verbs)
+        self.cluster = cluster
+
+    def __call__(self, req: Request) -> Any:
+        if req.target == "" or req.chunks is not None:
+            return super().__call__(req)  # a chunked request runs where its chunks arrive
+        return self.cluster.serve(req.target, req.event, req.payload)  # a coroutine: on a task
+
+
+def reply_later(job: JobHandle) -> Deferred:
     """A job's reply as an RpcServer :class:`Deferred`: a single value or an error is
     answered from the job's reply callback, inside the pool's bookkeeping, so a
     request costs no task and no scheduler pass on its way back; a streamed reply
     goes to a worker task from its first chunk on (as :func:`answer` streams it).  A
     caller that gives up cancels the job."""
     # poll: the RpcServer may settle it by polling when it is all it waits for
-    # (transport/spin.py); a job-like object without one is answered by its callback.
-    deferred = Deferred(on_cancel=job.cancel, poll=getattr(job, "poll", None))
+    # (transport/_spin.py); otherwise the reply callback answers it.
+    deferred = Deferred(on_cancel=job.cancel, poll=job.poll)
 
-    def on_reply(job: Any) -> None:
+    def on_reply(job: JobHandle) -> None:
         if job.streaming:
             deferred.stream(_relay(job, job.__aiter__()))
         elif job.error is not None:
@@ -84,8 +76,7 @@ def reply_later(job: Any) -> Deferred:
     return deferred
 
 
-
-async def answer(job: Any) -> Any:
+async def answer(job: JobHandle) -> Any:
     """A job's reply as the RpcServer wants it: the value of a single reply, or a
     :class:`Stream` of a streamed one (chunks forwarded as the slave sends them)."""
     chunks = job.__aiter__()
@@ -96,7 +87,7 @@ async def answer(job: Any) -> Any:
     except BaseException:
         _cancel(job)
         raise
-    if not getattr(job, "streaming", False):   # known once the first reply arrived
+    if not job.streaming:   # known once the first reply arrived
         return first
     return Stream(_relay(job, chunks, first))
 
@@ -106,7 +97,7 @@ async def _empty() -> AsyncIterator[Any]:
     yield  # pragma: no cover  (makes this an async generator)
 
 
-async def _relay(job: Any, chunks: AsyncIterator[Any], *taken: Any) -> AsyncIterator[Any]:
+async def _relay(job: JobHandle, chunks: AsyncIterator[Any], *taken: Any) -> AsyncIterator[Any]:
     """A streamed job's chunks for the RpcServer (after the ones already ``taken`` from
     ``chunks``); however it ends, the job is cancelled if it is still running."""
     try:
@@ -118,71 +109,11 @@ async def _relay(job: Any, chunks: AsyncIterator[Any], *taken: Any) -> AsyncIter
         _cancel(job)  # the caller left early (CANCEL, disconnect): free the slave's slot
 
 
-def _cancel(job: Any) -> None:
-    cancel = getattr(job, "cancel", None)
-    if cancel is not None and not getattr(job, "done", False):
+def _cancel(job: JobHandle) -> None:
+    """Free the job's slot while unwinding: logged, not raised, if that fails, so the
+    reason the caller left (a CANCEL, an error) is the one that propagates."""
+    if not job.done:
         try:
-            cancel()
+            job.cancel()
         except Exception:
-            pass
-
-
-# -- node verbs ------------------------------------------------------------------------
-
-def _app_arg(args: Any) -> str:
-    """Verbs about one app accept ``"name"`` or ``{"app": "name"}``."""
-    if isinstance(args, str) and args:
-        return args
-    if isinstance(args, dict) and isinstance(args.get("app"), str) and args["app"]:
-        return args["app"]
-    raise BadMessage(f"expected an app name or {{\"app\": name}}, got {args!r:.100}")
-
-
-def _drain_arg(args: Any) -> float | None:
-    """``undeploy``'s optional ``"drain"``: seconds to let in-flight jobs finish."""
-    drain = args.get("drain") if isinstance(args, dict) else None
-    if drain is not None and (not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0):
-        raise BadMessage(f"undeploy: drain must be a non-negative number of seconds, got {drain!r:.60}")
-    return drain
-
-
-@verb("list")
-async def list_apps(node: "Node", args: Any) -> Any:
-    return node.list()
-
-
-@verb("info")
-async def info(node: "Node", args: Any) -> Any:
-    if args is None or args == {} or (isinstance(args, dict) and args.get("app") is None):
-        return node.info()
-    return node.get(_app_arg(args)).info()
-
-
-@verb("crashlog")
-async def crashlog(node: "Node", args: Any) -> Any:
-    return node.get(_app_arg(args)).crashlog()
-
-
-@verb("deploy")
-async def deploy(node: "Node", args: Any) -> Any:
-    """``{"path": "/abs/manifest.json"}`` or ``{"manifest": {...}, "base_dir": "/abs"}``,
-    optionally with ``"name"``. ManifestError/DriverError reach the caller by type name."""
-    if not isinstance(args, dict):
-        raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")
-    name = args.get("name")
-    if name is not None and not isinstance(name, str):
-        raise BadMessage(f"deploy: name must be a string, got {name!r:.60}")
-    if isinstance(args.get("path"), str):
-        app = await node.deploy(args["path"], name=name)
-    elif "manifest" in args and isinstance(args.get("base_dir"), str):
-        app = await node.deploy_data(args["manifest"], args["base_dir"], name=name)
-    else:
-        raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")
-    return {"app": app.name, "manifest": str(app.manifest.source), "state": app.state}
-
-
-@verb("undeploy")
-async def undeploy(node: "Node", args: Any) -> Any:
-    name = _app_arg(args)
-    await node.undeploy(name, _drain_arg(args))
-    return {"app": name, "state": "stopped"}
+            log.exception("cancelling %r after its caller left failed", job)

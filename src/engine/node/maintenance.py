@@ -11,7 +11,7 @@ Pub0 never blocks: a subscriber too slow to keep up loses messages; the publishe
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import pynng
 import trio
@@ -54,14 +54,27 @@ class RateMeter:
         return self.rate
 
 
-def state_of(app: Any, seq: int, meter: RateMeter, now: float) -> dict:
+class ReportingApp(Protocol):
+    """What the channel reads of its app (:class:`engine.app.App`; ``top`` wraps an
+    ``info`` reply it got over the wire in one).  A protocol, not the App: the app module
+    imports this one."""
+
+    @property
+    def name(self) -> str: ...
+
+    def info(self) -> dict[str, Any]:
+        """The app's ``info`` (state, pool, drivers, limits)."""
+        ...
+
+
+def state_of(app: ReportingApp, seq: int, meter: RateMeter, now: float) -> dict[str, Any]:
     """The state message body, from ``app.info()`` (see docs/drivers.md)."""
     info = app.info()
     pool = info.get("pool", {}) or {}
     finished = int(pool.get("done", 0) or 0) + int(pool.get("failed", 0) or 0)
     drivers = info.get("drivers", {}) or {}
     return {
-        "app": info.get("name", getattr(app, "name", "?")),
+        "app": info.get("name", app.name),
         "seq": seq,
         "time": time.time(),
         "state": info.get("state"),
@@ -84,7 +97,8 @@ class MaintenanceChannel:
     """``await nursery.start(channel.run)`` binds and returns the address, then
     publishes the state every ``interval`` seconds until cancelled."""
 
-    def __init__(self, app: Any, endpoint: str | None = None, *, interval: float = INTERVAL):
+    def __init__(self, app: ReportingApp, endpoint: str | None = None, *,
+                 interval: float = INTERVAL) -> None:
         self.app = app
         self.requested = endpoint or DEFAULT_ENDPOINT
         self.interval = interval
@@ -120,7 +134,7 @@ class MaintenanceChannel:
         try:
             body = state_of(self.app, self._seq, self._meter, trio.current_time())
         except Exception as exc:  # a broken info() must not stop the channel
-            body = {"app": getattr(self.app, "name", "?"), "seq": self._seq, "error": repr(exc)}
+            body = {"app": self.app.name, "seq": self._seq, "error": repr(exc)}
         self.publish(STATE_TOPIC, body)
 
     def publish(self, topic: str, value: Any) -> None:

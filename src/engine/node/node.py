@@ -1,10 +1,14 @@
-"""The node: a nursery of apps keyed by name, plus the control endpoint.
+"""The node: a nursery of apps keyed by name, plus the control endpoint and its verbs.
 
 Apps are found on disk (:func:`find_manifests`), parsed in full before anything starts,
 and each runs in its own child of the node's nursery, so one bad manifest or one app
 whose driver cannot bind is reported and skipped while the others keep serving.
 :meth:`Node.shutdown` drains every app (each for its termination-timeout) and then
 cancels the node, whose nursery does not exit before every slave is reaped.
+
+Each node owns its table of verbs (:attr:`Node.verbs`, from :mod:`engine.node.verbs`),
+fixed when it is made: a node made with ``cluster=`` (a factory of a
+:class:`~engine.node.clustering.NodeCluster`) has the cluster's verbs as well.
 """
 from __future__ import annotations
 
@@ -14,14 +18,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import trio
 
 from engine.app import App
 from engine.errors import AppNotFound, DriverError, ManifestError, ShuttingDown
 from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
+from engine.node.clustering import NodeCluster
+from engine.node.verbs import VerbFn, base_verbs
 from engine.pool.zygote_client import Zygote, running_zygote
+
+if TYPE_CHECKING:
+    from transport.rpc import RpcServer
 
 log = logging.getLogger("engine.node")
 
@@ -54,13 +64,16 @@ def find_manifests(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
     return found, missing
 
 
+ClusterFactory = Callable[["Node"], NodeCluster]
+
+
 class Node:
     def __init__(self, *, control: str | None = DEFAULT_CONTROL,
-                 app_factory: Callable[[AppManifest], App] = App, cluster: Any = None):
+                 app_factory: Callable[[AppManifest], App] = App,
+                 cluster: ClusterFactory | None = None):
+        """``cluster``: makes this node's part in a cluster (``engine.cluster.verbs.in_cluster``);
+        without it the node is on its own."""
         self.control_requested = control
-        # Cluster (engine/cluster.py): its ClusterOptions, and the running Cluster.
-        self.cluster_options = cluster
-        self.cluster = None
         self.control_address: str | None = None   # the bound address, once running
         self.app_factory = app_factory
         self.apps: dict[str, App] = {}
@@ -70,8 +83,15 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
-        self._control_server = None
+        self._control_server: RpcServer | None = None
         self.zygote: Zygote | None = None         # shared by the apps' slave pools
+        # Its part in a cluster (made last: it is handed the node): adds verbs, routes
+        # app requests, runs beside the apps.
+        self.cluster: NodeCluster | None = None if cluster is None else cluster(self)
+        verbs = base_verbs()
+        if self.cluster is not None:
+            verbs.update(self.cluster.verbs(MappingProxyType(base_verbs())))
+        self.verbs: Mapping[str, VerbFn] = MappingProxyType(verbs)   # this node's, fixed
 
     # -- lifetime -------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -85,8 +105,8 @@ class Node:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         failure = await self._start_control(nursery)
-                        if failure is None and self.cluster_options is not None:
-                            failure = await self._start_cluster(nursery)
+                        if failure is None and self.cluster is not None:
+                            failure = await self._start_cluster(nursery, self.cluster)
                         if failure is None:
                             self.state = "running"
                             task_status.started(self)
@@ -104,14 +124,13 @@ class Node:
         from transport.errors import TransportError
         from transport.rpc import RpcServer
 
-        from engine.node.control import ControlHandler
+        from engine.node.control import ClusterControlHandler, ControlHandler
 
-        handler_class = ControlHandler
-        if self.cluster_options is not None:
-            from engine.cluster.service import ClusterControlHandler as handler_class
-        self._control_server = RpcServer(self.control_requested, handler_class(self))
+        handler = (ControlHandler(self, self.verbs) if self.cluster is None
+                   else ClusterControlHandler(self, self.verbs, self.cluster))
+        server = self._control_server = RpcServer(self.control_requested, handler)
         try:
-            self.control_address = await nursery.start(self._control_server.run)
+            self.control_address = await nursery.start(server.run)
         except TransportError as exc:  # e.g. the port is taken
             return exc
         log.info("control endpoint on %s", self.control_address)
@@ -119,17 +138,13 @@ class Node:
         os.environ["ENGINE_NODE"] = self.control_address
         return None
 
-    async def _start_cluster(self, nursery: trio.Nursery) -> Exception | None:
-        from engine.cluster.service import Cluster
-
+    async def _start_cluster(self, nursery: trio.Nursery, cluster: NodeCluster) -> Exception | None:
         if self.control_address is None:
             return ValueError("a clustered node needs a control endpoint (peers call it)")
-        cluster = Cluster(self, self.cluster_options)
         try:
             await nursery.start(cluster.run)
         except OSError as exc:  # e.g. the discovery port cannot be bound
             return exc
-        self.cluster = cluster
         return None
 
     async def shutdown(self) -> None:
@@ -164,11 +179,11 @@ class Node:
             self.rejected[path] = reason
             log.error("%s: %s", path, reason)
         started = []
-        for path in manifests:
+        for manifest in manifests:
             try:
-                app = await self.deploy(path)
+                app = await self.deploy(manifest)
             except (ManifestError, DriverError, ShuttingDown) as exc:
-                self.rejected[str(path)] = str(exc)
+                self.rejected[str(manifest)] = str(exc)
                 log.error("not hosting %s", exc)
             else:
                 started.append(app.name)
@@ -261,13 +276,10 @@ class Node:
 
 
 async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL,
-                cluster: Any = None) -> int:
+                cluster: ClusterFactory | None = None) -> int:
     """``python -m engine run``: host the apps under ``paths`` until SIGINT/SIGTERM,
-    then drain and stop everything. A second signal skips the drain.  ``cluster``:
-    ClusterOptions (default: from ENGINE_CLUSTER... when set)."""
-    if cluster is None:
-        from engine.cluster.service import ClusterOptions
-        cluster = ClusterOptions.from_env()
+    then drain and stop everything. A second signal skips the drain.  ``cluster``: as
+    for :class:`Node` (the CLI makes one from ``--cluster`` or ENGINE_CLUSTER)."""
     node = Node(control=control, cluster=cluster)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

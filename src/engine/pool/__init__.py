@@ -1,7 +1,8 @@
 """Slave pools: the jobs an app accepted, the policy that places them, and the two
 backends that run them (slave processes, or threads in the node).
 
-``from engine.pool import SlavePool`` (and ``ThreadPool``) still works; the names are
+``from engine.pool import SlavePool`` (and ``ThreadPool``, ``Job``, and the seams
+``Pool`` and ``JobOwner`` of :mod:`engine.pool.base`) still works; the names are
 imported on first use so that importing one pure module (``engine.pool.policy``)
 does not pull in the process backend.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_EXPORTS = {"SlavePool": "process", "ThreadPool": "threads", "Job": "job"}
+_EXPORTS = {"SlavePool": "process", "ThreadPool": "threads", "Job": "job",
+            "JobOwner": "job", "Pool": "base"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -23,6 +25,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from engine.pool.job import Job  # noqa: F401
+    from engine.pool.base import Pool  # noqa: F401
+    from engine.pool.job import Job, JobOwner  # noqa: F401
     from engine.pool.process import SlavePool  # noqa: F401
     from engine.pool.threads import ThreadPool  # noqa: F401

@@ -8,6 +8,10 @@ the slave credit to send more (see the stream window in docs/protocol.md).
 code that wants the outcome without a task waiting on it (the native-server driver
 answers its clients that way).
 
+A job is owned by the pool that accepted it (either backend): what it asks of that
+pool is :class:`JobOwner`, defined here beside the one class that calls it, so this
+module imports no pool.
+
 Hot path: a job is created and answered tens of thousands of times a second, so
 waiters park directly on the job (one reschedule to wake them) instead of on a
 ``trio.Event`` that would be allocated per job and again per wake-up.
@@ -16,16 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, AsyncIterable, Callable, Protocol
 
 import trio
 
 from transport.errors import RemoteError
 
-from engine.protocol import node_session as S
-
-if TYPE_CHECKING:
-    from engine.pool.process import SlavePool
+from engine.protocol.messages import CREDIT_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,34 @@ _current_task = trio.lowlevel.current_task
 _ABORTED = trio.lowlevel.Abort.SUCCEEDED
 
 
+class JobOwner(Protocol):
+    """What a :class:`Job` asks of the pool that accepted it (both backends are one;
+    :class:`engine.pool.base.Pool` extends this).  Each is called only while the job
+    is not answered yet."""
+
+    def cancel_job(self, job: Job) -> None:
+        """The caller gave up (:meth:`Job.cancel`): answer the job with JobCancelled
+        and stop its work (or drop it from the queue)."""
+
+    def grant_credit(self, job_id: int, chunks: int) -> None:
+        """The consumer of a streamed reply took ``chunks`` more: the handler may run
+        that much further ahead (the stream window, docs/protocol.md)."""
+
+    def poll_job(self, job: Job) -> bool:
+        """Act now on whatever part of the job's answer has arrived already, without
+        waiting; True if anything did (transport/_spin.py polls a lone call)."""
+
+
+JobCallback = Callable[["Job"], object]
+
+
 class Job:
     __slots__ = ("id", "event", "payload", "input", "streaming", "submitted_at", "finished_at",
                  "_items", "_value", "_value_taken", "_error", "_done", "_waiters",
                  "_callbacks", "_on_reply", "_pool", "_taken", "_collected")
 
     def __init__(self, id: int, event: str, payload: Any, submitted_at: float,
-                 pool: "SlavePool | None" = None, input: Any = None):
+                 pool: JobOwner | None = None, input: AsyncIterable[Any] | None = None) -> None:
         self.id = id
         self.event = event
         self.payload = payload
@@ -49,17 +71,17 @@ class Job:
         self.streaming: bool | None = None   # known after the first reply
         self.submitted_at = submitted_at
         self.finished_at: float | None = None
-        self._items: deque | None = None     # chunks not yet consumed (made on the first one)
+        self._items: deque[Any] | None = None  # chunks not yet consumed (made on the first one)
         self._value: Any = None
         self._value_taken = False
         self._error: RemoteError | None = None
         self._done = False
-        self._waiters: list | None = None    # tasks parked in _wait()
-        self._callbacks: list | None = None  # add_done_callback()
-        self._on_reply: list | None = None   # add_reply_callback(), until the first reply
+        self._waiters: list[trio.lowlevel.Task] | None = None  # tasks parked in _wait()
+        self._callbacks: list[JobCallback] | None = None  # add_done_callback()
+        self._on_reply: list[JobCallback] | None = None   # add_reply_callback(), until replied
         self._pool = pool
         self._taken = 0                      # chunks consumed and not yet granted back as credit
-        self._collected: list | None = None  # result()'s list of a streamed reply
+        self._collected: list[Any] | None = None  # result()'s list of a streamed reply
 
     def __repr__(self) -> str:
         state = "done" if self._done else "pending"
@@ -118,15 +140,15 @@ class Job:
         the slot is free once the slave acknowledges.  Anyone awaiting the job gets
         :class:`JobCancelled` at once.  No effect on a job already answered."""
         if not self._done and self._pool is not None:
-            self._pool._cancel(self)
+            self._pool.cancel_job(self)
             if self._done and self._items:
                 self._items.clear()  # the caller gave up: chunks still buffered are moot
 
     def poll(self) -> bool:
-        """Act on the answer if its slave has sent it already (see SlavePool.poll_job)."""
+        """Act on the answer if its slave has sent it already (see JobOwner.poll_job)."""
         return not self._done and self._pool is not None and self._pool.poll_job(self)
 
-    def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
+    def add_done_callback(self, fn: JobCallback) -> None:
         """Call ``fn(job)`` once the job is answered (at once if it already is).  It
         runs synchronously inside the pool's bookkeeping: it must be quick and must not
         block; an exception it raises is logged, not propagated."""
@@ -137,7 +159,7 @@ class Job:
         else:
             self._callbacks.append(fn)
 
-    def add_reply_callback(self, fn: Callable[["Job"], Any]) -> None:
+    def add_reply_callback(self, fn: JobCallback) -> None:
         """Call ``fn(job)`` once, when the first reply arrives: the first chunk of a
         streamed reply (``job.streaming`` is then True) or the answer, whichever comes
         first (at once if one has).  Same rules as :meth:`add_done_callback`."""
@@ -148,7 +170,7 @@ class Job:
         else:
             self._on_reply.append(fn)
 
-    def __aiter__(self) -> "Job":
+    def __aiter__(self) -> Job:
         return self
 
     async def __anext__(self) -> Any:
@@ -165,10 +187,12 @@ class Job:
             await self._wait()
 
     def _take(self) -> Any:
+        """The next buffered chunk (the caller checked there is one)."""
+        assert self._items is not None
         item = self._items.popleft()
         self._taken += 1
-        if self._taken >= S.CREDIT_BATCH and not self._done and self._pool is not None:
-            self._pool._grant(self.id, self._taken)
+        if self._taken >= CREDIT_BATCH and not self._done and self._pool is not None:
+            self._pool.grant_credit(self.id, self._taken)
             self._taken = 0
         return item
 
@@ -180,7 +204,7 @@ class Job:
             waiters = self._waiters = []
         waiters.append(task)
 
-        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+        def abort(_raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             # Not woken yet, so still in this list (_wake empties the list it wakes).
             waiters.remove(task)
             return _ABORTED
@@ -231,7 +255,7 @@ class Job:
 
     def _replied(self) -> None:
         callbacks, self._on_reply = self._on_reply, None
-        for fn in callbacks:
+        for fn in callbacks or ():
             _call_back(fn, self)
 
     def _answered(self) -> None:
@@ -245,7 +269,7 @@ class Job:
                 _call_back(fn, self)
 
 
-def _call_back(fn: Callable[[Job], Any], job: Job) -> None:
+def _call_back(fn: JobCallback, job: Job) -> None:
     try:
         fn(job)
     except Exception:  # a callback's bug must not break the pool's bookkeeping

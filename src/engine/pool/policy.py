@@ -1,18 +1,20 @@
 """Pool policy as a pure state machine: which job goes to which slave, when to
 spawn, when to retire, when the app is broken.  No I/O, no trio, time passed in.
 
-The shell (``engine/pool.py``) reports what happened (a job was submitted, a slave
+The shell (:mod:`engine.pool.process`) reports what happened (a job was submitted, a slave
 handshaked or went away, a job was answered, the clock moved) and carries out the
-*decisions* returned: :class:`Spawn`, :class:`Assign`, :class:`Retire`,
-:class:`Fail`, :class:`Cancel`.  A job is owned by exactly one place at a time (queue ->
-slave -> answered), which makes "every accepted job is answered exactly once" checkable.
+*decisions* returned, each a :data:`Decision`: :class:`Spawn`, :class:`Assign`,
+:class:`Retire`, :class:`Fail`, :class:`Cancel` (a closed union, which the shell takes
+apart with an exhaustive ``match``: the type checker names a case it misses).  A job is
+owned by exactly one place at a time (queue -> slave -> answered), which makes "every
+accepted job is answered exactly once" checkable.
 
 Cancellation: a queued job leaves the queue and is answered with JobCancelled
 (:class:`Fail`); a job on a slave gets one :class:`Cancel` (the shell answers the
 caller and asks the slave to stop) and keeps its slot until the slave is done with
 it (:meth:`job_finished`), so a slave never holds more jobs than its capacity.
 
-Prefetch (:mod:`engine.prefetch`): a ready slave may be handed jobs beyond its
+Prefetch (:mod:`engine.pool.prefetch`): a ready slave may be handed jobs beyond its
 concurrency, which it queues and starts as slots free; :class:`PrefetchRule` says when
 (by default only behind jobs expected to finish within ~2 ms).  The policy measures
 what the rule needs: each answered job's service time, as ``now - max(assigned at,
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Any, Generic, Hashable, TypeAlias, TypeVar, Union, final
 
 from transport.errors import RemoteError
 
@@ -44,52 +46,75 @@ STARTING, READY, RETIRING, STOPPING = "starting", "ready", "retiring", "stopping
 # RETIRING: we asked an idle slave to exit.  STOPPING: it is going away for another
 # reason (killed as hung, said it is exiting); neither takes jobs.
 
+J = TypeVar("J", bound=Hashable)  # what the shell names its jobs by (the pool: an int)
 
-@dataclass(frozen=True)
+
+# -- decisions ---------------------------------------------------------------------------
+# Frozen, slotted and final: one small object per decision, as cheap to make as a tuple,
+# and final so that a shell's ``type(d) is Assign`` fast path narrows for the type
+# checker too (the rest goes through an exhaustive ``match``; see SlavePool._apply).
+
+@final
+@dataclass(frozen=True, slots=True)
 class Spawn:
+    """Start a slave process named ``slave``; it reports back through slave_ready or
+    slave_gone."""
     slave: int
 
 
-@dataclass(frozen=True)
-class Assign:
-    job: Hashable
+@final
+@dataclass(frozen=True, slots=True)
+class Assign(Generic[J]):
+    """Hand ``job`` to ``slave`` (which has a free slot, or may prefetch it)."""
+    job: J
     slave: int
 
 
-@dataclass(frozen=True)
+@final
+@dataclass(frozen=True, slots=True)
 class Retire:
+    """Ask the idle ``slave`` to exit."""
     slave: int
 
 
-@dataclass(frozen=True)
-class Fail:
-    job: Hashable
+@final
+@dataclass(frozen=True, slots=True)
+class Fail(Generic[J]):
+    """Answer ``job``'s caller with ``error``; the policy has forgotten the job."""
+    job: J
     error: RemoteError
 
 
-@dataclass(frozen=True)
-class Cancel:
+@final
+@dataclass(frozen=True, slots=True)
+class Cancel(Generic[J]):
     """Answer ``job``'s caller with JobCancelled and ask ``slave`` to stop it; the slot
     is freed by job_finished once the slave acknowledges."""
-    job: Hashable
+    job: J
     slave: int
 
 
+# Everything the policy can ask of its shell; a shell handles each (``match`` with
+# ``assert_never`` in its default case, so the type checker finds a missing one).
+Decision: TypeAlias = Union[Spawn, Assign[J], Retire, Fail[J], Cancel[J]]
+
+
 @dataclass
-class SlaveView:
+class SlaveView(Generic[J]):
     state: str
     spawned_at: float
     concurrency: int = 1             # jobs it runs at once (the handshake's); more are prefetched
-    jobs: set = field(default_factory=set)
+    jobs: set[J] = field(default_factory=set)
     idle_since: float = 0.0
     last_done_at: float = float("-inf")  # when it last answered a job (service-time samples)
-    held: dict = field(default_factory=dict)  # event -> how many of its jobs it holds
+    held: dict[str, int] = field(default_factory=dict)  # event -> how many of its jobs it holds
 
 
-class PoolPolicy:
+class PoolPolicy(Generic[J]):
     def __init__(self, *, pool_limit: int, queue_limit: int, grow_threshold: int = 1,
                  idle_timeout: float = 600.0, concurrency: int = 1, restart_intensity: int = 3,
-                 backoff_base: float = 0.5, backoff_cap: float = 30.0, prefetch: Setting = 0):
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 prefetch: Setting = 0) -> None:
         if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1:
             raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1")
         self.pool_limit = pool_limit
@@ -104,12 +129,12 @@ class PoolPolicy:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
 
-        self.queue: deque = deque()
-        self.slaves: dict[int, SlaveView] = {}
-        self.owner: dict[Hashable, int] = {}   # assigned job -> slave
-        self.events: dict[Hashable, str] = {}  # accepted job -> its event
-        self.assigned: dict[Hashable, float] = {}  # assigned job -> when
-        self.cancelled: set = set()            # assigned jobs whose caller gave up
+        self.queue: deque[J] = deque()
+        self.slaves: dict[int, SlaveView[J]] = {}
+        self.owner: dict[J, int] = {}          # assigned job -> slave
+        self.events: dict[J, str] = {}         # accepted job -> its event
+        self.assigned: dict[J, float] = {}     # assigned job -> when
+        self.cancelled: set[J] = set()         # assigned jobs whose caller gave up
         self._next_slave = 1
         self.draining = False
         self.closed = False                    # the pool is stopping: decide nothing more
@@ -132,7 +157,7 @@ class PoolPolicy:
         return len(self.queue) + len(self.owner)
 
     def next_deadline(self) -> float | None:
-        times = []
+        times: list[float] = []
         if self.broken_reason is not None and not self._starting():
             times.append(self.next_spawn_at)
         if self._nothing_waits():  # else no retirement is due, however idle a slave
@@ -140,7 +165,7 @@ class PoolPolicy:
                       for s in self.slaves.values() if s.state == READY and not s.jobs]
         return min(times) if times else None
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         counts = {STARTING: 0, READY: 0, RETIRING: 0, STOPPING: 0}
         for s in self.slaves.values():
             counts[s.state] += 1
@@ -155,7 +180,7 @@ class PoolPolicy:
         }
 
     # -- events --------------------------------------------------------------------
-    def submit(self, job: Hashable, now: float, event: str = "") -> list:
+    def submit(self, job: J, now: float, event: str = "") -> list[Decision[J]]:
         """Accept a job or raise (QueueFull / ShuttingDown / AppBroken) without side effects."""
         if self.draining or self.closed:
             raise ShuttingDown("the app is draining and accepts no new jobs")
@@ -171,7 +196,7 @@ class PoolPolicy:
         self.events[job] = event
         return self._step(now)
 
-    def slave_ready(self, slave: int, concurrency: int, now: float) -> list:
+    def slave_ready(self, slave: int, concurrency: int, now: float) -> list[Decision[J]]:
         view = self.slaves[slave]
         if view.state == STARTING:
             view.state = READY
@@ -182,7 +207,7 @@ class PoolPolicy:
         self.next_spawn_at = 0.0
         return self._step(now)
 
-    def cancel(self, job: Hashable, now: float) -> list:
+    def cancel(self, job: J, now: float) -> list[Decision[J]]:
         """The caller gave up on ``job``.  Queued: it leaves the queue, answered with
         JobCancelled.  On a slave: one Cancel decision.  Unknown or already
         cancelled/answered: nothing."""
@@ -198,7 +223,7 @@ class PoolPolicy:
         del self.events[job]
         return [Fail(job, JobCancelled("cancelled by its caller while queued")), *self._step(now)]
 
-    def job_finished(self, job: Hashable, now: float, *, answered: bool = True) -> list:
+    def job_finished(self, job: J, now: float, *, answered: bool = True) -> list[Decision[J]]:
         """The job is done: answered by its slave (result, end of stream or error), or,
         with ``answered`` False, failed by the session because its slave died or was
         killed (which says nothing about how long jobs take)."""
@@ -222,11 +247,12 @@ class PoolPolicy:
                 view.idle_since = now
         return self._step(now)
 
-    def slave_gone(self, slave: int, now: float, *, handshaked: bool, reason: str = "") -> list:
+    def slave_gone(self, slave: int, now: float, *, handshaked: bool,
+                   reason: str = "") -> list[Decision[J]]:
         """The slave's process was reaped. Jobs it still held fail (the shell normally
         failed them already through the session; this keeps the policy honest)."""
         view = self.slaves.pop(slave)
-        out = []
+        out: list[Decision[J]] = []
         for job in sorted(view.jobs, key=repr):
             del self.owner[job]
             del self.assigned[job]
@@ -241,7 +267,7 @@ class PoolPolicy:
             out += self._startup_failed(reason or "slave died before its handshake", now)
         return out + self._step(now)
 
-    def slave_stopping(self, slave: int, now: float) -> list:
+    def slave_stopping(self, slave: int, now: float) -> list[Decision[J]]:
         """The slave will take no more jobs (being killed, or exiting on its own);
         it still counts against pool_limit until it is gone."""
         view = self.slaves.get(slave)
@@ -249,19 +275,19 @@ class PoolPolicy:
             view.state = STOPPING
         return self._step(now)
 
-    def tick(self, now: float) -> list:
+    def tick(self, now: float) -> list[Decision[J]]:
         return self._step(now)
 
-    def retire_all(self, now: float) -> list:
+    def retire_all(self, now: float) -> list[Decision[J]]:
         """Retire every idle slave (shutdown path)."""
-        out = []
+        out: list[Decision[J]] = []
         for sid, s in self.slaves.items():
             if s.state == READY and not s.jobs:
                 s.state = RETIRING
                 out.append(Retire(sid))
         return out
 
-    def drain(self, now: float) -> list:
+    def drain(self, now: float) -> list[Decision[J]]:
         self.draining = True
         return self._step(now)
 
@@ -269,16 +295,16 @@ class PoolPolicy:
         """The pool is being torn down: no more spawns or assignments."""
         self.closed = True
 
-    def fail_queued(self, error_type: type[RemoteError], message: str) -> list:
-        out = [Fail(job, error_type(message)) for job in self.queue]
+    def fail_queued(self, error_type: type[RemoteError], message: str) -> list[Decision[J]]:
+        out: list[Decision[J]] = [Fail(job, error_type(message)) for job in self.queue]
         for job in self.queue:
             del self.events[job]
         self.queue.clear()
         return out
 
     # -- the one place decisions are made --------------------------------------------
-    def _step(self, now: float) -> list:
-        out: list = []
+    def _step(self, now: float) -> list[Decision[J]]:
+        out: list[Decision[J]] = []
         if self.closed:
             return out
         # 1. hand queued jobs to slaves with room, oldest job first (FIFO)
@@ -318,7 +344,8 @@ class PoolPolicy:
         recently busy one, so the others stay idle and can be retired.  Runs per submit
         and per assignment: no allocation."""
         allows = self.rule.allows
-        best, best_load, best_since = None, 0, 0.0
+        best: int | None = None
+        best_load, best_since = 0, 0.0
         for sid, s in self.slaves.items():
             if s.state != READY:
                 continue
@@ -359,7 +386,7 @@ class PoolPolicy:
         self.spawned += 1
         return Spawn(sid)
 
-    def _startup_failed(self, reason: str, now: float) -> list:
+    def _startup_failed(self, reason: str, now: float) -> list[Decision[J]]:
         self.startup_failures += 1
         if self.startup_failures < self.restart_intensity:
             return []

@@ -26,7 +26,7 @@ slave had started them, and running a job twice is worse than reporting a failur
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 AUTO_PREFETCH_MAX = 16    # most jobs an auto-prefetching slave holds beyond its concurrency
 PREFETCH_BUDGET = 0.002   # s of expected work ahead (per slot) a queued job may wait behind
@@ -37,8 +37,10 @@ Setting = int | Literal["auto"]
 
 
 def check_setting(value: object) -> Setting:
-    if value == "auto" or (type(value) is int and value >= 0):
-        return value  # type: ignore[return-value]
+    if value == "auto":
+        return "auto"
+    if type(value) is int and value >= 0:  # not a bool
+        return value
     raise ValueError(f"prefetch must be \"auto\" or a whole number >= 0, got {value!r}")
 
 
@@ -64,11 +66,11 @@ class ServiceTimes:
 class PrefetchRule(ServiceTimes):
     """The rule, and the service times it judges by (sampled by the pool policy)."""
 
-    def __init__(self, setting: Setting):
+    def __init__(self, setting: Setting) -> None:
         super().__init__()
-        self.setting = check_setting(setting)
+        self.setting = setting = check_setting(setting)
         self.auto = setting == "auto"
-        self.limit: int = AUTO_PREFETCH_MAX if self.auto else setting  # type: ignore[assignment]
+        self.limit = AUTO_PREFETCH_MAX if setting == "auto" else setting
 
     def allows(self, queued: int, held: dict[str, int], concurrency: int) -> bool:
         """May a slave whose ``concurrency`` slots are all taken, holding ``queued``
@@ -88,7 +90,7 @@ class PrefetchRule(ServiceTimes):
             ahead += n * estimate
         return ahead <= PREFETCH_BUDGET * concurrency
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         slowest = sorted(self.service.items(), key=lambda kv: -kv[1])[:10]
         return {"mode": "auto" if self.auto else "fixed", "max": self.limit,
                 "service_ms": {event: round(s * 1000, 3) for event, s in slowest}}

@@ -33,15 +33,16 @@ from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, assert_never
 
 import trio
 
-from transport.codec import Kind
+from transport.codec import Envelope, Kind
 from transport.errors import RemoteError
 from transport.inbound import SendWindow
 
 from engine.pool import policy as P
+from engine.pool.base import Pool, PoolLoad
 from engine.protocol import node_session as S
 from engine.errors import JobCancelled, ShuttingDown
 from engine.pool.job import Job
@@ -64,23 +65,28 @@ def latency_ms(latencies: deque[float]) -> dict[str, float | None]:
     return {"p50": q(0.5), "p99": q(0.99)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slave:
     id: int
-    process: SlaveProcess | None = None
+    process: SlaveProcess
+    # From the moment its process runs (the policy decides nothing about a slave before
+    # its handshake, so every decision naming a slave finds its session there).
     session: S.SlaveSession | None = None
-    on_frame: Callable[[list], None] | None = None  # what its pump does with a frame
+    on_frame: Callable[[list[Envelope]], None] | None = None  # what its pump does with a frame
 
 
 class SlavePool:
+    """The process backend of :class:`engine.pool.base.Pool` (and so a
+    :class:`~engine.pool.job.JobOwner`)."""
+
     def __init__(self, app_name: str, entry: Path, config: EngineConfig, *,
                  restart_intensity: int = 3, backoff_base: float = 0.5, backoff_cap: float = 30.0,
-                 python: str = sys.executable):
+                 python: str = sys.executable) -> None:
         self.app_name = app_name
         self.entry = Path(entry)
         self.config = config
         self.python = python
-        self.policy = P.PoolPolicy(
+        self.policy: P.PoolPolicy[int] = P.PoolPolicy(
             pool_limit=config.pool_limit, queue_limit=config.queue_limit,
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
             concurrency=config.concurrency, restart_intensity=restart_intensity,
@@ -105,7 +111,7 @@ class SlavePool:
         self.crashes = 0
 
     # -- lifetime --------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise slaves until cancelled; started() once submit() may be called."""
         death_r, death_w = os.pipe()   # slaves see EOF on death_r when this process dies
         self._death_fd = death_r
@@ -138,7 +144,8 @@ class SlavePool:
         than one of the pool's own; call before :meth:`run`."""
         self._shared_zygote = zygote
 
-    def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
+    def submit(self, event: str, payload: Any = None,
+               chunks: AsyncIterable[Any] | None = None) -> Job:
         """``chunks``: a chunked request's chunks (an async iterable, e.g. an rpc
         request's InputStream), forwarded to the slave as its handler takes them."""
         if self._nursery is None or self._nursery.cancel_scope.cancel_called:
@@ -183,12 +190,16 @@ class SlavePool:
         self._apply(self.policy.retire_all(now), now)
 
     # -- views ---------------------------------------------------------------------
-    def info(self) -> dict:
+    def load(self) -> PoolLoad:
+        p = self.policy
+        return PoolLoad(p.state, len(p.queue), len(p.owner), len(p.slaves))
+
+    def info(self) -> dict[str, Any]:
         p = self.policy.info()
         slaves = []
         for s in self._slaves.values():
             sess = s.session
-            slaves.append({"id": s.id, "pid": s.process.pid if s.process else None,
+            slaves.append({"id": s.id, "pid": s.process.pid,
                            "state": sess.state.value if sess else "spawning",
                            "jobs": len(sess.jobs) if sess else 0})
         return {"app": self.app_name, "state": p["state"], "reason": p["reason"], "slaves": slaves,
@@ -204,40 +215,65 @@ class SlavePool:
         return list(self._crashlog)
 
     # -- carrying out decisions ----------------------------------------------------------
-    def _apply(self, decisions: list, now: float) -> None:
+    def _apply(self, decisions: list[P.Decision[int]], now: float) -> None:
         # Only assignments (the common case: a job reaching a slave) cannot bring a
         # policy deadline nearer: a slave that had room took the job, and no slave is
         # idle while jobs wait.  Anything else re-reads the policy's next deadline.
         rearm = False
         for d in decisions:
+            # Per job: a type identity test, cheaper than the match's isinstance (the
+            # decision types are final, so the checker narrows the match below too).
             if type(d) is P.Assign:
                 slave, job = self._slaves[d.slave], self._jobs[d.job]
-                chunked = job.input is not None
-                self._act(slave, slave.session.invoke(job.id, job.id, job.event, job.payload,
-                                                      chunked), now)
-                if chunked:
-                    self._nursery.start_soon(self._send_input, slave, job)
+                session = slave.session
+                assert session is not None, "only a slave that handshaked is given jobs"
+                chunks = job.input
+                self._act(slave, session.invoke(job.id, job.id, job.event, job.payload,
+                                                chunks is not None), now)
+                if chunks is not None:
+                    self._running().start_soon(self._send_input, slave, job, chunks)
                 continue
             rearm = True
-            if isinstance(d, P.Spawn):
-                slave = self._slaves[d.slave] = _Slave(d.slave)
-                self._nursery.start_soon(self._supervise, slave, name=f"slave-{self.app_name}-{d.slave}")
-            elif isinstance(d, P.Retire):
-                slave = self._slaves[d.slave]
-                self._act(slave, slave.session.terminate(now), now)
-                self._wake_timer(slave.session.next_deadline())
-            elif isinstance(d, P.Fail):
-                self._answer_fail(d.job, d.error, now)
-            elif isinstance(d, P.Cancel):
-                self._answer_fail(d.job, JobCancelled("cancelled by its caller while running"), now)
-                slave = self._slaves[d.slave]
-                self._act(slave, slave.session.cancel(d.job, now), now)
-                self._wake_timer(slave.session.next_deadline())  # the acknowledgement deadline
+            match d:
+                case P.Spawn():
+                    slave = self._slaves[d.slave] = _Slave(d.slave, SlaveProcess(
+                        app=self.app_name, entry=self.entry, config=self.config,
+                        death_fd=self._death_fd, python=self.python, zygote=self._zygote))
+                    self._running().start_soon(self._supervise, slave,
+                                               name=f"slave-{self.app_name}-{d.slave}")
+                case P.Retire():
+                    slave = self._slaves[d.slave]
+                    session = slave.session
+                    assert session is not None, "only a slave that handshaked is retired"
+                    self._act(slave, session.terminate(now), now)
+                    self._wake_timer(session.next_deadline())
+                case P.Fail():
+                    self._answer_fail(d.job, d.error, now)
+                case P.Cancel():
+                    self._answer_fail(d.job, JobCancelled("cancelled by its caller while running"),
+                                      now)
+                    slave = self._slaves[d.slave]
+                    session = slave.session
+                    assert session is not None, "a slave holding a job has handshaked"
+                    self._act(slave, session.cancel(d.job, now), now)
+                    self._wake_timer(session.next_deadline())  # the acknowledgement deadline
+                case _:
+                    assert_never(d)
         if rearm:
             self._wake_timer(self.policy.next_deadline())
 
-    def _act(self, slave: _Slave, actions: list, now: float) -> None:
-        """Carry out what a slave's session asks for."""
+    def _running(self) -> trio.Nursery:
+        """The pool's nursery, for the tasks a decision starts (decisions come only
+        while :meth:`run` runs: the policy is closed before its nursery ends)."""
+        nursery = self._nursery
+        assert nursery is not None, "a decision that starts a task while the pool is not running"
+        return nursery
+
+    def _act(self, slave: _Slave, actions: list[Any], now: float) -> None:
+        """Carry out what a slave's session asks for (its ``S.Action`` list).  Per
+        message: one ``type()`` and identity tests, the commonest first.  Typed ``Any``:
+        a session names jobs as ``Hashable`` where this pool's are ints (the job ids it
+        hands to ``invoke``), which the checker cannot see."""
         for a in actions:
             kind = type(a)
             if kind is S.Send:
@@ -250,7 +286,7 @@ class SlavePool:
                 job = self._jobs.pop(a.job, None)
                 if job is None:
                     pass  # already answered (cancelled, or the pool is stopping)
-                elif isinstance(a, S.Finished):
+                elif kind is S.Finished:
                     if job._finish(a.value, a.streamed, now):
                         self.done += 1
                         self._latencies.append(now - job.submitted_at)
@@ -272,24 +308,25 @@ class SlavePool:
                     window.credit(a.chunks)
             elif isinstance(a, S.Ready):
                 self._apply(self.policy.slave_ready(slave.id, a.concurrency, now), now)
+                assert slave.session is not None, "its session said it is ready"
                 self._wake_timer(slave.session.next_deadline())
             elif isinstance(a, S.Kill):
-                log.warning("%s: killing slave %s: %s", self.app_name, slave.session.pid, a.reason)
+                log.warning("%s: killing slave %s: %s", self.app_name, slave.process.pid, a.reason)
                 slave.process.kill()
                 self._apply(self.policy.slave_stopping(slave.id, now), now)
             elif isinstance(a, S.Stopping):
                 self._apply(self.policy.slave_stopping(slave.id, now), now)
 
-    def _cancel(self, job: Job) -> None:
+    # -- what a Job asks of its pool (JobOwner) -------------------------------------------
+    def cancel_job(self, job: Job) -> None:
         if self._jobs.get(job.id) is job:
             now = trio.current_time()
             self._apply(self.policy.cancel(job.id, now), now)
 
-    def _grant(self, job_id: int, chunks: int) -> None:
-        slave = self._slaves.get(self.policy.owner.get(job_id))
+    def grant_credit(self, job_id: int, chunks: int) -> None:
+        slave = self._slaves.get(self.policy.owner.get(job_id, -1))
         if slave is not None and slave.session is not None:
-            for a in slave.session.grant(job_id, chunks):
-                slave.process.send(*a.envelope)
+            self._act(slave, slave.session.grant(job_id, chunks), trio.current_time())
 
     def _answer_fail(self, job_id: int, error: RemoteError, now: float) -> None:
         job = self._jobs.pop(job_id, None)
@@ -302,7 +339,7 @@ class SlavePool:
             self._quiet.set()
 
     # -- tasks -------------------------------------------------------------------------
-    async def _send_input(self, slave: _Slave, job: Job) -> None:
+    async def _send_input(self, slave: _Slave, job: Job, chunks: AsyncIterable[Any]) -> None:
         """Forward a chunked job's chunks to its slave, never more than the slave's
         window ahead of its handler; stops when the job is answered (or its slave gone)."""
         window = self._input_windows[job.id] = SendWindow()
@@ -310,7 +347,7 @@ class SlavePool:
             with trio.CancelScope() as scope:
                 job.add_done_callback(lambda _: scope.cancel())
                 try:
-                    async for item in job.input:
+                    async for item in chunks:
                         await window.wait()
                         window.left -= 1
                         slave.process.send(Kind.CHUNK, job.id, item)
@@ -324,13 +361,12 @@ class SlavePool:
     async def _supervise(self, slave: _Slave) -> None:
         """One slave's whole life: spawn, talk, reap, report."""
         cfg = self.config
-        slave.process = proc = SlaveProcess(
-            app=self.app_name, entry=self.entry,
-            config=cfg, death_fd=self._death_fd, python=self.python, zygote=self._zygote)
+        proc = slave.process
         spawn_error = None
         try:
             async with proc.open():
                 now = trio.current_time()
+                assert proc.pid is not None, "open() has started the process"
                 slave.session = sess = S.SlaveSession(
                     pid=proc.pid, now=now, startup_timeout=cfg.startup_timeout,
                     heartbeat_timeout=cfg.heartbeat_timeout,
@@ -339,7 +375,7 @@ class SlavePool:
                 self._wake_timer(sess.next_deadline())
                 receive, act, clock = sess.receive, self._act, trio.current_time
 
-                def on_frame(frame: list) -> None:
+                def on_frame(frame: list[Envelope]) -> None:
                     # The jobs this frame frees the slave for leave as one frame.
                     now = clock()
                     proc.hold()
@@ -372,7 +408,10 @@ class SlavePool:
         handshaked = sess.handshaked if sess else False
         reason = spawn_error or S.describe_exit(proc.returncode)
         if sess is not None:
-            if not self.policy.closed:  # first: no job may be handed to the dead slave
+            # First: no job may be handed to the dead slave.  (One that never handshaked
+            # holds none; stopping it first would spawn its replacement before its
+            # failed start is counted, past the broken state's backoff.)
+            if not self.policy.closed and handshaked:
                 self._apply(self.policy.slave_stopping(slave.id, now), now)
             self._act(slave, sess.exited(proc.returncode), now)
             if sess.startup_error is not None:
@@ -388,6 +427,9 @@ class SlavePool:
         del self._slaves[slave.id]
         if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
             self._apply(self.policy.slave_gone(slave.id, now, handshaked=handshaked, reason=reason), now)
+            # A failed start sets the next probe's backoff deadline even when nothing
+            # is decided now (no decision, so _apply did not re-arm the timer).
+            self._wake_timer(self.policy.next_deadline())
 
     async def _timer_loop(self) -> None:
         """Deadlines: startup, heartbeat, termination (sessions); idle, backoff (policy)."""
@@ -408,3 +450,7 @@ class SlavePool:
         if deadline is not None and deadline < self._timer_at:
             self._timer_at = deadline
             self._timer_wakeup.set()
+
+
+if TYPE_CHECKING:  # `make lint` holds the backend to the seam it is used through
+    _is_a_pool: type[Pool] = SlavePool

@@ -21,14 +21,14 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import trio
 
 from transport.channel import EnvelopeChannel
 from transport.codec import Envelope, Kind, encode_envelope, join_frame
 from transport.errors import Closed
-from transport.streams import from_socket, socketpair
+from transport.streams import FramedStream, from_socket, socketpair
 
 from engine.manifest import EngineConfig
 from engine.pool.zygote_client import ForkedSlave, Zygote
@@ -43,7 +43,7 @@ SIGTERM_WAIT = 2.0   # s between SIGTERM and SIGKILL
 class SlaveProcess:
     def __init__(self, *, app: str, entry: Path, config: EngineConfig,
                  death_fd: int | None = None, python: str = sys.executable,
-                 zygote: Zygote | None = None):
+                 zygote: Zygote | None = None) -> None:
         self.app = app
         self.entry = entry
         self.config = config
@@ -82,7 +82,8 @@ class SlaveProcess:
     @asynccontextmanager
     async def open(self) -> AsyncIterator[EnvelopeChannel]:
         ours, theirs = socketpair()
-        chan = EnvelopeChannel(from_socket(ours))
+        stream = from_socket(ours)
+        chan = EnvelopeChannel(stream)
         self._chan = chan
         try:
             # PYTHONUNBUFFERED: output reaches the crashlog at once; ENGINE_APP: handlers
@@ -90,7 +91,7 @@ class SlaveProcess:
             extra = {"PYTHONUNBUFFERED": "1", "ENGINE_APP": self.app}
             fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
             try:
-                proc = await self._fork(theirs.fileno(), extra)
+                proc: trio.Process | ForkedSlave | None = await self._fork(theirs.fileno(), extra)
                 if proc is None:
                     proc = await trio.lowlevel.open_process(
                         self.command(theirs.fileno()), stdin=subprocess.DEVNULL,
@@ -102,6 +103,7 @@ class SlaveProcess:
             finally:
                 theirs.close()  # the child has its copy; ours must go so EOF means "slave gone"
             self.pid = proc.pid
+            assert proc.stdout is not None, "started with stdout=PIPE"
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, proc.stdout)
@@ -117,7 +119,7 @@ class SlaveProcess:
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._stop(proc)
+                    await self._stop(proc, stream)
         finally:
             chan.close()
 
@@ -131,6 +133,7 @@ class SlaveProcess:
         await zygote.settled.wait()
         if not zygote.ready:
             return None
+        assert zygote.pid is not None, "a ready zygote has said its pid"
         try:
             proc = await zygote.spawn(self.worker_args(zygote.pid, zygote.death_fd),
                                       dict(os.environ, **env), link_fd)
@@ -181,7 +184,7 @@ class SlaveProcess:
         if self._chan is not None:
             self._chan.release()
 
-    def send(self, kind: int, sid: int, body=None) -> None:
+    def send(self, kind: int, sid: int, body: Any = None) -> None:
         if self._chan is not None:
             try:
                 self._chan.send_nowait(kind, sid, body)
@@ -194,14 +197,14 @@ class SlaveProcess:
             self._signal(self._proc, signal.SIGKILL)
 
     # -- internals -----------------------------------------------------------------
-    async def _wait_exit(self, proc: trio.Process) -> None:
+    async def _wait_exit(self, proc: trio.Process | ForkedSlave) -> None:
         await proc.wait()
         self.returncode = proc.returncode
         self.exited.set()
         if self._recv_scope is not None:
             self._recv_scope.cancel()
 
-    async def _pump_output(self, stream) -> None:
+    async def _pump_output(self, stream: trio.abc.ReceiveStream) -> None:
         partial = b""
         try:
             while True:
@@ -227,11 +230,11 @@ class SlaveProcess:
         self.output.append(text)
         log.debug("%s[%s] %s", self.app, self.pid, text)
 
-    async def _stop(self, proc: trio.Process) -> None:
+    async def _stop(self, proc: trio.Process | ForkedSlave, stream: FramedStream) -> None:
         """TERMINATE, then SIGTERM, then SIGKILL; always reap. Runs shielded."""
         if proc.returncode is None:
             try:  # straight to the socket: the channel's writer task may be cancelled already
-                self._chan.sock.try_send_nowait(join_frame([encode_envelope(Kind.TERMINATE, 0, None)]))
+                stream.try_send_nowait(join_frame([encode_envelope(Kind.TERMINATE, 0, None)]))
             except Closed:
                 pass
             with trio.move_on_after(self.config.termination_timeout):

@@ -34,7 +34,7 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable
 
 import trio
 
@@ -42,12 +42,16 @@ from transport.errors import BadMessage, RemoteError, UnknownEvent, body_to_erro
 
 from engine import api
 from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
+from engine.pool.base import Pool, PoolLoad
 from engine.pool.job import Job
 from engine.manifest import EngineConfig
 from engine.pool.process import LATENCY_WINDOW, latency_ms
 from engine.pool.prefetch import ServiceTimes
-from engine.protocol.node_session import STREAM_WINDOW
+from engine.protocol.messages import STREAM_WINDOW
 from engine.worker.runtime import ASYNC, ASYNC_GEN, chunks_refused, handler_kind
+
+if TYPE_CHECKING:
+    from engine.pool.zygote_client import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,16 @@ _import_lock = threading.Lock()  # api.HANDLERS is one registry: one app imports
 _DONE = object()
 # A plain handler whose calls have averaged less than this runs inline on the node's loop.
 INLINE_BELOW = 0.0005
-inline = threading.local()  # .active: a handler is running inline on the node's loop now
 
 
-def load_isolated(entry: Path, app_name: str) -> dict[str, Callable]:
+class _Inline(threading.local):
+    active = False  # a handler is running inline on the node's loop now (per thread)
+
+
+inline = _Inline()  # engine.client.calls reads inline.active (False on any other thread)
+
+
+def load_isolated(entry: Path, app_name: str) -> dict[str, Callable[..., Any]]:
     """Import an app module into this process and return its handlers, without mixing
     them with another app's (``@on`` fills the one module-level registry)."""
     entry = Path(entry).resolve()
@@ -87,7 +97,10 @@ def _as_remote(exc: BaseException) -> RemoteError:
 
 
 class ThreadPool:
-    def __init__(self, app_name: str, entry: Path, config: EngineConfig):
+    """The thread backend of :class:`engine.pool.base.Pool` (and so a
+    :class:`~engine.pool.job.JobOwner`)."""
+
+    def __init__(self, app_name: str, entry: Path, config: EngineConfig) -> None:
         self.app_name = app_name
         self.entry = Path(entry)
         self.config = config
@@ -96,7 +109,7 @@ class ThreadPool:
         # for the whole process, would make apps wait on each other), plus the threads
         # of hung calls, which hold a token until they return.
         self._threads = trio.CapacityLimiter(math.inf)
-        self._handlers: dict[str, tuple[Callable, str]] = {}
+        self._handlers: dict[str, tuple[Callable[..., Any], str]] = {}
         self._jobs: dict[int, Job] = {}              # accepted and not answered
         self._queue: deque[Job] = deque()            # waiting for a slot, oldest first
         self._running = 0
@@ -113,7 +126,7 @@ class ThreadPool:
         self.done = self.failed = self.cancelled = self.crashes = 0
 
     # -- lifetime ----------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             handlers = await trio.to_thread.run_sync(load_isolated, self.entry, self.app_name)
             self._handlers = {name: (fn, handler_kind(fn)) for name, fn in handlers.items()}
@@ -134,7 +147,11 @@ class ThreadPool:
             for job in list(self._jobs.values()):
                 self._settle_failure(job, ShuttingDown("the app's thread pool stopped"))
 
-    def submit(self, event: str, payload: Any = None, chunks: Any = None) -> Job:
+    def use_zygote(self, zygote: Zygote) -> None:
+        """Nothing to fork: handlers run in the node's own process."""
+
+    def submit(self, event: str, payload: Any = None,
+               chunks: AsyncIterable[Any] | None = None) -> Job:
         if self._nursery is None or self._draining or self._nursery.cancel_scope.cancel_called:
             raise ShuttingDown(f"the thread pool of {self.app_name!r} is not running")
         if self.broken_reason is not None:
@@ -152,8 +169,10 @@ class ThreadPool:
         return job
 
     def _start(self, job: Job) -> None:
+        nursery = self._nursery
+        assert nursery is not None, "jobs start only while the pool runs"
         self._running += 1
-        self._nursery.start_soon(self._run, job)
+        nursery.start_soon(self._run, job)
 
     def _start_queued(self) -> None:
         while self._queue and self._running < self._slots and self._nursery is not None:
@@ -175,8 +194,15 @@ class ThreadPool:
             self._settle_failure(job, ShuttingDown(f"still running after the {timeout:g}s drain"))
 
     # -- views -------------------------------------------------------------------------
-    def info(self) -> dict:
-        state = "draining" if self._draining else "broken" if self.broken_reason else "running"
+    @property
+    def state(self) -> str:
+        return "draining" if self._draining else "broken" if self.broken_reason else "running"
+
+    def load(self) -> PoolLoad:
+        return PoolLoad(self.state, len(self._queue), self._running, 0)
+
+    def info(self) -> dict[str, Any]:
+        state = self.state
         return {"app": self.app_name, "backend": "thread", "state": state,
                 "reason": self.broken_reason, "slaves": [],
                 "queue": len(self._queue), "prefetched": 0,
@@ -194,7 +220,8 @@ class ThreadPool:
             with trio.CancelScope() as scope:
                 self._scopes[job.id] = scope
                 try:
-                    await self._serve(job)
+                    if not job.done:  # else cancelled before this task started: run nothing
+                        await self._serve(job)
                 except Exception as exc:  # the handler's failure is the caller's answer
                     self._keep(f"{job.event}: " + "".join(
                         traceback.format_exception_only(type(exc), exc)).strip())
@@ -215,7 +242,7 @@ class ThreadPool:
             raise UnknownEvent(f"no handler for event {job.event!r}; the app handles "
                                f"{sorted(self._handlers)}")
         fn, kind = entry
-        args = (job.payload,)
+        args: tuple[Any, ...] = (job.payload,)
         if job.input is not None:  # a chunked request: the handler reads its chunks itself
             refused = chunks_refused(fn, kind)
             if refused:
@@ -246,7 +273,7 @@ class ThreadPool:
             else:
                 self._settle(job, out)
 
-    async def _sync_call(self, job: Job, fn: Callable, *args: Any) -> Any:
+    async def _sync_call(self, job: Job, fn: Callable[..., Any], *args: Any) -> Any:
         """A plain function call (or generator step): inline on the node's loop once
         this event's calls have proved quick, else on a worker thread.  A thread hop
         costs 50-100 µs here, more than most small handlers take."""
@@ -264,7 +291,7 @@ class ThreadPool:
         finally:
             self._times.sample(job.event, time.perf_counter() - t0)
 
-    async def _in_thread(self, job: Job, fn: Callable, *args: Any) -> Any:
+    async def _in_thread(self, job: Job, fn: Callable[..., Any], *args: Any) -> Any:
         """One sync call on a worker thread; past heartbeat-timeout the job fails and the
         thread is left to finish on its own (threads cannot be stopped)."""
         limit = self.config.heartbeat_timeout
@@ -283,7 +310,7 @@ class ThreadPool:
             event = self._credit[job.id] = trio.Event()
             await event.wait()
 
-    # -- answering (the Job calls _cancel and _grant) -----------------------------------
+    # -- answering ---------------------------------------------------------------------
     def _settle(self, job: Job, value: Any, streamed: bool = False) -> None:
         now = trio.current_time()
         if job._finish(value, streamed, now):
@@ -304,11 +331,12 @@ class ThreadPool:
         if not self._jobs:
             self._quiet.set()
 
+    # -- what a Job asks of its pool (JobOwner) -------------------------------------------
     def poll_job(self, job: Job) -> bool:
         """Nothing to poll: a thread hands its answer to the trio loop itself."""
         return False
 
-    def _cancel(self, job: Job) -> None:
+    def cancel_job(self, job: Job) -> None:
         """Job.cancel(): answered at once; its task stops at its next checkpoint (a sync
         call already on a thread runs on, its result dropped)."""
         if job.id in self._jobs:
@@ -321,7 +349,7 @@ class ThreadPool:
         if scope is not None:
             scope.cancel()
 
-    def _grant(self, job_id: int, chunks: int) -> None:
+    def grant_credit(self, job_id: int, chunks: int) -> None:
         event = self._credit.pop(job_id, None)
         if event is not None:
             event.set()
@@ -329,3 +357,7 @@ class ThreadPool:
     def _keep(self, text: str) -> None:
         for line in text.rstrip().splitlines():
             self._crashlog.append(f"[thread] {line}")
+
+
+if TYPE_CHECKING:  # `make lint` holds the backend to the seam it is used through
+    _is_a_pool: type[Pool] = ThreadPool

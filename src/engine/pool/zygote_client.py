@@ -23,18 +23,18 @@ from typing import Any, AsyncIterator
 import msgpack
 import trio
 
+from engine.worker.zygote_wire import MAX_MESSAGE
+
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0
-MAX_MESSAGE = 1 << 17  # bytes of one control message (a spawn request carries the environment;
-                       # a SOCK_SEQPACKET message must fit the socket buffer, ~200 KB)
 SPAWN_TIMEOUT = 5.0   # a fork takes milliseconds; a zygote this slow is stuck
 KILL_WAIT = 2.0       # for the zygote to report a SIGKILLed slave's exit
 STOP_WAIT = 2.0
 
 
 @asynccontextmanager
-async def running_zygote(python: str) -> AsyncIterator["Zygote"]:
+async def running_zygote(python: str) -> AsyncIterator[Zygote]:
     """A zygote served in the background while the body runs, and after it: its
     shielded scope is cancelled only once the body, and with it every slave the
     zygote forked, has ended (the zygote's end would end them early).  It watches a
@@ -64,7 +64,7 @@ async def running_zygote(python: str) -> AsyncIterator["Zygote"]:
 class ForkedSlave:
     """A slave forked by the zygote: what the node needs of a ``trio.Process``."""
 
-    def __init__(self, zygote: "Zygote", pid: int, output_fd: int):
+    def __init__(self, zygote: Zygote, pid: int, output_fd: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self.stdout = trio.lowlevel.FdStream(output_fd)
@@ -104,7 +104,7 @@ class Zygote:
     :meth:`spawn` forks a slave through it, and its exit reports settle the
     :class:`ForkedSlave` handles."""
 
-    def __init__(self, python: str, death_fd: int | None):
+    def __init__(self, python: str, death_fd: int | None) -> None:
         self.python = python
         self.death_fd = death_fd
         self.ready = False
@@ -114,7 +114,7 @@ class Zygote:
         self._raw: socket.socket | None = None   # for kill(), which must not await
         self._sock: trio.socket.SocketType | None = None
         self._ids = itertools.count(1)
-        self._spawning: dict[int, tuple[trio.Event, list]] = {}
+        self._spawning: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
         self._children: dict[int, ForkedSlave] = {}
 
     def want(self) -> None:
@@ -147,14 +147,14 @@ class Zygote:
         self._sock = sock = trio.socket.from_stdlib_socket(ours)
         try:
             with trio.move_on_after(READY_TIMEOUT):
-                hello = await self._receive()
+                hello = await self._receive(sock)
                 if hello is not None and hello.get("op") == "ready":
                     self.pid, self.ready = hello["pid"], True
             self.settled.set()
             if not self.ready:
                 log.warning("the zygote did not start: slaves start the plain way")
             while self.ready:
-                message = await self._receive()
+                message = await self._receive(sock)
                 if message is None:
                     log.warning("the zygote %s exited: slaves start the plain way", self.pid)
                     break
@@ -186,7 +186,7 @@ class Zygote:
         out_r, out_w = os.pipe()
         spawn_id = next(self._ids)
         done = trio.Event()
-        result: list = []
+        result: list[dict[str, Any]] = []
         self._spawning[spawn_id] = (done, result)
         try:
             try:
@@ -227,14 +227,16 @@ class Zygote:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def _receive(self) -> dict | None:
+    @staticmethod
+    async def _receive(sock: trio.socket.SocketType) -> dict[str, Any] | None:
         try:
-            data = await self._sock.recv(1 << 16)
+            data = await sock.recv(1 << 16)
         except OSError:
             return None
         if not data:
             return None
-        return msgpack.unpackb(data)
+        message = msgpack.unpackb(data)
+        return message if isinstance(message, dict) else None  # garbage: as if it had gone
 
     def _on_message(self, message: dict[str, Any]) -> None:
         op = message.get("op")

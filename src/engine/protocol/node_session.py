@@ -2,9 +2,10 @@
 
 ``SlaveSession`` is fed what happened (an envelope arrived, a job was handed over,
 the clock moved, the process exited) and answers with *actions* for the trio shell
-(``engine/pool.py``) to carry out: send an envelope, kill the process, deliver a
+(``engine/pool/process.py``) to carry out: send an envelope, kill the process, deliver a
 chunk / result / error to a job.  Time is a plain number passed in, so the
-deadlines (startup, heartbeat, termination) are tested without clocks.
+deadlines (startup, heartbeat, termination) are tested without clocks.  Its mirror on
+the slave is :mod:`engine.protocol.slave_session`.
 
 States::
 
@@ -36,16 +37,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Hashable
+from typing import Any, Hashable, Union
 
 from transport.codec import Envelope, Kind
 from transport.errors import RemoteError, body_to_error
 
 from engine.errors import SlaveDied, SlaveHung
-
-PROTOCOL_VERSION = 1
-STREAM_WINDOW = 64  # chunks a slave may send of one job beyond the node's CREDITs
-CREDIT_BATCH = 16   # the node grants credit in steps of this many consumed chunks
+# The shared constants, named here too for the node's side (the pool grants CREDIT in
+# CREDIT_BATCH steps); the slave imports them from messages, never from this module.
+from engine.protocol.messages import (CREDIT_BATCH as CREDIT_BATCH, PROTOCOL_VERSION as PROTOCOL_VERSION,
+                                      STREAM_WINDOW as STREAM_WINDOW, handshake_concurrency, invoke_body,
+                                      is_credit)
 
 
 class State(str, Enum):
@@ -110,6 +112,9 @@ class Ready:
     concurrency: int
 
 
+Action = Union[Send, Kill, Stopping, Chunk, Finished, Failed, InputCredit, Ready]
+
+
 class ProtocolError(Exception):
     """The shell used the session wrongly (a bug, not a slave's fault)."""
 
@@ -134,7 +139,7 @@ class SlaveSession:
         self.exit_code: int | None = None
         self._terminate_deadline: float | None = None
         self.unknown_sids = 0               # replies for sids we do not hold (late, after a kill)
-        self.handshake_info: dict = {}
+        self.handshake_info: dict[str, Any] = {}
 
     # -- queries ---------------------------------------------------------------------
     @property
@@ -151,7 +156,7 @@ class SlaveSession:
             return self.started_at + self.startup_timeout
         if self.state is State.READY:
             deadline = self.last_seen + self.heartbeat_timeout
-        elif self.state is State.TERMINATING:
+        elif self.state is State.TERMINATING and self._terminate_deadline is not None:
             deadline = self._terminate_deadline
         else:
             return None
@@ -161,17 +166,16 @@ class SlaveSession:
 
     # -- events from the shell -----------------------------------------------------------
     def invoke(self, sid: int, job: Hashable, event: str, payload: Any,
-               chunked: bool = False) -> list:
+               chunked: bool = False) -> list[Action]:
         if self.state is not State.READY or len(self.jobs) >= self.capacity:
             raise ProtocolError(f"slave {self.pid} cannot take a job in state {self.state.value} "
                                 f"with {len(self.jobs)}/{self.capacity} jobs")
         if sid in self.jobs:
             raise ProtocolError(f"sid {sid} already in use on slave {self.pid}")
         self.jobs[sid] = job
-        body = [event, payload, True] if chunked else [event, payload]  # True: CHUNKs follow
-        return [Send(Envelope(Kind.INVOKE, sid, body))]
+        return [Send(Envelope(Kind.INVOKE, sid, invoke_body(event, payload, chunked)))]
 
-    def cancel(self, sid: int, now: float) -> list:
+    def cancel(self, sid: int, now: float) -> list[Action]:
         """Ask the slave to stop job ``sid``; it stays held until acknowledged."""
         if sid not in self.jobs or sid in self.cancelling \
                 or self.state not in (State.READY, State.TERMINATING):
@@ -179,14 +183,14 @@ class SlaveSession:
         self.cancelling[sid] = now + self.termination_timeout
         return [Send(Envelope(Kind.CANCEL, sid, None))]
 
-    def grant(self, sid: int, chunks: int) -> list:
+    def grant(self, sid: int, chunks: int) -> list[Action]:
         """The job's consumer took ``chunks`` more chunks: let the slave send as many."""
         if sid not in self.jobs or sid in self.cancelling or chunks <= 0 \
                 or self.state not in (State.READY, State.TERMINATING):
             return []
         return [Send(Envelope(Kind.CREDIT, sid, chunks))]
 
-    def receive(self, env: Envelope, now: float) -> list:
+    def receive(self, env: Envelope, now: float) -> list[Action]:
         """One envelope from the slave. Anything it sends proves it alive."""
         if self.state in (State.DEAD, State.KILLING):
             return []
@@ -204,7 +208,7 @@ class SlaveSession:
             return []
         if kind == Kind.CREDIT:  # for the chunks of a chunked job
             job = self.jobs.get(sid)
-            if job is None or sid in self.cancelling or type(body) is not int or body <= 0:
+            if job is None or sid in self.cancelling or not is_credit(body):
                 return []
             return [InputCredit(job, body)]
         if kind == Kind.ERROR and sid == 0:
@@ -227,7 +231,7 @@ class SlaveSession:
             return [Failed(job, body_to_error(body), from_slave=True)]
         return []  # unknown kinds are ignored: newer slaves may say more
 
-    def tick(self, now: float) -> list:
+    def tick(self, now: float) -> list[Action]:
         """The clock moved: check the startup, heartbeat and termination deadlines."""
         deadline = self.next_deadline()
         if deadline is None or now < deadline:
@@ -245,7 +249,7 @@ class SlaveSession:
         return self._kill(f"did not exit within termination-timeout {self.termination_timeout:g}s",
                           SlaveDied)
 
-    def terminate(self, now: float) -> list:
+    def terminate(self, now: float) -> list[Action]:
         """Ask the slave to finish and exit (idle retirement, shutdown)."""
         if self.state in (State.TERMINATING, State.KILLING, State.DEAD):
             return []
@@ -255,12 +259,12 @@ class SlaveSession:
         self._terminate_deadline = now + self.termination_timeout
         return [Send(Envelope(Kind.TERMINATE, 0, None))]
 
-    def kill(self, reason: str, error_type: type[RemoteError] = SlaveDied) -> list:
+    def kill(self, reason: str, error_type: type[RemoteError] = SlaveDied) -> list[Action]:
         if self.state in (State.KILLING, State.DEAD):
             return []
         return self._kill(reason, error_type)
 
-    def exited(self, exit_code: int | None) -> list:
+    def exited(self, exit_code: int | None) -> list[Action]:
         """The process is gone (reaped). Jobs still held fail with SlaveDied."""
         if self.state is State.DEAD:
             return []
@@ -272,29 +276,30 @@ class SlaveSession:
         return self._fail_all(SlaveDied, f"slave {self.pid} {how}")
 
     # -- internals -----------------------------------------------------------------
-    def _handshake(self, body: Any) -> list:
+    def _handshake(self, body: Any) -> list[Action]:
         if self.state is not State.SPAWNING:
             return []  # a repeated handshake changes nothing
-        if not isinstance(body, dict) or body.get("version") != PROTOCOL_VERSION:
-            return self._kill(f"bad handshake {body!r:.120}", SlaveDied)
-        conc = body.get("concurrency", self.concurrency)
-        if type(conc) is int and conc >= 1:
+        try:
+            conc = handshake_concurrency(body)
+        except ValueError as exc:
+            return self._kill(str(exc), SlaveDied)
+        if conc is not None:
             self.concurrency = min(conc, self.concurrency)
         self.handshake_info = body
         self.handshaked = True
         self.state = State.READY
         return [Ready(self.concurrency)]
 
-    def _kill(self, reason: str, error_type: type[RemoteError]) -> list:
+    def _kill(self, reason: str, error_type: type[RemoteError]) -> list[Action]:
         # Kill comes first: the shell must stop giving this slave jobs before the
         # failures below free the policy to hand out more work.
         self.state = State.KILLING
         self.kill_reason = reason
         return [Kill(reason), *self._fail_all(error_type, f"slave {self.pid} {reason}")]
 
-    def _fail_all(self, error_type: type[RemoteError], message: str) -> list:
+    def _fail_all(self, error_type: type[RemoteError], message: str) -> list[Action]:
         # one error instance per job: an exception object raised in two tasks mixes tracebacks
-        failed = [Failed(job, error_type(message)) for job in self.jobs.values()]
+        failed: list[Action] = [Failed(job, error_type(message)) for job in self.jobs.values()]
         self.jobs.clear()
         self.cancelling.clear()
         return failed

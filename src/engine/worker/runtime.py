@@ -1,7 +1,11 @@
 """The slave runtime: ``python -m engine.worker --app NAME --entry PATH --fd N``.
 
 One slave process hosts one app module and serves INVOKEs from its node over the
-inherited end ``N`` of a Unix socketpair (docs/protocol.md).  Lifetime rules:
+inherited end ``N`` of a Unix socketpair (docs/protocol.md).  What happens to jobs
+(INVOKE validation, slots and prefetch, CANCEL, stream credit, TERMINATE) is decided
+by the pure :class:`engine.protocol.slave_session.WorkerSession`; this module is its
+trio shell: it runs the handlers, sends what the session says, and owns the process.
+Lifetime rules:
 
 - It dies with its node: ``PR_SET_PDEATHSIG`` (SIGKILL) plus a thread blocked on
   the read end of a pipe whose write end only the node holds (EOF = node gone),
@@ -40,20 +44,21 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, AsyncGenerator, Callable, Generator
 
 import trio
 
 from transport.channel import EnvelopeChannel
-from transport.codec import Kind
-from transport.errors import BadMessage, Closed, UnknownEvent, error_to_body
-from transport.inbound import InputStream, SendWindow
+from transport.codec import Envelope, Kind
+from transport.errors import BadMessage, Closed, error_to_body
+from transport.inbound import InputStream
 from transport.streams import from_fd
 
 from engine import api
 from engine.client import calls
-from engine.errors import JobCancelled, ShuttingDown
-from engine.protocol.node_session import PROTOCOL_VERSION, STREAM_WINDOW
+from engine.protocol.slave_session import (Action, CancelHandler, CloseInput, EndInput, Exit, Feed, OpenInput,
+                                           Resume, Start, WorkerSession)
 
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 3
@@ -70,7 +75,7 @@ def watch_parent(parent_pid: int, death_fd: int | None) -> None:
     sig = getattr(signal, "SIGRTMIN", signal.SIGUSR1) + 1 if hasattr(signal, "SIGRTMIN") \
         else signal.SIGUSR1
 
-    def on_parent_gone(signum, frame) -> None:
+    def on_parent_gone(signum: int, frame: FrameType | None) -> None:
         if os.getppid() != parent_pid:
             os._exit(0)
 
@@ -94,7 +99,7 @@ def watch_parent(parent_pid: int, death_fd: int | None) -> None:
         threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
 
 
-def apply_limits(limits: dict) -> None:
+def apply_limits(limits: dict[str, Any]) -> None:
     """Resource limits from the manifest, applied before the app is imported."""
     cpus = limits.get("cpus")
     if cpus:
@@ -110,7 +115,7 @@ def apply_limits(limits: dict) -> None:
             resource.setrlimit(res, (soft, new_hard))
 
 
-def load_app(entry: Path) -> dict:
+def load_app(entry: Path) -> dict[str, Callable[..., Any]]:
     """Import the app module; its ``@on`` decorators fill the registry."""
     entry = entry.resolve()
     sys.path.insert(0, str(entry.parent))  # the app may import its sibling modules
@@ -123,19 +128,10 @@ def load_app(entry: Path) -> dict:
     return api.handlers()
 
 
-class _Running:
-    """One job running on a task: its cancel scope and its stream's send window."""
-    __slots__ = ("scope", "window")
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()  # may be cancelled before the task enters it
-        self.window = SendWindow(STREAM_WINDOW)  # chunks it may send beyond the CREDIT
-
-
 SYNC, ASYNC, ASYNC_GEN = "sync", "async", "async-gen"
 
 
-def handler_kind(fn) -> str:
+def handler_kind(fn: Callable[..., Any]) -> str:
     if inspect.isasyncgenfunction(fn):
         return ASYNC_GEN
     if inspect.iscoroutinefunction(fn):
@@ -143,7 +139,7 @@ def handler_kind(fn) -> str:
     return SYNC
 
 
-def chunks_refused(fn, kind: str) -> str | None:
+def chunks_refused(fn: Callable[..., Any], kind: str) -> str | None:
     """Why ``fn`` cannot take a chunked request (None if it can): it must be async
     (reading chunks waits for them) and take them as a second argument."""
     if kind is SYNC:
@@ -160,179 +156,174 @@ def chunks_refused(fn, kind: str) -> str | None:
     return None
 
 
+# A sync handler's result of exactly one of these types is a plain value, not a generator
+# or an awaitable to run on a task: inspect's three checks cost ~0.35 µs of each job.
+_PLAIN_VALUES = frozenset((type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict))
+
+
+class _Task:
+    """One job running on a task: its cancel scope, and the event its stream's producer
+    waits on while the window is used up."""
+    __slots__ = ("scope", "room")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()  # may be cancelled before the task enters it
+        self.room: trio.Event | None = None
+
+
 class Runtime:
-    """Serves INVOKEs.  At most ``concurrency`` jobs run at once; INVOKEs beyond that
-    (the node's ``prefetch``) wait here in arrival order and start as slots free.
+    """The trio shell around :class:`WorkerSession`, which decides everything about
+    jobs (validation, slots, prefetch, cancellation, credit, TERMINATE); this runs the
+    handlers and moves envelopes.
 
     A plain sync handler runs inline, in the frame loop, and its reply is sent before
     the next envelope is looked at: no task per job (on the trio thread either way, see
     the module docstring).  Async handlers, generators and a sync handler's awaitable
     result get a task each, so they can overlap and be cancelled."""
 
-    def __init__(self, chan: EnvelopeChannel, handlers: dict, nursery: trio.Nursery,
-                 concurrency: int = 1):
+    def __init__(self, chan: EnvelopeChannel, handlers: dict[str, Callable[..., Any]],
+                 nursery: trio.Nursery, concurrency: int = 1):
         self.chan = chan
         self.handlers = {name: (fn, handler_kind(fn)) for name, fn in handlers.items()}
         self.nursery = nursery
-        self.concurrency = max(1, concurrency)
-        self.jobs: dict[int, _Running] = {}          # running on a task
-        self.waiting: dict[int, tuple[str, Any]] = {}  # sid -> (event, payload), FIFO
-        self.inputs: dict[int, InputStream] = {}     # sid -> a chunked request's chunks
-        self.stopping = False
-
-    @property
-    def running(self) -> int:
-        return len(self.jobs)
+        self.session = WorkerSession(concurrency=concurrency, events=handlers)
+        self.tasks: dict[int, _Task] = {}             # jobs running on a task
+        self.inputs: dict[int, InputStream] = {}      # sid -> a chunked request's chunks
 
     async def heartbeat(self, interval: float) -> None:
         while True:
-            self.chan.send_nowait(Kind.HEARTBEAT, 0, {"jobs": self.running})
+            self.chan.send_nowait(*self.session.heartbeat())
             await trio.sleep(interval)
 
     async def serve(self) -> None:
+        receive, act = self.chan.receive, self._act
+        session = self.session
         try:
-            await self._serve()
-        finally:
-            self.stopping = True
-
-    async def _serve(self) -> None:
-        send = self.chan.send_nowait
-        while True:
-            try:
-                envelopes = await self.chan.receive()
-            except Closed:
-                return
-            for kind, sid, body in envelopes:
-                if kind == Kind.INVOKE:
-                    if type(body) is list and 2 <= len(body) <= 3 and type(body[0]) is str \
-                            and sid not in self.jobs and sid not in self.waiting:
-                        if len(body) == 3 and body[2] is True:  # its CHUNKs follow
-                            self.inputs[sid] = InputStream(self._granter(sid))
-                        if self.waiting or len(self.jobs) >= self.concurrency:
-                            self.waiting[sid] = (body[0], body[1])  # prefetched: wait for a slot
-                        else:
-                            self.start(sid, body[0], body[1])
-                    else:
-                        send(Kind.ERROR, sid, error_to_body(BadMessage(
-                            f"INVOKE body must be [event, payload(, chunked)], got {body!r:.80}")))
-                elif kind == Kind.CHUNK or kind == Kind.CHOKE:  # a chunked request's
-                    chunks = self.inputs.get(sid)
-                    if chunks is not None:
-                        if kind == Kind.CHUNK:
-                            chunks.feed(body)
-                        else:
-                            chunks.end()
-                elif kind == Kind.CANCEL:
-                    job = self.jobs.get(sid)
-                    if job is not None:
-                        job.scope.cancel()
-                    elif self.waiting.pop(sid, None) is not None:  # prefetched, never started
-                        self.inputs.pop(sid, None)
-                        send(Kind.ERROR, sid, error_to_body(
-                            JobCancelled("cancelled by the node before it started")))
-                    # else it has finished: its reply is on its way
-                elif kind == Kind.CREDIT:
-                    job = self.jobs.get(sid)
-                    if job is not None:
-                        job.window.credit(body)  # ignores anything but a positive int
-                elif kind == Kind.TERMINATE:
-                    self.stopping = True
-                    for sid in list(self.waiting):  # prefetched jobs: answered, not dropped
-                        del self.waiting[sid]
-                        send(Kind.ERROR, sid, error_to_body(
-                            ShuttingDown("the slave is exiting; the job never started")))
-                    send(Kind.TERMINATE, 0, None)
-                    await self.chan.flush()
+            while True:
+                try:
+                    envelopes = await receive()
+                except Closed:
                     return
+                for env in envelopes:
+                    if act(session.receive(env)):  # TERMINATE: answered; say so and go
+                        await self.chan.flush()
+                        return
+        finally:
+            session.connection_lost()
 
-    def _granter(self, sid: int):
+    def _act(self, actions: list[Action]) -> bool:
+        """Carry out the session's actions; True if it says to exit.  A job started
+        inline appends what its end brings (its reply, the next prefetched job) to
+        ``actions``, which this loop then reaches: no recursion however deep the queue."""
         send = self.chan.send_nowait
-        return lambda n: send(Kind.CREDIT, sid, n)
+        exit_now = False
+        for a in actions:  # a list iterator sees items appended while it runs
+            # ``type(a) is`` rather than ``match``: the first two are each job's, and an
+            # isinstance per case costs more than the rest of the dispatch.
+            if type(a) is Envelope:
+                send(*a)
+            elif type(a) is Start:
+                actions += self._start(a)
+            elif type(a) is CancelHandler:
+                task = self.tasks.get(a.sid)
+                if task is not None:
+                    task.scope.cancel()
+            elif type(a) is Resume:
+                task = self.tasks.get(a.sid)
+                if task is not None and task.room is not None:
+                    task.room.set()
+            elif type(a) is OpenInput:
+                self.inputs[a.sid] = InputStream(self._granter(a.sid))
+            elif type(a) is Feed:
+                self.inputs[a.sid].feed(a.item)
+            elif type(a) is EndInput:
+                self.inputs[a.sid].end()
+            elif type(a) is CloseInput:
+                del self.inputs[a.sid]
+            elif type(a) is Exit:
+                exit_now = True
+        return exit_now
 
-    def start(self, sid: int, event: str, payload: Any) -> None:
-        """Run one job: inline to its end (a plain sync handler), or on a task."""
-        send = self.chan.send_nowait
+    def _granter(self, sid: int) -> Callable[[int], None]:
+        """What a chunked request's input calls as its handler takes chunks."""
+        def grant(chunks: int) -> None:
+            self._act(self.session.grant_input(sid, chunks))
+        return grant
+
+    def _start(self, start: Start) -> list[Action]:
+        """Run one job: inline to its end (a plain sync handler), or on a task.
+        Returns what its end brings if it ended here."""
+        sid = start.sid
+        fn, kind = self.handlers[start.event]  # the session started only known events
         chunks = self.inputs.get(sid)
-        entry = self.handlers.get(event)
-        if entry is None:
-            self.inputs.pop(sid, None)
-            send(Kind.ERROR, sid, error_to_body(UnknownEvent(
-                f"no handler for event {event!r}; the app handles {sorted(self.handlers)}")))
-            return
-        fn, kind = entry
         try:
             if chunks is None:
-                out = fn(payload)  # sync: on the trio thread on purpose (module docstring)
+                out = fn(start.payload)  # sync: on the trio thread on purpose (module docstring)
             else:
                 refused = chunks_refused(fn, kind)
                 if refused:
                     raise BadMessage(refused)
-                out = fn(payload, chunks)
+                out = fn(start.payload, chunks)
         except Exception as exc:  # the caller gets type + message; the slave lives on
-            self.inputs.pop(sid, None)
-            send(Kind.ERROR, sid, error_to_body(exc))
-            return
-        if kind is SYNC and not (inspect.isgenerator(out) or inspect.isasyncgen(out)
-                                 or inspect.isawaitable(out)):
-            send(Kind.RESULT, sid, out)
-            return
-        job = self.jobs[sid] = _Running()
-        self.nursery.start_soon(self.run_job, sid, job, out)
+            return self.session.failed(sid, exc)
+        if kind is SYNC and (type(out) in _PLAIN_VALUES or not (
+                inspect.isgenerator(out) or inspect.isasyncgen(out) or inspect.isawaitable(out))):
+            return self.session.result(sid, out)
+        task = self.tasks[sid] = _Task()
+        self.nursery.start_soon(self.run_job, sid, task, out)
+        return []
 
-    def _start_waiting(self) -> None:
-        waiting = self.waiting
-        while waiting and len(self.jobs) < self.concurrency and not self.stopping:
-            sid = next(iter(waiting))
-            event, payload = waiting.pop(sid)
-            self.start(sid, event, payload)
-
-    async def run_job(self, sid: int, job: _Running, out: Any) -> None:
-        """Finish one job on its task; exactly one of RESULT / CHOKE / ERROR ends its sid.
-        ``out`` is what the handler returned: a coroutine or other awaitable, an async
-        generator, or a sync generator."""
-        send = self.chan.send_nowait
+    async def run_job(self, sid: int, task: _Task, out: Any) -> None:
+        """Finish one job on its task and tell the session how it ended.  ``out`` is
+        what the handler returned: a coroutine or other awaitable, an async generator,
+        or a sync generator."""
+        session = self.session
+        ended: list[Action] = []
         try:
-            with job.scope:
+            with task.scope:
                 try:
                     if inspect.isasyncgen(out):
-                        await self._stream_async(sid, job, out)
+                        await self._stream_async(sid, task, out)
+                        ended = session.stream_ended(sid)
                     elif inspect.isgenerator(out):
-                        await self._stream_sync(sid, job, out)
+                        await self._stream_sync(sid, task, out)
+                        ended = session.stream_ended(sid)
                     else:
-                        send(Kind.RESULT, sid, await out)
+                        ended = session.result(sid, await out)
                 except Exception as exc:  # the caller gets type + message; the slave lives on
-                    send(Kind.ERROR, sid, error_to_body(exc))
-            if job.scope.cancelled_caught:  # the handler stopped at a checkpoint: acknowledge
-                send(Kind.ERROR, sid, error_to_body(JobCancelled("cancelled by the node")))
+                    ended = session.failed(sid, exc)
+            if task.scope.cancelled_caught:  # the handler stopped at a checkpoint: acknowledge
+                ended = session.cancelled(sid)
         finally:
-            del self.jobs[sid]
-            if self.inputs:
-                self.inputs.pop(sid, None)
-            if self.waiting:
-                self._start_waiting()
+            del self.tasks[sid]
+        self._act(ended)
 
-    async def _stream_sync(self, sid: int, job: _Running, gen) -> None:
+    async def _stream_sync(self, sid: int, task: _Task, gen: Generator[Any, Any, Any]) -> None:
         try:
             for item in gen:
-                await self._chunk(sid, job, item)  # a checkpoint per item
+                await self._chunk(sid, task, item)  # a checkpoint per item
         finally:
             gen.close()  # cancelled: run the generator's own cleanup
-        self.chan.send_nowait(Kind.CHOKE, sid, None)
 
-    async def _stream_async(self, sid: int, job: _Running, agen) -> None:
+    async def _stream_async(self, sid: int, task: _Task, agen: AsyncGenerator[Any, Any]) -> None:
         try:
             async for item in agen:
-                await self._chunk(sid, job, item)
+                await self._chunk(sid, task, item)
         finally:
             await agen.aclose()
-        self.chan.send_nowait(Kind.CHOKE, sid, None)
 
-    async def _chunk(self, sid: int, job: _Running, item: Any) -> None:
+    async def _chunk(self, sid: int, task: _Task, item: Any) -> None:
         """Send one chunk once the window allows (the node grants CREDIT as its
         consumer takes chunks), so a slow consumer bounds what is in flight."""
-        await job.window.wait()
-        job.window.left -= 1
-        await self.chan.send(Kind.CHUNK, sid, item)
+        session = self.session
+        while session.send_window(sid) <= 0:
+            task.room = trio.Event()
+            await task.room.wait()
+        env = session.chunk(sid, item)
+        if env is not None:
+            await self.chan.send(env.kind, env.sid, env.body)
+        else:  # the link is gone; still a checkpoint, where the cancellation lands
+            await trio.lowlevel.checkpoint()
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -349,12 +340,8 @@ async def serve(args: argparse.Namespace) -> int:
                 await chan.flush()
                 nursery.cancel_scope.cancel()  # stops the writer task
                 return EXIT_STARTUP_FAILED
-            chan.send_nowait(Kind.HANDSHAKE, 0, {
-                "version": PROTOCOL_VERSION, "pid": os.getpid(), "app": args.app,
-                "concurrency": args.concurrency, "events": sorted(handlers),
-                "window": STREAM_WINDOW,
-            })
             runtime = Runtime(chan, handlers, nursery, args.concurrency)
+            chan.send_nowait(*runtime.session.hello(pid=os.getpid(), app=args.app))
             calls.bind_runtime(nursery)  # acall/astream: their client runs in this nursery
             nursery.start_soon(runtime.heartbeat, args.heartbeat)
             await runtime.serve()

@@ -37,12 +37,9 @@ import traceback
 import msgpack
 
 from engine.worker import runtime as worker  # the point: trio, msgpack and the engine, imported once
-from engine.pool.zygote_client import MAX_MESSAGE
+from engine.worker.zygote_wire import MAX_MESSAGE
 
-try:
-    import setproctitle
-except ImportError:  # a dependency; without it slaves just keep the zygote's title
-    setproctitle = None
+import setproctitle  # a dependency (pyproject): forked slaves name themselves in ps/top
 
 
 def serve(control: socket.socket, death_fd: int | None) -> None:
@@ -140,8 +137,7 @@ def _become_slave(control: socket.socket, request: dict, link_fd: int, out_fd: i
 def _retitle(title: str) -> None:
     """Show as a slave in ps/top (and to tools that look for ``engine.worker``),
     not as the zygote whose command line the fork inherited."""
-    if setproctitle is not None:
-        setproctitle.setproctitle(title)
+    setproctitle.setproctitle(title)
 
 
 def _reap(control: socket.socket, children: set[int]) -> None:

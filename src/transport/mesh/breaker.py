@@ -62,4 +62,4 @@ class CircuitBreaker:
 def backoff(attempt: int, *, base: float = 0.02, cap: float = 1.0) -> float:
     """Delay before retry number ``attempt`` (1-based): exponential, capped.
     (No jitter: the round-robin already spreads retries over responders.)"""
-    return min(cap, base * (2 ** (attempt - 1)))
+    return min(cap, base * 2.0 ** (attempt - 1))

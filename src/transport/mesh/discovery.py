@@ -18,6 +18,7 @@ import errno
 import os
 import socket
 from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 import trio
 
@@ -65,11 +66,11 @@ class DiscoveryConfig:
                            tuple(_parse_peer(p, self.port) for p in peers))
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "DiscoveryConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> DiscoveryConfig:
         """Read MESH_PORT, MESH_GROUP ("" disables multicast), MESH_BROADCAST,
         MESH_INTERFACE and MESH_PEERS (comma-separated): the container recipe."""
         env = os.environ if env is None else env
-        kw: dict = {}
+        kw: dict[str, Any] = {}
         if env.get("MESH_PORT"):
             kw["port"] = int(env["MESH_PORT"])
         if "MESH_GROUP" in env:
@@ -126,7 +127,8 @@ class Discovery:
         self._changed = trio.Event()
 
     # -- sockets --------------------------------------------------------------------
-    def _open_sockets(self) -> None:
+    def _open_sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The listening and the sending socket, bound (also kept for announce)."""
         cfg = self.config
         listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -159,19 +161,23 @@ class Discovery:
             send.close()
             raise
         self._listen, self._send = listen, send
-        dests = []
-        if self.multicast_ok:
+        dests: list[tuple[str, int]] = []
+        if self.multicast_ok and cfg.multicast_group:
             dests.append((cfg.multicast_group, cfg.port))
         bcast = cfg.broadcast or (None if self.multicast_ok else "255.255.255.255")
         if bcast:
             dests.append((bcast, cfg.port))
         dests.extend(cfg.static_targets)
         self._destinations = dests
+        return listen, send
 
     # -- sending ----------------------------------------------------------------------
     def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        send = self._send
+        if send is None:  # not running (a datagram fed by a test): nothing to send through
+            return
         try:
-            self._send.sendto(data, addr)
+            send.sendto(data, addr)
             self.stats["sent"] += 1
         except OSError as exc:
             # A full buffer or an unreachable seed costs one beacon, never the component.
@@ -258,12 +264,13 @@ class Discovery:
             if gone:
                 self._bump()
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._open_sockets()
+    async def run(self, *, task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        listen, send = self._open_sockets()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive_loop, self._listen)
-                nursery.start_soon(self._receive_loop, self._send)
+                nursery.start_soon(self._receive_loop, listen)
+                nursery.start_soon(self._receive_loop, send)
                 nursery.start_soon(self._expiry_loop)
                 nursery.start_soon(self._announce_loop)
                 self.started.set()

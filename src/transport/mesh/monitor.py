@@ -1,6 +1,8 @@
 """Monitor: the ``top`` of the mesh.  Sees every component, whatever its namespace/key."""
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from transport.mesh.discovery import Discovery
@@ -10,7 +12,7 @@ from transport.mesh.component import Component
 class Monitor(Component):
     role = "monitor"
 
-    def __init__(self, name: str = "monitor", **kw):
+    def __init__(self, name: str = "monitor", **kw: Any) -> None:
         super().__init__(name, **kw)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
@@ -20,7 +22,10 @@ class Monitor(Component):
                                    monitor=True)
         await nursery.start(self.discovery.run)
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per component seen (none before the monitor runs)."""
+        if self.discovery is None:
+            return []
         now = trio.current_time()
         table = self.discovery.table
         out = []

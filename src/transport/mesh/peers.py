@@ -51,8 +51,9 @@ class Beacon:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        for name in ("id", "name", "namespace", "key", "endpoint", "host"):
-            if not isinstance(getattr(self, name), str):
+        for name, value in (("id", self.id), ("name", self.name), ("namespace", self.namespace),
+                            ("key", self.key), ("endpoint", self.endpoint), ("host", self.host)):
+            if not isinstance(value, str):
                 raise ValueError(f"beacon {name} must be a string")
         if not self.id:
             raise ValueError("beacon id must not be empty")
@@ -239,7 +240,7 @@ def _tag(secret: bytes, body: bytes) -> bytes:
 
 def encode_datagram(op: str, beacon: Beacon, *, ask: bool = False,
                     secret: bytes | None = None) -> bytes:
-    body = msgpack.packb({"op": op, "ask": ask, "b": beacon.to_wire()}, use_bin_type=True)
+    body: bytes = msgpack.packb({"op": op, "ask": ask, "b": beacon.to_wire()}, use_bin_type=True)
     flags = FLAG_SIGNED if secret else 0
     head = MAGIC + bytes((VERSION, flags))
     data = head + body

@@ -23,7 +23,8 @@ import trio
 
 from transport.codec import Kind, encode_envelope
 from transport.errors import CodecError, QueueFull
-from transport.mesh.component import Component, _names
+from transport.mesh.component import Component, FrameSigner, _names
+from transport.mesh.discovery import Discovery
 from transport._outbox import Outbox
 from transport.mesh.peers import matches
 from transport.sockets import TrioSocket, bound_address
@@ -35,7 +36,7 @@ class Publisher(Component):
     role = "publisher"
 
     def __init__(self, name: str, *, broadcasts: list[str] | tuple[str, ...] = (),
-                 high_water: int = 100_000, nng_buffer: int = 128, **kw):
+                 high_water: int = 100_000, nng_buffer: int = 128, **kw: Any) -> None:
         super().__init__(name, **kw)
         self.nng_buffer = nng_buffer  # frames queued per subscriber before Pub0 drops
         self.broadcasts = _names(broadcasts, "broadcasts")
@@ -84,9 +85,8 @@ class Publisher(Component):
                 self._drained = trio.Event()
             await self._drained.wait()
 
-    async def _writer(self) -> None:
+    async def _writer(self, sock: TrioSocket) -> None:
         guard = self.guard(b"pubsub")
-        sock = self._sock
         while True:
             await self._outbox.wait()
             for frame, _ in self._outbox.frames():
@@ -103,10 +103,10 @@ class Publisher(Component):
         except pynng.NNGException:
             raw.close()
             raise
-        self._sock = TrioSocket(raw, buffer=self.nng_buffer)
+        self._sock = sock = TrioSocket(raw, buffer=self.nng_buffer)
         self.address = bound_address(raw)
-        nursery.start_soon(self._close_on_cancel, self._sock)
-        nursery.start_soon(self._writer)
+        nursery.start_soon(self._close_on_cancel, sock)
+        nursery.start_soon(self._writer, sock)
         await self._start_discovery(nursery, self.address)
 
     @staticmethod
@@ -138,7 +138,7 @@ class Subscriber(Component):
     role = "subscriber"
 
     def __init__(self, name: str, *, subscribes_to: list[str] | tuple[str, ...] = (),
-                 buffer: int = 10_000, nng_buffer: int = 1024, **kw):
+                 buffer: int = 10_000, nng_buffer: int = 1024, **kw: Any) -> None:
         super().__init__(name, **kw)
         self.subscribes_to = _names(subscribes_to, "subscribes_to") or ("**",)
         self._handlers: list[tuple[str, EventHandler]] = []
@@ -220,16 +220,16 @@ class Subscriber(Component):
         return hit
 
     async def _serve(self, nursery: trio.Nursery) -> None:
-        await self._start_discovery(nursery)
-        nursery.start_soon(self._follow, nursery)
+        discovery = await self._start_discovery(nursery)
+        nursery.start_soon(self._follow, nursery, discovery)
         if self._handlers:
             nursery.start_soon(self._dispatch)
 
-    async def _follow(self, nursery: trio.Nursery) -> None:
+    async def _follow(self, nursery: trio.Nursery, discovery: Discovery) -> None:
         seen = -1
         while True:
-            seen = await self.discovery.wait_change(seen)
-            wanted = {b.id: b for b in self.discovery.table.interesting(
+            seen = await discovery.wait_change(seen)
+            wanted = {b.id: b for b in discovery.table.interesting(
                 "publisher", self.subscribes_to) if b.endpoint}
             for pid in list(self._links):
                 if pid not in wanted or wanted[pid].endpoint != self._links[pid][0]:
@@ -242,7 +242,7 @@ class Subscriber(Component):
                     await nursery.start(self._listen, pid, b.name, b.endpoint, scope)
 
     async def _listen(self, pid: str, publisher: str, endpoint: str, scope: trio.CancelScope,
-                      *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                      *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raw = pynng.Sub0()
         raw.subscribe(b"")
         sock = TrioSocket(raw, buffer=self._nng_buffer)
@@ -261,7 +261,7 @@ class Subscriber(Component):
         finally:
             sock.close()
 
-    def _take(self, pid: str, publisher: str, frame: bytes, guard) -> None:
+    def _take(self, pid: str, publisher: str, frame: bytes, guard: FrameSigner | None) -> None:
         # The frame is unpacked and checked here in one pass rather than through
         # codec.decode: at ~100,000 events/s building an Envelope per event is a
         # fifth of the subscriber's time.
@@ -307,7 +307,8 @@ class Subscriber(Component):
         if filtered:
             stats["filtered"] += filtered
         stats["received"] += len(self._buffer) - before
-        self._last_seq[pid] = last
+        if last is not None:  # else no valid event yet: nothing to count gaps from
+            self._last_seq[pid] = last
         if len(self._buffer) > before:
             self._readable.set()
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable
+from typing import AbstractSet, Any, AsyncIterator, Iterable, Iterator
 
 import trio
 
 from transport.mesh.breaker import CircuitBreaker, backoff
 from transport.errors import BadMessage, Closed, QueueFull, RemoteError, TimeoutError_
 from transport.mesh.component import Component, _names
+from transport.mesh.discovery import Discovery
 from transport.mesh.peers import Beacon
 from transport.rpc import RpcClient
 from transport.rpc.client import PendingCall
@@ -51,7 +52,7 @@ class Requester(Component):
     def __init__(self, name: str, *, requests: list[str] | tuple[str, ...] = (),
                  timeout: float = 10.0, max_pending: int = 10_000, retries: int = 3,
                  breaker_threshold: int = 3, breaker_cooldown: float = 1.0,
-                 spin: bool = True, **kw):
+                 spin: bool = True, **kw: Any) -> None:
         super().__init__(name, **kw)
         if timeout <= 0 or max_pending < 1 or retries < 0 or breaker_threshold < 1:
             raise ValueError("need timeout > 0, max_pending >= 1, retries >= 0, breaker_threshold >= 1")
@@ -60,7 +61,8 @@ class Requester(Component):
         self.max_pending = max_pending
         self.retries = retries
         self.spin = spin
-        self._breaker_args = dict(threshold=breaker_threshold, cooldown=breaker_cooldown)
+        self._breaker_threshold = breaker_threshold
+        self._breaker_cooldown = breaker_cooldown
         self.links: dict[str, _Link] = {}
         self._links_changed = trio.Event()
         self._outstanding = 0
@@ -77,17 +79,17 @@ class Requester(Component):
 
     # -- following discovery ------------------------------------------------------
     async def _serve(self, nursery: trio.Nursery) -> None:
-        await self._start_discovery(nursery)
-        nursery.start_soon(self._follow, nursery)
+        discovery = await self._start_discovery(nursery)
+        nursery.start_soon(self._follow, nursery, discovery)
 
-    async def _follow(self, nursery: trio.Nursery) -> None:
+    async def _follow(self, nursery: trio.Nursery, discovery: Discovery) -> None:
         seen = -1
         while True:
-            seen = await self.discovery.wait_change(seen)
-            await self._reconcile(nursery)
+            seen = await discovery.wait_change(seen)
+            await self._reconcile(nursery, discovery)
 
-    async def _reconcile(self, nursery: trio.Nursery) -> None:
-        wanted = {b.id: b for b in self.discovery.peers() if b.role == "responder" and b.endpoint}
+    async def _reconcile(self, nursery: trio.Nursery, discovery: Discovery) -> None:
+        wanted = {b.id: b for b in discovery.peers() if b.role == "responder" and b.endpoint}
         for pid in list(self.links):
             b = wanted.get(pid)
             if b is None or b.endpoint != self.links[pid].beacon.endpoint:
@@ -98,7 +100,9 @@ class Requester(Component):
             if link is None:
                 client = RpcClient(b.endpoint, guard=self.guard(b"rpc"), spin=self.spin)
                 await nursery.start(client.run)
-                self.links[pid] = _Link(b, client, CircuitBreaker(**self._breaker_args))
+                breaker = CircuitBreaker(threshold=self._breaker_threshold,
+                                         cooldown=self._breaker_cooldown)
+                self.links[pid] = _Link(b, client, breaker)
             else:
                 link.beacon = b
         self._candidates.clear()
@@ -106,14 +110,16 @@ class Requester(Component):
         self._links_changed = trio.Event()
 
     # -- choosing -----------------------------------------------------------------
-    def _pick(self, event: str, tried: set[str], now: float) -> _Link | None:
+    def _pick(self, event: str, tried: AbstractSet[str], now: float) -> _Link | None:
         """Round-robin over the links serving ``event``: connected ones whose breaker
         allows first; a fresh one still gets the request (nng queues it until the dial
         completes) when it is all there is."""
         candidates = self._candidates.get(event)
         if candidates is None:
+            discovery = self.discovery
+            assert discovery is not None, "requests are admitted only while it runs"
             candidates = [self.links[b.id] for b in
-                          self.discovery.table.serving("responder", event) if b.id in self.links]
+                          discovery.table.serving("responder", event) if b.id in self.links]
             if len(self._candidates) < 10_000:
                 self._candidates[event] = candidates
         n = len(candidates)
@@ -140,7 +146,9 @@ class Requester(Component):
 
     # -- sending ------------------------------------------------------------------
     def _check_running(self) -> None:
-        if self.discovery is None or not self._ready.is_set() or self._scope.cancel_called:
+        scope = self._scope
+        if self.discovery is None or scope is None or scope.cancel_called \
+                or not self._ready.is_set():
             raise Closed(f"requester {self.name!r} is not running")
 
     def _admit(self, request: Any) -> None:
@@ -253,6 +261,7 @@ class Requester(Component):
                 if type(call) is PendingCall and call.done and call.error is None \
                         and not call.expired and not call.streamed:
                     # Answered already, with a plain value: the common case, kept short.
+                    assert link is not None, "a started call has its link"
                     self._outstanding -= 1
                     self.stats["answered"] += 1
                     link.breaker.on_success()
@@ -271,7 +280,8 @@ class Requester(Component):
                     call.cancel()
                     self._outstanding -= 1
 
-    def _refill(self, source, in_flight: deque, window: int, limit: float) -> None:
+    def _refill(self, source: Iterator[Any], in_flight: deque[tuple[Any, _Link | None, Any]],
+                window: int, limit: float) -> None:
         """Start requests from ``source`` until ``window`` are in flight.  One link per
         request type per burst (round-robin moves on burst by burst), and the links
         hold their sends until the burst is complete, so it leaves as one frame each."""
@@ -279,11 +289,11 @@ class Requester(Component):
         chosen: dict[str, _Link | None] = {}
         now = trio.current_time()
         started = 0
-        for link in self.links.values():
-            link.client.hold(True)
+        for each in self.links.values():
+            each.client.hold(True)
         try:
             while len(in_flight) < window:
-                request = next(source, _END)
+                request: Any = next(source, _END)
                 if request is _END:
                     break
                 try:
@@ -292,8 +302,9 @@ class Requester(Component):
                     in_flight.append((request, None, exc))  # its answer, in its place
                     continue
                 event = request["type"]
-                link = chosen.get(event, _END)
-                if link is _END:
+                if event in chosen:
+                    link = chosen[event]
+                else:
                     link = chosen[event] = self._pick(event, _NONE_TRIED, now)
                 if link is None:  # nobody serves it yet: send() waits for one in its turn
                     in_flight.append((request, None, None))
@@ -312,8 +323,8 @@ class Requester(Component):
                 in_flight.append((request, link, call))
             self.stats["sent"] += started
         finally:
-            for link in self.links.values():
-                link.client.hold(False)
+            for each in self.links.values():
+                each.client.hold(False)
 
     async def _landed(self, request: dict, link: _Link | None, call: Any, limit: float) -> Any:
         """The answer of one request started by :meth:`_refill`."""
@@ -321,6 +332,7 @@ class Requester(Component):
             return await self.send(request, timeout=limit)
         if not isinstance(call, PendingCall):
             raise call
+        assert link is not None, "a started call has its link"
         try:
             while not call.done:
                 await call.wait()
@@ -350,4 +362,4 @@ class Requester(Component):
 
 
 _END = object()
-_NONE_TRIED: frozenset = frozenset()
+_NONE_TRIED: frozenset[str] = frozenset()

@@ -23,14 +23,15 @@ from transport.mesh.component import Component, _names
 from transport.mesh.peers import matches
 from transport.rpc import Request, RpcServer
 
-Handler = Callable[[Any], Any]  # plain or async def
+# ``handler(req)``, plain or async def; ``async def handler(req, chunks)`` for chunked requests.
+Handler = Callable[..., Any]
 
 
 class Responder(Component):
     role = "responder"
 
     def __init__(self, name: str, *, responds_to: list[str] | tuple[str, ...] = (),
-                 max_inflight: int = 10_000, spin: bool = True, **kw):
+                 max_inflight: int = 10_000, spin: bool = True, **kw: Any) -> None:
         super().__init__(name, **kw)
         self.responds_to = _names(responds_to, "responds_to")
         self.max_inflight = max_inflight

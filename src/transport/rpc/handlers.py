@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Protocol
 
 if TYPE_CHECKING:
     from transport.inbound import InputStream
-    from transport.rpc.server import RpcServer, _Connection
 
 
 class FrameGuard(Protocol):
@@ -48,6 +47,12 @@ class Stream:
         self.items = items
 
 
+# How a server hears that a Deferred it was handed got its answer: called once, as
+# ``on_settled(conn, sid, how, value)`` with the ``conn`` and ``sid`` the server bound
+# it with (``conn`` is the server's own business) and ``how`` one of the outcomes below.
+OnSettled = Callable[[Any, int, int, Any], None]
+
+
 class Deferred:
     """A handler's answer that arrives later, from elsewhere, with no task waiting.
 
@@ -55,9 +60,12 @@ class Deferred:
     :meth:`resolve`, :meth:`fail` or :meth:`stream` (later settlements are ignored), from
     synchronous code such as a completion callback, and the server answers from there.
     ``on_cancel`` is called if the caller gives up first (CANCEL, or it disconnected);
-    the answer is then not sent.  Settling before the handler has returned is fine."""
+    the answer is then not sent.  Settling before the handler has returned is fine.
 
-    __slots__ = ("on_cancel", "poll", "_outcome", "_server", "_conn", "_sid")
+    The server binds it to its own :data:`OnSettled` callback (``bind``): a Deferred
+    knows whom to tell, not who that is."""
+
+    __slots__ = ("on_cancel", "poll", "_outcome", "_on_settled", "_conn", "_sid")
 
     def __init__(self, on_cancel: Callable[[], Any] | None = None,
                  poll: Callable[[], bool] | None = None):
@@ -66,21 +74,21 @@ class Deferred:
         # polls with it when this is all it waits for (transport/spin.py).
         self.poll = poll
         self._outcome: tuple[int, Any] | None = None
-        self._server: RpcServer | None = None
-        self._conn: _Connection | None = None
+        self._on_settled: OnSettled | None = None
+        self._conn: Any = None
         self._sid = 0
 
     def resolve(self, value: Any) -> None:
         """Answer with ``RESULT value``."""
-        self._settle(_RESOLVED, value)
+        self._settle(RESOLVED, value)
 
     def fail(self, error: BaseException) -> None:
         """Answer with ``ERROR`` (as if the handler had raised ``error``)."""
-        self._settle(_FAILED, error)
+        self._settle(FAILED, error)
 
     def stream(self, items: AsyncIterable[Any]) -> None:
         """Answer with ``items`` as CHUNKs then CHOKE (streamed on a worker task)."""
-        self._settle(_STREAMED, items)
+        self._settle(STREAMED, items)
 
     @property
     def settled(self) -> bool:
@@ -89,15 +97,18 @@ class Deferred:
     def _settle(self, how: int, value: Any) -> None:
         if self._outcome is None:
             self._outcome = (how, value)
-            if self._server is not None:
-                self._server._settled(self._conn, self._sid, how, value)
+            if self._on_settled is not None:
+                self._on_settled(self._conn, self._sid, how, value)
 
-    def _bind(self, server: "RpcServer", conn: "_Connection", sid: int) -> None:
-        self._server, self._conn, self._sid = server, conn, sid
+    def bind(self, on_settled: OnSettled, conn: Any, sid: int) -> None:
+        """For the server it was handed to: call ``on_settled(conn, sid, how, value)``
+        once it is settled (at once if it already is)."""
+        self._on_settled, self._conn, self._sid = on_settled, conn, sid
         if self._outcome is not None:
-            server._settled(conn, sid, *self._outcome)
+            on_settled(conn, sid, *self._outcome)
 
 
-_RESOLVED, _FAILED, _STREAMED = 1, 2, 3
+# A Deferred's outcomes, as its OnSettled callback is told them (``how``).
+RESOLVED, FAILED, STREAMED = 1, 2, 3
 
 Handler = Callable[[Request], Any]  # a value, a coroutine, a Stream or a Deferred

@@ -28,6 +28,7 @@ anything else becomes a ``HandlerError`` with the exception's type and message).
 from __future__ import annotations
 
 import itertools
+import logging
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -39,8 +40,8 @@ from transport.errors import (BadMessage, Closed, CodecError, QueueFull, Transpo
 from transport.inbound import InputStream
 from transport._links import is_stream, listen_stream, nng_url
 from transport._outbox import Outbox
-from transport.rpc.handlers import (_FAILED, _RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
-                           sealing)
+from transport.rpc.handlers import (FAILED, RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
+                                    sealing)
 from transport._spin import SpinPolicy, poll_next, spin_until
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple}
 MAX_IDLE_WORKERS = 512
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
+log = logging.getLogger(__name__)
 
 
 class _Connection:
@@ -128,12 +130,15 @@ class RpcServer:
         self._room = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._idle: list[_Worker] = []  # parked workers, the most recently used last
+        # What each Deferred is bound to: made once, not a bound method per request.
+        self._on_settled = self._settled
         self.served = 0
         self.failed = 0
         self.bad_frames = 0
         self.refused = 0
         self.polled = 0  # frames of requests that arrived while polling for them
         self.answers_polled = 0  # Deferreds settled while polling for them
+        self.poll_errors = 0  # Deferred polls that raised (the first is logged)
 
     @property
     def inflight(self) -> int:
@@ -190,7 +195,7 @@ class RpcServer:
         """When all this server waits for is one Deferred that can poll for its answer
         (a lone job in a slave: its answer is due any moment), poll for it for a
         moment instead of going back to sleep: the answer then leaves from here, one
-        wake-up of this process per request instead of two (transport/spin.py)."""
+        wake-up of this process per request instead of two (transport/_spin.py)."""
         # (_inflight == 1 with that one Deferred: no worker is running either)
         if len(conn.deferred) != 1 or conn.inputs or len(self._connections) != 1 \
                 or self._inflight != 1 or conn.answer_spin is None:
@@ -201,8 +206,14 @@ class RpcServer:
         try:
             self.answers_polled += spin_until(conn.answer_spin, deferred.poll,
                                               lambda: deferred.settled)
-        except Exception:  # its owner's bug must not take the connection down
-            pass  # (its answer, or the failure, still comes the usual way)
+        except Exception:
+            # Its owner's bug costs only the poll, not the connection: the answer (or
+            # the failure) still comes the usual way.  Counted, and the first logged
+            # with its traceback: once per server, as a poll may fail on every request.
+            self.poll_errors += 1
+            if self.poll_errors == 1:
+                log.exception("a Deferred's poll raised; the connection lives on (further "
+                              "failures are only counted, in RpcServer.poll_errors)")
 
     async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
         """With ``spin``: the next frame of a lone client whose requests are all
@@ -346,7 +357,7 @@ class RpcServer:
             self._to_worker(conn, sid, out)
         elif isinstance(out, Deferred):
             conn.deferred[sid] = out
-            out._bind(self, conn, sid)
+            out.bind(self._on_settled, conn, sid)
         elif hasattr(type(out), "__await__"):  # some other awaitable
             self._to_worker(conn, sid, out)
         else:
@@ -370,9 +381,9 @@ class RpcServer:
         """A :class:`Deferred` got its answer."""
         if conn.deferred.pop(sid, None) is None:
             return  # its caller gave up meanwhile; that was counted then
-        if how == _RESOLVED:
+        if how == RESOLVED:
             self._answered(conn, sid, Kind.RESULT, value)
-        elif how == _FAILED:
+        elif how == FAILED:
             self._answered(conn, sid, Kind.ERROR, error_to_body(value), failed=True)
         else:
             self._to_worker(conn, sid, Stream(value))
@@ -500,7 +511,4 @@ class RpcServer:
             self._room.set()
 
 
-from transport.rpc.client import ReplyStream, RpcClient  # noqa: E402  (the client half; re-exported)
-
-__all__ = ["Deferred", "FrameGuard", "Handler", "ReplyStream", "Request", "RpcClient", "RpcServer",
-           "Stream"]
+__all__ = ["Deferred", "FrameGuard", "Handler", "Request", "RpcServer", "Stream"]

@@ -1,0 +1,39 @@
+"""What a node needs of the cluster it was started in (:mod:`engine.cluster`).
+
+The code that starts a node decides whether it joins a cluster (``python -m engine
+run --cluster NAME``: :mod:`engine.cli.commands`), by giving the node a factory of a
+:class:`NodeCluster`; the node never imports the cluster.  From it, the node gets the
+verbs the cluster adds or wraps (``nodes``, ``cluster.*``, and ``deploy``/``undeploy``
+that reach every peer), routes app requests through :meth:`NodeCluster.serve`, and runs
+it beside the apps once its control endpoint listens.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from engine.node.verbs import Verbs
+
+
+class NodeCluster(Protocol):
+    """A node's part in a cluster (:class:`engine.cluster.verbs.ClusterMember`)."""
+
+    @property
+    def has_peers(self) -> bool:
+        """Whether app requests may go elsewhere (server drivers ask, per request)."""
+        ...
+
+    def verbs(self, plain: Verbs) -> Verbs:
+        """The verbs this adds to the node, or replaces (``plain``: the node's own,
+        for the ones it wraps)."""
+        ...
+
+    async def serve(self, app: str, event: str, payload: Any) -> Any:
+        """Run an app request here or on a peer; the answer as a handler returns it."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take part in the cluster until cancelled; ``started()`` once it does.  Raising
+        before that stops the node from starting (the node raises it)."""
+        ...
