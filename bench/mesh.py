@@ -84,7 +84,7 @@ async def head_to_head(settings: Settings) -> dict[str, list]:
     ``PIPELINE_WINDOW`` in flight against cote's requester with as many in flight
     for ``settings.duration``.  The sequential rounds also record the CPU both
     processes of each pair spent per round trip (ours poll instead of sleeping:
-    transport/spin.py)."""
+    transport/_spin.py)."""
     from . import cote
 
     request = {"type": "echo", "p": PAYLOAD}

@@ -1,12 +1,17 @@
-"""RpcServer/RpcClient over real nng sockets on loopback."""
+"""RpcServer/RpcClient over real nng sockets and framed streams on loopback."""
+import logging
+from functools import partial
+
 import pynng
 import pytest
 import trio
 
 from support import wait_until
-from transport.codec import Kind, encode
-from transport.errors import BadMessage, HandlerError, QueueFull, TimeoutError_, Unreachable
-from transport.rpc import RpcClient, RpcServer, Stream
+from transport.codec import Kind, decode, encode
+from transport.errors import (BadMessage, Closed, HandlerError, QueueFull, TimeoutError_,
+                              Unreachable)
+from transport.rpc import Deferred, RpcClient, RpcServer, Stream
+from transport.streams import FramedStream
 
 pytestmark = pytest.mark.e2e
 
@@ -267,3 +272,147 @@ async def test_a_large_lone_request_and_answer_arrive_whole(server, size):
         with trio.fail_after(10):
             assert await client.call("", "echo", b"x" * size) == b"x" * size
             assert await client.call("", "echo", "small") == "small"
+
+
+class Later:
+    """An awaitable that is neither a coroutine nor a Stream nor a Deferred."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __await__(self):
+        yield from trio.sleep(0).__await__()
+        return self.value
+
+
+async def test_any_awaitable_a_handler_returns_is_awaited(nursery):
+    srv = RpcServer("tcp://127.0.0.1:0", lambda req: Later(req.payload))
+    await nursery.start(srv.run)
+    with trio.fail_after(10):
+        async with RpcClient(srv.address) as client:
+            assert await client.call("", "later", {"x": 1}) == {"x": 1}
+
+
+async def test_a_stream_of_another_servers_reply_is_relayed_and_closed(nursery):
+    # Stream(items) where items is an async iterable, not an iterator: its iterator
+    # (here ReplyStream's generator) is what the server closes, not the iterable.
+    inner = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(inner.run)
+    with trio.fail_after(10):
+        async with RpcClient(inner.address) as inner_client:
+            relay = RpcServer("tcp://127.0.0.1:0",
+                              lambda req: Stream(inner_client.stream("", "count", req.payload)))
+            await nursery.start(relay.run)
+            async with RpcClient(relay.address) as client:
+                assert await client.call("", "relay", 3) == [{"i": 0}, {"i": 1}, {"i": 2}]
+                async with client.stream("", "relay", 10**6) as replies:
+                    async for _ in replies:
+                        break  # left early: the relay's worker closes the inner stream
+                await wait_until(lambda: inner.inflight == 0 and relay.inflight == 0,
+                                 "the CANCEL reaches the inner server through the relay")
+                assert relay.failed == 0
+
+
+async def test_failing_on_cancel_is_counted_and_logged_once(nursery, caplog):
+    def broken_cancel():
+        raise RuntimeError("on_cancel bug")
+
+    def deferring(req):
+        return Deferred(on_cancel=broken_cancel) if req.event == "forever" else req.payload
+
+    srv = RpcServer("tcp://127.0.0.1:0", deferring)
+    await nursery.start(srv.run)
+    with trio.fail_after(10), caplog.at_level(logging.ERROR, logger="transport.rpc.server"):
+        async with RpcClient(srv.address) as client:
+            for n in (1, 2):
+                client.start("", "forever").cancel()  # CANCEL: the Deferred's on_cancel
+                await wait_until(lambda: srv.cancel_errors == n, "the CANCEL is handled")
+            assert srv.inflight == 0
+            assert await client.call("", "echo", "still fine") == "still fine"
+    logged = [r for r in caplog.records if r.name == "transport.rpc.server"]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "on_cancel bug" in caplog.text
+
+
+async def test_server_counts_a_connection_with_garbage_framing(nursery, caplog):
+    srv = RpcServer("tcp://127.0.0.1:0", handler)
+    await nursery.start(srv.run)
+    host, port = srv.address.rsplit("//", 1)[1].rsplit(":", 1)
+    with trio.fail_after(10), caplog.at_level(logging.WARNING, logger="transport.rpc.server"):
+        for n in (1, 2):
+            bad = await trio.open_tcp_stream(host, int(port))
+            await bad.send_all(b"\xff\xff\xff\xff")  # a frame longer than any allowed
+            assert await bad.receive_some(1) == b""  # the server hangs up...
+            await bad.aclose()
+            assert srv.bad_frames == n               # ...and says why
+    logged = [r for r in caplog.records if r.name == "transport.rpc.server"]
+    assert len(logged) == 1 and "RpcServer.bad_frames" in logged[0].getMessage()
+
+
+async def _fake_server(nursery, serve):
+    """A tcp:// server speaking raw frames: ``serve(stream)`` per connection."""
+    async def connection(raw):
+        stream = FramedStream(raw)
+        try:
+            await serve(stream)
+        except Closed:
+            pass
+        finally:
+            stream.close()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, connection, 0, host="127.0.0.1"))
+    return f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def _requests(stream):
+    while True:
+        for frame in await stream.recv_many():
+            for kind, sid, body in decode(frame):
+                if kind == Kind.REQUEST:
+                    yield sid, body
+
+
+async def test_client_counts_corrupt_frames_and_logs_the_first(nursery, caplog):
+    async def garbage_then_answer(stream):
+        async for sid, body in _requests(stream):
+            await stream.send(b"\xc1garbage")  # not msgpack: answers nobody
+            await stream.send(encode([(Kind.RESULT, sid, body[2])]))
+
+    address = await _fake_server(nursery, garbage_then_answer)
+    with trio.fail_after(10), caplog.at_level(logging.WARNING, logger="transport.rpc.client"):
+        async with RpcClient(address) as client:
+            # however each frame is read (by the reader, or polled by the lone call)
+            assert await client.call("", "echo", 1) == 1
+            assert await client.call("", "echo", 2) == 2
+            assert client.bad_frames == 2
+    logged = [r for r in caplog.records if r.name == "transport.rpc.client"]
+    assert len(logged) == 1 and "RpcClient.bad_frames" in logged[0].getMessage()
+
+
+async def test_client_counts_garbage_framing_and_fails_its_calls(nursery):
+    async def bad_length(stream):
+        async for _ in _requests(stream):
+            await stream.stream.send_all(b"\xff\xff\xff\xff")
+
+    address = await _fake_server(nursery, bad_length)
+    with trio.fail_after(10):
+        async with RpcClient(address) as client:
+            with pytest.raises(Unreachable):
+                await client.call("", "echo", 1)
+            assert client.bad_frames == 1
+
+
+async def test_a_channel_streamed_and_left_early_is_closed(nursery):
+    send, receive = trio.open_memory_channel(1)
+    srv = RpcServer("tcp://127.0.0.1:0", lambda req: Stream(receive))
+    await nursery.start(srv.run)
+    with trio.fail_after(10):
+        async with RpcClient(srv.address) as client:
+            send.send_nowait("first")
+            async with client.stream("", "feed") as replies:
+                async for item in replies:
+                    assert item == "first"
+                    break  # CANCEL: the server's worker closes the channel's receiving end
+            with pytest.raises(trio.BrokenResourceError):
+                while True:
+                    await send.send("more")

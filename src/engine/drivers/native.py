@@ -1,4 +1,4 @@
-"""``native-server`` and ``native-sink``: the engine's own protocol (transport/rpc.py).
+"""``native-server`` and ``native-sink``: the engine's own protocol (transport/rpc/).
 
 Clients use :class:`transport.rpc.RpcClient` (or any binding speaking the envelope
 format of docs/protocol.md): ``REQUEST [target, event, payload]``; the target and
@@ -35,7 +35,7 @@ from engine.drivers.nng_sink import SinkOptions, SinkOutcomes
 from engine.drivers.options import DriverSpec, OptionContext, check_keys, check_url, opt_bool, opt_str
 from engine.drivers.registry import register
 
-RPC_SCHEMES = ("tcp://", "ipc://", "unix://", "nng+tcp://", "nng+ipc://")  # see transport/links.py
+RPC_SCHEMES = ("tcp://", "ipc://", "unix://", "nng+tcp://", "nng+ipc://")  # see transport/_links.py
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class SlavePool:
     def poll_job(self, job: Job) -> bool:
         """Act on what the slave running ``job`` has sent already, without waiting;
         True if anything came.  Only for a lone job: then that slave's next frame is
-        its answer, and nothing else in the pool is kept waiting (transport/spin.py)."""
+        its answer, and nothing else in the pool is kept waiting (transport/_spin.py)."""
         if len(self._jobs) != 1 or job.id not in self._jobs:
             return False
         slave = self._slaves.get(self.policy.owner.get(job.id, -1))

@@ -8,18 +8,20 @@ and calls made while disconnected wait (bounded by their timeout) for the link.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from transport.codec import Kind, decode_lists, encode_envelope
 from transport.errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
-from transport._links import connect_stream, is_stream, nng_url
-from transport._outbox import Outbox
-from transport.rpc.handlers import sealing
+from transport._links import Link, StreamLink, connect_stream, is_stream, nng_url
+from transport._outbox import Outbox, TrySend
+from transport.rpc.handlers import FrameGuard, sealing
 from transport.inbound import SendWindow
 from transport.service import Service
 from transport._spin import SpinPolicy, spin_until
@@ -36,6 +38,7 @@ _reschedule = trio.lowlevel.reschedule
 SWEEP_IDLE = 0.1  # s: the deadline sweeper's shortest sleep when no call is overdue
 RECONNECT_MIN = 0.01
 RECONNECT_MAX = 1.0
+log = logging.getLogger(__name__)
 
 
 class PendingCall:
@@ -56,7 +59,7 @@ class PendingCall:
         self.done = False
         self.error: RemoteError | None = None
         self.streamed = False
-        self.waiter = None              # the task parked in wait(), if any
+        self.waiter: trio.lowlevel.Task | None = None  # the task parked in wait(), if any
         self.deadline = _INF            # when the deadline sweeper gives up on it
         self.expired = False            # the sweeper gave up (outcome() raises TimeoutError_)
         self.client = client
@@ -136,7 +139,7 @@ class PendingCall:
         await _park(self._abort)
         self.client._waking -= 1  # only _wake resumes us without raising
 
-    def _abort(self, _raise_cancel) -> trio.lowlevel.Abort:
+    def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self.waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -145,19 +148,27 @@ class RpcClient(Service):
     """Calls to one RpcServer.
 
     Use as ``async with RpcClient(address) as client`` or ``await nursery.start(client.run)``.
-    ``spin=False``: a lone :meth:`call` never polls for its answer (transport/spin.py),
+    ``spin=False``: a lone :meth:`call` never polls for its answer (transport/_spin.py),
     for a process that would rather spend no CPU waiting than answer sooner.
+
+    ``bad_frames`` counts the frames from the server that could not be read (corrupt,
+    or refused by the ``guard``); the first is logged.  The calls they answered are not
+    told (nobody knows which they were): they time out, or fail when the link drops.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None, guard=None,
-                 spin: bool = True):
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 guard: FrameGuard | None = None, spin: bool = True) -> None:
         self.address = address
         self.default_timeout = timeout
         self.guard = guard
         self._sids = itertools.count(1)
         self._pending: dict[int, PendingCall] = {}
         self._outbox = Outbox()
-        self._link = None          # what frames are sent through while connected
+        # What frames are sent through while connected; what it can do besides is
+        # decided once, as it comes up (nothing per message asks the link what it is):
+        self._link: Link | None = None
+        self._stream: StreamLink | None = None  # the same link when it is a framed stream
+        self._direct: TrySend | None = None  # its direct write (sealed), for a lone request
         self._connected = trio.Event()
         self._cancel_scope: trio.CancelScope | None = None
         self._running = False
@@ -173,9 +184,11 @@ class RpcClient(Service):
         # spin.quiet(), yet they are about to start calls of their own: a call is only
         # "the only one in flight" when none is pending.
         self._waking = 0
+        self.bad_frames = 0
 
     # -- lifetime -----------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[RpcClient] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         self._running = True
         try:
             with trio.CancelScope() as self._cancel_scope:
@@ -206,13 +219,14 @@ class RpcClient(Service):
     def pending(self) -> int:
         return len(self._pending)
 
-    def _link_up(self, link) -> None:
-        self._link = link
+    def _stream_up(self, stream: StreamLink) -> None:
+        self._link = self._stream = stream
+        self._direct = sealing(stream.try_send_nowait, self.guard)
         self._connected.set()
         self._outbox.wake()  # anything queued while we were away can go now
 
     def _link_down(self) -> None:
-        self._link = None
+        self._link = self._stream = self._direct = None
         if self._connected.is_set():
             self._connected = trio.Event()
         self._fail_all(Unreachable(f"connection to {self.address} lost"))
@@ -223,7 +237,7 @@ class RpcClient(Service):
         self._pending.clear()
 
     # -- links ------------------------------------------------------------------------
-    async def _run_nng(self, task_status) -> None:
+    async def _run_nng(self, task_status: trio.TaskStatus[RpcClient]) -> None:
         import pynng  # only for nng links (see RpcServer._run_nng)
 
         from transport.sockets import TrioSocket
@@ -257,13 +271,15 @@ class RpcClient(Service):
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_MIN
-            self._link_up(stream)
+            self._stream_up(stream)
             try:
                 while True:
                     for frame in await stream.recv_many():
                         self._on_frame(frame)
-            except (Closed, CodecError):
+            except Closed:
                 pass
+            except CodecError as exc:  # garbage framing: nothing after it can be read
+                self._bad_frame(exc)
             finally:
                 stream.close()
                 self._link_down()
@@ -273,23 +289,31 @@ class RpcClient(Service):
             if self.guard is not None:
                 frame = self.guard.open(frame)
             envelopes = decode_lists(frame)
-        except CodecError:
-            return  # a corrupt frame answers nobody; its callers time out
+        except CodecError as exc:
+            self._bad_frame(exc)  # it answers nobody: its callers time out
+            return
         pending = self._pending
         for kind, sid, body in envelopes:
             slot = pending.get(sid)
             if slot is not None and slot.push(kind, body):
                 del pending[sid]
 
+    def _bad_frame(self, exc: CodecError) -> None:
+        """A frame from the server that cannot be read: counted, the first logged
+        (once per client: a broken peer may send nothing else)."""
+        self.bad_frames += 1
+        if self.bad_frames == 1:
+            log.warning("unreadable frame from %s dropped: %s (further ones are only "
+                        "counted, in RpcClient.bad_frames)", self.address, exc)
+
     async def _writer(self) -> None:
         while True:
             await self._outbox.wait()
-            link = self._link
+            link, stream = self._link, self._stream
             if link is None:
-                continue  # _link_up wakes us again
-            flush = getattr(link, "flush", None)
-            if flush is not None:
-                await flush()
+                continue  # _stream_up wakes us again
+            if stream is not None:
+                await stream.flush()  # the rest of a frame a direct write began
             for frame, _ in self._outbox.frames():
                 if self.guard is not None:
                     frame = self.guard.seal(frame)
@@ -317,10 +341,10 @@ class RpcClient(Service):
                     earliest = slot.deadline
             self._next_deadline = earliest
             for sid in overdue:
-                slot = self._pending.get(sid)
-                if slot is not None:
+                late = self._pending.get(sid)
+                if late is not None:
                     self._abandon(sid)  # tells the server to stop working on it
-                    slot.expire()
+                    late.expire()
 
     def _set_deadline(self, slot: PendingCall, limit: float, now: float | None = None) -> None:
         self._last_limit = limit
@@ -350,14 +374,10 @@ class RpcClient(Service):
         if chunked:
             slot.window = SendWindow()
         try:
-            self._outbox.put(env, self._try_send() if alone else None)
+            self._outbox.put(env, self._direct if alone else None)
         except Closed:  # the link just died: the reader sees it and fails this call Unreachable
             self._outbox.put(env)
         return sid, slot
-
-    def _try_send(self):
-        """The link's direct write, if it has one."""
-        return sealing(getattr(self._link, "try_send_nowait", None), self.guard)
 
     def _abandon(self, sid: int) -> None:
         if self._pending.pop(sid, None) is not None and not self._closed:
@@ -375,7 +395,7 @@ class RpcClient(Service):
             self._outbox.held = True
         else:
             try:
-                self._outbox.release(self._try_send())
+                self._outbox.release(self._direct)
             except Closed:
                 pass  # the link just died: the reader sees it and fails these calls
 
@@ -397,14 +417,16 @@ class RpcClient(Service):
         return slot
 
     async def call(self, target: str, event: str, payload: Any = None, *,
-                   timeout: float | None = None, chunks: Any = None) -> Any:
+                   timeout: float | None = None,
+                   chunks: Iterable[Any] | AsyncIterable[Any] | None = None) -> Any:
         """One request; the RESULT value, or the list of chunks of a streamed reply.
         ``chunks`` (an iterable or async iterable) makes it a chunked request: they are
         sent after it as the server's handler takes them (transport/inbound.py)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
         slot = self.start(target, event, payload, timeout=timeout, chunked=chunks is not None)
-        if chunks is None and self._poll_answer(slot):
-            if self.spin.yield_due(perf_counter()):  # answered: keep the answer
+        spin = self.spin
+        if spin is not None and chunks is None and self._poll_answer(slot, spin):
+            if spin.yield_due(perf_counter()):  # answered: keep the answer
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return slot.outcome()
         try:
@@ -417,17 +439,15 @@ class RpcClient(Service):
                 self._abandon(slot.sid)
         return slot.outcome()
 
-    def _poll_answer(self, slot: PendingCall) -> bool:
+    def _poll_answer(self, slot: PendingCall, policy: SpinPolicy) -> bool:
         """Poll the link for the answer to the only call in flight instead of parking,
-        when the spin policy and the rest of the process allow (transport/spin.py; a
+        when ``policy`` and the rest of the process allow (transport/_spin.py; a
         request that could not go out at once woke the writer, so it is not quiet);
-        True if the answer came."""
-        policy = self.spin
-        if policy is None or slot.done or len(self._pending) != 1 or self._waking:
+        True if the answer came.  Only a stream link can be polled."""
+        stream = self._stream
+        if stream is None or slot.done or len(self._pending) != 1 or self._waking:
             return False
-        poll = getattr(self._link, "poll_frames", None)
-        if poll is None:
-            return False
+        poll = stream.poll_frames
 
         def step() -> None:
             for frame in poll():  # (perhaps only a late answer to an abandoned call)
@@ -435,11 +455,15 @@ class RpcClient(Service):
 
         return spin_until(policy, step, lambda: slot.done)
 
-    async def send_chunks(self, call: PendingCall, chunks: Any) -> None:
+    async def send_chunks(self, call: PendingCall,
+                          chunks: Iterable[Any] | AsyncIterable[Any]) -> None:
         """Send a chunked request's chunks, then CHOKE, never more than the server's
-        window ahead; stops early if the call is answered (or fails) meanwhile."""
+        window ahead; stops early if the call is answered (or fails) meanwhile.
+        ``call`` is one :meth:`start` made with ``chunked=True``."""
         window, sid = call.window, call.sid
-        items = chunks.__aiter__() if hasattr(chunks, "__aiter__") else _aiter(chunks)
+        if window is None:
+            raise ValueError("send_chunks() of a call not started with chunked=True")
+        items = chunks.__aiter__() if isinstance(chunks, AsyncIterable) else _aiter(chunks)
         async for item in items:
             await window.wait()
             if call.done:
@@ -464,17 +488,17 @@ class ReplyStream:
     """``async for chunk in client.stream(...)``; also an async context manager that
     cancels the request on the server if left early."""
 
-    def __init__(self, client: RpcClient, target: str, event: str, payload: Any, timeout: float):
+    def __init__(self, client: RpcClient, target: str, event: str, payload: Any,
+                 timeout: float) -> None:
         self._client = client
         self._args = (target, event, payload)
         self._timeout = timeout
-        self._sid: int | None = None
         self._slot: PendingCall | None = None
 
-    async def __aenter__(self) -> "ReplyStream":
+    async def __aenter__(self) -> ReplyStream:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.aclose()
 
     @property
@@ -487,14 +511,16 @@ class ReplyStream:
         return False if slot is not None and slot.done else None
 
     def aclose(self) -> None:
-        if self._slot is not None and not self._slot.done:
-            self._client._abandon(self._sid)
+        """Give up on the reply (the server is told), unless it is complete."""
+        slot = self._slot
+        if slot is not None and not slot.done:
+            self._client._abandon(slot.sid)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Any]:
-        self._sid, slot = self._client._start(*self._args)
+        _, slot = self._client._start(*self._args)
         self._slot = slot
         try:
             while True:
@@ -515,7 +541,7 @@ class ReplyStream:
             self.aclose()
 
 
-async def _aiter(items: Any) -> AsyncIterator[Any]:
+async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
     """A plain iterable as an async one, with a checkpoint per item."""
     for item in items:
         yield item

@@ -71,7 +71,7 @@ class Deferred:
                  poll: Callable[[], bool] | None = None):
         self.on_cancel = on_cancel
         # Settles it now if its answer has arrived (True if anything came): the server
-        # polls with it when this is all it waits for (transport/spin.py).
+        # polls with it when this is all it waits for (transport/_spin.py).
         self.poll = poll
         self._outcome: tuple[int, Any] | None = None
         self._on_settled: OnSettled | None = None

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import CoroutineType
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -39,15 +40,19 @@ from transport.errors import (BadMessage, Closed, CodecError, QueueFull, Transpo
                      error_to_body)
 from transport.inbound import InputStream
 from transport._links import is_stream, listen_stream, nng_url
-from transport._outbox import Outbox
+from transport._outbox import Outbox, TrySend
 from transport.rpc.handlers import (FAILED, RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
                                     sealing)
 from transport._spin import SpinPolicy, poll_next, spin_until
+from transport.streams import FramedStream
 
 if TYPE_CHECKING:
     import pynng
 
     from transport.sockets import TrioSocket
+
+# What a connection's writer sends a frame with (None once its client is gone).
+Send = Callable[[bytes], Awaitable[None]]
 
 # The kinds on the hot paths as plain ints: an enum member lookup costs more than
 # the comparison it feeds (~75 ns each).
@@ -58,6 +63,7 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple}
 
 # Worker tasks kept parked for the next request once a burst is over (the rest end).
 MAX_IDLE_WORKERS = 512
+_T = TypeVar("_T")
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 log = logging.getLogger(__name__)
@@ -70,18 +76,17 @@ class _Connection:
     __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs",
                  "spin", "answer_spin")
 
-    def __init__(self, conn_id: int, send: Callable[[bytes], Awaitable[None]],
-                 try_send: Callable[[bytes], bool | int] | None = None,
-                 flush: Callable[[], Awaitable[None]] | None = None):
+    def __init__(self, conn_id: int, send: Send, try_send: TrySend | None = None,
+                 flush: Callable[[], Awaitable[None]] | None = None) -> None:
         self.id = conn_id
-        self.send = send
+        self.send: Send | None = send  # None once the client is gone: its writer stops
         self.try_send = try_send  # writes (seals) a frame now if the link takes it without blocking
         self.flush = flush  # finishes a frame try_send could only start
         self.outbox = Outbox()
         self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
         self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
         self.inputs: dict[int, InputStream] = {}  # sid -> chunks of a request still coming
-        self.spin: SpinPolicy | None = None  # polling for its next request (transport/spin.py)
+        self.spin: SpinPolicy | None = None  # polling for its next request (transport/_spin.py)
         self.answer_spin: SpinPolicy | None = None  # ... for a Deferred's answer
 
 
@@ -93,23 +98,30 @@ class _Worker:
     quick handler itself (~8 + 5 µs here), so requests go to parked workers instead:
     waking one is a single reschedule.  Each worker runs inside one cancel scope;
     cancelling a request (CANCEL, or its client leaving) cancels the worker serving
-    it, which ends after that request and is replaced on demand."""
+    it, which ends after that request and is replaced on demand.
+
+    While it is parked its ``conn`` is unset (``del``) and its ``work`` None, so that an
+    idle worker keeps neither a departed client's connection nor a finished request
+    alive; ``task`` is set by the task itself as it starts, and only a worker that has
+    started parks."""
 
     __slots__ = ("task", "scope", "conn", "sid", "work")
+    task: trio.lowlevel.Task
+    conn: _Connection
+    work: Any  # the coroutine, awaitable or Stream to finish (None: parked)
 
-    def __init__(self, conn: _Connection, sid: int, work: Any):
-        self.task = None
+    def __init__(self, conn: _Connection, sid: int, work: Any) -> None:
         self.scope = trio.CancelScope()
-        self.conn: _Connection | None = conn
+        self.conn = conn
         self.sid = sid
-        self.work: Any = work  # the coroutine or Stream to finish
+        self.work = work
 
 
 class RpcServer:
     """Serve requests from many clients, each request on a (reused) worker task.
 
     ``spin=True``: when its only client over a stream link has every request answered,
-    poll a moment for the next one instead of sleeping (transport/spin.py): for a
+    poll a moment for the next one instead of sleeping (transport/_spin.py): for a
     server whose client calls one request after another, at the cost of CPU.  Either
     way, a :class:`Deferred` made with ``poll`` is polled for its answer when it is all
     the server waits for."""
@@ -139,6 +151,7 @@ class RpcServer:
         self.polled = 0  # frames of requests that arrived while polling for them
         self.answers_polled = 0  # Deferreds settled while polling for them
         self.poll_errors = 0  # Deferred polls that raised (the first is logged)
+        self.cancel_errors = 0  # Deferred on_cancel callbacks that raised (the first is logged)
 
     @property
     def inflight(self) -> int:
@@ -148,20 +161,30 @@ class RpcServer:
     def connections(self) -> int:
         return len(self._connections)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; ``task_status.started`` with the bound
+        address (port 0 resolved)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if is_stream(self.requested_address):
-                listeners, self.address = await listen_stream(self.requested_address)
-                task_status.started(self.address)
+                listeners, address = await listen_stream(self.requested_address)
+                self.address = address
+                task_status.started(address)
                 await trio.serve_listeners(self._serve_stream, listeners, handler_nursery=nursery)
             else:
                 await self._run_nng(task_status)
 
+    def _start_soon(self, fn: Callable[[_T], Awaitable[None]], arg: _T) -> None:
+        """A connection's writer or a worker, in the nursery of :meth:`run` (which every
+        request arrived through, so it is open: a server that is not running has no
+        connections and no requests)."""
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("RpcServer.run() is not running")
+        nursery.start_soon(fn, arg)
+
     # -- framed streams: one reader and one writer task per connection -------------
     async def _serve_stream(self, raw: trio.SocketStream) -> None:
-        from transport.streams import FramedStream
-
         stream = FramedStream(raw)
         conn = _Connection(next(self._ids), stream.send,
                            sealing(stream.try_send_nowait, self.guard), stream.flush)
@@ -184,8 +207,10 @@ class RpcServer:
                                 await self._wait_room()
                             self._poll_deferred(conn)
                             frames = await self._poll_next(conn, stream)
-                except (Closed, CodecError):
-                    pass  # the client went away, or spoke garbage framing: drop it
+                except Closed:
+                    pass  # the client went away
+                except CodecError as exc:  # garbage framing: nothing after it can be read
+                    self._bad_frame(exc)
                 nursery.cancel_scope.cancel()
         finally:
             self._drop(conn)
@@ -215,9 +240,9 @@ class RpcServer:
                 log.exception("a Deferred's poll raised; the connection lives on (further "
                               "failures are only counted, in RpcServer.poll_errors)")
 
-    async def _poll_next(self, conn: _Connection, stream) -> list[bytes]:
+    async def _poll_next(self, conn: _Connection, stream: FramedStream) -> list[bytes]:
         """With ``spin``: the next frame of a lone client whose requests are all
-        answered, polled for a moment (transport/spin.py); [] if it did not come."""
+        answered, polled for a moment (transport/_spin.py); [] if it did not come."""
         def expecting() -> bool:  # no answer still to send, no other client to hear
             return not (conn.running or conn.deferred or conn.inputs) \
                 and len(self._connections) == 1
@@ -227,7 +252,7 @@ class RpcServer:
         return frames
 
     # -- nng: one polyamorous socket, a connection per pipe ------------------------
-    async def _run_nng(self, task_status) -> None:
+    async def _run_nng(self, task_status: trio.TaskStatus[str]) -> None:
         # pynng only when an nng link is asked for: it costs a process ~9 MB of RSS
         # and an asyncio import, which a mesh component on TCP streams never needs.
         import pynng
@@ -250,8 +275,8 @@ class RpcServer:
 
         try:
             sock.on_pipe_event(removed=pipe_gone)
-            self.address = "nng+" + bound_address(raw)
-            task_status.started(self.address)
+            self.address = address = "nng+" + bound_address(raw)
+            task_status.started(address)
             while True:
                 msg = await sock.recv_msg()
                 pipe = msg.pipe
@@ -273,7 +298,7 @@ class RpcServer:
 
         conn = _Connection(next(self._ids), send)
         self._connections[conn.id] = conn
-        self._nursery.start_soon(self._writer, conn)
+        self._start_soon(self._writer, conn)
         return conn
 
     # -- shared ----------------------------------------------------------------------
@@ -297,8 +322,8 @@ class RpcServer:
             if self.guard is not None:
                 frame = self.guard.open(frame)
             envelopes = decode_lists(frame)
-        except CodecError:
-            self.bad_frames += 1
+        except CodecError as exc:
+            self._bad_frame(exc)  # the client hears nothing of it: its calls time out
             return
         # Answers to a frame of many requests leave together, as one frame.
         conn.outbox.held = len(envelopes) > 1
@@ -330,6 +355,14 @@ class RpcServer:
                 self._queued -= sent
                 self._room.set()
 
+    def _bad_frame(self, exc: CodecError) -> None:
+        """A frame from a client that cannot be read: counted, the first logged (once
+        per server: a broken or hostile client may send nothing else)."""
+        self.bad_frames += 1
+        if self.bad_frames == 1:
+            log.warning("unreadable frame from a client dropped: %s (further ones are "
+                        "only counted, in RpcServer.bad_frames)", exc)
+
     def _on_request(self, conn: _Connection, sid: int, body: Any) -> None:
         if not (isinstance(body, list) and 3 <= len(body) <= 4 and isinstance(body[1], str)):
             self._emit(conn, Kind.ERROR, sid, error_to_body(
@@ -358,7 +391,7 @@ class RpcServer:
         elif isinstance(out, Deferred):
             conn.deferred[sid] = out
             out.bind(self._on_settled, conn, sid)
-        elif hasattr(type(out), "__await__"):  # some other awaitable
+        elif isinstance(out, Awaitable):  # some other awaitable (a class with __await__)
             self._to_worker(conn, sid, out)
         else:
             self._answered(conn, sid, _RESULT, out)
@@ -399,8 +432,14 @@ class RpcServer:
         if deferred.on_cancel is not None:
             try:
                 deferred.on_cancel()
-            except Exception:  # its owner's bug must not take the connection down
-                pass
+            except Exception:
+                # Its owner's bug must not take the connection down, nor go unseen:
+                # counted, and the first logged with its traceback (once per server, as
+                # it may fail on every cancelled request).
+                self.cancel_errors += 1
+                if self.cancel_errors == 1:
+                    log.exception("a Deferred's on_cancel raised (further failures are "
+                                  "only counted, in RpcServer.cancel_errors)")
 
     def _to_worker(self, conn: _Connection, sid: int, work: Any) -> None:
         """Finish ``work`` (a coroutine, an awaitable or a Stream) on a worker task."""
@@ -411,13 +450,13 @@ class RpcServer:
             _reschedule(worker.task)
         else:
             worker = conn.running[sid] = _Worker(conn, sid, work)
-            self._nursery.start_soon(self._work, worker)
+            self._start_soon(self._work, worker)
 
     async def _work(self, worker: _Worker) -> None:
         worker.task = trio.lowlevel.current_task()
         idle = self._idle
 
-        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+        def abort(_raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             idle.remove(worker)  # cancelled while parked: it can take no more requests
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -427,7 +466,8 @@ class RpcServer:
                 try:
                     await self._finish(conn, sid, work)
                 finally:
-                    worker.conn = worker.work = None
+                    del worker.conn  # parked, it keeps neither its client nor its work
+                    worker.work = None
                     self._inflight -= 1
                     conn.running.pop(sid, None)
                     if conn.inputs:
@@ -443,7 +483,7 @@ class RpcServer:
         try:
             result = work if isinstance(work, Stream) else await work
             if isinstance(result, Stream):
-                items = result.items
+                items: AsyncIterator[Any] = result.items.__aiter__()
                 try:
                     async for item in items:
                         self._emit(conn, Kind.CHUNK, sid, item)
@@ -452,9 +492,10 @@ class RpcServer:
                 finally:
                     # A stream left early (CANCEL, the client gone) runs its cleanup now,
                     # e.g. cancelling the job behind it, not whenever it is collected.
-                    aclose = getattr(items, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                    # (The iterators with an aclose to await: an async generator, or
+                    # a trio resource such as a memory channel's receiving end.)
+                    if isinstance(items, (AsyncGenerator, trio.abc.AsyncResource)):
+                        await items.aclose()
                 self._emit(conn, Kind.CHOKE, sid, None)
             else:
                 self._emit(conn, Kind.RESULT, sid, result)
