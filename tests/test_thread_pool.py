@@ -23,6 +23,9 @@ import threading, time
 import trio
 from engine import on
 
+# The sleeps below are the handlers' work, in real time (a blocked thread, a running
+# job to cancel, a job still running when a drain ends).
+
 @on("echo")
 def echo(data):
     return data
