@@ -23,6 +23,7 @@ from engine.drivers.options import DriverSpec
 from engine.errors import ManifestError
 
 MANIFEST_FILE = "manifest.json"
+DEFAULT_ENTRY = "app.py"           # "args" when the manifest has none
 LANGUAGES = ("python",)
 BACKENDS = ("process", "thread")
 SPAWN_MODES = ("zygote", "exec")   # engine.spawn: how a process slave is started
@@ -102,6 +103,8 @@ def load_manifest(path: str | Path, *, name: str | None = None) -> AppManifest:
     except json.JSONDecodeError as exc:
         raise ManifestError(str(path), "", "valid JSON",
                             f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ManifestError(str(path), "", "valid JSON nested less deeply", "too deep to read") from None
     return parse_manifest(data, source=path, name=name)
 
 
@@ -150,7 +153,7 @@ class _Parser:
         language = data.get("type", "python")
         if language not in LANGUAGES:
             raise self.error("type", f"a language plugin, one of {', '.join(LANGUAGES)}", language)
-        entry = self.entry(data.get("args", "app.py"))
+        entry = self.entry(data.get("args", DEFAULT_ENTRY))
         engine = self.engine(data.get("engine", {}))
         if "drivers" in data and "tasks" in data:
             raise self.error("tasks", "either 'drivers' or the older 'tasks', not both")
@@ -192,7 +195,11 @@ class _Parser:
         else:
             path = self.base_dir / args
         path = Path(_normpath(path))
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except (OSError, ValueError):  # a name too long for the file system, ...
+            exists = False
+        if not exists:
             raise self.error("args", "an existing app file or package folder", str(path))
         return path
 

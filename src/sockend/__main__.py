@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static", metavar="DIR", help="serve DIR's index.html and files over HTTP")
     p.add_argument("--namespace", action="append", dest="namespaces", metavar="NS",
                    help="allow only these namespaces ('' is the default one); repeatable")
+    p.add_argument("--allow-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
+                   default=[], help="also accept websockets from pages of ORIGIN (https://app.example.com; "
+                   "'*': any); repeatable.  Default: the same origin only (and non-browser clients)")
     p.add_argument("--key", default=os.environ.get("MESH_KEY", ""), help="mesh key")
     p.add_argument("--mesh-bind", default="127.0.0.1",
                    help="address the mesh data sockets use (0.0.0.0 for a LAN)")
@@ -32,11 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    config = SockendConfig(host=args.bind, port=args.port, static_dir=args.static,
-                           namespaces=tuple(args.namespaces) if args.namespaces else None,
-                           request_timeout=args.timeout, max_clients=args.max_clients,
-                           max_connections=args.max_clients + 100)
+def make_config(args: argparse.Namespace) -> SockendConfig:
+    """The server's config from the command line; ValueError names a bad option."""
+    return SockendConfig(host=args.bind, port=args.port, static_dir=args.static,
+                         namespaces=tuple(args.namespaces) if args.namespaces else None,
+                         request_timeout=args.timeout, max_clients=args.max_clients,
+                         max_connections=args.max_clients + 100,
+                         allowed_origins=tuple(args.allowed_origins))
+
+
+async def serve(args: argparse.Namespace, config: SockendConfig) -> None:
     mesh = TransportMesh(key=args.key, secret=os.environ.get("MESH_SECRET") or None,
                          discovery=DiscoveryConfig.from_env(), bind=args.mesh_bind)
     async with trio.open_nursery() as nursery:
@@ -47,10 +55,15 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        config = make_config(args)
+    except ValueError as exc:   # a bad option: said once, as argparse says its own
+        print(f"python -m sockend: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        trio.run(serve, args)
+        trio.run(serve, args, config)
     except KeyboardInterrupt:
         return 0
     return 0

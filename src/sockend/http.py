@@ -12,7 +12,11 @@ sent.
 Static files: ``/sockend.js`` is the browser client shipped in this package; with a
 ``static`` directory, ``/`` is its ``index.html`` and ``/name`` any file directly in it
 (or below it).  Every path is resolved and must stay inside the directory (no ``..``, no
-symlink escape); only GET and HEAD; every response closes the connection.
+symlink escape), and no segment of it may start with a dot, neither as asked nor once
+resolved (``/.env``, ``/.git/config``, a visible symlink to either): a site folder is
+often a project folder, and its dotfiles are its secrets.  A refused path gets the same
+404 as a missing file, so nothing tells what exists.  Only GET and HEAD; every response
+closes the connection.
 """
 from __future__ import annotations
 
@@ -158,19 +162,23 @@ def resolve_static(target: str, static_dir: Path | None) -> Path | None:
     segments = [s for s in path.split("/") if s]
     if not segments:
         segments = ["index.html"]
-    if not all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
-        return None
+    if not all(_SEGMENT.fullmatch(s) and not s.startswith(".") for s in segments):
+        return None   # (this also refuses "." and "..")
     return _inside(static_dir, segments)
 
 
 def _inside(root: Path, segments: list[str]) -> Path | None:
+    """The file ``root/segments`` once every symlink is resolved, if it is still a
+    file inside ``root`` and no part of its path below ``root`` starts with a dot."""
     try:
         base = root.resolve(strict=True)
         candidate = base.joinpath(*segments).resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):   # ValueError: a NUL in the path
         return None
     if not candidate.is_relative_to(base) or not candidate.is_file():
         return None
+    if any(part.startswith(".") for part in candidate.relative_to(base).parts):
+        return None   # a visible name linked to a dotfile (or into a dot folder)
     return candidate
 
 

@@ -2,11 +2,12 @@
 static browser client.
 
 Per connection: read the HTTP request head (bounded in size and time); a websocket
-upgrade is handed to trio-websocket with the head replayed, anything else gets a static
-file or an error.  Per browser: a reader task parses frames and starts one task per
-request (at most ``max_inflight`` at a time), each of which answers exactly once (the
-Responder's answer, a typed error, or a timeout); a writer task drains the browser's
-event outbox.  Per namespace: a :class:`~sockend.hub.NamespaceHub`.
+upgrade from an allowed origin (:mod:`sockend.origin`: the same origin, the allow-list,
+or no browser at all) is handed to trio-websocket with the head replayed, anything else
+gets a static file or an error.  Per browser: a reader task parses frames and starts one
+task per request (at most ``max_inflight`` at a time), each of which answers exactly
+once (the Responder's answer, a typed error, or a timeout); a writer task drains the
+browser's event outbox.  Per namespace: a :class:`~sockend.hub.NamespaceHub`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from transport.inbound import InputStream
 from sockend.bridge import Mesh, NamespaceLink
 from sockend.http import HeadError, HttpExchange, PrefixedStream, serve_static
 from sockend.hub import Client, NamespaceHub
+from sockend.origin import OriginPolicy
 from sockend.protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
                        error_frame, namespace_from_path, ok_frame, parse_request)
 
@@ -49,6 +51,9 @@ class SockendConfig:
     namespaces: tuple[str, ...] | None = None   # allow-list; None allows any valid name
     linger: float = 30.0               # keep a namespace's mesh link after its last browser
     handshake_timeout: float = 10.0
+    # Origins whose pages may open a websocket besides the same origin ("*": any);
+    # sockend/origin.py says why and what counts as the same origin.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):
@@ -69,6 +74,8 @@ class SockendConfig:
             for n in names:
                 namespace_from_path("/" + n)   # raises BadPath (a ValueError) if invalid
             object.__setattr__(self, "namespaces", names)
+        # Checked (ValueError naming the entry) and kept normalised.
+        object.__setattr__(self, "allowed_origins", OriginPolicy(tuple(self.allowed_origins)).allowed)
 
 
 class Sockend:
@@ -77,6 +84,7 @@ class Sockend:
     def __init__(self, mesh: Mesh, config: SockendConfig | None = None):
         self.mesh = mesh
         self.config = config or SockendConfig()
+        self.origins = OriginPolicy(self.config.allowed_origins)
         self.hubs: dict[str, NamespaceHub] = {}
         self.clients = 0
         self.connections = 0
@@ -135,6 +143,11 @@ class Sockend:
             status = await serve_static(stream, http, head, cfg.static_dir)
             self.stats[f"http_{status}"] += 1
             return
+        refusal = self.origins.refusal(head.headers.get("origin"), head.headers.get("host"))
+        if refusal is not None:
+            # A page of another site, in a visitor's browser: before anything else, so it
+            # learns nothing (not even which namespaces exist).
+            return await self._refuse(stream, http, 403, refusal)
         try:
             namespace = namespace_from_path(head.target)
         except BadPath as exc:

@@ -2,6 +2,7 @@
  *
  *   <script src="/sockend.js"></script>
  *   const s = Sockend.connect("ws://localhost:5555/rnd");   // or "/rnd": same host as the page
+ *   (a page of another origin than Sockend's needs `--allow-origin` there: docs/sockend.md)
  *   s.emit("randomRequest", {val: 3}).then(answer => ..., err => err.code);
  *   s.emit("randomRequest", {val: 3}, (err, answer) => ...); // node-style callback
  *   s.on("randomUpdate", data => ...);                      // events of the namespace's Publishers
