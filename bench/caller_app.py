@@ -6,6 +6,7 @@ import os
 import time
 
 from engine import on
+from engine.client import control_guard
 from transport.rpc import RpcClient
 
 
@@ -13,7 +14,8 @@ from transport.rpc import RpcClient
 async def calls(spec):
     payload = b"x" * 32
     lat = []
-    async with RpcClient(os.environ["ENGINE_NODE"], timeout=10, spin=spec["spin"]) as client:
+    node = os.environ["ENGINE_NODE"]
+    async with RpcClient(node, timeout=10, spin=spec["spin"], guard=control_guard(node)) as client:
         await client.wait_connected()
         for _ in range(spec["warmup"]):
             await client.call("bench-echo", "echo", payload)

@@ -71,12 +71,13 @@ async def sequential(call, n: int, warmup: int) -> dict[str, float]:
 
 
 async def rpc_client_round(address: str, server_pids: list[int], spin: bool, n: int,
-                           warmup: int) -> dict[str, float]:
+                           warmup: int, guard: Any = None) -> dict[str, float]:
     """Sequential echo calls through an RpcClient of this process; the server side's
-    CPU per round trip too (its processes, over the timed calls and the warm-up)."""
+    CPU per round trip too (its processes, over the timed calls and the warm-up).
+    ``guard``: a node's token (engine.client.control_guard), for a node."""
     from transport.rpc import RpcClient
 
-    async with RpcClient(address, timeout=10, spin=spin) as client:
+    async with RpcClient(address, timeout=10, spin=spin, guard=guard) as client:
         await client.wait_connected()
         before = cpu_seconds(server_pids)
         figures = await sequential(lambda: client.call(APP, "echo", PAYLOAD), n, warmup)
@@ -87,9 +88,10 @@ async def rpc_client_round(address: str, server_pids: list[int], spin: bool, n: 
 
 
 def sync_round(address: str, server_pids: list[int], n: int, warmup: int) -> dict[str, float]:
+    from engine.client import control_guard
     from transport.sync_client import SyncRpcClient
 
-    with SyncRpcClient(address, timeout=10) as client:
+    with SyncRpcClient(address, timeout=10, guard=control_guard(address)) as client:
         for _ in range(warmup):
             client.call(APP, "echo", PAYLOAD)
         before = cpu_seconds(server_pids)
@@ -112,10 +114,12 @@ async def app_round(node: Child, spin: bool, n: int, warmup: int) -> dict[str, f
     """The caller app's handler makes the calls; its own CPU it measures itself, the
     rest of the node's tree (node, both apps' slaves) is measured here over the whole
     request, and the caller's part taken off."""
+    from engine.client import control_guard
     from transport.rpc import RpcClient
 
     pids = tree_pids(node.pid)
-    async with RpcClient(node.ready, timeout=60, spin=False) as control:
+    async with RpcClient(node.ready, timeout=60, spin=False,
+                         guard=control_guard(node.ready)) as control:
         await control.wait_connected()
         before = cpu_seconds(pids)
         out = await control.call(CALLER_APP, "calls", {"n": n, "warmup": warmup, "spin": spin})
@@ -142,9 +146,11 @@ async def node_with(*app_manifests: dict[str, Any]) -> AsyncIterator[Child]:
 
 async def warm_pool(address: str) -> None:
     """Both echo slaves started (a short burst grows the pool) before anything is timed."""
+    from engine.client import control_guard
     from transport.rpc import RpcClient
 
-    async with RpcClient(address, timeout=20, spin=False) as client:
+    async with RpcClient(address, timeout=20, spin=False,
+                         guard=control_guard(address)) as client:
         await client.wait_connected()
         async with trio.open_nursery() as nursery:
             for _ in range(8):
@@ -174,8 +180,10 @@ async def measure(rounds: int, n: int, warmup: int, shapes: set[str]) -> dict[st
             await warm_pool(node.ready)
             pids = tree_pids(node.pid)
             if "cli" in shapes:
-                await pairs("cli", lambda spin: rpc_client_round(node.ready, pids, spin, n,
-                                                                 warmup))
+                from engine.client import control_guard
+
+                await pairs("cli", lambda spin: rpc_client_round(
+                    node.ready, pids, spin, n, warmup, guard=control_guard(node.ready)))
             if "sync" in shapes:
                 for _ in range(rounds):
                     record("sync", "-", await trio.to_thread.run_sync(

@@ -249,7 +249,8 @@ async def test_bounded_pending_queue(disco):
         await wait_until(lambda: rq.outstanding == 2, "two requests are outstanding")
         with pytest.raises(QueueFull, match="2 requests outstanding"):
             await rq.send({"type": "nobody"})
-        assert rq.stats == {"sent": 2, "answered": 0, "failed": 0, "retried": 0, "refused": 1}
+        assert rq.stats == {"sent": 2, "answered": 0, "failed": 0, "retried": 0, "refused": 1,
+                            "dial_failed": 0}
         nursery.cancel_scope.cancel()
 
 
@@ -270,7 +271,8 @@ async def test_stats_unknown_event_zero_timeout_and_closed(disco):
             await rq.send({"type": "randomRequest"}, timeout=0)
         [link] = rq.links.values()
         assert link.breaker.failures == 0 and link.breaker.state == "closed"
-        assert rq.stats == {"sent": 5, "answered": 3, "failed": 2, "retried": 0, "refused": 0}
+        assert rq.stats == {"sent": 5, "answered": 3, "failed": 2, "retried": 0, "refused": 0,
+                            "dial_failed": 0}
         assert len(rep.served) == 3
     with pytest.raises(Closed):
         await rq.send({"type": "randomRequest"})

@@ -324,18 +324,59 @@ async def test_the_control_handler_answers_from_its_nodes_own_table():
 
     host = Host()
     handler = ControlHandler(host, {"ping": ping})
-    assert await handler(Request(1, "", "ping", 7, peer=1)) == ("pong", host, 7)
+    assert await handler(Request(1, "", "ping", 7, peer=1, sealed=True)) == ("pong", host, 7)
     with pytest.raises(UnknownEvent, match=r"no node verb 'list' \(verbs: ping\)"):
-        handler(Request(2, "", "list", None, peer=1))
-    assert isinstance(handler(Request(3, "app", "echo", 1, peer=1)), Deferred)   # answered by the job
+        handler(Request(2, "", "list", None, peer=1, sealed=True))
+    assert isinstance(handler(Request(3, "app", "echo", 1, peer=1, sealed=True)), Deferred)   # answered by the job
 
     cluster = Cluster()
     clustered = ClusterControlHandler(host, {"ping": ping}, cluster)
-    assert await clustered(Request(4, "app", "echo", 2, peer=1)) == "from the cluster"
+    assert await clustered(Request(4, "app", "echo", 2, peer=1, sealed=True)) == "from the cluster"
     assert cluster.served == [("app", "echo", 2)]
-    chunked = clustered(Request(5, "app", "upload", 3, peer=1, chunks=object()))
+    chunked = clustered(Request(5, "app", "upload", 3, peer=1, chunks=object(), sealed=True))
     assert isinstance(chunked, Deferred) and host.submitted[-1][0] == "upload"  # runs where its chunks are
-    assert await clustered(Request(6, "", "ping", 8, peer=1)) == ("pong", host, 8)
+    assert await clustered(Request(6, "", "ping", 8, peer=1, sealed=True)) == ("pong", host, 8)
+
+
+def test_a_request_without_the_token_runs_nothing_but_the_open_verbs():
+    """Requests that came unsealed (no token: docs/security.md) are refused before
+    anything runs, app calls and mutating verbs alike, on a plain node and a clustered
+    one; only the open verbs are answered, and only where the node gives some."""
+    from engine.node.control import ClusterControlHandler, ControlHandler
+    from transport.errors import Unauthorized
+    from transport.rpc import Request
+
+    ran = []
+
+    async def verb(node, args):
+        ran.append(args)
+        return "ran"
+
+    class Host:
+        def get(self, name):
+            ran.append(name)
+            raise AssertionError("an unsealed app call reached the app")
+
+    class Cluster:
+        async def serve(self, app, event, payload):
+            raise AssertionError("an unsealed app call reached the cluster")
+
+    verbs = {"list": verb, "deploy": verb}
+    loopback = ControlHandler(Host(), verbs, open_verbs=frozenset({"list"}), address="tcp://127.0.0.1:1")
+    beyond = ControlHandler(Host(), verbs, address="tcp://0.0.0.0:1")
+    clustered = ClusterControlHandler(Host(), verbs, Cluster(), open_verbs=frozenset({"list"}))
+    for handler in (loopback, beyond, clustered):
+        for target, event in (("", "deploy"), ("app", "echo"), ("", "nope")):
+            with pytest.raises(Unauthorized, match="needs this node's token.*docs/security.md"):
+                handler(Request(1, target, event, None, peer=1))
+        with pytest.raises(Unauthorized):   # a chunked call too
+            handler(Request(2, "app", "up", None, peer=1, chunks=object()))
+    with pytest.raises(Unauthorized, match="not loopback: every request needs it"):
+        beyond(Request(3, "", "list", None, peer=1))
+    assert ran == []
+    assert trio.run(lambda: loopback(Request(4, "", "list", 1, peer=1))) == "ran"
+    assert trio.run(lambda: clustered(Request(5, "", "list", 2, peer=1))) == "ran"
+    assert ran == [1, 2]
 
 
 def test_reply_later_hands_the_rpc_server_the_jobs_own_poll_and_cancel():

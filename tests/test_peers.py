@@ -7,7 +7,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from transport.mesh.breaker import CircuitBreaker, backoff
 from transport.mesh.peers import (
-    BadDatagram, Beacon, PeerTable, decode_datagram, encode_datagram, matches, with_host,
+    MAX_PEERS, MAX_PER_SOURCE, BadDatagram, Beacon, PeerTable, decode_datagram, encode_datagram,
+    matches, with_host,
 )
 
 ME = Beacon(id="me", name="me", role="requester", namespace="ns", key="k")
@@ -20,23 +21,37 @@ def beacon(pid, role="responder", ns="ns", key="k", types=("a",)):
                   endpoint=f"tcp://127.0.0.1:{1000 + IDS.index(pid) if pid in IDS else 1}")
 
 
+SOURCES = [("10.0.0.1", 1), ("10.0.0.1", 2), ("10.0.0.2", 1)]
+
+
 class TableMachine(RuleBasedStateMachine):
-    """The table against a dict model: what is kept, when it expires, who serves what."""
+    """The table against a dict model: what is kept (at most 4 peers, at most 2 per
+    source address), when it expires, who serves what."""
 
     def __init__(self):
         super().__init__()
-        self.table = PeerTable(expiry=3.0, me=ME)
+        self.table = PeerTable(expiry=3.0, me=ME, max_peers=4, max_per_source=2)
         self.model: dict[str, tuple[Beacon, float]] = {}
+        self.source: dict[str, tuple[str, int]] = {}
         self.now = 0.0
 
     @rule(pid=st.sampled_from(IDS + ["me"]), ns=st.sampled_from(["ns", "other"]),
           key=st.sampled_from(["k", "x"]), role=st.sampled_from(["responder", "publisher"]),
-          types=st.lists(st.sampled_from(TYPES), max_size=3))
-    def hear(self, pid, ns, key, role, types):
+          types=st.lists(st.sampled_from(TYPES), max_size=3), src=st.sampled_from(SOURCES))
+    def hear(self, pid, ns, key, role, types, src):
         b = beacon(pid, role, ns, key, types)
-        self.table.observe(b, self.now)
-        if pid != "me" and ns == "ns" and key == "k":
+        refused = self.table.refused
+        self.table.observe(b, self.now, src)
+        if pid == "me" or ns != "ns" or key != "k":
+            return
+        if pid in self.model:
             self.model[pid] = (b, self.now)
+            self.source[pid] = src
+        elif len(self.model) < 4 and list(self.source.values()).count(src) < 2:
+            self.model[pid] = (b, self.now)
+            self.source[pid] = src
+        else:
+            assert self.table.refused == refused + 1
 
     @rule(dt=st.floats(0, 2.5))
     def tick(self, dt):
@@ -49,11 +64,17 @@ class TableMachine(RuleBasedStateMachine):
         assert gone == expected
         for pid in expected:
             del self.model[pid]
+            del self.source[pid]
 
     @rule(pid=st.sampled_from(IDS))
     def bye(self, pid):
         assert (self.table.forget(pid) is not None) == (pid in self.model)
         self.model.pop(pid, None)
+        self.source.pop(pid, None)
+
+    @invariant()
+    def sources_counted(self):
+        assert self.table.sources == len(set(self.source.values()))
 
     @invariant()
     def same_peers(self):
@@ -116,14 +137,40 @@ def test_table_ignores_self_and_other_scopes():
     assert PeerTable().observe(beacon("p0", ns="rnd"), 0) == "added"  # the monitor's table
 
 
+def test_a_flood_of_beacons_leaves_the_table_bounded():
+    # 5,000 fake responders from 5,000 source addresses (spoofed, say), then from one.
+    t = PeerTable(me=ME)
+    real = beacon("p0")
+    assert t.observe(real, 0, ("10.0.0.9", 47474)) == "added"
+    for i in range(5000):
+        fake = Beacon(id=f"fake{i}", name="f", role="responder", namespace="ns", key="k",
+                      types=("a",), endpoint=f"tcp://10.1.{i // 250}.{i % 250}:1")
+        t.observe(fake, 0.5, (f"10.1.{i // 250}.{i % 250}", 40000))
+    assert len(t) == MAX_PEERS and t.refused == 5001 - MAX_PEERS
+    # The peers it knew keep refreshing: the flood does not push them out.
+    assert t.observe(real, 1.0, ("10.0.0.9", 47474)) is None and t.last_seen("p0") == 1.0
+    assert [b.id for b in t.serving("responder", "a")].count("p0") == 1
+    # Once the fakes fall silent they expire, and newcomers find room again.
+    assert len(t.expire(4.9)) == MAX_PEERS - 1
+    assert t.observe(beacon("p1"), 5.0, ("10.0.0.8", 47474)) == "added"
+    one = PeerTable(me=ME)
+    for i in range(5000):
+        one.observe(Beacon(id=f"fake{i}", name="f", role="responder", namespace="ns",
+                           key="k"), 0, ("10.6.6.6", 666))
+    assert len(one) == MAX_PER_SOURCE and one.sources == 1
+
+
 def test_datagram_roundtrip_and_secret():
     b = beacon("p0", types=("a", "user.*"))
     d = decode_datagram(encode_datagram("hello", b, ask=True))
     assert (d.op, d.beacon, d.ask, d.signed) == ("hello", b, True, False)
-    signed = encode_datagram("hello", b, secret=b"s3cret")
-    assert decode_datagram(signed, secret=b"s3cret").verified
+    signed = encode_datagram("hello", b, secret=b"s3cret", seq=7, at=1700000000.25)
+    d = decode_datagram(signed, secret=b"s3cret")
+    assert d.verified and (d.seq, d.at) == (7, 1700000000.25)
+    # Signed but without a sequence and time: nothing to refuse a replay by.
     for data, secret in [(signed, b"wrong"), (signed, None),
-                         (encode_datagram("hello", b), b"s3cret")]:
+                         (encode_datagram("hello", b), b"s3cret"),
+                         (encode_datagram("hello", b, secret=b"s3cret"), b"s3cret")]:
         with pytest.raises(BadDatagram):
             decode_datagram(data, secret=secret)
     tampered = bytearray(signed)

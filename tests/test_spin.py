@@ -25,7 +25,7 @@ import transport._spin
 from support import wait_until
 from transport import _trio_internals
 from transport.errors import Closed, CodecError
-from transport.mesh.component import FrameSigner
+from transport.mesh.sealing import FrameSigner
 from transport.rpc import Deferred, RpcClient, RpcServer
 from transport.streams import MAX_FRAME, frame_header, from_socket, socketpair
 from transport._spin import (MAX_SKIP, SPIN_BUDGET, YIELD_EVERY, SpinPolicy, poll_for, poll_next,
@@ -319,7 +319,7 @@ async def test_a_socket_error_met_by_a_poll_is_raised_by_recv_many():
 
 SERVER = textwrap.dedent("""
     import sys, trio
-    from transport.mesh.component import FrameSigner
+    from transport.mesh.sealing import FrameSigner
     from transport.rpc import RpcServer
 
     guard = FrameSigner(sys.argv[1].encode(), b"rpc") if sys.argv[1:] else None

@@ -36,7 +36,7 @@ async def test_peer_close_is_closed_not_a_hang():
 
 async def test_oversized_length_prefix_is_a_codec_error():
     a, b = socketpair()
-    fb = FramedStream(trio.SocketStream(trio.socket.from_stdlib_socket(b)), max_frame=10)
+    fb = FramedStream(trio.SocketStream(trio.socket.from_stdlib_socket(b)), max_message=10)
     a.sendall(b"\xff\xff\xff\xff")
     with trio.fail_after(5), pytest.raises(CodecError):
         await fb.recv()

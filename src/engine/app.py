@@ -6,17 +6,28 @@ started (bound its port, armed its timer).  A driver that cannot start raises
 nursery, nothing of the app is left running.  ``await app.stop(timeout)`` stops the
 drivers (no new events), drains the pool's in-flight jobs for up to ``timeout``
 seconds, then cancels whatever is left.
+
+Once started, an app stops only when asked (docs/architecture.md, "Faults").  Its
+parts (the pool, the maintenance channel, each driver) each run in a task of their own,
+:meth:`App._keep_running`, the part's boundary: a part that fails (raises, or a driver
+that returns) is recorded (``info()["faults"]``, ``info()["restarts"]``, the
+maintenance channel's ``fault`` topic) and a fresh one is started after a backoff
+(:class:`engine.faults.Backoff`: 0.5 s doubling to 30 s, from 0.5 s again after a part
+ran 30 s).  The pool itself keeps its slaves the same way.
 """
 from __future__ import annotations
 
+import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, AsyncIterable, Awaitable, Callable, Protocol
 
 import trio
 
 from engine.drivers import registry
-from engine.drivers.base import Driver, HostingNode
+from engine.drivers.base import Driver, HostingNode, sole_leaf
 from engine.errors import DriverError, ShuttingDown
+from engine.faults import KEEP, Backoff, FaultLog, describe
 from engine.node.maintenance import MaintenanceChannel
 from engine.manifest import AppManifest
 
@@ -24,6 +35,11 @@ if TYPE_CHECKING:
     from engine.pool.base import Pool
     from engine.pool.job import Job
     from engine.pool.zygote_client import Zygote
+
+log = logging.getLogger(__name__)
+
+# A part's ``run``: started with ``nursery.start``, runs until cancelled.
+PartRun = Callable[..., Awaitable[Any]]
 
 
 class AppHost(HostingNode, Protocol):
@@ -53,15 +69,19 @@ class App:
         self.name = manifest.name
         # The Node hosting it, set by the node before run() (drivers reach its cluster).
         self.node: AppHost | None = None
+        self._pool_factory = pool_factory
         self.pool: Pool = pool_factory(manifest)
         self.drivers: dict[str, Driver[Any]] = {}
         pubsub = manifest.pubsub.endpoint if manifest.pubsub else None
         self.maintenance = MaintenanceChannel(self, pubsub)
         self.state = "created"          # created -> starting -> running -> stopping -> stopped
+        self.faults = FaultLog()        # failures of its parts but the pool's slaves (the pool's)
+        self.restarts: dict[str, int] = {}  # part -> times started again after a failure
         self.started_at: float | None = None
         self._scope: trio.CancelScope | None = None
         self._drivers_scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
+        self.stop_asked = trio.Event()  # stop() was called: whatever ends it now was asked for
 
     # -- lifetime -------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,14 +93,12 @@ class App:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    zygote = self.node.zygote if self.node is not None else None
-                    if zygote is not None:
-                        self.pool.use_zygote(zygote)  # one per node, not one per app
-                    await nursery.start(self.pool.run)
+                    await nursery.start(self._keep_running, "pool", "pool", self._fresh_pool)
                     # Drivers get their own scope so stop() can silence them before draining.
                     try:
                         # The maintenance channel first: sinks publish results on it.
-                        await nursery.start(self.maintenance.run)
+                        await nursery.start(self._keep_running, "maintenance", "maintenance",
+                                            lambda first: self.maintenance.run)
                         await nursery.start(self._run_drivers)
                     except DriverError as exc:
                         failure = exc
@@ -97,6 +115,68 @@ class App:
             self.state = "stopped"
             self._stopped.set()
 
+    def _fresh_pool(self, first: bool) -> PartRun:
+        """The pool to run: the one made with the app, then a new one after a failure
+        (the old one answered its jobs with ShuttingDown as it stopped)."""
+        if not first:
+            self.pool = self._pool_factory(self.manifest)
+        zygote = self.node.zygote if self.node is not None else None
+        if zygote is not None:
+            self.pool.use_zygote(zygote)  # one per node, not one per app
+        return self.pool.run
+
+    def _fresh_driver(self, cls: type[Driver[Any]], spec: Any, first: bool) -> PartRun:
+        """A new driver for ``spec``; after a failure it carries on its predecessor's
+        counters."""
+        driver = cls(spec)
+        before = self.drivers.get(spec.name)
+        if before is not None:
+            driver.stats = before.stats
+        self.drivers[spec.name] = driver
+        return partial(driver.run, self)
+
+    async def _keep_running(self, part: str, kind: str, fresh: Callable[[bool], PartRun], *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run one part until cancelled: ``fresh(first)`` makes it and returns its
+        ``run``.  A failure before its first start is the app's (raised: the app does
+        not start); any later failure of the part, or its ``run`` returning, is the
+        part's: recorded as ``{kind}-crash`` (failed while running), ``{kind}-start`` (a
+        fresh one could not start) or ``{kind}-ended`` (returned), and a fresh one
+        started after a backoff.  Cancellation (the app stopping) is never caught here:
+        ``except*`` handles the failures in a group and raises its ``Cancelled`` on."""
+        backoff = Backoff()
+        status: trio.TaskStatus[None] | None = task_status
+        while True:
+            started_at: float | None = None
+            failure: BaseException | None = None
+            try:
+                run = fresh(status is not None)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(run)
+                    started_at = trio.current_time()
+                    if status is not None:
+                        status.started()
+                        status = None
+            except* Exception as group:
+                failure = group
+            if status is not None:  # it never started: the app's start fails
+                assert failure is not None, "a part that returned without starting raised"
+                raise sole_leaf(failure)
+            ran_for = None if started_at is None else trio.current_time() - started_at
+            if failure is None:
+                why, what = "ended", f"{kind}-ended"
+            else:
+                why = describe(failure)
+                what = f"{kind}-crash" if started_at is not None else f"{kind}-start"
+                log.error("app %s: %s failed", self.name, part, exc_info=failure)
+            delay = backoff.failed(ran_for)
+            self.restarts[part] = self.restarts.get(part, 0) + 1
+            self.faults.record(part, what, f"{why}; starting again in {delay:g}s")
+            log.warning("app %s: %s %s; starting it again in %gs", self.name, part,
+                        "ended" if failure is None else "failed", delay)
+            self.maintenance.publish_faults()
+            await trio.sleep(delay)
+
     async def _run_drivers(self, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         failure: DriverError | None = None
@@ -109,8 +189,8 @@ class App:
                         failure = DriverError(f"{where}: no such driver type installed")
                         break
                     try:
-                        driver = cls(spec)
-                        await nursery.start(driver.run, self)
+                        await nursery.start(self._keep_running, f"driver {spec.name}", "driver",
+                                            partial(self._fresh_driver, cls, spec))
                     except DriverError as exc:
                         failure = DriverError(f"{where} could not start: {exc}")
                         break
@@ -118,7 +198,6 @@ class App:
                         failure = DriverError(f"{where} failed while starting: "
                                               f"{type(exc).__name__}: {exc}")
                         break
-                    self.drivers[spec.name] = driver
                 if failure is not None:
                     nursery.cancel_scope.cancel()
                 else:
@@ -131,6 +210,7 @@ class App:
         (default: the manifest's termination-timeout), then cancel everything."""
         if timeout is None:
             timeout = self.manifest.engine.termination_timeout
+        self.stop_asked.set()
         if self.state in ("stopped", "created"):
             self.state = "stopped"
             self._stopped.set()
@@ -177,7 +257,16 @@ class App:
                     entry.update(driver.info())
                 except Exception as exc:  # info must not take the control verb down
                     entry["error"] = f"{type(exc).__name__}: {exc}"
+            restarts = self.restarts.get(f"driver {spec.name}", 0)
+            if restarts:  # a driver that never failed shows only its own fields
+                entry["restarts"] = restarts
             drivers[spec.name] = entry
+        pool = self.pool.info()
+        faults = dict(pool.get("faults") or {})
+        for kind, count in self.faults.counts.items():
+            faults[kind] = faults.get(kind, 0) + count
+        recent = sorted([*(pool.get("recent_faults") or ()), *self.faults.recent()],
+                        key=lambda f: f["seq"])[-KEEP:]
         return {
             "name": self.name,
             "state": self.state,
@@ -187,7 +276,11 @@ class App:
             "limits": {"pool-limit": self.manifest.engine.pool_limit,
                        "queue-limit": self.manifest.engine.queue_limit,
                        "concurrency": self.manifest.engine.concurrency},
-            "pool": self.pool.info(),
+            "pool": pool,
             "drivers": drivers,
             "pubsub": self.maintenance.address,
+            "faults": faults,
+            "recent_faults": recent,
+            "restarts": dict(self.restarts),
         }
+

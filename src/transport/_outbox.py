@@ -33,9 +33,13 @@ DIRECT_GAP = 20e-6
 
 
 class Outbox:
-    __slots__ = ("items", "held", "_wakeup", "_direct_at")
+    __slots__ = ("items", "held", "max_frame", "_wakeup", "_direct_at")
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int | None = None) -> None:
+        """``max_frame``: the most bytes the peer takes in one frame (None: no limit);
+        a batch is cut short to fit it (each envelope fits on its own: its sender
+        checked)."""
+        self.max_frame = max_frame
         self.items: list[bytes] = []
         # True while the sender knows more envelopes follow at once (a frame of many
         # requests being answered, a batch of calls being started): nothing goes direct,
@@ -78,7 +82,8 @@ class Outbox:
             return 0
         sent: bool | int = False
         try:
-            if try_send is not None and len(items) <= MAX_BATCH:
+            if try_send is not None and len(items) <= MAX_BATCH and (
+                    self.max_frame is None or sum(map(len, items)) <= self.max_frame - 5):
                 sent = try_send(join_frame(items))
         finally:
             if not sent:
@@ -117,7 +122,20 @@ class Outbox:
     def frames(self) -> Iterator[tuple[bytes, int]]:
         """Take what is queued as ``(frame, envelopes in it)``, batch by batch; what the
         caller does not consume (it stopped on a dead link) stays queued."""
+        limit = self.max_frame
         while self.items:
             batch = self.items[:MAX_BATCH]
-            del self.items[:MAX_BATCH]
+            if limit is not None and sum(map(len, batch)) > limit - 5:
+                batch = _fit(batch, limit - 5)
+            del self.items[:len(batch)]
             yield join_frame(batch), len(batch)
+
+
+def _fit(batch: list[bytes], limit: int) -> list[bytes]:
+    """The longest start of ``batch`` within ``limit`` bytes (at least one envelope)."""
+    total = 0
+    for n, packed in enumerate(batch):
+        total += len(packed)
+        if total > limit:
+            return batch[:max(1, n)]
+    return batch

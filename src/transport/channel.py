@@ -10,9 +10,19 @@ The outbox is bounded: :meth:`send` waits while it is over ``high_water`` so a
 fast producer cannot grow memory without limit; :meth:`send_nowait` skips the
 wait for replies that must not block (they are bounded by the requests that
 caused them).
+
+What cannot go is one message's failure, never the link's (docs/architecture.md,
+"Faults"): a message over the link's limit (``max_message``, from the stream's
+``max_frame``) or one msgpack cannot carry is refused when it is queued, so no frame
+the peer must reject is ever written, and frames of many envelopes are cut to fit the
+limit too.  :meth:`send_nowait` (replies) sends an ERROR on the same stream instead;
+:meth:`send` and :meth:`send_or_refuse` (requests, chunks) raise :class:`BadMessage`
+to their caller, whose job it is.  A link that breaks while the writer writes (the peer
+died) ends the writer quietly: the reader meets the end of the stream and says so.
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -22,12 +32,19 @@ from transport.errors import BadMessage, Closed, CodecError, error_to_body
 from transport._outbox import Outbox, TrySend
 from transport.streams import FramedStream
 
+# Bytes a frame adds around its envelopes (the msgpack array header, up to 5 bytes):
+# an envelope that fits the link's limit less this fits a frame of its own.
+FRAME_OVERHEAD = 5
+
 if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynng is heavy
     from transport.sockets import TrioSocket
 
 
 class EnvelopeChannel:
-    def __init__(self, sock: TrioSocket | FramedStream, *, high_water: int = 4096):
+    def __init__(self, sock: TrioSocket | FramedStream, *, high_water: int = 4096,
+                 max_message: int | None = None):
+        """``max_message``: the largest packed envelope it sends (default: what fits
+        a frame of the stream's ``max_frame``; no limit over nng unless given)."""
         self.sock = sock
         # A stream link writes a lone frame at once, reads every frame a read brought,
         # and can be polled (transport/_spin.py); an nng socket does none of these.
@@ -35,7 +52,12 @@ class EnvelopeChannel:
         self._try_send: TrySend | None = (
             self._stream.try_send_nowait if self._stream is not None else None)
         self.high_water = high_water
-        self._outbox = Outbox()
+        max_frame = self._stream.max_frame if self._stream is not None else None
+        if max_message is not None:
+            max_frame = max_message + FRAME_OVERHEAD
+        self.max_message = max_frame - FRAME_OVERHEAD if max_frame is not None else sys.maxsize
+        # Frames of many envelopes are cut to fit the peer's limit as well.
+        self._outbox = Outbox(max_frame)
         self._drained = trio.Event()
         self._closed = False
         self.frames_sent = 0
@@ -44,8 +66,10 @@ class EnvelopeChannel:
 
     # -- sending ------------------------------------------------------------------
     def send_nowait(self, kind: int, sid: int, body: Any = None) -> None:
-        """Queue one envelope.  A body msgpack cannot carry is replaced by an ERROR
-        on the same stream, so its receiver is told instead of left waiting."""
+        """Queue one envelope.  One that cannot go (a body msgpack cannot carry, or a
+        message over the link's limit) is replaced by an ERROR on the same stream, so
+        its receiver is told instead of left waiting: for replies, whose sender has no
+        one else to tell."""
         if self._closed:
             raise Closed("channel closed")
         try:
@@ -53,8 +77,34 @@ class EnvelopeChannel:
         except CodecError as exc:
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(f"message could not be encoded: {exc}")))
+        if len(packed) > self.max_message:
+            packed = encode_envelope(Kind.ERROR, sid, error_to_body(
+                BadMessage(self._too_large(kind, len(packed)))))
         if not self._outbox.put(packed, self._try_send):
             self.frames_sent += 1
+
+    def send_or_refuse(self, kind: int, sid: int, body: Any = None) -> None:
+        """Queue one envelope, or raise :class:`BadMessage` (nothing queued) when it
+        cannot go: for requests, whose sender answers its own caller with it (a job
+        whose payload is over the link's limit fails; the link is untouched)."""
+        if self._closed:
+            raise Closed("channel closed")
+        try:
+            packed = encode_envelope(kind, sid, body)
+        except CodecError as exc:
+            raise BadMessage(f"message could not be encoded: {exc}") from None
+        if len(packed) > self.max_message:
+            raise BadMessage(self._too_large(kind, len(packed)))
+        if not self._outbox.put(packed, self._try_send):
+            self.frames_sent += 1
+
+    def _too_large(self, kind: int, size: int) -> str:
+        try:
+            what = Kind(kind).name
+        except ValueError:
+            what = f"kind {kind}"
+        return (f"{what} message of {size} bytes is over this link's limit of "
+                f"{self.max_message} bytes (send large data as a stream of chunks)")
 
     def hold(self) -> None:
         """Queue what is sent until :meth:`release`: the sender knows more follow at
@@ -70,11 +120,14 @@ class EnvelopeChannel:
             pass  # the link is gone; its reader sees it
 
     async def send(self, kind: int, sid: int, body: Any = None) -> None:
+        """Queue one envelope once the outbox is under ``high_water``; raises
+        :class:`BadMessage` (nothing queued) when it cannot go, like
+        :meth:`send_or_refuse`: a stream's producer learns that its chunk was refused."""
         while len(self._outbox) >= self.high_water:
             if self._drained.is_set():
                 self._drained = trio.Event()
             await self._drained.wait()
-        self.send_nowait(kind, sid, body)
+        self.send_or_refuse(kind, sid, body)
         await trio.lowlevel.checkpoint()
 
     async def flush(self) -> None:
@@ -86,7 +139,9 @@ class EnvelopeChannel:
 
     async def run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
-        """The writer task; run it in the nursery that owns the channel."""
+        """The writer task; run it in the nursery that owns the channel.  It returns
+        when the link breaks (the peer is gone: its reader meets the end of the
+        stream); nothing more can be sent then (:class:`Closed`)."""
         task_status.started()
         try:
             stream = self._stream
@@ -98,6 +153,8 @@ class EnvelopeChannel:
                     await self.sock.send(frame)
                     self.frames_sent += 1
                 self._drained.set()
+        except Closed:
+            pass  # the peer is gone mid-write: the link's end, not the writer's failure
         finally:
             self._closed = True
             self._drained.set()
@@ -105,7 +162,9 @@ class EnvelopeChannel:
     # -- receiving ----------------------------------------------------------------
     async def receive(self) -> list[Envelope]:
         """The envelopes of the next frame, or of every frame already arrived (over a
-        stream: one wake-up per burst).  Malformed frames are counted and skipped."""
+        stream: one wake-up per burst).  Malformed frames are counted and skipped.
+        Raises :class:`Closed` at the link's end, and :class:`CodecError` when a stream's
+        framing is lost (a length over its limit): nothing more can be read from it."""
         stream = self._stream
         while True:
             frames = await stream.recv_many() if stream is not None else [await self.sock.recv()]

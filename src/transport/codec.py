@@ -8,7 +8,11 @@ from; see docs/architecture.md).  An *envelope* is ``[kind, sid, body]``:
 - ``sid``: the stream (request) id it belongs to, 0 when none;
 - ``body``: any msgpack value, its shape fixed by the kind.
 
-Decoding never raises anything but :class:`CodecError`, whatever the bytes.
+Decoding never raises anything but :class:`CodecError`, whatever the bytes, and never
+lets a frame cost much more memory than its values are worth (:func:`decode_lists`).
+
+How big a frame may be is each link's business (``max_message``, default
+:data:`DEFAULT_MAX_MESSAGE`): the frame's length is checked before it is buffered.
 """
 from __future__ import annotations
 
@@ -18,6 +22,24 @@ from typing import Any, Iterable, NamedTuple
 import msgpack
 
 from transport.errors import CodecError
+
+# The largest frame a link takes by default (RpcServer, RpcClient, SyncRpcClient,
+# FramedStream, the nng drivers): well below what would let a handful of connections
+# exhaust a node's memory, above what a node sends in one piece (an app bundle is at
+# most 10 MiB).  Bigger data goes as chunked requests or streamed replies.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+
+# Decode limits.  msgpack builds a Python object per value, and a value can take one
+# byte on the wire and 30-70 in memory (a small negative int, an empty map): a 16 MiB
+# frame of empty maps would decode into ~1.1 GB.  So a frame may hold at most
+# max(MIN_VALUE_BUDGET, len(frame) // BYTES_PER_VALUE) values, no single array or map
+# longer than that, and no string, binary or ext value longer than the frame.  A frame
+# of at most MIN_VALUE_BUDGET bytes cannot hold more values than that (each takes a
+# byte at least), so it is decoded exactly as before, at no cost: the hooks that count
+# values run only for larger frames, where their ~0.1 µs per array or map is small
+# beside the frame's own decoding.
+MIN_VALUE_BUDGET = 1 << 20
+BYTES_PER_VALUE = 8
 
 
 class Kind(IntEnum):
@@ -111,10 +133,13 @@ def decode_lists(frame: bytes) -> list[list[Any]]:
     """:func:`decode` for the hot paths: the same checks, but each envelope is left as
     the ``[kind, sid, body]`` list msgpack made (unpack it like the tuple); building an
     :class:`Envelope` per message costs as much as the unpacking itself."""
-    try:
-        items = msgpack.unpackb(frame, raw=False, strict_map_key=False, use_list=True)
-    except Exception as exc:  # msgpack raises a zoo of types for garbage input
-        raise CodecError(f"not a msgpack frame: {exc.__class__.__name__}: {exc}") from None
+    if len(frame) <= MIN_VALUE_BUDGET:
+        try:
+            items = msgpack.unpackb(frame, raw=False, strict_map_key=False, use_list=True)
+        except Exception as exc:  # msgpack raises a zoo of types for garbage input
+            raise CodecError(f"not a msgpack frame: {exc.__class__.__name__}: {exc}") from None
+    else:
+        items = _unpack_large(frame, "not a msgpack frame")
     if type(items) is not list:
         raise CodecError(f"frame must be an array of envelopes, got {type(items).__name__}")
     for item in items:
@@ -134,7 +159,50 @@ def pack(value: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
+    """One plain msgpack value, under the same decode limits as a frame."""
+    if len(data) > MIN_VALUE_BUDGET:
+        return _unpack_large(data, "not msgpack")
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:
         raise CodecError(f"not msgpack: {exc.__class__.__name__}: {exc}") from None
+
+
+class _TooManyValues(Exception):
+    pass
+
+
+def _unpack_large(data: bytes, what: str) -> Any:
+    """Unpack a frame over MIN_VALUE_BUDGET bytes, counting its values as it goes: each
+    array or map, as it is completed, adds its length (and itself) to the count, which
+    may not pass the frame's budget; no single array or map may either (refused at its
+    header, before anything is allocated for it).  So the values built before the frame
+    is refused are at most about twice the budget."""
+    size = len(data)
+    budget = max(MIN_VALUE_BUDGET, size // BYTES_PER_VALUE)
+    left = budget
+
+    def counted_array(array: list[Any]) -> list[Any]:
+        nonlocal left
+        left -= len(array) + 1
+        if left < 0:
+            raise _TooManyValues
+        return array
+
+    def counted_map(mapping: dict[Any, Any]) -> dict[Any, Any]:
+        nonlocal left
+        left -= 2 * len(mapping) + 1
+        if left < 0:
+            raise _TooManyValues
+        return mapping
+
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               list_hook=counted_array, object_hook=counted_map,
+                               max_str_len=size, max_bin_len=size, max_ext_len=size,
+                               max_array_len=budget, max_map_len=budget // 2)
+    except _TooManyValues:
+        raise CodecError(f"a frame of {size} bytes may hold at most {budget} values "
+                         "(send bulk data as bytes, or in chunks)") from None
+    except Exception as exc:
+        raise CodecError(f"{what}: {exc.__class__.__name__}: {exc}") from None

@@ -96,6 +96,14 @@ class BadMessage(RemoteError):
 
 
 @register_error
+class Unauthorized(RemoteError):
+    """The receiver requires credentials the request did not carry, or carried wrong
+    (e.g. a node's control endpoint without its token: docs/security.md)."""
+
+    code = "unauthorized"
+
+
+@register_error
 class HandlerError(RemoteError):
     """User code raised; ``type`` is the exception's class name."""
 

@@ -7,7 +7,10 @@ Unix socketpair inherited by the child does ~9,100 sequential round trips/s here
 ~3,300 for nng Pair0 over ipc, and its end-of-file tells each side at once that the other
 died.
 
-A frame is a 4-byte big-endian length followed by that many bytes.
+A frame is a 4-byte big-endian length followed by that many bytes, at most
+``max_message`` of them (default :data:`transport.codec.DEFAULT_MAX_MESSAGE`, 16 MiB): a
+longer length is refused (:class:`CodecError`) as soon as its 4 bytes are read, so one
+connection never buffers more than one frame of that size.
 
 Over a socket (the usual case) reads and writes go straight to the non-blocking
 socket and wait on its descriptor only when it would block: trio's generic
@@ -22,12 +25,14 @@ import struct
 
 import trio
 
+from transport.codec import DEFAULT_MAX_MESSAGE
 from transport.errors import Closed, CodecError
 from transport._outbox import SENT_PARTLY
 
 _HEADER = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
-MAX_FRAME = 64 * 1024 * 1024
+MAX_MESSAGE = DEFAULT_MAX_MESSAGE  # the default largest frame read
+MAX_FRAME = MAX_MESSAGE  # (its older name)
 READ_SIZE = 1 << 16
 
 
@@ -37,7 +42,8 @@ class FramedStream:
     :func:`_adopt`), or any other trio stream (read and written through the generic
     trio methods)."""
 
-    def __init__(self, stream: trio.abc.Stream | socket.socket, *, max_frame: int = MAX_FRAME):
+    def __init__(self, stream: trio.abc.Stream | socket.socket, *,
+                 max_message: int = MAX_MESSAGE):
         # The stdlib socket read and written directly (None: the generic trio methods).
         self._sock: socket.socket | None = None
         if isinstance(stream, socket.socket):
@@ -46,11 +52,16 @@ class FramedStream:
         elif isinstance(stream, trio.SocketStream):
             stream, self._sock = _adopt(stream)
         self.stream: trio.abc.Stream = stream
-        self.max_frame = max_frame
+        self.max_message = max_message  # the largest frame read; a longer one is a CodecError
         self._buffer = bytearray()
         self._send_lock = trio.StrictFIFOLock()  # frames from concurrent senders never interleave
         self._tail = b""  # the unsent rest of a frame try_send_nowait could only half write
         self._lost: OSError | None = None  # a socket error poll_frames met, for recv_many
+
+    @property
+    def max_frame(self) -> int:
+        """:attr:`max_message`, under the name the framing layer knows it by."""
+        return self.max_message
 
     # -- sending ----------------------------------------------------------------------
     def try_send_nowait(self, data: bytes) -> bool | int:
@@ -159,7 +170,7 @@ class FramedStream:
 
     def _frames(self, limit: int) -> list[bytes]:
         """Cut up to ``limit`` (0: all) complete frames off the buffer."""
-        return cut_frames(self._buffer, self.max_frame, limit)
+        return cut_frames(self._buffer, self.max_message, limit)
 
     async def _read(self) -> None:
         """Append at least one byte to the buffer; one checkpoint either way."""
@@ -200,7 +211,31 @@ class FramedStream:
             raise Closed(f"stream closed: {lost}" if lost else "peer closed the stream")
         self._buffer += chunk
 
+    async def discard_until_closed(self) -> None:
+        """Read and drop whatever the peer still sends until it closes its end (or the
+        link fails): a server that hung up on a peer lets it read the reason first
+        (see :meth:`shutdown_write`).  Bound it with a timeout."""
+        self._buffer.clear()
+        try:
+            while True:
+                await self._read()
+                self._buffer.clear()
+        except Closed:
+            pass
+
     # -- lifetime -----------------------------------------------------------------------
+    def shutdown_write(self) -> None:
+        """Send the end of the stream after what was written (the peer reads it all,
+        then end-of-file), keeping the reading side open.  Closing a socket outright
+        while the peer's data sits unread in it makes the kernel reset the connection,
+        and a reset can destroy what was just written before the peer reads it."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # already gone
+
     def close(self) -> None:
         """Close now, waking whoever waits on the socket (a stream that is not a socket's
         closes at the next :meth:`aclose`)."""
@@ -218,7 +253,7 @@ def frame_header(size: int) -> bytes:
     return _HEADER.pack(size)
 
 
-def cut_frames(buffer: bytearray, max_frame: int = MAX_FRAME, limit: int = 0) -> list[bytes]:
+def cut_frames(buffer: bytearray, max_frame: int = MAX_MESSAGE, limit: int = 0) -> list[bytes]:
     """Cut up to ``limit`` (0: all) complete frames off the front of ``buffer``; a
     partial frame stays.  Raises CodecError for a length over ``max_frame``."""
     size = len(buffer)

@@ -15,7 +15,11 @@ It speaks the same frames as :class:`~transport.rpc.RpcClient` (docs/protocol.md
 a ``native-server`` driver and a mesh Responder without a secret.  One request at a time
 per client (calls from several threads take turns); a request that times out is
 cancelled on the server and its late answer is skipped.  When the connection drops the
-call fails with :class:`~transport.errors.Unreachable` and the next call reconnects.
+call fails with :class:`~transport.errors.Unreachable` and the next call reconnects;
+when the server hangs up saying why (``ERROR`` on sid 0: too many connections, idle...)
+the call fails with that error.  Nothing over ``max_message`` (default 16 MiB) is sent
+or read: a bigger request or chunk fails with ``bad-message`` at once (send bulk data
+as chunks).
 
 No scheduler sits between the caller and the socket: a sequential round trip costs one
 ``send`` and one blocking ``recv``, which is the cheapest way to make one request at a
@@ -28,19 +32,27 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from transport.codec import Kind, decode_lists, encode_envelope, join_frame
+from transport.codec import DEFAULT_MAX_MESSAGE, Kind, decode_lists, encode_envelope, join_frame
 from transport.errors import BadMessage, CodecError, TimeoutError_, TransportError, Unreachable, body_to_error
 from transport.inbound import WINDOW
 from transport._links import _split_host_port, _unix_path
+from transport.rpc.connection import check_max_message, max_envelope
 from transport.streams import cut_frames, frame_header
+
+if TYPE_CHECKING:
+    from transport.rpc.handlers import FrameGuard
 
 _END = (Kind.RESULT, Kind.CHOKE, Kind.ERROR)
 
 
 class SyncRpcClient:
-    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 guard: FrameGuard | None = None,
+                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        """``guard`` seals every frame sent and opens every frame received (e.g. a
+        node's token: ``engine.client.control_guard``), as ``RpcClient(guard=)`` does."""
         self._target: tuple[str, int] | str  # what connect() takes: (host, port) or a path
         if address.startswith("tcp://"):
             self._family, self._target = socket.AF_INET, _split_host_port(address, "tcp://")
@@ -50,6 +62,9 @@ class SyncRpcClient:
             raise TransportError(f"{address!r}: SyncRpcClient speaks tcp:// and ipc:// only")
         self.address = address
         self.default_timeout = timeout
+        self.guard = guard
+        self.max_message = check_max_message(max_message, "SyncRpcClient")
+        self._max_envelope = max_envelope(max_message)
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._frames: deque[list] = deque()  # envelopes read but not yet looked at
@@ -106,6 +121,11 @@ class SyncRpcClient:
             request = encode_envelope(Kind.REQUEST, sid, body)
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
+        if len(request) > self._max_envelope:
+            raise BadMessage(f"a request of {len(request)} bytes is over the limit "
+                             f"({self._max_envelope} bytes: max_message): send the data as "
+                             "chunks (call(..., chunks=...))")
+        self._drop_if_hung_up()
         self._send(join_frame([request]))
         deadline = None if limit is None else time.monotonic() + limit
         finished = False
@@ -150,6 +170,9 @@ class SyncRpcClient:
                 chunk = encode_envelope(Kind.CHUNK, sid, item)
             except CodecError as exc:
                 raise BadMessage(f"request chunk cannot be encoded: {exc}") from None
+            if len(chunk) > self._max_envelope:
+                raise BadMessage(f"a chunk of {len(chunk)} bytes is over the limit "
+                                 f"({self._max_envelope} bytes: max_message): send smaller chunks")
             self._send(join_frame([chunk]))
             window -= 1
         self._send(join_frame([encode_envelope(Kind.CHOKE, sid, None)]))
@@ -168,7 +191,52 @@ class SyncRpcClient:
             self._sock = sock
         return self._sock
 
+    def _drop_if_hung_up(self) -> None:
+        """Between requests, look (without waiting) at what came in since the last one:
+        a server that hung up meanwhile (an idle connection) left its reason and the
+        end of the stream there, and a request sent now would be lost with the
+        connection.  Seeing that, close: the request goes on a new connection."""
+        sock = self._sock
+        if sock is not None:
+            sock.settimeout(None)  # blocking mode: MSG_DONTWAIT then returns at once
+        while sock is not None:
+            try:
+                data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return  # nothing more: the connection is up
+            except OSError:
+                self.close()
+                return
+            if not data:
+                self.close()  # the end of the stream
+                return
+            self._buffer += data
+            try:
+                self._take_frames()
+            except Unreachable:
+                return  # closed
+            if any(env[1] == 0 and env[0] == Kind.ERROR for env in self._frames):
+                self.close()  # the server's reason for hanging up: on a new connection
+                return
+
+    def _take_frames(self) -> None:
+        """Decode the complete frames in the buffer into ``_frames``."""
+        try:
+            frames = cut_frames(self._buffer, self.max_message)
+        except CodecError as exc:  # a length over max_message: the stream is garbage
+            self.close()
+            raise Unreachable(f"{self.address} sent {exc}") from None
+        for frame in frames:
+            try:
+                if self.guard is not None:
+                    frame = self.guard.open(frame)
+                self._frames.extend(decode_lists(frame))
+            except CodecError:
+                pass  # a corrupt frame answers nobody, as in RpcClient
+
     def _send(self, frame: bytes) -> None:
+        if self.guard is not None:
+            frame = self.guard.seal(frame)
         sock = self._connect()
         try:
             sock.settimeout(None)
@@ -184,6 +252,9 @@ class SyncRpcClient:
                 kind, env_sid, body = self._frames.popleft()
                 if env_sid == sid:
                     return kind, body
+                if env_sid == 0 and kind == Kind.ERROR:  # the server hangs up, saying why
+                    self.close()
+                    raise body_to_error(body)
             self._read_frames(deadline, event)
 
     def _read_frames(self, deadline: float | None, event: str) -> None:
@@ -192,16 +263,7 @@ class SyncRpcClient:
             raise Unreachable(f"connection to {self.address} lost")
         buffer = self._buffer
         while True:
-            try:
-                frames = cut_frames(buffer)
-            except CodecError as exc:  # a length over MAX_FRAME: the stream is garbage
-                self.close()
-                raise Unreachable(f"{self.address} sent {exc}") from None
-            for frame in frames:
-                try:
-                    self._frames.extend(decode_lists(frame))
-                except CodecError:
-                    pass  # a corrupt frame answers nobody, as in RpcClient
+            self._take_frames()
             if self._frames:
                 return
             left = None if deadline is None else deadline - time.monotonic()

@@ -34,21 +34,29 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("paths", nargs="*", metavar="MANIFEST|DIR",
                    help="manifest files, app folders, or folders of app folders")
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="ADDR",
-                   help=f"control endpoint to listen on (default {DEFAULT_CONTROL})")
+                   help=f"control endpoint to listen on (default {DEFAULT_CONTROL}; beyond "
+                        "loopback only with a token given: --token-file or ENGINE_NODE_TOKEN)")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="the control endpoint's token: read from PATH, made there (mode 0600) "
+                        "if missing (default: ENGINE_TOKEN_FILE, ENGINE_NODE_TOKEN, else the "
+                        "node's own file for its address, on loopback; docs/security.md)")
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
     add_cluster_options(p)
 
     async def run(args: argparse.Namespace) -> int:
+        from engine.node.auth import ControlAuth
         from engine.node.node import serve
 
         options = cluster_options(args)
+        auth = ControlAuth.from_env(token_file=args.token_file)
         logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if options is None:
-            return await serve(args.paths, control=args.control)
+            return await serve(args.paths, control=args.control, auth=auth)
         from engine.cluster.verbs import in_cluster
 
-        return await serve(args.paths, control=args.control, cluster=in_cluster(options))
+        return await serve(args.paths, control=args.control, cluster=in_cluster(options),
+                           auth=auth)
     return run
 
 

@@ -54,14 +54,19 @@ def node_options(p: argparse.ArgumentParser, *, timeout: float | None = 30.0) ->
                    help=f"the node's control address (default {DEFAULT_NODE})")
     p.add_argument("--timeout", type=float, default=timeout, metavar="S",
                    help="seconds to wait for the reply (per chunk when streaming)")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="the node's token (default: ENGINE_NODE_TOKEN, ENGINE_TOKEN_FILE, or "
+                        "the node's own file, found on its host; docs/security.md)")
 
 
 def connect_node(args: argparse.Namespace) -> AbstractAsyncContextManager[NodeClient]:
-    """``async with connect_node(args) as node``: a client of the node at ``--node``."""
+    """``async with connect_node(args) as node``: a client of the node at ``--node``,
+    with its token (``--token-file``, or found as engine.client.tokens says)."""
     from engine.client import connect
 
     wait = 5.0 if args.timeout is None else min(5.0, args.timeout)
-    return connect(args.node, timeout=args.timeout, connect_timeout=wait)
+    return connect(args.node, timeout=args.timeout, connect_timeout=wait,
+                   token_file=args.token_file)
 
 
 def to_json(value: Any, *, indent: int | None = None) -> str:

@@ -16,8 +16,9 @@ async def athumbnails(spec):
 
 ``call``/``stream`` block; ``acall``/``astream`` are for ``async def`` handlers.  Each
 request goes to the node the slave belongs to (``ENGINE_NODE``, set by the node), which
-runs it like any client's request: on the target app's pool, with its queue-limit and
-typed errors (``AppNotFound``, ``QueueFull``, the target handler's ``HandlerError``...),
+runs it like any client's request (sealed with the node's token, found as any client
+on the node's host finds it: engine/client/tokens.py): on the target app's pool, with
+its queue-limit and typed errors (``AppNotFound``, ``QueueFull``, the target handler's ``HandlerError``...),
 raised here.  Chunks flow as the target produces them, flow-controlled end to end.
 
 Blocking calls hold the slave's only thread: its heartbeats wait too, so a blocking call
@@ -71,7 +72,7 @@ def _sync_client(node: str | None) -> Iterator[Any]:
                            "loop would wait for itself: the node cannot answer while it runs")
     address = _node(node)
     idle = _idle_sync.setdefault(address, [])
-    client = idle.pop() if idle else SyncRpcClient(address)
+    client = idle.pop() if idle else SyncRpcClient(address, guard=_guard(address))
     try:
         yield client
     finally:
@@ -93,6 +94,13 @@ def stream(app: str, event: str, payload: Any = None, *, timeout: float = DEFAUL
         yield from client.stream(app, event, payload, timeout=timeout)
 
 
+def _guard(address: str) -> Any:
+    """The node's token as a frame guard (None: no token found: plain frames)."""
+    from engine.client.tokens import control_guard
+
+    return control_guard(address)
+
+
 def _inline_in_node() -> bool:
     """A backend "thread" app's quick handler, run on the node's loop (engine.pool.threads).
     Looked up, not imported: a slave never loads the thread pool, and where nothing loaded
@@ -111,7 +119,8 @@ async def _async_client(node: str | None) -> Any:
     async with _async_lock:  # two handlers asking at once start one client
         client = _async_clients.get(address)
         if client is None:
-            client = _async_clients[address] = await _nursery.start(RpcClient(address).run)
+            client = _async_clients[address] = await _nursery.start(
+                RpcClient(address, guard=_guard(address)).run)
     return client
 
 

@@ -11,6 +11,11 @@ async with connect("tcp://127.0.0.1:9300") as node:
 ```
 Errors arrive as the typed :class:`transport.errors.RemoteError` subclasses the node
 raised (``AppNotFound``, ``QueueFull``, ``SlaveDied``, ``HandlerError``...).
+
+The node's token (docs/security.md) is found by itself on the node's host, as the
+node's user (:mod:`engine.client.tokens`); pass ``token=`` or ``token_file=`` elsewhere.
+Without it, only ``list``, ``info`` and ``nodes`` are answered (on loopback), the rest
+with ``Unauthorized``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import trio
 
 from transport.errors import Unreachable
 from transport.rpc import ReplyStream, RpcClient
+
+from engine.client.tokens import control_guard
 
 DEFAULT_NODE = "tcp://127.0.0.1:9300"
 NODE_TARGET = ""          # the target of node verbs (list, info, deploy...)
@@ -92,11 +99,15 @@ class NodeClient:
 
 @asynccontextmanager
 async def connect(address: str = DEFAULT_NODE, *, timeout: float | None = None,
-                  connect_timeout: float = 5.0) -> AsyncIterator[NodeClient]:
+                  connect_timeout: float = 5.0, token: str | bytes | None = None,
+                  token_file: str | Path | None = None) -> AsyncIterator[NodeClient]:
     """Connect to a node; ``timeout`` is the default per-call timeout (None: none).
-    Raises :class:`Unreachable` if no node answers within ``connect_timeout`` seconds."""
+    Raises :class:`Unreachable` if no node answers within ``connect_timeout`` seconds.
+    ``token``/``token_file``: the node's token, when it cannot be found by itself
+    (:mod:`engine.client.tokens`; a named file that cannot be read raises TokenError)."""
+    guard = control_guard(address, token=token, token_file=token_file)
     try:
-        async with RpcClient(address, timeout=timeout) as rpc:
+        async with RpcClient(address, timeout=timeout, guard=guard) as rpc:
             with trio.move_on_after(connect_timeout):
                 await rpc.wait_connected()
             if not rpc.connected:

@@ -30,7 +30,7 @@ import json
 import os
 import posixpath
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Mapping
 
 from engine.manifest import DEFAULT_ENTRY, MANIFEST_FILE, AppManifest
@@ -143,9 +143,12 @@ def check_bundle(bundle: Any, *, limit: int = MAX_BUNDLE) -> dict[str, Any]:
     for rel, data in files.items():
         if not isinstance(rel, str) or not isinstance(data, bytes):
             raise BundleError("bundle files must map relative paths to bytes")
-        parts = PurePosixPath(rel).parts
+        # Split by hand: PurePosixPath drops "." and empty segments, so "app.py/." and
+        # "a//b" would pass as other names of "app.py" and "a/b" (overwriting them).
+        parts = tuple(rel.split("/"))
         if (not parts or rel.startswith("/") or "\\" in rel or "\0" in rel
-                or any(p in ("..", ".", "") for p in parts) or rel == MANIFEST_FILE):
+                or any(p in ("..", ".", "") for p in parts)
+                or parts[0] == MANIFEST_FILE):  # (the manifest's place, or a folder there)
             raise BundleError(f"app {name}: bundle file path not allowed: {rel!r:.80}")
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         total += len(data)
@@ -155,7 +158,10 @@ def check_bundle(bundle: Any, *, limit: int = MAX_BUNDLE) -> dict[str, Any]:
     if total > limit or len(files) > MAX_FILES:
         raise BundleError(f"bundle of {total} bytes / {len(files)} files exceeds the limit")
     bundle_entry(name, manifest, files)
-    digest = digest_of(manifest, files)
+    try:
+        digest = digest_of(manifest, files)
+    except (TypeError, ValueError, RecursionError) as exc:   # bytes in it, nested too deep...
+        raise BundleError(f"app {name}: its manifest is not JSON ({exc})"[:300]) from None
     if bundle.get("digest") != digest:
         raise BundleError("bundle digest does not match its content")
     return bundle

@@ -15,7 +15,11 @@ The trio shell around :mod:`engine.cluster.balance` (docs/cluster.md has the who
 
 Cluster messages are ``{"cluster", "key", "body", "sig"}``: ``sig`` is an HMAC-SHA256 of
 the body under the cluster's secret (when it has one), so only holders of the secret
-can push apps (code) or load figures to a node.
+can push apps (code) or load figures to a node.  Every call to a peer's control
+endpoint is sealed (transport/seal.py, docs/security.md): with the cluster's secret,
+which its nodes accept beside their own tokens, or, in a cluster without one (on one
+host: a node refuses to listen beyond loopback then), with the peer's own token, read
+on this host like the CLI does.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ from transport.mesh.discovery import Discovery, DiscoveryConfig
 from transport.errors import BadMessage, QueueFull, RemoteError, Unreachable
 from transport.mesh.peers import Beacon
 from transport.rpc import RpcClient, Stream
+from transport.seal import SealedClient, SealKey
+
+from engine.client.tokens import TokenError, control_guard
 
 from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
 from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle, make_bundle, write_bundle
@@ -149,10 +156,30 @@ class Cluster:
             for pid, endpoint in current.items():
                 if pid not in self._clients:
                     # A hub of many links: never hold the node's loop polling for one.
-                    client = self._clients[pid] = RpcClient(endpoint, spin=False)
+                    client = self._clients[pid] = RpcClient(endpoint, spin=False,
+                                                            guard=self._peer_guard(endpoint))
                     nursery.start_soon(client.run)
                     nursery.start_soon(self._first_exchange, pid, client)
                     log.info("cluster %s: peer %s at %s", self.options.name, pid, endpoint)
+
+    @property
+    def secret(self) -> bytes | None:
+        """The cluster's secret (None: it has none)."""
+        return self._secret
+
+    def _peer_guard(self, endpoint: str) -> SealedClient | None:
+        """How this node proves itself to a peer's control endpoint: by the cluster's
+        secret; without one, by the peer's own token, read on this host; None (plain
+        frames: the peer answers them ``Unauthorized``, seen in ``sync_failed`` and the
+        peers' outcomes) when neither is to be had."""
+        if self._secret is not None:
+            return SealedClient(SealKey.from_secret(self._secret, b"cluster"))
+        try:
+            return control_guard(endpoint)
+        except TokenError as exc:
+            log.warning("cluster %s: no token for the peer at %s: %s", self.options.name,
+                        endpoint, exc)
+            return None
 
     def _drop_peer(self, pid: str, why: str) -> None:
         client = self._clients.pop(pid, None)

@@ -47,6 +47,10 @@ class ClusterMember(NodeCluster):
     def has_peers(self) -> bool:
         return self.cluster.has_peers
 
+    @property
+    def peer_secret(self) -> bytes | None:
+        return self.cluster.secret
+
     def verbs(self, plain: Verbs) -> Verbs:
         return cluster_verbs(self.cluster, plain)
 
@@ -98,7 +102,7 @@ def cluster_verbs(cluster: Cluster, plain: Verbs) -> dict[str, VerbFn]:
         cluster.tombstones.add(name)
         if name not in node.apps:
             return "not here"
-        await node.undeploy(name, body.get("drain"))
+        await node.undeploy(name, drain_arg(body))   # (body may be the bare name)
         return "undeployed"
 
     async def run_here(node: NodeApi, args: Any) -> Any:

@@ -77,7 +77,7 @@ class CronDriver(Driver[CronOptions]):
         tz = opt_str(raw, ctx, "timezone", default="UTC")
         try:
             ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long to look up
             raise ctx.error("timezone", "an IANA time zone name like 'Europe/Paris'", tz) from None
         return CronOptions(schedule=schedule, timezone=tz)
 

@@ -51,7 +51,11 @@ class FilesystemMonitor(Driver[FsMonitorOptions]):
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> FsMonitorOptions:
         check_keys(raw, ctx, ["path", "pattern", "recursive"])
-        path = Path(opt_str(raw, ctx, "path")).expanduser()
+        text = opt_str(raw, ctx, "path")
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user of no user here: no home to expand it to
+            raise ctx.error("path", "a path (~user/... only for a user of this machine)", text) from None
         if not path.is_absolute():
             path = ctx.base_dir / path
         return FsMonitorOptions(path=path, pattern=opt_str(raw, ctx, "pattern", default=None),

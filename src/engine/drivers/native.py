@@ -18,29 +18,77 @@ native-sink
     the acknowledgement waits, so producers that wait for it are slowed down (the
     sink's backpressure).  With ``"publish": true`` outcomes go to the app's pubsub
     channel under ``result.<driver name>``, as for nng-sink.
+
+Both take the RpcServer's limits (docs/protocol.md, "Limits"): ``max-message`` (bytes,
+default 16 MiB), ``max-connections`` (default 1024), ``idle-timeout`` (s, default 300;
+``null``: never).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from transport.codec import DEFAULT_MAX_MESSAGE
 from transport.errors import RemoteError, TransportError
 from transport.rpc import Request, RpcServer
+from transport.rpc.connection import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 from engine.errors import DriverError
 from engine.drivers.base import (NO_ROOM, ClusterRouter, Driver, DriverHost, SubmittedJob, bare_driver_errors,
                                  sole_leaf, submit_holding)
+from engine.drivers.nng_server import parse_max_message
 from engine.drivers.nng_sink import SinkOptions, SinkOutcomes
-from engine.drivers.options import DriverSpec, OptionContext, check_keys, check_url, opt_bool, opt_str
+from engine.drivers.options import (DriverSpec, OptionContext, check_keys, check_url, opt_bool, opt_number,
+                                    opt_str)
 from engine.drivers.registry import register
 
 RPC_SCHEMES = ("tcp://", "ipc://", "unix://", "nng+tcp://", "nng+ipc://")  # see transport/_links.py
 
 
+LIMIT_KEYS = ["max-message", "max-connections", "idle-timeout"]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a client can make the driver's RpcServer hold (its keyword arguments)."""
+
+    max_message: int = DEFAULT_MAX_MESSAGE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+
+
+def parse_limits(raw: Any, ctx: OptionContext) -> ServerLimits:
+    """``max-message``, ``max-connections``, ``idle-timeout`` (``null``: never)."""
+    connections: int = opt_number(raw, ctx, "max-connections", default=DEFAULT_MAX_CONNECTIONS,
+                                  minimum=1, integer=True)
+    idle: float | None = DEFAULT_IDLE_TIMEOUT
+    if "idle-timeout" in raw:
+        idle = raw["idle-timeout"]
+        if idle is not None:
+            idle = float(opt_number(raw, ctx, "idle-timeout"))
+            if idle <= 0:
+                raise ctx.error("idle-timeout", "a number of seconds > 0, or null (never)",
+                                raw["idle-timeout"])
+    return ServerLimits(parse_max_message(raw, ctx), connections, idle)
+
+
 @dataclass(frozen=True)
 class NativeOptions:
     endpoint: str | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+@dataclass(frozen=True)
+class NativeSinkOptions(SinkOptions):
+    """A sink's options (``max_message`` as in ``limits``) and its server's limits."""
+
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+def _server(endpoint: str, handle: Any, limits: ServerLimits) -> RpcServer:
+    return RpcServer(endpoint, handle, max_message=limits.max_message,
+                     max_connections=limits.max_connections, idle_timeout=limits.idle_timeout)
 
 
 def _endpoint(endpoint: str, ctx: OptionContext) -> str:
@@ -76,9 +124,10 @@ class NativeServer(Driver[NativeOptions]):
 
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> NativeOptions:
-        check_keys(raw, ctx, ["endpoint"])
+        check_keys(raw, ctx, ["endpoint", *LIMIT_KEYS])
         endpoint = opt_str(raw, ctx, "endpoint", default=None)
-        return NativeOptions(endpoint=None if endpoint is None else _endpoint(endpoint, ctx))
+        return NativeOptions(endpoint=None if endpoint is None else _endpoint(endpoint, ctx),
+                             limits=parse_limits(raw, ctx))
 
     async def run(self, app: DriverHost, *,
                   task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -110,7 +159,7 @@ class NativeServer(Driver[NativeOptions]):
         if self.options.endpoint is None:
             task_status.started(None)
             await trio.sleep_forever()
-        self.server = RpcServer(self.options.endpoint, handle)
+        self.server = _server(self.options.endpoint, handle, self.options.limits)
         await _serve_rpc(self.server, task_status)
 
     async def _balanced(self, cluster: ClusterRouter, app_name: str, payload: Any) -> Any:
@@ -133,17 +182,19 @@ class NativeServer(Driver[NativeOptions]):
 
 
 @register("native-sink")
-class NativeSink(Driver[SinkOptions]):
+class NativeSink(Driver[NativeSinkOptions]):
     def __init__(self, spec: DriverSpec) -> None:
         super().__init__(spec)
         self.outcomes = SinkOutcomes(spec, self.options, self.stats)
         self.server: RpcServer | None = None
 
     @staticmethod
-    def parse_options(raw: Any, ctx: OptionContext) -> SinkOptions:
-        check_keys(raw, ctx, ["endpoint", "publish"])
-        return SinkOptions(endpoint=_endpoint(opt_str(raw, ctx, "endpoint"), ctx),
-                           publish=opt_bool(raw, ctx, "publish", default=False))
+    def parse_options(raw: Any, ctx: OptionContext) -> NativeSinkOptions:
+        check_keys(raw, ctx, ["endpoint", "publish", *LIMIT_KEYS])
+        limits = parse_limits(raw, ctx)
+        return NativeSinkOptions(endpoint=_endpoint(opt_str(raw, ctx, "endpoint"), ctx),
+                                 publish=opt_bool(raw, ctx, "publish", default=False),
+                                 max_message=limits.max_message, limits=limits)
 
     async def run(self, app: DriverHost, *,
                   task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -156,7 +207,7 @@ class NativeSink(Driver[SinkOptions]):
                     nursery.start_soon(self.outcomes.follow, job, req.payload)
                     return None
 
-                self.server = RpcServer(self.options.endpoint, handle)
+                self.server = _server(self.options.endpoint, handle, self.options.limits)
                 await _serve_rpc(self.server, task_status)
 
     def details(self) -> dict[str, Any]:

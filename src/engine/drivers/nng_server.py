@@ -10,6 +10,10 @@ the socket in nng's *raw* mode, where every request carries its routing header (
 pipe and request id) and replies may go back in any order.  Each request runs as
 its own task; the header is copied onto the reply so nng routes it to its caller.
 When the pool is full the answer is the ``queue-full`` error at once.
+
+``max-message`` (bytes, default 16 MiB: :data:`transport.codec.DEFAULT_MAX_MESSAGE`)
+is nng's receive limit on the socket: a bigger message is refused by nng itself, which
+closes that client's pipe (nothing of it is buffered; nng gives no way to answer it).
 """
 from __future__ import annotations
 
@@ -19,13 +23,15 @@ from typing import Any
 import pynng
 import trio
 from pynng import ffi, lib
-from transport.codec import pack, unpack
+from transport.codec import DEFAULT_MAX_MESSAGE, pack, unpack
 from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
+from transport.rpc.connection import MIN_MESSAGE
 from transport.sockets import TrioSocket, bound_address
 
 from engine.errors import DriverError
 from engine.drivers.base import NO_ROOM, Driver, DriverHost, run_job
-from engine.drivers.options import DriverSpec, OptionContext, check_keys, check_url, opt_str
+from engine.drivers.options import (DriverSpec, OptionContext, check_keys, check_url, opt_number,
+                                    opt_str)
 from engine.drivers.registry import register
 
 NNG_SCHEMES = ("tcp://", "ipc://", "inproc://", "ws://", "tls+tcp://")
@@ -34,6 +40,14 @@ NNG_SCHEMES = ("tcp://", "ipc://", "inproc://", "ws://", "tls+tcp://")
 @dataclass(frozen=True)
 class EndpointOptions:
     endpoint: str
+    max_message: int = DEFAULT_MAX_MESSAGE
+
+
+def parse_max_message(raw: Any, ctx: OptionContext) -> int:
+    """``max-message``: the largest message the driver reads, in bytes."""
+    value: int = opt_number(raw, ctx, "max-message", default=DEFAULT_MAX_MESSAGE,
+                            minimum=MIN_MESSAGE, integer=True)
+    return value
 
 
 def parse_nng_endpoint(raw: Any, ctx: OptionContext) -> str:
@@ -72,12 +86,13 @@ class NngServer(Driver[EndpointOptions]):
 
     @staticmethod
     def parse_options(raw: Any, ctx: OptionContext) -> EndpointOptions:
-        check_keys(raw, ctx, ["endpoint"])
-        return EndpointOptions(endpoint=parse_nng_endpoint(raw, ctx))
+        check_keys(raw, ctx, ["endpoint", "max-message"])
+        return EndpointOptions(endpoint=parse_nng_endpoint(raw, ctx),
+                               max_message=parse_max_message(raw, ctx))
 
     async def run(self, app: DriverHost, *,
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        raw = pynng.Socket(opener=lib.nng_rep0_open_raw)
+        raw = pynng.Socket(opener=lib.nng_rep0_open_raw, recv_max_size=self.options.max_message)
         self.address = listen(raw, self.options.endpoint)
         sock = TrioSocket(raw)
         try:
@@ -123,7 +138,8 @@ class NngServer(Driver[EndpointOptions]):
             return reply_body(error=exc)
 
     def details(self) -> dict[str, Any]:
-        return {"endpoint": self.address or self.options.endpoint, "serving": self.in_flight}
+        return {"endpoint": self.address or self.options.endpoint, "serving": self.in_flight,
+                "max_message": self.options.max_message}
 
 
 def _header(msg: pynng.Message) -> bytes:

@@ -8,7 +8,8 @@ published on the app's pubsub channel under the topic ``result.<driver name>``
 Backpressure: while the pool is full the driver stops reading; nng's receive buffer
 fills, then the producers' sends block (Push0 has no drop policy), so a fast producer
 is slowed down rather than losing jobs.  Payloads that are not msgpack are counted as
-errors and dropped: there is nobody to answer.
+errors and dropped: there is nobody to answer.  ``max-message`` (bytes, default 16 MiB)
+is nng's receive limit: nng drops a bigger message and closes its producer's pipe.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from typing import Any, Callable
 
 import pynng
 import trio
-from transport.codec import unpack
+from transport.codec import DEFAULT_MAX_MESSAGE, unpack
 from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
 from transport.sockets import TrioSocket
 
 from engine.drivers.base import Driver, DriverHost, DriverStats, SubmittedJob, run_job, submit_holding
-from engine.drivers.nng_server import listen, parse_nng_endpoint
+from engine.drivers.nng_server import listen, parse_max_message, parse_nng_endpoint
 from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_bool
 from engine.drivers.registry import register
 
@@ -35,12 +36,14 @@ SINK_BUFFER = 16
 class SinkOptions:
     endpoint: str
     publish: bool = False
+    max_message: int = DEFAULT_MAX_MESSAGE
 
 
 def parse_sink_options(raw: Any, ctx: OptionContext) -> SinkOptions:
-    check_keys(raw, ctx, ["endpoint", "publish"])
+    check_keys(raw, ctx, ["endpoint", "publish", "max-message"])
     return SinkOptions(endpoint=parse_nng_endpoint(raw, ctx),
-                       publish=opt_bool(raw, ctx, "publish", default=False))
+                       publish=opt_bool(raw, ctx, "publish", default=False),
+                       max_message=parse_max_message(raw, ctx))
 
 
 class SinkOutcomes:
@@ -78,7 +81,7 @@ class NngSink(Driver[SinkOptions]):
     async def run(self, app: DriverHost, *,
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         self.outcomes.bind(app)
-        raw = pynng.Pull0()
+        raw = pynng.Pull0(recv_max_size=self.options.max_message)
         self.address = listen(raw, self.options.endpoint)
         sock = TrioSocket(raw, buffer=SINK_BUFFER)
         try:
@@ -98,4 +101,5 @@ class NngSink(Driver[SinkOptions]):
             sock.close()
 
     def details(self) -> dict[str, Any]:
-        return {"endpoint": self.address or self.options.endpoint, "publish": self.options.publish}
+        return {"endpoint": self.address or self.options.endpoint, "publish": self.options.publish,
+                "max_message": self.options.max_message}

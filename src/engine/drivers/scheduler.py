@@ -30,6 +30,11 @@ from engine.drivers.options import DriverSpec, OptionContext, check_keys, opt_nu
 from engine.drivers.registry import register
 
 
+# How far ahead an event may be scheduled: a century (its due time must stay a datetime;
+# an 'in' of 1e308 or an 'at' in the year 9999 west of UTC would not).
+MAX_DELAY = 100 * 365.25 * 86400
+
+
 @dataclass(frozen=True)
 class SchedulerOptions:
     max_pending: int = 10_000
@@ -40,8 +45,9 @@ def parse_when(in_: Any = None, at: Any = None, *, now: datetime | None = None) 
     if (in_ is None) == (at is None):
         raise BadMessage("schedule needs exactly one of 'in' (seconds) or 'at' (ISO-8601 time)")
     if in_ is not None:
-        if isinstance(in_, bool) or not isinstance(in_, (int, float)) or not in_ >= 0:
-            raise BadMessage(f"'in' must be a non-negative number of seconds, got {in_!r:.60}")
+        if isinstance(in_, bool) or not isinstance(in_, (int, float)) or not 0 <= in_ <= MAX_DELAY:
+            raise BadMessage(f"'in' must be a non-negative number of seconds, at most a century "
+                             f"({MAX_DELAY:.0f}), got {in_!r:.60}")
         return float(in_)
     try:
         when = datetime.fromisoformat(at) if isinstance(at, str) else None
@@ -52,7 +58,10 @@ def parse_when(in_: Any = None, at: Any = None, *, now: datetime | None = None) 
     if when.tzinfo is None:
         when = when.astimezone()  # a naive time is the node's local time
     now = now or datetime.now(timezone.utc)
-    return max(0.0, (when - now).total_seconds())
+    delay = max(0.0, (when - now).total_seconds())
+    if delay > MAX_DELAY:
+        raise BadMessage(f"'at' must be at most a century from now, got {at!r:.60}")
+    return delay
 
 
 @register("manual-scheduler")

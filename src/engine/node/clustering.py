@@ -24,6 +24,14 @@ class NodeCluster(Protocol):
         """Whether app requests may go elsewhere (server drivers ask, per request)."""
         ...
 
+    @property
+    def peer_secret(self) -> bytes | None:
+        """The secret its peers seal their requests to this node's control endpoint
+        with (the cluster's: its holders may push apps to the node already), which the
+        node accepts beside its own token; None: peers use the node's token, found on
+        this host (docs/security.md)."""
+        ...
+
     def verbs(self, plain: Verbs) -> Verbs:
         """The verbs this adds to the node, or replaces (``plain``: the node's own,
         for the ones it wraps)."""

@@ -4,6 +4,12 @@
 result, or streams its chunks.  ``REQUEST ["", verb, args]`` runs a verb from the
 node's own table (:mod:`engine.node.verbs`; a node in a cluster has the cluster's
 too), given to the handler by the node that made it.
+
+Only a request that came sealed with the node's token (``Request.sealed``: the
+RpcServer's gate verified it, transport/seal.py) runs anything; without the token a
+caller gets answers to ``open_verbs`` (read-only; the node passes
+:data:`engine.node.auth.OPEN_VERBS` on loopback, nothing otherwise) and ``Unauthorized``
+for the rest (docs/security.md).
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from transport.errors import UnknownEvent
 from transport.rpc import Deferred, Request, Stream
+
+from engine.node.auth import refusal
 
 if TYPE_CHECKING:
     from engine.node.clustering import NodeCluster
@@ -22,15 +30,22 @@ log = logging.getLogger(__name__)
 
 
 class ControlHandler:
-    """The RpcServer handler of one node: ``verbs`` is that node's table."""
+    """The RpcServer handler of one node: ``verbs`` is that node's table;
+    ``open_verbs`` the verbs answered without the token; ``address``: the control
+    address, for the refusals' messages."""
 
-    def __init__(self, node: NodeApi, verbs: Verbs):
+    def __init__(self, node: NodeApi, verbs: Verbs, *,
+                 open_verbs: frozenset[str] = frozenset(), address: str | None = None):
         self.node = node
         self.verbs = verbs
+        self.open_verbs = open_verbs
+        self.address = address
 
     def __call__(self, req: Request) -> Any:
         """A verb's coroutine (the RpcServer runs it on a task), or an app job's
         :func:`reply_later` (answered from the pool, no task)."""
+        if not req.sealed:
+            self.check_open(req)
         if req.target == "":
             fn = self.verbs.get(req.event)
             if fn is None:
@@ -39,18 +54,27 @@ class ControlHandler:
         app = self.node.get(req.target)
         return reply_later(app.submit(req.event, req.payload, req.chunks))
 
+    def check_open(self, req: Request) -> None:
+        """Raise ``Unauthorized`` unless ``req`` (which came without the token) asks
+        for one of the open verbs."""
+        if req.target != "" or req.event not in self.open_verbs:
+            raise refusal(req.target, req.event, self.address, self.open_verbs)
+
 
 class ClusterControlHandler(ControlHandler):
     """The control handler of a node in a cluster: app requests go through
     :meth:`NodeCluster.serve` (here, or on a less loaded peer); node verbs as usual."""
 
-    def __init__(self, node: NodeApi, verbs: Verbs, cluster: NodeCluster):
-        super().__init__(node, verbs)
+    def __init__(self, node: NodeApi, verbs: Verbs, cluster: NodeCluster, *,
+                 open_verbs: frozenset[str] = frozenset(), address: str | None = None):
+        super().__init__(node, verbs, open_verbs=open_verbs, address=address)
         self.cluster = cluster
 
     def __call__(self, req: Request) -> Any:
         if req.target == "" or req.chunks is not None:
             return super().__call__(req)  # a chunked request runs where its chunks arrive
+        if not req.sealed:
+            self.check_open(req)
         return self.cluster.serve(req.target, req.event, req.payload)  # a coroutine: on a task
 
 

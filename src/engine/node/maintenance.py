@@ -3,7 +3,10 @@
 Every message is ``topic`` (UTF-8) + ``b"\\0"`` + msgpack body, so an nng Sub0
 subscriber in any language filters by prefix: subscribe to ``b"state\\0"`` for the
 app's state (at least once a second), ``b"result."`` for the outcomes sinks publish
-(``result.<driver>``), or ``b""`` for everything.  See docs/drivers.md for the body.
+(``result.<driver>``), ``b"fault\\0"`` for the failures of the app's parts (a slave, its
+link, a driver: ``{"seq", "time", "part", "kind", "reason"}``, each once, within a
+second; docs/architecture.md, "Faults"), or ``b""`` for everything.  See
+docs/drivers.md for the body.
 
 Pub0 never blocks: a subscriber too slow to keep up loses messages; the publisher
 (and so the app) never waits for it.  The state's ``seq`` lets a reader spot gaps.
@@ -22,6 +25,7 @@ from transport.sockets import TrioSocket
 from engine.errors import DriverError
 
 STATE_TOPIC = "state"
+FAULT_TOPIC = "fault"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:0"   # the node's choice: a free loopback port
 INTERVAL = 1.0
 
@@ -69,12 +73,17 @@ class ReportingApp(Protocol):
 
 def state_of(app: ReportingApp, seq: int, meter: RateMeter, now: float) -> dict[str, Any]:
     """The state message body, from ``app.info()`` (see docs/drivers.md)."""
-    info = app.info()
+    return state_from(app.info(), app.name, seq, meter, now)
+
+
+def state_from(info: dict[str, Any], name: str, seq: int, meter: RateMeter,
+               now: float) -> dict[str, Any]:
+    """:func:`state_of`, from an ``info()`` already read."""
     pool = info.get("pool", {}) or {}
     finished = int(pool.get("done", 0) or 0) + int(pool.get("failed", 0) or 0)
     drivers = info.get("drivers", {}) or {}
     return {
-        "app": info.get("name", app.name),
+        "app": info.get("name", name),
         "seq": seq,
         "time": time.time(),
         "state": info.get("state"),
@@ -90,6 +99,8 @@ def state_of(app: ReportingApp, seq: int, meter: RateMeter, now: float) -> dict[
         "drivers": drivers,
         "ticks": sum(int(d.get("ticks", 0) or 0) for d in drivers.values()),
         "skipped": sum(int(d.get("skipped", 0) or 0) for d in drivers.values()),
+        "faults": info.get("faults", {}),
+        "restarts": info.get("restarts", {}),
     }
 
 
@@ -108,6 +119,7 @@ class MaintenanceChannel:
         self._sock: TrioSocket | None = None
         self._seq = 0
         self._meter = RateMeter()
+        self._fault_seq = 0   # the last fault published (engine.faults: one sequence)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         raw = pynng.Pub0()
@@ -130,12 +142,33 @@ class MaintenanceChannel:
             self._sock = None
 
     def publish_state(self) -> None:
+        """The state, then the faults not published yet."""
         self._seq += 1
+        info: dict[str, Any] | None = None
         try:
-            body = state_of(self.app, self._seq, self._meter, trio.current_time())
+            info = self.app.info()
+            body = state_from(info, self.app.name, self._seq, self._meter, trio.current_time())
         except Exception as exc:  # a broken info() must not stop the channel
             body = {"app": self.app.name, "seq": self._seq, "error": repr(exc)}
         self.publish(STATE_TOPIC, body)
+        if info is not None:
+            self._publish_faults(info)
+
+    def publish_faults(self) -> None:
+        """Publish the faults not published yet now (the app just recorded one),
+        rather than with the next state."""
+        try:
+            info = self.app.info()
+        except Exception:
+            return  # the next state says so
+        self._publish_faults(info)
+
+    def _publish_faults(self, info: dict[str, Any]) -> None:
+        for fault in info.get("recent_faults") or ():
+            seq = fault.get("seq", 0) if isinstance(fault, dict) else 0
+            if isinstance(seq, int) and seq > self._fault_seq:
+                self._fault_seq = seq
+                self.publish(FAULT_TOPIC, fault)
 
     def publish(self, topic: str, value: Any) -> None:
         """Non-blocking: queue one message for every subscriber (or count it dropped)."""

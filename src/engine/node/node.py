@@ -25,7 +25,9 @@ import trio
 
 from engine.app import App
 from engine.errors import AppNotFound, DriverError, ManifestError, ShuttingDown
+from engine.faults import Backoff
 from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
+from engine.node.auth import ControlAuth, NodeToken
 from engine.node.clustering import NodeCluster
 from engine.node.verbs import VerbFn, base_verbs
 from engine.pool.zygote_client import Zygote, running_zygote
@@ -70,14 +72,19 @@ ClusterFactory = Callable[["Node"], NodeCluster]
 class Node:
     def __init__(self, *, control: str | None = DEFAULT_CONTROL,
                  app_factory: Callable[[AppManifest], App] = App,
-                 cluster: ClusterFactory | None = None):
+                 cluster: ClusterFactory | None = None,
+                 auth: ControlAuth = ControlAuth()):
         """``cluster``: makes this node's part in a cluster (``engine.cluster.verbs.in_cluster``);
-        without it the node is on its own."""
+        without it the node is on its own.  ``auth``: where the control endpoint's
+        token comes from (engine/node/auth.py; by default the node's own file for its
+        address, made on first start: loopback only)."""
         self.control_requested = control
         self.control_address: str | None = None   # the bound address, once running
+        self.token = NodeToken(auth)               # its control endpoint's (never logged)
         self.app_factory = app_factory
         self.apps: dict[str, App] = {}
         self.rejected: dict[str, str] = {}        # manifest path -> why it is not hosted
+        self.app_failures = 0                     # apps started again after failing whole
         self.state = "created"
         self.started_at = time.time()
         self._nursery: trio.Nursery | None = None
@@ -116,6 +123,7 @@ class Node:
                 raise failure
         finally:
             self.state = "stopped"
+            self.token.close()
             self._stopped.set()
 
     async def _start_control(self, nursery: trio.Nursery) -> Exception | None:
@@ -123,17 +131,52 @@ class Node:
             return None
         from transport.errors import TransportError
         from transport.rpc import RpcServer
+        from transport.seal import SealGate, SealKey
 
+        from engine.client.tokens import TokenError
+        from engine.node.auth import OPEN_VERBS, is_local
         from engine.node.control import ClusterControlHandler, ControlHandler
 
-        handler = (ControlHandler(self, self.verbs) if self.cluster is None
-                   else ClusterControlHandler(self, self.verbs, self.cluster))
-        server = self._control_server = RpcServer(self.control_requested, handler)
+        requested = self.control_requested
+        local = is_local(requested)
+        # The token before anything listens: a node that may not serve (beyond loopback
+        # with no token given) binds nothing.
+        try:
+            keys = [SealKey.from_secret(self.token.before_bind(requested).secret)]
+        except TokenError as exc:
+            return exc
+        if self.cluster is not None:
+            secret = self.cluster.peer_secret
+            if secret is not None:   # its peers seal with the cluster's secret
+                keys.append(SealKey.from_secret(secret, b"cluster"))
+            elif not local:
+                return TokenError(
+                    f"a node in a cluster without a secret listens on loopback only (its "
+                    f"peers on other hosts could not prove who they are): give the cluster "
+                    f"a secret (--cluster-secret, ENGINE_CLUSTER_SECRET) or bind "
+                    f"127.0.0.1 (see docs/security.md)")
+        open_verbs = OPEN_VERBS if local else frozenset()
+        handler = (ControlHandler(self, self.verbs, open_verbs=open_verbs, address=requested)
+                   if self.cluster is None else
+                   ClusterControlHandler(self, self.verbs, self.cluster, open_verbs=open_verbs,
+                                         address=requested))
+        server = self._control_server = RpcServer(requested, handler,
+                                                  gate=SealGate(keys, what="this node"))
         try:
             self.control_address = await nursery.start(server.run)
         except TransportError as exc:  # e.g. the port is taken
             return exc
-        log.info("control endpoint on %s", self.control_address)
+        try:
+            where = self.token.after_bind(self.control_address)
+        except TokenError as exc:
+            return exc
+        # Logged before "serving" (tests and scripts wait for that): by then clients
+        # on this host find the token.  The token itself is never logged.
+        log.log(logging.INFO if local else logging.WARNING,
+                "control endpoint on %s (%s; its token: %s)", self.control_address,
+                "loopback: list, info and nodes answered without the token" if local
+                else "NOT loopback: every request needs the token",
+                where or "from the environment")
         # Slaves inherit this: a handler can reach its own node (e.g. to schedule events).
         os.environ["ENGINE_NODE"] = self.control_address
         return None
@@ -223,24 +266,47 @@ class Node:
         return await self.deploy(parse_manifest(data, source=source, name=name))
 
     async def _host(self, app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        # Failures before started() belong to deploy()'s caller; after it, an app that
-        # dies is logged and dropped, never taking the node or other apps down.
+        # Failures before started() belong to deploy()'s caller.  After it, an app stops
+        # only when asked (undeploy, shutdown): it keeps its own parts (docs/architecture.md,
+        # "Faults"), and should it fail as a whole all the same (a bug of its own), a
+        # fresh app of the same manifest takes its place after a backoff, never taking
+        # the node or other apps down.
         started = False
 
         class _Status:
             def started(self, value: Any = None) -> None:
                 nonlocal started
-                started = True
-                task_status.started(value)
+                if not started:  # deploy()'s caller hears of the first start only
+                    started = True
+                    task_status.started(value)
 
+        backoff = Backoff()
         try:
-            await app.run(task_status=_Status())
-            if started:
-                log.info("app %s stopped", app.name)
-        except Exception as exc:
-            if not started:
-                raise
-            log.error("app %s failed and was stopped: %s: %s", app.name, type(exc).__name__, exc)
+            while True:
+                began = trio.current_time()
+                try:
+                    await app.run(task_status=_Status())
+                except Exception as exc:
+                    if not started:
+                        raise
+                    if app.stop_asked.is_set() or self.state != "running":
+                        log.info("app %s stopped (%s: %s)", app.name, type(exc).__name__, exc)
+                        return
+                    delay = backoff.failed(trio.current_time() - began)
+                    self.app_failures += 1
+                    log.error("app %s failed; starting it again in %gs", app.name, delay,
+                              exc_info=exc)
+                else:
+                    log.info("app %s stopped", app.name)
+                    return
+                if self.apps.get(app.name) is not app:
+                    return  # undeployed meanwhile
+                app = self.apps[app.name] = self.app_factory(app.manifest)
+                app.node = self
+                with trio.move_on_after(delay):
+                    await app.stop_asked.wait()
+                if app.stop_asked.is_set():
+                    return  # undeployed (or the node is stopping) while it waited
         finally:
             if self.apps.get(app.name) is app:
                 del self.apps[app.name]
@@ -276,11 +342,11 @@ class Node:
 
 
 async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL,
-                cluster: ClusterFactory | None = None) -> int:
+                cluster: ClusterFactory | None = None, auth: ControlAuth = ControlAuth()) -> int:
     """``python -m engine run``: host the apps under ``paths`` until SIGINT/SIGTERM,
-    then drain and stop everything. A second signal skips the drain.  ``cluster``: as
-    for :class:`Node` (the CLI makes one from ``--cluster`` or ENGINE_CLUSTER)."""
-    node = Node(control=control, cluster=cluster)
+    then drain and stop everything. A second signal skips the drain.  ``cluster``,
+    ``auth``: as for :class:`Node` (the CLI makes them from its options and environment)."""
+    node = Node(control=control, cluster=cluster, auth=auth)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)

@@ -9,6 +9,7 @@ node answers never depends on what else the process imported.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
 
@@ -56,7 +57,8 @@ def app_arg(args: Any) -> str:
 def drain_arg(args: Any) -> float | None:
     """``undeploy``'s optional ``"drain"``: seconds to let in-flight jobs finish."""
     drain = args.get("drain") if isinstance(args, dict) else None
-    if drain is not None and (not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0):
+    if drain is not None and (not isinstance(drain, (int, float)) or isinstance(drain, bool)
+                              or not 0 <= drain < math.inf):  # (NaN fails too)
         raise BadMessage(f"undeploy: drain must be a non-negative number of seconds, got {drain!r:.60}")
     return drain
 

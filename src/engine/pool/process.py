@@ -17,6 +17,14 @@ Contract (docs/architecture.md)::
     await pool.drain(timeout)
     pool.info(); pool.crashlog()
 
+Faults (docs/architecture.md): each slave lives in a task of its own,
+:meth:`SlavePool._supervise`, which is that slave's boundary.  Whatever fails there (the
+process, its link, garbage on it, acting on what it sent) is that slave's failure: its
+jobs are answered with ``SlaveDied``, it is reaped and the policy replaces it (with
+backoff when slaves keep dying before their handshake); the fault is counted in
+``info()["faults"]``.  A message too large for the link fails only its job.  Only a
+cancellation (the pool stopping) ends the pool.
+
 A streamed reply is flow-controlled: the slave runs at most ``STREAM_WINDOW``
 chunks ahead of what the job's consumer has taken (``async for`` or ``result()``),
 which the pool reports back to the slave with CREDIT envelopes.  A chunked request
@@ -33,18 +41,19 @@ from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, assert_never
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, assert_never, cast
 
 import trio
 
 from transport.codec import Envelope, Kind
-from transport.errors import RemoteError
+from transport.errors import BadMessage, CodecError, RemoteError
 from transport.inbound import SendWindow
 
 from engine.pool import policy as P
 from engine.pool.base import Pool, PoolLoad
 from engine.protocol import node_session as S
 from engine.errors import JobCancelled, ShuttingDown
+from engine.faults import FaultLog, describe
 from engine.pool.job import Job
 from engine.manifest import EngineConfig
 from engine.pool.slave import SlaveProcess
@@ -105,6 +114,7 @@ class SlavePool:
         self._crashlog: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._input_windows: dict[int, SendWindow] = {}  # chunked jobs: chunks the slave takes
+        self.faults = FaultLog()                  # failures of its parts (slaves, links)
         self.done = 0
         self.failed = 0
         self.cancelled = 0
@@ -208,6 +218,7 @@ class SlavePool:
                 "done": self.done,
                 "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
                 "crashes": self.crashes, "latency_ms": latency_ms(self._latencies),
+                "faults": dict(self.faults.counts), "recent_faults": self.faults.recent(),
                 "prefetch": p["prefetch"],
                 "zygote": self._zygote.pid if self._zygote and self._zygote.ready else None}
 
@@ -228,8 +239,13 @@ class SlavePool:
                 session = slave.session
                 assert session is not None, "only a slave that handshaked is given jobs"
                 chunks = job.input
-                self._act(slave, session.invoke(job.id, job.id, job.event, job.payload,
-                                                chunks is not None), now)
+                try:
+                    self._act(slave, session.invoke(job.id, job.id, job.event, job.payload,
+                                                    chunks is not None), now)
+                except BadMessage as exc:  # its INVOKE cannot go (over the link's limit)
+                    self.faults.record(f"slave {slave.process.pid}", "too-large", str(exc))
+                    self._act(slave, session.withdraw(job.id, exc), now)
+                    continue
                 if chunks is not None:
                     self._running().start_soon(self._send_input, slave, job, chunks)
                 continue
@@ -341,7 +357,9 @@ class SlavePool:
     # -- tasks -------------------------------------------------------------------------
     async def _send_input(self, slave: _Slave, job: Job, chunks: AsyncIterable[Any]) -> None:
         """Forward a chunked job's chunks to its slave, never more than the slave's
-        window ahead of its handler; stops when the job is answered (or its slave gone)."""
+        window ahead of its handler; stops when the job is answered (or its slave gone).
+        A failure here is this job's: it is answered with the error and cancelled on
+        its slave."""
         window = self._input_windows[job.id] = SendWindow()
         try:
             with trio.CancelScope() as scope:
@@ -352,14 +370,69 @@ class SlavePool:
                         window.left -= 1
                         slave.process.send(Kind.CHUNK, job.id, item)
                     slave.process.send(Kind.CHOKE, job.id, None)
+                except BadMessage as exc:  # a chunk over the link's limit, or malformed
+                    self.faults.record(f"slave {slave.process.pid}", "too-large", str(exc))
+                    self._fail_running(job, exc)
                 except RemoteError:  # the caller's chunks broke off (it left, or overran)
                     job.cancel()
+                except Exception as exc:
+                    log.exception("%s: forwarding the chunks of job %s failed", self.app_name, job.id)
+                    self.faults.record(f"slave {slave.process.pid}", "input",
+                                       f"{type(exc).__name__}: {exc}")
+                    self._fail_running(job, BadMessage(
+                        f"the request's chunks could not be forwarded: {type(exc).__name__}: {exc}"))
         finally:
             self._input_windows.pop(job.id, None)
 
+    def _fail_running(self, job: Job, error: RemoteError) -> None:
+        """Answer a job on a slave with ``error`` now, and have the slave stop it (its
+        slot frees when the slave acknowledges, as for any cancelled job)."""
+        now = trio.current_time()
+        if self._jobs.get(job.id) is job:
+            self._answer_fail(job.id, error, now)
+            self._apply(self.policy.cancel(job.id, now), now)
+
 
     async def _supervise(self, slave: _Slave) -> None:
-        """One slave's whole life: spawn, talk, reap, report."""
+        """One slave's whole life: spawn, talk, reap, report.  This task is the slave's
+        boundary: whatever fails in it is this slave's failure, never the pool's; only
+        a cancellation (the pool stopping) goes through."""
+        try:
+            await self._slave_life(slave)
+        except* Exception as group:
+            # It escaped the slave's own handling below (a bug): still this slave's only.
+            log.error("%s: the supervisor of slave %s failed", self.app_name, slave.process.pid,
+                      exc_info=group)
+            self.faults.record(f"slave {slave.process.pid}", "supervisor", describe(group))
+            self._gone_anyway(slave, f"its supervisor failed: {describe(group)}")
+
+    def _gone_anyway(self, slave: _Slave, reason: str) -> None:
+        """After a supervisor failure: make sure the slave is dead and forgotten, and
+        its jobs answered, whatever was done before the failure."""
+        slave.process.kill()
+        now = trio.current_time()
+        sess = slave.session
+        if sess is not None:
+            for action in sess.kill(reason):
+                if isinstance(action, S.Failed):
+                    self._answer_fail(cast(int, action.job), action.error, now)
+        self._slaves.pop(slave.id, None)
+        if slave.id in self.policy.slaves and not self.policy.closed:
+            handshaked = sess.handshaked if sess is not None else False
+            self._apply(self.policy.slave_gone(slave.id, now, handshaked=handshaked, reason=reason),
+                        now)
+
+    def _slave_failed(self, slave: _Slave, kind: str, reason: str) -> None:
+        """Something this slave sent, or acting on it, failed: kill it, its jobs failing
+        with ``reason`` (it is reaped and replaced as any dead slave is)."""
+        self.faults.record(f"slave {slave.process.pid}", kind, reason)
+        sess = slave.session
+        if sess is None:
+            slave.process.kill()
+        else:
+            self._act(slave, sess.kill(reason), trio.current_time())
+
+    async def _slave_life(self, slave: _Slave) -> None:
         cfg = self.config
         proc = slave.process
         spawn_error = None
@@ -388,6 +461,14 @@ class SlavePool:
                 slave.on_frame = on_frame
                 try:
                     await proc.pump(on_frame)
+                except CodecError as exc:  # framing lost: nothing more it sends can be read
+                    log.warning("%s: slave %s sent garbage on its link: %s", self.app_name,
+                                proc.pid, exc)
+                    self._slave_failed(slave, "link-garbage", f"sent garbage on its link ({exc})")
+                except Exception as exc:  # acting on what it sent failed (a bug)
+                    log.exception("%s: handling what slave %s sent failed", self.app_name, proc.pid)
+                    self._slave_failed(slave, "slave-frame", f"what it sent could not be handled "
+                                                             f"({type(exc).__name__}: {exc})")
                 except trio.Cancelled:
                     # Tell the callers now, not after the graceful stop below.
                     # (no Kill: the graceful TERMINATE/SIGTERM/SIGKILL stop follows)
@@ -407,6 +488,10 @@ class SlavePool:
         proc, sess = slave.process, slave.session
         handshaked = sess.handshaked if sess else False
         reason = spawn_error or S.describe_exit(proc.returncode)
+        if proc.fault is not None and sess is not None:
+            kind, why = proc.fault
+            self.faults.record(f"slave {proc.pid}", kind, why)
+            self._act(slave, sess.kill(why), now)  # its jobs fail with why it was killed
         if sess is not None:
             # First: no job may be handed to the dead slave.  (One that never handshaked
             # holds none; stopping it first would spawn its replacement before its
@@ -422,6 +507,7 @@ class SlavePool:
                 reason = f"slave {proc.pid} {reason}"
         if proc.pid is not None and (proc.returncode != 0 or (sess is not None and sess.kill_reason)):
             self.crashes += 1
+            self.faults.record(f"slave {proc.pid}", "slave-died", reason)
             self._crashlog.extend(f"[{proc.pid}] {line}" for line in proc.output)
             self._crashlog.append(f"[{proc.pid}] -- {reason}")
         del self._slaves[slave.id]

@@ -8,6 +8,11 @@ then SIGTERM, then SIGKILL of its whole process group, each after a bounded wait
 
 The slave's stdout and stderr (one pipe) are read continuously, so a chatty
 slave never blocks on a full pipe, and the last ``crashlog_limit`` lines are kept.
+
+Each task here (the link's writer, the output reader, the exit watcher) is a boundary:
+what fails in it is this slave's failure, never its pool's (docs/architecture.md,
+"Faults").  It is noted in :attr:`SlaveProcess.fault` and the process is killed, so
+its pool reaps it, fails its jobs and replaces it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections import deque
 from contextlib import asynccontextmanager
@@ -31,6 +35,7 @@ from transport.errors import Closed
 from transport.streams import FramedStream, from_socket, socketpair
 
 from engine.manifest import EngineConfig
+from engine.pool.spawn import KILL_WITH_PARENT, ChildProcess, start_child
 from engine.pool.zygote_client import ForkedSlave, Zygote
 
 log = logging.getLogger(__name__)
@@ -55,14 +60,20 @@ class SlaveProcess:
         self.returncode: int | None = None
         self.output: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
         self.exited = trio.Event()
-        self._proc: trio.Process | ForkedSlave | None = None
+        self._proc: ChildProcess | ForkedSlave | None = None
         self._chan: EnvelopeChannel | None = None
         self._recv_scope: trio.CancelScope | None = None
         self._output_done = trio.Event()
+        # (kind, reason) of the first failure of this slave's own tasks (its link's
+        # writer, its output reader, its exit watcher): its pool reports it and fails
+        # the slave's jobs with the reason.
+        self.fault: tuple[str, str] | None = None
 
     def command(self, link_fd: int) -> list[str]:
+        # KILL_WITH_PARENT: started from this (trio's) thread, engine.pool.spawn.
         return [self.python, "-m", "engine.worker",
-                *self.worker_args(os.getpid(), self.death_fd), "--fd", str(link_fd)]
+                *self.worker_args(os.getpid(), self.death_fd), "--fd", str(link_fd),
+                KILL_WITH_PARENT]
 
     def worker_args(self, parent_pid: int, death_fd: int | None) -> list[str]:
         """``engine.worker``'s arguments but ``--fd``: its parent, and the read end
@@ -91,14 +102,10 @@ class SlaveProcess:
             extra = {"PYTHONUNBUFFERED": "1", "ENGINE_APP": self.app}
             fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
             try:
-                proc: trio.Process | ForkedSlave | None = await self._fork(theirs.fileno(), extra)
-                if proc is None:
-                    proc = await trio.lowlevel.open_process(
-                        self.command(theirs.fileno()), stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        env=dict(os.environ, **extra),
-                        start_new_session=True,  # no ^C from the tty
-                        pass_fds=fds)
+                proc: ChildProcess | ForkedSlave | None = await self._fork(theirs.fileno(), extra)
+                if proc is None:  # a session of its own (no ^C from the tty), output piped
+                    proc = start_child(self.command(theirs.fileno()), env=dict(os.environ, **extra),
+                                       pass_fds=fds, capture_output=True)
                 self._proc = proc
             finally:
                 theirs.close()  # the child has its copy; ours must go so EOF means "slave gone"
@@ -108,7 +115,7 @@ class SlaveProcess:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, proc.stdout)
                     nursery.start_soon(self._wait_exit, proc)
-                    await nursery.start(chan.run_writer)
+                    await nursery.start(self._write, chan)
                     yield chan
                     # The slave exited or closed its link, and the link's EOF often
                     # comes before the exit is seen: wait a moment for both, and for
@@ -147,7 +154,9 @@ class SlaveProcess:
         """Hand every frame from the slave to ``on_frame`` until it has exited and
         nothing is left.  One cancel scope for the whole life (not one per frame):
         the exit watcher cancels it, then frames the slave sent just before dying are
-        still collected for a short grace period."""
+        still collected for a short grace period.  Raises what ``on_frame`` raises,
+        and :class:`CodecError` when the link's framing is lost (garbage on it): the
+        caller's to handle, as this slave's failure."""
         assert self._chan is not None
         receive = self._chan.receive
         if not self.exited.is_set():
@@ -185,9 +194,11 @@ class SlaveProcess:
             self._chan.release()
 
     def send(self, kind: int, sid: int, body: Any = None) -> None:
+        """Queue one envelope for the slave; raises :class:`BadMessage` (nothing
+        queued) for one that cannot go, over the link's limit: its job's failure."""
         if self._chan is not None:
             try:
-                self._chan.send_nowait(kind, sid, body)
+                self._chan.send_or_refuse(kind, sid, body)
             except Closed:
                 pass  # the process is going away; its jobs fail through the session
 
@@ -197,10 +208,32 @@ class SlaveProcess:
             self._signal(self._proc, signal.SIGKILL)
 
     # -- internals -----------------------------------------------------------------
-    async def _wait_exit(self, proc: trio.Process | ForkedSlave) -> None:
-        await proc.wait()
-        self.returncode = proc.returncode
-        self.exited.set()
+    def _failed(self, kind: str, reason: str) -> None:
+        """One of this slave's tasks failed: note it (the first) and kill the slave,
+        whose pool then reaps and replaces it."""
+        log.error("%s: slave %s: %s", self.app, self.pid, reason, exc_info=True)
+        if self.fault is None:
+            self.fault = (kind, reason)
+        self.kill()
+
+    async def _write(self, chan: EnvelopeChannel, *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The link's writer.  It ends quietly when the slave is gone (its end of the
+        link closed: the pump sees that too); any other failure leaves a slave that
+        cannot be told anything, which is killed."""
+        try:
+            await chan.run_writer(task_status=task_status)
+        except Exception as exc:
+            self._failed("link-error", f"its link failed while written: {type(exc).__name__}: {exc}")
+
+    async def _wait_exit(self, proc: ChildProcess | ForkedSlave) -> None:
+        try:
+            await proc.wait()
+        except Exception as exc:
+            self._failed("slave-watch", f"its exit could not be watched: {type(exc).__name__}: {exc}")
+        else:
+            self.returncode = proc.returncode
+            self.exited.set()
         if self._recv_scope is not None:
             self._recv_scope.cancel()
 
@@ -220,6 +253,8 @@ class SlaveProcess:
                     partial = b""
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+        except Exception as exc:  # unread, the pipe would fill and block the slave
+            self._failed("slave-output", f"its output could not be read: {type(exc).__name__}: {exc}")
         finally:
             if partial:
                 self._keep(partial)
@@ -230,13 +265,16 @@ class SlaveProcess:
         self.output.append(text)
         log.debug("%s[%s] %s", self.app, self.pid, text)
 
-    async def _stop(self, proc: trio.Process | ForkedSlave, stream: FramedStream) -> None:
+    async def _stop(self, proc: ChildProcess | ForkedSlave, stream: FramedStream) -> None:
         """TERMINATE, then SIGTERM, then SIGKILL; always reap. Runs shielded."""
         if proc.returncode is None:
             try:  # straight to the socket: the channel's writer task may be cancelled already
                 stream.try_send_nowait(join_frame([encode_envelope(Kind.TERMINATE, 0, None)]))
             except Closed:
                 pass
+            # A SIGSTOPped slave would hear neither TERMINATE nor SIGTERM (a stopped
+            # process keeps it pending) and cost the whole wait: wake it to go now.
+            self._signal(proc, signal.SIGCONT)
             with trio.move_on_after(self.config.termination_timeout):
                 await proc.wait()
         if proc.returncode is None:
@@ -254,7 +292,7 @@ class SlaveProcess:
             await proc.stdout.aclose()
 
     @staticmethod
-    def _signal(proc: trio.Process | ForkedSlave, sig: int) -> None:
+    def _signal(proc: ChildProcess | ForkedSlave, sig: int) -> None:
         """Signal the slave's whole process group (it is its leader)."""
         if isinstance(proc, ForkedSlave):
             proc.signal_group(sig)

@@ -21,6 +21,11 @@ request costs no process hop; the price is isolation:
 
 So it is for small, trusted, I/O-bound or latency-bound apps; the process backend
 stays the default.
+
+Faults (docs/architecture.md): each job runs in a task of its own, which is its
+boundary: whatever fails there (the handler, or this pool's handling of it) answers
+that job with a typed error and is counted in ``info()["faults"]`` when it is not the
+handler's own error; the pool lives on.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from transport.errors import BadMessage, RemoteError, UnknownEvent, body_to_erro
 
 from engine import api
 from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
+from engine.faults import FaultLog
 from engine.pool.base import Pool, PoolLoad
 from engine.pool.job import Job
 from engine.manifest import EngineConfig
@@ -123,6 +129,7 @@ class ThreadPool:
         self.broken_reason: str | None = None
         self._crashlog: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.faults = FaultLog()
         self.done = self.failed = self.cancelled = self.crashes = 0
 
     # -- lifetime ----------------------------------------------------------------------
@@ -209,6 +216,7 @@ class ThreadPool:
                 "running": self._running, "cancelling": 0,
                 "done": self.done, "failed": self.failed, "cancelled": self.cancelled,
                 "spawned": 0, "retired": 0, "crashes": self.crashes,
+                "faults": dict(self.faults.counts), "recent_faults": self.faults.recent(),
                 "latency_ms": latency_ms(self._latencies)}
 
     def crashlog(self) -> list[str]:
@@ -216,6 +224,7 @@ class ThreadPool:
 
     # -- one job -----------------------------------------------------------------------
     async def _run(self, job: Job) -> None:
+        """One job's task: its boundary.  Nothing but a cancellation leaves it."""
         try:
             with trio.CancelScope() as scope:
                 self._scopes[job.id] = scope
@@ -230,11 +239,15 @@ class ThreadPool:
             self._running -= 1
             self._scopes.pop(job.id, None)
             self._credit.pop(job.id, None)
-        # Here unless the whole pool is being torn down (then run() answers what is
-        # left): the job ended, or its own scope was cancelled.
-        if not job.done:
-            self._settle_failure(job, JobCancelled("cancelled by its caller"))
-        self._start_queued()
+        try:
+            # Here unless the whole pool is being torn down (then run() answers what is
+            # left): the job ended, or its own scope was cancelled.
+            if not job.done:
+                self._settle_failure(job, JobCancelled("cancelled by its caller"))
+            self._start_queued()
+        except Exception as exc:  # a fault of this pool's own (a bug): still this job's only
+            log.exception("%s: ending job %s failed", self.app_name, job.id)
+            self.faults.record(f"job {job.id}", "job-task", f"{type(exc).__name__}: {exc}")
 
     async def _serve(self, job: Job) -> None:
         entry = self._handlers.get(job.event)
@@ -300,6 +313,8 @@ class ThreadPool:
                                                  limiter=self._threads)
         if late.cancelled_caught:
             self.crashes += 1
+            self.faults.record(f"job {job.id}", "thread-hung",
+                               f"{job.event} still running after heartbeat-timeout {limit:g}s")
             raise SlaveHung(f"{job.event} still running after heartbeat-timeout {limit:g}s "
                             f"(the thread is left to finish)")
 

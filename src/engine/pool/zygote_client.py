@@ -16,13 +16,13 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import msgpack
 import trio
 
+from engine.pool.spawn import KILL_WITH_PARENT, start_child
 from engine.worker.zygote_wire import MAX_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,9 @@ class Zygote:
             cmd += ["--death-fd", str(self.death_fd)]
             fds.append(self.death_fd)
         try:
-            proc = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.DEVNULL, pass_fds=fds, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            # From this thread, so the node's death SIGKILLs it (engine.pool.spawn).
+            proc = start_child([*cmd, KILL_WITH_PARENT], pass_fds=fds,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
         except OSError as exc:
             log.warning("no zygote (%s): slaves start the plain way", exc)
             ours.close()
@@ -166,9 +166,9 @@ class Zygote:
             for slot in self._spawning.values():
                 slot[0].set()  # a spawn still waiting gets no pid: it fails
             for child in self._children.values():
-                # No status without the zygote.  Its slaves exit 0 when they see it
-                # go (engine.worker.watch_parent), so that is the likely one.
-                child._exit(0)
+                # No status without the zygote: its slaves die with it (it SIGKILLs
+                # them as it goes, and so does the kernel when it dies).
+                child._exit(-signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(STOP_WAIT):
                     await proc.wait()

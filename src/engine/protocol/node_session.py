@@ -183,6 +183,15 @@ class SlaveSession:
         self.cancelling[sid] = now + self.termination_timeout
         return [Send(Envelope(Kind.CANCEL, sid, None))]
 
+    def withdraw(self, sid: int, error: RemoteError) -> list[Action]:
+        """Job ``sid``'s INVOKE could not be sent (over the link's size limit): the
+        slave never heard of it, so the job fails here with ``error``, its slot free."""
+        job = self.jobs.pop(sid, None)
+        if job is None:
+            return []
+        self.cancelling.pop(sid, None)
+        return [Failed(job, error)]
+
     def grant(self, sid: int, chunks: int) -> list[Action]:
         """The job's consumer took ``chunks`` more chunks: let the slave send as many."""
         if sid not in self.jobs or sid in self.cancelling or chunks <= 0 \

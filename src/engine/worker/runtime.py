@@ -7,9 +7,10 @@ by the pure :class:`engine.protocol.slave_session.WorkerSession`; this module is
 trio shell: it runs the handlers, sends what the session says, and owns the process.
 Lifetime rules:
 
-- It dies with its node: ``PR_SET_PDEATHSIG`` (SIGKILL) plus a thread blocked on
-  the read end of a pipe whose write end only the node holds (EOF = node gone),
-  which also covers the race where the node died before ``prctl`` ran.
+- It dies with its node: ``PR_SET_PDEATHSIG`` (SIGKILL, which ends a stopped slave
+  too: :func:`watch_parent`) plus a thread blocked on the read end of a pipe whose
+  write end only the node holds (EOF = node gone); a check of its parent's pid covers
+  the race where the node died before ``prctl`` ran.
 - Heartbeats come from a trio task, and **sync handlers run on the trio thread on
   purpose**: a sync handler stuck in ``while True: pass`` (or an async one that never
   awaits) stops the heartbeats, so the node sees the hang and kills the slave.  A
@@ -29,6 +30,11 @@ Lifetime rules:
   node ``CREDIT`` as it is read (transport/inbound.py); such a handler must be async.
 - Streams are flow-controlled: at most ``STREAM_WINDOW`` chunks of a job beyond the
   node's ``CREDIT`` grants; a handler whose window is used up waits (heartbeats go on).
+- A reply too large for the link (over its frame limit) fails that job with a
+  ``bad-message`` error saying so, checked here before anything is written, so the link
+  and the slave live on; a chunk too large ends its stream the same way.  The link
+  itself failing (its end closed, garbage on it) ends the slave: it exits quietly when
+  the node is gone, with ``EXIT_LINK_BROKEN`` when the framing is lost.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ import trio
 
 from transport.channel import EnvelopeChannel
 from transport.codec import Envelope, Kind
-from transport.errors import BadMessage, Closed, error_to_body
+from transport.errors import BadMessage, Closed, CodecError, error_to_body
 from transport.inbound import InputStream
 from transport.streams import from_fd
 
@@ -62,24 +68,27 @@ from engine.protocol.slave_session import (Action, CancelHandler, CloseInput, En
 
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 3
+EXIT_LINK_BROKEN = 4   # the node's link carried something that is not a frame
 
 
-def watch_parent(parent_pid: int, death_fd: int | None) -> None:
-    """Exit when the node dies, even if it was SIGKILLed.
+def watch_parent(parent_pid: int, death_fd: int | None, *, kill: bool = False) -> None:
+    """Exit when the node dies, even if it was SIGKILLed, even if we are SIGSTOPped.
 
-    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked us exits, and trio
-    spawns processes from worker threads that come and go; so the death signal is
-    a private real-time signal whose handler checks that the parent really
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked us exits.  ``kill``: our
+    parent forked us from a thread that lives as long as it does (the zygote's only
+    thread, or the node's trio thread: ``engine.pool.spawn``), so the signal is
+    SIGKILL, which also ends a stopped process (one runs no handler and no thread).
+    Otherwise (started by other code, e.g. from trio's worker threads that come and
+    go) it is a private real-time signal whose handler checks that the parent really
     changed, instead of a bare SIGKILL that would kill healthy slaves.
     """
-    sig = getattr(signal, "SIGRTMIN", signal.SIGUSR1) + 1 if hasattr(signal, "SIGRTMIN") \
-        else signal.SIGUSR1
+    sig = int(signal.SIGKILL) if kill else _checked_death_signal()
+    if not kill:
+        def on_parent_gone(signum: int, frame: FrameType | None) -> None:
+            if os.getppid() != parent_pid:
+                os._exit(0)
 
-    def on_parent_gone(signum: int, frame: FrameType | None) -> None:
-        if os.getppid() != parent_pid:
-            os._exit(0)
-
-    signal.signal(sig, on_parent_gone)
+        signal.signal(sig, on_parent_gone)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
@@ -97,6 +106,13 @@ def watch_parent(parent_pid: int, death_fd: int | None) -> None:
                 pass
             os._exit(0)
         threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
+
+
+def _checked_death_signal() -> int:
+    """The parent-death signal a handler checks: a private real-time one on Linux."""
+    if sys.platform == "linux":
+        return int(signal.SIGRTMIN) + 1
+    return int(signal.SIGUSR1)
 
 
 def apply_limits(limits: dict[str, Any]) -> None:
@@ -191,23 +207,31 @@ class Runtime:
         self.inputs: dict[int, InputStream] = {}      # sid -> a chunked request's chunks
 
     async def heartbeat(self, interval: float) -> None:
-        while True:
-            self.chan.send_nowait(*self.session.heartbeat())
-            await trio.sleep(interval)
+        try:
+            while True:
+                self.chan.send_nowait(*self.session.heartbeat())
+                await trio.sleep(interval)
+        except Closed:
+            return  # the node is gone: serve() sees it too
 
-    async def serve(self) -> None:
+    async def serve(self) -> int:
+        """Serve the node until TERMINATE or the link's end (0), or until its framing
+        is lost (``EXIT_LINK_BROKEN``)."""
         receive, act = self.chan.receive, self._act
         session = self.session
         try:
             while True:
-                try:
-                    envelopes = await receive()
-                except Closed:
-                    return
+                envelopes = await receive()
                 for env in envelopes:
                     if act(session.receive(env)):  # TERMINATE: answered; say so and go
                         await self.chan.flush()
-                        return
+                        return 0
+        except Closed:
+            return 0
+        except CodecError as exc:
+            print(f"engine.worker: the node's link carried garbage, exiting: {exc}",
+                  file=sys.stderr, flush=True)
+            return EXIT_LINK_BROKEN
         finally:
             session.connection_lost()
 
@@ -296,7 +320,10 @@ class Runtime:
                 ended = session.cancelled(sid)
         finally:
             del self.tasks[sid]
-        self._act(ended)
+        try:
+            self._act(ended)
+        except Closed:
+            pass  # the node is gone: nobody to answer
 
     async def _stream_sync(self, sid: int, task: _Task, gen: Generator[Any, Any, Any]) -> None:
         try:
@@ -344,9 +371,9 @@ async def serve(args: argparse.Namespace) -> int:
             chan.send_nowait(*runtime.session.hello(pid=os.getpid(), app=args.app))
             calls.bind_runtime(nursery)  # acall/astream: their client runs in this nursery
             nursery.start_soon(runtime.heartbeat, args.heartbeat)
-            await runtime.serve()
+            code = await runtime.serve()
             nursery.cancel_scope.cancel()
-        return 0
+        return code
     finally:
         chan.close()
 
@@ -360,13 +387,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--parent-pid", type=int, default=0)
     p.add_argument("--death-fd", type=int, default=None)
+    p.add_argument("--kill-with-parent", action="store_true",
+                   help="the parent forked this from a thread that lives as long as it does: "
+                        "its death SIGKILLs this process (see watch_parent)")
     p.add_argument("--limits", default="", help="JSON: cpus, memory_bytes, cpu_seconds, open_files")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    watch_parent(args.parent_pid, args.death_fd)
+    watch_parent(args.parent_pid, args.death_fd, kill=args.kill_with_parent)
     return trio.run(serve, args)
 
 

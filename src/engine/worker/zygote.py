@@ -20,8 +20,12 @@ per message:
   (``code`` as ``subprocess`` gives it: negative for a signal).
 
 The zygote exits when the node closes the socket or dies (the node-death pipe, and
-``PR_SET_PDEATHSIG`` through :func:`engine.worker.watch_parent`); its slaves watch
-the same pipe and its death, so none outlives the node.  The node side is
+``PR_SET_PDEATHSIG`` through :func:`engine.worker.runtime.watch_parent`: SIGKILL, as
+the node starts it from its trio thread, ``engine.pool.spawn``), and SIGKILLs the
+process group of every slave it has not reaped as it goes.  Its slaves watch the same
+pipe, and ask for SIGKILL when the zygote dies (it forks from its only thread, so
+that is its death, not a thread's): none outlives the node, not even a SIGSTOPped
+one, which sees no pipe and runs no handler.  The node side is
 :class:`engine.pool.zygote_client.Zygote`.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ import signal
 import socket
 import sys
 import traceback
+from typing import NoReturn
 
 import msgpack
 
@@ -42,7 +47,8 @@ from engine.worker.zygote_wire import MAX_MESSAGE
 import setproctitle  # a dependency (pyproject): forked slaves name themselves in ps/top
 
 
-def serve(control: socket.socket, death_fd: int | None) -> None:
+def serve(control: socket.socket, death_fd: int | None) -> NoReturn:
+    """Fork slaves as the node asks, reap them and report, until the node is gone."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -51,11 +57,11 @@ def serve(control: socket.socket, death_fd: int | None) -> None:
     poller = select.poll()
     for fd in (control.fileno(), wake_r) + ((death_fd,) if death_fd is not None else ()):
         poller.register(fd, select.POLLIN)
-    _send(control, {"op": "ready", "pid": os.getpid()})
+    _send(control, {"op": "ready", "pid": os.getpid()}, children)
     while True:
         for fd, _ in poller.poll():
             if fd == death_fd:
-                os._exit(0)  # the node died; the slaves see the same pipe close
+                _end(children)  # the node died
             if fd == wake_r:
                 os.read(wake_r, 4096)
                 _reap(control, children)
@@ -65,7 +71,7 @@ def serve(control: socket.socket, death_fd: int | None) -> None:
                 except InterruptedError:
                     continue
                 if not data:
-                    return  # the node closed its end: the pool is gone
+                    _end(children)  # the node closed its end: the pool is gone
                 try:
                     request = msgpack.unpackb(data)
                     op = request["op"]
@@ -85,7 +91,8 @@ def _spawn(control: socket.socket, request: dict, fds: list[int], children: set[
            keep_out: tuple[int, ...]) -> None:
     """Fork a slave; ``keep_out``: the zygote's own descriptors it must not keep."""
     if len(fds) != 2:
-        _send(control, {"op": "failed", "id": request["id"], "error": "expected 2 descriptors"})
+        _send(control, {"op": "failed", "id": request["id"], "error": "expected 2 descriptors"},
+              children)
         return
     link_fd, out_fd = fds
     sys.stdout.flush()
@@ -93,12 +100,12 @@ def _spawn(control: socket.socket, request: dict, fds: list[int], children: set[
     try:
         pid = os.fork()
     except OSError as exc:
-        _send(control, {"op": "failed", "id": request["id"], "error": f"fork: {exc}"})
+        _send(control, {"op": "failed", "id": request["id"], "error": f"fork: {exc}"}, children)
         return
     if pid == 0:
         _become_slave(control, request, link_fd, out_fd, keep_out)  # never returns
     children.add(pid)
-    _send(control, {"op": "spawned", "id": request["id"], "pid": pid})
+    _send(control, {"op": "spawned", "id": request["id"], "pid": pid}, children)
 
 
 def _become_slave(control: socket.socket, request: dict, link_fd: int, out_fd: int,
@@ -115,7 +122,9 @@ def _become_slave(control: socket.socket, request: dict, link_fd: int, out_fd: i
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
-        argv = [*request["argv"], "--fd", str(link_fd)]
+        # --kill-with-parent: forked from the zygote's only thread, so the kernel's
+        # parent-death signal means the zygote's death and may be SIGKILL.
+        argv = [*request["argv"], "--fd", str(link_fd), "--kill-with-parent"]
         sys.argv = ["engine.worker", *argv]
         # First: setproctitle finds the room for the title by the environment's memory.
         _retitle(f"{sys.executable} -m engine.worker {' '.join(argv)}")
@@ -149,14 +158,28 @@ def _reap(control: socket.socket, children: set[int]) -> None:
         if pid == 0:
             return
         children.discard(pid)
-        _send(control, {"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+        _send(control, {"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)},
+              children)
 
 
-def _send(control: socket.socket, message: dict) -> None:
+def _send(control: socket.socket, message: dict, children: set[int]) -> None:
     try:
         control.send(msgpack.packb(message))
     except OSError:
-        os._exit(0)  # the node is gone
+        _end(children)  # the node is gone
+
+
+def _end(children: set[int]) -> NoReturn:
+    """Exit, and SIGKILL the process group of every slave not reaped yet: its node is
+    gone or done with it.  SIGKILL, because it ends a stopped slave too (one stopped
+    runs no handler and sees no pipe close); its group, so what the slave started
+    goes with it.  (Normally there are none: the node ends its slaves first.)"""
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # gone already (a zombie's group is empty)
+    os._exit(0)
 
 
 def _close(fd: int) -> None:
@@ -171,12 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--parent-pid", type=int, default=0)
     p.add_argument("--death-fd", type=int, default=None)
+    p.add_argument("--kill-with-parent", action="store_true",
+                   help="the node started this from its trio thread: its death SIGKILLs us")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
-    worker.watch_parent(args.parent_pid, None)  # the death fd is polled below, no thread
+    # The death fd is polled below, no thread.
+    worker.watch_parent(args.parent_pid, None, kill=args.kill_with_parent)
     control = socket.socket(fileno=args.control_fd)
     serve(control, args.death_fd)
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,21 +6,19 @@ stops, saying ``bye`` to its peers, when its scope is cancelled or the block end
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import socket
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from transport.mesh.discovery import Discovery, DiscoveryConfig
-from transport.errors import CodecError
 from transport.mesh.peers import Beacon
 from transport.service import Service
 
-TAG = 16  # bytes of HMAC-SHA256 kept per frame: forging one is a 2**-128 guess
+if TYPE_CHECKING:
+    from transport.mesh.sealing import FrameSigner
 
 
 def secret_bytes(secret: str | bytes | None) -> bytes | None:
@@ -31,28 +29,6 @@ def secret_bytes(secret: str | bytes | None) -> bytes | None:
     if isinstance(secret, bytes):
         return secret
     raise TypeError(f"secret must be str or bytes, got {type(secret).__name__}")
-
-
-class FrameSigner:
-    """The rpc/pubsub FrameGuard for a mesh with a secret: every nng frame carries a
-    truncated HMAC of its bytes, so a process without the secret can neither send a
-    request a Responder will run nor an answer or event a peer will accept."""
-
-    def __init__(self, secret: bytes, purpose: bytes):
-        # One key per purpose, so a captured beacon tag is no use as a frame tag.
-        self._key = hmac.new(secret, b"engine-trio mesh frames:" + purpose, hashlib.sha256).digest()
-        self.rejected = 0
-
-    def seal(self, frame: bytes) -> bytes:
-        return frame + hmac.new(self._key, frame, hashlib.sha256).digest()[:TAG]
-
-    def open(self, frame: bytes) -> bytes:
-        body, tag = frame[:-TAG], frame[-TAG:]
-        if len(frame) < TAG or not hmac.compare_digest(
-                hmac.new(self._key, body, hashlib.sha256).digest()[:TAG], tag):
-            self.rejected += 1
-            raise CodecError("frame not signed with this mesh's secret")
-        return body
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:
@@ -94,8 +70,17 @@ class Component(Service):
                       key=self.key, types=self.advertised(), endpoint=endpoint,
                       host=socket.gethostname(), pid=os.getpid())
 
-    def guard(self, purpose: bytes) -> FrameSigner | None:
-        return FrameSigner(self.secret, purpose) if self.secret else None
+    def guard(self, *, seals: bytes, opens: bytes = b"") -> FrameSigner | None:
+        """With a secret, the FrameGuard of one data link (transport/mesh/sealing.py):
+        it seals frames for ``seals`` and opens frames sealed for ``opens`` (each names
+        what the frames are and whose, e.g. ``b"request:" + a responder's id``)."""
+        if not self.secret:
+            return None
+        # Imported here: cryptography costs a process ~7 MB, worth it only with a secret.
+        from transport.mesh.sealing import FrameSigner
+
+        return FrameSigner(self.secret, seals, opens=opens,
+                           max_skew=self.discovery_config.max_skew)
 
     async def _start_discovery(self, nursery: trio.Nursery, endpoint: str = "") -> Discovery:
         self.discovery = Discovery(self.beacon(endpoint), self.discovery_config,
@@ -104,7 +89,8 @@ class Component(Service):
         return self.discovery
 
     # -- lifetime ---------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[Component] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         with trio.CancelScope() as self._scope:
             async with trio.open_nursery() as nursery:
                 await self._serve(nursery)
@@ -119,6 +105,6 @@ class Component(Service):
         if self._scope is not None:
             self._scope.cancel()
 
-    def peers(self):
+    def peers(self) -> list[Beacon]:
         """The peers this component currently sees (same namespace and key)."""
         return self.discovery.peers() if self.discovery else []

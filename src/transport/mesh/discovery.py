@@ -11,18 +11,30 @@ leaving says ``bye``; one that dies is dropped ``expiry`` seconds after its last
 Two sockets: a listener bound to the discovery port (shared by every component on the
 host, SO_REUSEPORT) that joins the group, and a sender on an ephemeral port, so unicast
 answers reach exactly the component that asked.
+
+With a secret, datagrams are signed and carry a sequence number and the time; an
+authentic one seen before (or too far from this host's clock) is refused
+(:class:`~transport.mesh.replay.ReplayWindow`), so a captured beacon cannot be sent
+again to keep a departed component alive or bring it back.  The table is bounded
+(``DiscoveryConfig.max_peers``, ``max_per_source``); a beacon it has no room for is
+neither learned nor answered.
 """
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import trio
 
-from transport.mesh.peers import Beacon, BadDatagram, PeerTable, decode_datagram, encode_datagram, with_host
+from transport.mesh.peers import (
+    MAX_PEERS, MAX_PER_SOURCE, BadDatagram, Beacon, PeerTable, decode_datagram, encode_datagram,
+    with_host,
+)
+from transport.mesh.replay import DEFAULT_MAX_SKEW, STALE, ReplayWindow
 
 DEFAULT_PORT = 47474
 DEFAULT_GROUP = "239.255.74.74"
@@ -53,6 +65,11 @@ class DiscoveryConfig:
     hello_interval: float = 1.0
     expiry: float = 4.0
     ttl: int = 1
+    # Bounds (docs/mesh.md): peers a component keeps, peers one source address may
+    # speak for, and how far apart (s) the clocks of a mesh with a secret may be.
+    max_peers: int = MAX_PEERS
+    max_per_source: int = MAX_PER_SOURCE
+    max_skew: float = DEFAULT_MAX_SKEW
     static_targets: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +77,8 @@ class DiscoveryConfig:
             raise ValueError(f"discovery port must be 1..65535, got {self.port}")
         if self.hello_interval <= 0 or self.expiry <= self.hello_interval:
             raise ValueError("need 0 < hello_interval < expiry")
+        if self.max_peers < 1 or self.max_per_source < 1 or self.max_skew <= 0:
+            raise ValueError("need max_peers >= 1, max_per_source >= 1 and max_skew > 0")
         peers = (self.peers,) if isinstance(self.peers, str) else tuple(self.peers)
         object.__setattr__(self, "peers", peers)
         object.__setattr__(self, "static_targets",
@@ -81,6 +100,8 @@ class DiscoveryConfig:
             kw["interface"] = env["MESH_INTERFACE"]
         if env.get("MESH_PEERS"):
             kw["peers"] = tuple(p.strip() for p in env["MESH_PEERS"].split(",") if p.strip())
+        if env.get("MESH_MAX_SKEW"):
+            kw["max_skew"] = float(env["MESH_MAX_SKEW"])
         kw.update(overrides)
         return cls(**kw)
 
@@ -100,7 +121,13 @@ class Discovery:
         self.config = config or DiscoveryConfig()
         self.secret = secret
         self.monitor = monitor or me is None
-        self.table = PeerTable(expiry=self.config.expiry, me=None if self.monitor else me)
+        cfg = self.config
+        self.table = PeerTable(expiry=cfg.expiry, me=None if self.monitor else me,
+                               max_peers=cfg.max_peers, max_per_source=cfg.max_per_source)
+        # Signed beacons seen, per sender id: a captured one sent again is refused.
+        self._replay: ReplayWindow[str] = ReplayWindow(max_skew=cfg.max_skew,
+                                                       max_senders=cfg.max_peers * 4)
+        self._seq = 0
         self.version = 0
         self._changed = trio.Event()
         self._learned: dict[str, tuple[str, int]] = {}  # peer id -> its sender address
@@ -108,7 +135,11 @@ class Discovery:
         self._send: socket.socket | None = None
         self._destinations: list[tuple[str, int]] = []
         self.multicast_ok = False
-        self.stats = {"received": 0, "bad": 0, "sent": 0, "send_errors": 0, "answered": 0}
+        # bad: not a (valid, authentic) beacon; replayed/stale: authentic but sent
+        # before, or outside the clock window; refused: a new peer there was no room
+        # for (the table full, or its source speaks for too many peers already).
+        self.stats = {"received": 0, "bad": 0, "replayed": 0, "stale": 0, "refused": 0,
+                      "sent": 0, "send_errors": 0, "answered": 0}
         self.started = trio.Event()
 
     # -- what components use ------------------------------------------------------
@@ -187,14 +218,26 @@ class Discovery:
                 raise
             self.stats["send_errors"] += 1
 
+    def _datagram(self, op: str, me: Beacon, ask: bool = False) -> bytes:
+        """A datagram with the next sequence number and the time (signed ones must
+        have both: they are how receivers refuse replays)."""
+        self._seq += 1
+        return encode_datagram(op, me, ask=ask, secret=self.secret, seq=self._seq,
+                               at=time.time())
+
     def announce(self, op: str = "hello", *, ask: bool = False) -> None:
         if self.me is None or self._send is None:
             return
-        data = encode_datagram(op, self.me, ask=ask, secret=self.secret)
         targets = list(self._destinations)
         targets.extend(a for a in self._learned.values() if a not in targets)
+        data = self._datagram(op, self.me, ask)
         for addr in targets:
+            # Signed: one datagram per target, each with its own number: a peer reached
+            # both by the group and by unicast gets two different ones, and neither
+            # looks like a replay of the other.
             self._sendto(data, addr)
+            if self.secret:
+                data = self._datagram(op, self.me, ask)
 
     # -- receiving ----------------------------------------------------------------------
     def handle_datagram(self, data: bytes, src: tuple[str, int], now: float) -> None:
@@ -209,6 +252,11 @@ class Discovery:
         beacon = dgram.beacon
         if self.me is not None and beacon.id == self.me.id:
             return  # our own multicast, looped back
+        if dgram.verified:
+            verdict = self._replay.accept(beacon.id, dgram.seq, dgram.at, time.time())
+            if verdict is not None:
+                self.stats["stale" if verdict == STALE else "replayed"] += 1
+                return
         if dgram.op == "bye":
             self._learned.pop(beacon.id, None)
             if self.table.forget(beacon.id) is not None:
@@ -217,14 +265,18 @@ class Discovery:
         beacon = with_host(beacon, src[0])
         if self.monitor and dgram.signed and not dgram.verified:
             beacon = _mark_unverified(beacon)
-        change = self.table.observe(beacon, now)
-        if beacon.id in self.table and (src not in self._destinations):
+        refused = self.table.refused
+        change = self.table.observe(beacon, now, src)
+        if self.table.refused != refused:
+            self.stats["refused"] += 1
+            return  # no room for a newcomer: not learned, not answered
+        if beacon.id in self.table and src not in self._destinations:
             if beacon.id in self._learned or len(self._learned) < MAX_LEARNED:
                 self._learned[beacon.id] = src
         if change is not None:
             self._bump()
-        if dgram.ask and self.me is not None:
-            self._sendto(encode_datagram("hello", self.me, secret=self.secret), src)
+        if dgram.ask and self.me is not None:  # (a monitor of any scope asks too)
+            self._sendto(self._datagram("hello", self.me), src)
             self.stats["answered"] += 1
 
     async def _receive_loop(self, sock: socket.socket) -> None:

@@ -5,6 +5,9 @@ beacons a component has heard, drops a peer that stops announcing (``expiry`` se
 after its last beacon) or says goodbye, and answers the two questions the components
 ask: *who may I see* (same namespace and key) and *who serves this event type*
 (advertised types, with cote's wildcards), choosing round-robin among the latter.
+It is bounded (``max_peers``, ``max_per_source``): on an open mesh anyone may send
+beacons, and a flood of fake ones must cost a fixed amount of memory, not a table entry
+each.
 
 The datagram format (``encode_datagram``/``decode_datagram``) lives here too, so the
 parser that faces the network is a pure function that raises only :class:`BadDatagram`.
@@ -127,27 +130,50 @@ def any_match(patterns: Iterable[str], name: str) -> bool:
 
 # -- the table ---------------------------------------------------------------------
 
+Source = tuple[str, int]   # the (address, port) a beacon came from
+
+MAX_PEERS = 1024           # a table's default size: peers beyond it wait for room
+MAX_PER_SOURCE = 8         # peers one source address may speak for (a component: 1)
+
+
 @dataclass
 class _Entry:
     beacon: Beacon
     last_seen: float
+    source: Source | None = None
 
 
 @dataclass
 class PeerTable:
     """Peers heard recently.  ``me`` (when given) scopes what is kept: only peers in
     the same namespace and key, never oneself.  A table without ``me`` keeps everyone
-    (the monitor)."""
+    (the monitor).
+
+    Bounded, because on an open mesh anyone may send beacons: at most ``max_peers``
+    peers (a newcomer to a full table is refused, counted in ``refused``, until a peer
+    leaves or expires; the peers already known keep refreshing), and at most
+    ``max_per_source`` of them announced from one source address.  Every component
+    sends its beacons from a socket of its own, so a real source speaks for one peer
+    (two across a restart on the same port); a flood from one socket gets
+    ``max_per_source`` entries, not thousands."""
 
     expiry: float = 4.0
     me: Beacon | None = None
+    max_peers: int = MAX_PEERS
+    max_per_source: int = MAX_PER_SOURCE
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _turn: dict[str, int] = field(default_factory=dict)
+    _sources: dict[Source, int] = field(default_factory=dict)
     ignored: int = 0   # beacons heard from another scope
+    refused: int = 0   # beacons of new peers turned away (table or source full)
 
-    def observe(self, beacon: Beacon, now: float) -> str | None:
-        """Record a beacon.  Returns "added", "changed" (same id, new details), or None
-        for a plain refresh or an ignored beacon."""
+    def __post_init__(self) -> None:
+        if self.max_peers < 1 or self.max_per_source < 1:
+            raise ValueError("need max_peers >= 1 and max_per_source >= 1")
+
+    def observe(self, beacon: Beacon, now: float, source: Source | None = None) -> str | None:
+        """Record a beacon heard from ``source``.  Returns "added", "changed" (same id,
+        new details), or None for a plain refresh or an ignored or refused beacon."""
         if self.me is not None:
             if beacon.id == self.me.id:
                 return None
@@ -156,22 +182,49 @@ class PeerTable:
                 return None
         entry = self._entries.get(beacon.id)
         if entry is None:
-            self._entries[beacon.id] = _Entry(beacon, now)
+            if len(self._entries) >= self.max_peers or (
+                    source is not None and self._sources.get(source, 0) >= self.max_per_source):
+                self.refused += 1
+                return None
+            self._entries[beacon.id] = _Entry(beacon, now, source)
+            self._count_source(source, 1)
             return "added"
         entry.last_seen = max(entry.last_seen, now)
+        if source is not None and entry.source != source:  # e.g. a NAT rebound its port
+            self._count_source(entry.source, -1)
+            entry.source = source
+            self._count_source(source, 1)
         if entry.beacon != beacon:
             entry.beacon = beacon
             return "changed"
         return None
 
+    def _count_source(self, source: Source | None, delta: int) -> None:
+        if source is None:
+            return
+        n = self._sources.get(source, 0) + delta
+        if n > 0:
+            self._sources[source] = n
+        else:
+            self._sources.pop(source, None)
+
+    def _drop(self, peer_id: str) -> Beacon:
+        entry = self._entries.pop(peer_id)
+        self._count_source(entry.source, -1)
+        return entry.beacon
+
     def forget(self, peer_id: str) -> Beacon | None:
-        entry = self._entries.pop(peer_id, None)
-        return entry.beacon if entry else None
+        return self._drop(peer_id) if peer_id in self._entries else None
 
     def expire(self, now: float) -> list[Beacon]:
         """Drop peers silent for longer than ``expiry``; return them."""
         gone = [pid for pid, e in self._entries.items() if now - e.last_seen > self.expiry]
-        return [self._entries.pop(pid).beacon for pid in gone]
+        return [self._drop(pid) for pid in gone]
+
+    @property
+    def sources(self) -> int:
+        """Source addresses the peers were heard from (bounded by ``max_peers``)."""
+        return len(self._sources)
 
     def next_expiry(self) -> float | None:
         """When the next peer would expire if it stays silent (for the shell's sleep)."""
@@ -180,6 +233,7 @@ class PeerTable:
         return min(e.last_seen for e in self._entries.values()) + self.expiry
 
     def peers(self) -> list[Beacon]:
+        """Every peer, the longest known first."""
         return [e.beacon for e in self._entries.values()]
 
     def last_seen(self, peer_id: str) -> float | None:
@@ -203,13 +257,12 @@ class PeerTable:
 
     def interesting(self, role: str, wanted: Iterable[str]) -> list[Beacon]:
         """Peers of ``role`` advertising anything that overlaps ``wanted`` (for a
-        subscriber choosing publishers to connect to)."""
+        subscriber choosing publishers to connect to), the longest known first."""
         wanted = tuple(wanted) or ("**",)
-        return sorted((e.beacon for e in self._entries.values()
-                       if e.beacon.role == role
-                       and (not e.beacon.types or any(matches(w, t) for w in wanted
-                                                      for t in e.beacon.types))),
-                      key=lambda b: b.id)
+        return [e.beacon for e in self._entries.values()
+                if e.beacon.role == role
+                and (not e.beacon.types or any(matches(w, t) for w in wanted
+                                               for t in e.beacon.types))]
 
     def choose(self, role: str, event: str, *, exclude: Iterable[str] = ()) -> Beacon | None:
         """Round-robin over the peers serving ``event``, skipping ``exclude`` (ids the
@@ -232,6 +285,8 @@ class Datagram:
     ask: bool = False    # a newcomer asking everyone to answer at once
     signed: bool = False
     verified: bool = False
+    seq: int = 0         # the sender's datagram counter (signed datagrams: >= 1)
+    at: float = 0.0      # when it was sent, by the sender's wall clock (seconds)
 
 
 def _tag(secret: bytes, body: bytes) -> bytes:
@@ -239,8 +294,15 @@ def _tag(secret: bytes, body: bytes) -> bytes:
 
 
 def encode_datagram(op: str, beacon: Beacon, *, ask: bool = False,
-                    secret: bytes | None = None) -> bytes:
-    body: bytes = msgpack.packb({"op": op, "ask": ask, "b": beacon.to_wire()}, use_bin_type=True)
+                    secret: bytes | None = None, seq: int = 0, at: float = 0.0) -> bytes:
+    """The datagram of ``op`` about ``beacon``.  ``seq`` (growing per sender) and ``at``
+    (the wall clock) let receivers refuse a signed datagram replayed (replay.py);
+    a signed datagram must carry both."""
+    wire: dict[str, Any] = {"op": op, "ask": ask, "b": beacon.to_wire()}
+    if seq:
+        wire["sq"] = seq
+        wire["ts"] = int(at * 1000)
+    body: bytes = msgpack.packb(wire, use_bin_type=True)
     flags = FLAG_SIGNED if secret else 0
     head = MAGIC + bytes((VERSION, flags))
     data = head + body
@@ -283,7 +345,12 @@ def decode_datagram(data: bytes, *, secret: bytes | None = None,
     ask = d.get("ask", False)
     if not isinstance(ask, bool):
         raise BadDatagram("ask must be a bool")
-    return Datagram(d["op"], Beacon.from_wire(d.get("b")), ask, signed, verified)
+    seq, ms = d.get("sq", 0), d.get("ts", 0)
+    if type(seq) is not int or type(ms) is not int or not 0 <= seq < 2**63:
+        raise BadDatagram("sq and ts must be ints")
+    if signed and seq < 1:
+        raise BadDatagram("a signed beacon must carry sq >= 1 and ts (replay protection)")
+    return Datagram(d["op"], Beacon.from_wire(d.get("b")), ask, signed, verified, seq, ms / 1000)
 
 
 def with_host(beacon: Beacon, source_ip: str) -> Beacon:

@@ -9,13 +9,25 @@ body ``[topic, payload, seq]``): when many publishes are queued they share one
 message, which is where throughput comes from.  Pub0 never blocks: a subscriber
 that cannot keep up loses messages in nng's queues or in its own bounded buffer,
 never stalls the publisher, and counts what it lost from the gaps in the sequence.
+A gap wider than ``MAX_GAP`` is no loss a queue could explain: it is counted as a
+reset (``stats["resets"]``), so a lying publisher cannot inflate ``dropped``.
+
+With a secret, frames are sealed for this Publisher (``b"event:" + its id``,
+transport/mesh/sealing.py): encrypted, so a stranger dialing its endpoint reads
+nothing, and refused by a Subscriber (before anything is counted) unless authentic,
+fresh and not a replay.  Without one, anyone who can dial the endpoint reads the events.
+
+A Subscriber keeps its links to Publishers with a :class:`~transport.mesh.dialing.
+LinkKeeper`, as a Requester does: at most ``max_links``, a few connecting at a time, a
+link not connected within ``dial_timeout`` dropped and its Publisher backed off.
 """
 from __future__ import annotations
 
 import functools
 import logging
 from collections import deque
-from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, NamedTuple
 
 import msgpack
 import pynng
@@ -23,13 +35,21 @@ import trio
 
 from transport.codec import Kind, encode_envelope
 from transport.errors import CodecError, QueueFull
-from transport.mesh.component import Component, FrameSigner, _names
-from transport.mesh.discovery import Discovery
+from transport.mesh.component import Component, _names
+from transport.mesh.dialing import LinkKeeper
 from transport._outbox import Outbox
-from transport.mesh.peers import matches
+from transport.mesh.peers import Beacon, matches
 from transport.sockets import TrioSocket, bound_address
 
+if TYPE_CHECKING:
+    from transport.mesh.sealing import FrameSigner
+
 log = logging.getLogger(__name__)
+
+# A gap in one publisher's sequence wider than this is counted as a reset, not as
+# events dropped: 16.7 M events is minutes of a stalled subscriber at full rate, far
+# more than the queues between them hold (docs/mesh.md).
+MAX_GAP = 1 << 24
 
 
 class Publisher(Component):
@@ -86,7 +106,7 @@ class Publisher(Component):
             await self._drained.wait()
 
     async def _writer(self, sock: TrioSocket) -> None:
-        guard = self.guard(b"pubsub")
+        guard = self.guard(seals=b"event:" + self.id.encode())
         while True:
             await self._outbox.wait()
             for frame, _ in self._outbox.frames():
@@ -134,11 +154,31 @@ _unpackb = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False, u
 EventHandler = Callable[[Any], Awaitable[None]]
 
 
+@dataclass
+class _Feed:
+    """A Subscriber's link to one Publisher (what a LinkKeeper keeps)."""
+
+    beacon: Beacon
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    up: trio.Event = field(default_factory=trio.Event)  # set when nng's pipe connects
+
+    @property
+    def connected(self) -> bool:
+        return self.up.is_set()
+
+    async def wait_connected(self) -> None:
+        await self.up.wait()
+
+    def close(self) -> None:
+        self.scope.cancel()
+
+
 class Subscriber(Component):
     role = "subscriber"
 
     def __init__(self, name: str, *, subscribes_to: list[str] | tuple[str, ...] = (),
-                 buffer: int = 10_000, nng_buffer: int = 1024, **kw: Any) -> None:
+                 buffer: int = 10_000, nng_buffer: int = 1024, max_links: int = 64,
+                 dial_timeout: float = 3.0, **kw: Any) -> None:
         super().__init__(name, **kw)
         self.subscribes_to = _names(subscribes_to, "subscribes_to") or ("**",)
         self._handlers: list[tuple[str, EventHandler]] = []
@@ -154,11 +194,19 @@ class Subscriber(Component):
         self._room = trio.Event()
         self._room_wanted = False   # the reader waits for the buffer to drain
         self._taken = 0
-        self._links: dict[str, tuple[str, trio.CancelScope]] = {}
         self._last_seq: dict[str, int] = {}
         self._wanted: dict[str, bool] = {}
-        self.stats = {"received": 0, "dropped": 0, "bad_frames": 0, "filtered": 0,
-                      "handler_errors": 0}
+        self.stats = {"received": 0, "dropped": 0, "resets": 0, "bad_frames": 0,
+                      "filtered": 0, "handler_errors": 0, "dial_failed": 0}
+        self._keeper: LinkKeeper[_Feed] = LinkKeeper(
+            candidates=self._publishers, dial=self._dial, stats=self.stats,
+            dropped=self._forget_publisher,
+            max_links=max_links, dial_timeout=dial_timeout)
+
+    @property
+    def links(self) -> int:
+        """Publishers linked to (connected or connecting)."""
+        return len(self._keeper.links)
 
     def advertised(self) -> tuple[str, ...]:
         return self.subscribes_to
@@ -221,35 +269,34 @@ class Subscriber(Component):
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         discovery = await self._start_discovery(nursery)
-        nursery.start_soon(self._follow, nursery, discovery)
+        nursery.start_soon(self._keeper.run, nursery, discovery)
         if self._handlers:
             nursery.start_soon(self._dispatch)
 
-    async def _follow(self, nursery: trio.Nursery, discovery: Discovery) -> None:
-        seen = -1
-        while True:
-            seen = await discovery.wait_change(seen)
-            wanted = {b.id: b for b in discovery.table.interesting(
-                "publisher", self.subscribes_to) if b.endpoint}
-            for pid in list(self._links):
-                if pid not in wanted or wanted[pid].endpoint != self._links[pid][0]:
-                    self._links.pop(pid)[1].cancel()
-                    self._last_seq.pop(pid, None)
-            for pid, b in wanted.items():
-                if pid not in self._links:
-                    scope = trio.CancelScope()
-                    self._links[pid] = (b.endpoint, scope)
-                    await nursery.start(self._listen, pid, b.name, b.endpoint, scope)
+    def _publishers(self) -> list[Beacon]:
+        discovery = self.discovery
+        assert discovery is not None, "links are kept only while it runs"
+        return discovery.table.interesting("publisher", self.subscribes_to)
 
-    async def _listen(self, pid: str, publisher: str, endpoint: str, scope: trio.CancelScope,
+    def _forget_publisher(self, pid: str) -> None:
+        self._last_seq.pop(pid, None)
+
+    async def _dial(self, nursery: trio.Nursery, b: Beacon) -> _Feed:
+        feed = _Feed(b)
+        await nursery.start(self._listen, b.id, b.name, feed)
+        return feed
+
+    async def _listen(self, pid: str, publisher: str, feed: _Feed,
                       *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raw = pynng.Sub0()
         raw.subscribe(b"")
         sock = TrioSocket(raw, buffer=self._nng_buffer)
-        guard = self.guard(b"pubsub")
+        sock.on_pipe_event(added=lambda pipe: feed.up.set())
+        guard = self.guard(seals=b"subscriber:" + self.id.encode(),
+                           opens=b"event:" + pid.encode())
         try:
-            with scope:
-                raw.dial(endpoint, block=False)
+            with feed.scope:
+                raw.dial(feed.beacon.endpoint, block=False)
                 task_status.started()
                 while True:
                     frame = await sock.recv()
@@ -291,7 +338,10 @@ class Subscriber(Component):
                 bad += 1
                 continue
             if last is not None and seq > last + 1:
-                stats["dropped"] += seq - last - 1   # lost in nng's queues
+                if seq - last <= MAX_GAP:
+                    stats["dropped"] += seq - last - 1   # lost in nng's queues
+                else:
+                    stats["resets"] += 1   # no queue loses that many: not counted as drops
             if last is None or seq > last:
                 last = seq
             topic = body[0]

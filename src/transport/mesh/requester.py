@@ -1,7 +1,11 @@
 """Requester: sends requests to whichever Responders advertise their type.
 
-One :class:`~transport.rpc.RpcClient` per discovered Responder (same namespace and
-key).  ``await requester.send({"type": "t", ...}, timeout=5)``:
+One :class:`~transport.rpc.RpcClient` (a *link*) per Responder it uses (same namespace
+and key), kept by a :class:`~transport.mesh.dialing.LinkKeeper`: lazily and in bounded
+numbers (``max_links``, ``dial_timeout``), a Responder being dialed only if it serves a
+type the Requester declared in ``requests`` or has been asked to send (any type, when
+it declared none), so a flood of fake beacons costs a trickle of dials, not a link each.
+``await requester.send({"type": "t", ...}, timeout=5)``:
 
 - waits (queued) until a Responder advertising ``t`` exists, up to the timeout;
 - spreads requests round-robin over those Responders, preferring connected ones and
@@ -33,10 +37,13 @@ import trio
 from transport.mesh.breaker import CircuitBreaker, backoff
 from transport.errors import BadMessage, Closed, QueueFull, RemoteError, TimeoutError_
 from transport.mesh.component import Component, _names
-from transport.mesh.discovery import Discovery
-from transport.mesh.peers import Beacon
+from transport.mesh.dialing import LinkKeeper
+from transport.mesh.peers import Beacon, matches
 from transport.rpc import RpcClient
 from transport.rpc.client import PendingCall
+
+
+MAX_WANTED = 1024      # request types remembered for dialing
 
 
 @dataclass
@@ -45,6 +52,18 @@ class _Link:
     client: RpcClient
     breaker: CircuitBreaker
 
+    # What the LinkKeeper needs of it (closing fails its calls with Unreachable: they
+    # fail over).
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    async def wait_connected(self) -> None:
+        await self.client.wait_connected()
+
+    def close(self) -> None:
+        self.client.close()
+
 
 class Requester(Component):
     role = "requester"
@@ -52,23 +71,29 @@ class Requester(Component):
     def __init__(self, name: str, *, requests: list[str] | tuple[str, ...] = (),
                  timeout: float = 10.0, max_pending: int = 10_000, retries: int = 3,
                  breaker_threshold: int = 3, breaker_cooldown: float = 1.0,
-                 spin: bool = True, **kw: Any) -> None:
+                 spin: bool = True, max_links: int = 64, dial_timeout: float = 3.0,
+                 **kw: Any) -> None:
         super().__init__(name, **kw)
         if timeout <= 0 or max_pending < 1 or retries < 0 or breaker_threshold < 1:
             raise ValueError("need timeout > 0, max_pending >= 1, retries >= 0, breaker_threshold >= 1")
         self.requests = _names(requests, "requests")
+        self._wanted: set[str] = set(self.requests)  # types whose Responders it dials
         self.timeout = timeout
         self.max_pending = max_pending
         self.retries = retries
         self.spin = spin
         self._breaker_threshold = breaker_threshold
         self._breaker_cooldown = breaker_cooldown
-        self.links: dict[str, _Link] = {}
         self._links_changed = trio.Event()
         self._outstanding = 0
         self._candidates: dict[str, list[_Link]] = {}  # event -> links serving it
         self._turn = 0
-        self.stats = {"sent": 0, "answered": 0, "failed": 0, "retried": 0, "refused": 0}
+        self.stats = {"sent": 0, "answered": 0, "failed": 0, "retried": 0, "refused": 0,
+                      "dial_failed": 0}
+        self._keeper: LinkKeeper[_Link] = LinkKeeper(
+            candidates=self._responders, dial=self._dial, stats=self.stats,
+            changed=self._changed_links, max_links=max_links, dial_timeout=dial_timeout)
+        self.links = self._keeper.links  # peer id -> link (read-only outside the keeper)
 
     def advertised(self) -> tuple[str, ...]:
         return self.requests
@@ -80,31 +105,35 @@ class Requester(Component):
     # -- following discovery ------------------------------------------------------
     async def _serve(self, nursery: trio.Nursery) -> None:
         discovery = await self._start_discovery(nursery)
-        nursery.start_soon(self._follow, nursery, discovery)
+        nursery.start_soon(self._keeper.run, nursery, discovery)
 
-    async def _follow(self, nursery: trio.Nursery, discovery: Discovery) -> None:
-        seen = -1
-        while True:
-            seen = await discovery.wait_change(seen)
-            await self._reconcile(nursery, discovery)
+    def _responders(self) -> list[Beacon]:
+        """The Responders worth a link: serving what it declared or was asked for."""
+        discovery = self.discovery
+        assert discovery is not None, "links are kept only while it runs"
+        return [b for b in discovery.peers() if b.role == "responder" and self._wants(b)]
 
-    async def _reconcile(self, nursery: trio.Nursery, discovery: Discovery) -> None:
-        wanted = {b.id: b for b in discovery.peers() if b.role == "responder" and b.endpoint}
-        for pid in list(self.links):
-            b = wanted.get(pid)
-            if b is None or b.endpoint != self.links[pid].beacon.endpoint:
-                # Closing fails its in-flight calls with Unreachable: they fail over.
-                self.links.pop(pid).client.close()
-        for pid, b in wanted.items():
-            link = self.links.get(pid)
-            if link is None:
-                client = RpcClient(b.endpoint, guard=self.guard(b"rpc"), spin=self.spin)
-                await nursery.start(client.run)
-                breaker = CircuitBreaker(threshold=self._breaker_threshold,
-                                         cooldown=self._breaker_cooldown)
-                self.links[pid] = _Link(b, client, breaker)
-            else:
-                link.beacon = b
+    def _wants(self, b: Beacon) -> bool:
+        if not self.requests or len(self._wanted) >= MAX_WANTED:
+            return True  # declared nothing (or asked for too many types): any Responder
+        return not b.types or any(matches(w, t) for w in self._wanted for t in b.types)
+
+    def _want(self, event: str) -> None:
+        """A request for ``event`` found no link: dial for it (the keeper does)."""
+        if event not in self._wanted and len(self._wanted) < MAX_WANTED:
+            self._wanted.add(event)
+            self._keeper.poke()
+
+    async def _dial(self, nursery: trio.Nursery, b: Beacon) -> _Link:
+        rid = b.id.encode()
+        client = RpcClient(b.endpoint, guard=self.guard(seals=b"request:" + rid,
+                                                           opens=b"answer:" + rid),
+                           spin=self.spin)
+        await nursery.start(client.run)
+        return _Link(b, client, CircuitBreaker(threshold=self._breaker_threshold,
+                                               cooldown=self._breaker_cooldown))
+
+    def _changed_links(self) -> None:
         self._candidates.clear()
         self._links_changed.set()
         self._links_changed = trio.Event()
@@ -116,14 +145,15 @@ class Requester(Component):
         completes) when it is all there is."""
         candidates = self._candidates.get(event)
         if candidates is None:
-            discovery = self.discovery
-            assert discovery is not None, "requests are admitted only while it runs"
-            candidates = [self.links[b.id] for b in
-                          discovery.table.serving("responder", event) if b.id in self.links]
+            candidates = sorted((link for link in self.links.values()
+                                 if not link.beacon.types
+                                 or any(matches(t, event) for t in link.beacon.types)),
+                                key=lambda link: link.beacon.id)
             if len(self._candidates) < 10_000:
                 self._candidates[event] = candidates
         n = len(candidates)
         if not n:
+            self._want(event)
             return None
         turn = self._turn
         fallback = None
@@ -164,7 +194,7 @@ class Requester(Component):
             raise QueueFull(f"requester {self.name!r} already has {self.max_pending} "
                             f"requests outstanding")
 
-    async def send(self, request: dict, *, timeout: float | None = None,
+    async def send(self, request: dict[str, Any], *, timeout: float | None = None,
                    chunks: Any = None) -> Any:
         """The answer to ``request``.  ``chunks`` (an iterable or async iterable) makes
         it a chunked request, read by an ``async def handler(req, chunks)``; such a
@@ -185,7 +215,8 @@ class Requester(Component):
         self.stats["answered"] += 1
         return result
 
-    async def _deliver(self, event: str, request: dict, limit: float, chunks: Any = None) -> Any:
+    async def _deliver(self, event: str, request: dict[str, Any], limit: float,
+                       chunks: Any = None) -> Any:
         deadline = trio.current_time() + limit
         tried: set[str] = set()
         attempt = 0
@@ -235,7 +266,7 @@ class Requester(Component):
         raise TimeoutError_(f"no answer to {event!r} within {limit:g} s{detail}")
 
     # -- many in flight from one task -----------------------------------------------
-    async def send_many(self, requests: Iterable[dict], *, window: int = 100,
+    async def send_many(self, requests: Iterable[dict[str, Any]], *, window: int = 100,
                         timeout: float | None = None,
                         return_exceptions: bool = False) -> AsyncIterator[Any]:
         """Send ``requests`` (any iterable, even an endless generator) keeping up to
@@ -246,7 +277,7 @@ class Requester(Component):
             raise ValueError("window must be at least 1")
         limit = self.timeout if timeout is None else timeout
         source = iter(requests)
-        in_flight: deque[tuple[dict, _Link | None, Any]] = deque()
+        in_flight: deque[tuple[dict[str, Any], _Link | None, Any]] = deque()
         # Refill in bursts of half a window: a burst leaves as one frame and its answers
         # come back close together.  Topping up one request per answer settles into a
         # frame per request each way, and every frame costs both processes a wake-up.
@@ -326,7 +357,8 @@ class Requester(Component):
             for each in self.links.values():
                 each.client.hold(False)
 
-    async def _landed(self, request: dict, link: _Link | None, call: Any, limit: float) -> Any:
+    async def _landed(self, request: dict[str, Any], link: _Link | None, call: Any,
+                      limit: float) -> Any:
         """The answer of one request started by :meth:`_refill`."""
         if call is None:
             return await self.send(request, timeout=limit)

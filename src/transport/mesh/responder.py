@@ -80,8 +80,10 @@ class Responder(Component):
         return fn(req.payload)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
+        me = self.id.encode()  # requests sealed for this run of this Responder only
         self.server = RpcServer(f"tcp://{self.bind}:0", self._dispatch,
-                                max_inflight=self.max_inflight, guard=self.guard(b"rpc"),
+                                max_inflight=self.max_inflight,
+                                guard=self.guard(seals=b"answer:" + me, opens=b"request:" + me),
                                 spin=self.spin)
         address = await nursery.start(self.server.run)
         await self._start_discovery(nursery, address)

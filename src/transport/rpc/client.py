@@ -4,6 +4,13 @@ Over nng the dialer reconnects by itself; over a framed stream this client does,
 backoff.  Either way, when the link drops every call in flight fails with
 :class:`Unreachable` (retryable) instead of waiting for an answer that cannot come,
 and calls made while disconnected wait (bounded by their timeout) for the link.
+
+A server that hangs up on this client says why first, with ``ERROR`` on sid 0 (too
+many connections, idle, a frame it could not read): every call in flight fails with
+that error, and the next connection waits a backoff step.  Nothing bigger than
+``max_message`` (default 16 MiB) is sent or read: a request or chunk over it fails
+its caller with ``bad-message`` at once (send bulk data as chunks), and frames of
+many requests are cut to fit.
 """
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from transport.codec import Kind, decode_lists, encode_envelope
+from transport.codec import DEFAULT_MAX_MESSAGE, Kind, decode_lists, encode_envelope
 from transport.errors import BadMessage, Closed, CodecError, RemoteError, TimeoutError_, Unreachable, body_to_error
 from transport._links import Link, StreamLink, connect_stream, is_stream, nng_url
 from transport._outbox import Outbox, TrySend
+from transport.rpc.connection import SEAL_ROOM, check_max_message, max_envelope
 from transport.rpc.handlers import FrameGuard, sealing
 from transport.inbound import SendWindow
 from transport.service import Service
@@ -32,7 +40,7 @@ if TYPE_CHECKING:
 _INF = float("inf")
 # Plain ints for the hot paths: an enum member lookup costs more than the comparison.
 _REQUEST, _RESULT, _CHUNK = int(Kind.REQUEST), int(Kind.RESULT), int(Kind.CHUNK)
-_CHOKE, _CREDIT = int(Kind.CHOKE), int(Kind.CREDIT)
+_CHOKE, _CREDIT, _ERROR = int(Kind.CHOKE), int(Kind.CREDIT), int(Kind.ERROR)
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 SWEEP_IDLE = 0.1  # s: the deadline sweeper's shortest sleep when no call is overdue
@@ -154,16 +162,20 @@ class RpcClient(Service):
     ``bad_frames`` counts the frames from the server that could not be read (corrupt,
     or refused by the ``guard``); the first is logged.  The calls they answered are not
     told (nobody knows which they were): they time out, or fail when the link drops.
+    ``refusals`` counts the times the server hung up saying why (``last_refusal``).
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 guard: FrameGuard | None = None, spin: bool = True) -> None:
+                 guard: FrameGuard | None = None, spin: bool = True,
+                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.address = address
         self.default_timeout = timeout
         self.guard = guard
+        self.max_message = check_max_message(max_message, "RpcClient")
+        self._max_envelope = max_envelope(max_message)
         self._sids = itertools.count(1)
         self._pending: dict[int, PendingCall] = {}
-        self._outbox = Outbox()
+        self._outbox = Outbox(max_message - SEAL_ROOM)
         # What frames are sent through while connected; what it can do besides is
         # decided once, as it comes up (nothing per message asks the link what it is):
         self._link: Link | None = None
@@ -185,6 +197,8 @@ class RpcClient(Service):
         # "the only one in flight" when none is pending.
         self._waking = 0
         self.bad_frames = 0
+        self.refusals = 0
+        self.last_refusal: RemoteError | None = None
 
     # -- lifetime -----------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[RpcClient] = trio.TASK_STATUS_IGNORED
@@ -242,7 +256,7 @@ class RpcClient(Service):
 
         from transport.sockets import TrioSocket
 
-        raw = pynng.Pair1()
+        raw = pynng.Pair1(recv_max_size=self.max_message)
         sock = TrioSocket(raw)
         try:
             # nng queues sends until the dialer connects, so the link is "up" for sending
@@ -270,7 +284,8 @@ class RpcClient(Service):
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
-            delay = RECONNECT_MIN
+            stream.max_message = self.max_message
+            refusals, up_at = self.refusals, trio.current_time()
             self._stream_up(stream)
             try:
                 while True:
@@ -283,6 +298,13 @@ class RpcClient(Service):
             finally:
                 stream.close()
                 self._link_down()
+            if self.refusals == refusals:
+                delay = RECONNECT_MIN
+            else:  # the server hung up saying why (too many connections...): not at once
+                if trio.current_time() - up_at > RECONNECT_MAX:
+                    delay = RECONNECT_MIN  # (a connection that lived, then idled)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
 
     def _on_frame(self, frame: bytes) -> None:
         try:
@@ -295,8 +317,21 @@ class RpcClient(Service):
         pending = self._pending
         for kind, sid, body in envelopes:
             slot = pending.get(sid)
-            if slot is not None and slot.push(kind, body):
-                del pending[sid]
+            if slot is not None:
+                if slot.push(kind, body):
+                    del pending[sid]
+            elif sid == 0 and kind == _ERROR:
+                self._refused(body_to_error(body))
+
+    def _refused(self, error: RemoteError) -> None:
+        """The server is hanging up on this connection and says why: every call in
+        flight fails with that (not a bare Unreachable when the link drops next)."""
+        self.refusals += 1
+        self.last_refusal = error
+        if self.refusals == 1:
+            log.info("%s closed the connection: %s (further ones are only counted, in "
+                     "RpcClient.refusals)", self.address, error)
+        self._fail_all(error)
 
     def _bad_frame(self, exc: CodecError) -> None:
         """A frame from the server that cannot be read: counted, the first logged
@@ -364,6 +399,10 @@ class RpcClient(Service):
             env = encode_envelope(_REQUEST, sid, body)
         except CodecError as exc:
             raise BadMessage(f"request payload cannot be encoded: {exc}") from None
+        if len(env) > self._max_envelope:
+            raise BadMessage(f"a request of {len(env)} bytes is over the limit "
+                             f"({self._max_envelope} bytes: max_message): send the data as "
+                             "chunks (call(..., chunks=...))")
         # A lone request goes out at once: one scheduler pass less of latency.  Not
         # when others are in flight:
         # their callers start the next ones as the answers come in, and those should
@@ -470,10 +509,15 @@ class RpcClient(Service):
                 return
             window.left -= 1
             try:
-                self._outbox.put(encode_envelope(_CHUNK, sid, item))
+                packed = encode_envelope(_CHUNK, sid, item)
             except CodecError as exc:
                 self._abandon(sid)
                 raise BadMessage(f"request chunk cannot be encoded: {exc}") from None
+            if len(packed) > self._max_envelope:
+                self._abandon(sid)
+                raise BadMessage(f"a chunk of {len(packed)} bytes is over the limit "
+                                 f"({self._max_envelope} bytes: max_message): send smaller chunks")
+            self._outbox.put(packed)
         if not call.done:
             self._outbox.put(encode_envelope(_CHOKE, sid, None))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Protocol
 
+from transport.errors import CodecError, RemoteError
+
 if TYPE_CHECKING:
     from transport.inbound import InputStream
 
@@ -16,6 +18,29 @@ class FrameGuard(Protocol):
 
     def seal(self, frame: bytes) -> bytes: ...
     def open(self, frame: bytes) -> bytes: ...
+
+
+class FrameGate(Protocol):
+    """A server's frame authentication that lets unsealed frames in as well, marked so
+    (``Request.sealed``), for a handler that decides per request what a caller without
+    the key may do (a node's control endpoint: read-only verbs on loopback;
+    ``transport/seal.py``).  ``open`` returns the frame and, if it came sealed and
+    verified, the guard that seals the answers on its connection (None: it came
+    unsealed); it raises :class:`Refused` for a frame it can read but not trust, and
+    CodecError for one it cannot read."""
+
+    def open(self, frame: bytes) -> tuple[bytes, FrameGuard | None]: ...
+
+
+class Refused(CodecError):
+    """A frame a :class:`FrameGate` can read but will not trust (sealed with another
+    key, replayed, too old): the server answers every request in ``frame`` with
+    ``error``, unsealed, so that its caller learns why rather than waiting out a timeout."""
+
+    def __init__(self, frame: bytes, error: RemoteError) -> None:
+        super().__init__(str(error))
+        self.frame = frame
+        self.error = error
 
 
 def sealing(try_send: Callable[[bytes], Any] | None,
@@ -36,6 +61,8 @@ class Request:
     payload: Any
     peer: int  # which client connection it came on
     chunks: "InputStream | None" = None  # a chunked request's chunks (transport/inbound.py)
+    # Whether it came in a frame the server's guard or gate verified (FrameGate).
+    sealed: bool = False
 
 
 class Stream:

@@ -24,6 +24,13 @@ returns says how the answer is made:
 
 Raising sends ``ERROR`` (a :class:`~transport.errors.RemoteError` keeps its code,
 anything else becomes a ``HandlerError`` with the exception's type and message).
+
+A client that breaks the protocol (a frame that cannot be read or fails the ``guard``,
+a frame over ``max_message``, a request id already in flight, a chunk for a request
+that is not chunked, a kind no client sends) is told why with ``ERROR bad-message``
+(on the offending sid, else on sid 0) and its connection is closed; whatever it had
+in flight is cancelled, so nothing of it stays counted.  Limits (``max_message``,
+``max_connections``, ``idle_timeout``): :mod:`transport.rpc.connection`.
 """
 from __future__ import annotations
 
@@ -35,14 +42,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from transport.codec import Kind, decode_lists, encode_envelope
-from transport.errors import (BadMessage, Closed, CodecError, QueueFull, TransportError, Unreachable,
-                     error_to_body)
+from transport.codec import DEFAULT_MAX_MESSAGE, Kind, decode_lists, encode_envelope
+from transport.errors import (BadMessage, Closed, CodecError, QueueFull, RemoteError,
+                              TransportError, Unreachable, error_to_body)
 from transport.inbound import InputStream
 from transport._links import is_stream, listen_stream, nng_url
-from transport._outbox import Outbox, TrySend
-from transport.rpc.handlers import (FAILED, RESOLVED, Deferred, FrameGuard, Handler, Request, Stream,
-                                    sealing)
+from transport.rpc.connection import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, SEAL_ROOM,
+                                      Connection, PeerLog, check_limits, check_max_message,
+                                      error_frame, farewell, idle_connections, max_envelope,
+                                      nng_farewell, nng_peer, peer_of)
+from transport.rpc.handlers import (FAILED, RESOLVED, Deferred, FrameGate, FrameGuard, Handler,
+                                    Refused, Request, Stream, sealing)
 from transport._spin import SpinPolicy, poll_next, spin_until
 from transport.streams import FramedStream
 
@@ -51,13 +61,11 @@ if TYPE_CHECKING:
 
     from transport.sockets import TrioSocket
 
-# What a connection's writer sends a frame with (None once its client is gone).
-Send = Callable[[bytes], Awaitable[None]]
-
 # The kinds on the hot paths as plain ints: an enum member lookup costs more than
 # the comparison it feeds (~75 ns each).
 _REQUEST, _CANCEL, _RESULT = int(Kind.REQUEST), int(Kind.CANCEL), int(Kind.RESULT)
 _CHUNK, _CHOKE, _CREDIT = int(Kind.CHUNK), int(Kind.CHOKE), int(Kind.CREDIT)
+_ERROR = int(Kind.ERROR)
 # Handler results that are certainly answers (not coroutines, Streams or Deferreds).
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
@@ -67,27 +75,6 @@ _T = TypeVar("_T")
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 log = logging.getLogger(__name__)
-
-
-class _Connection:
-    """One client as the server sees it: its replies queue here until its writer
-    task packs them into frames."""
-
-    __slots__ = ("id", "send", "try_send", "flush", "outbox", "running", "deferred", "inputs",
-                 "spin", "answer_spin")
-
-    def __init__(self, conn_id: int, send: Send, try_send: TrySend | None = None,
-                 flush: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.id = conn_id
-        self.send: Send | None = send  # None once the client is gone: its writer stops
-        self.try_send = try_send  # writes (seals) a frame now if the link takes it without blocking
-        self.flush = flush  # finishes a frame try_send could only start
-        self.outbox = Outbox()
-        self.running: dict[int, _Worker] = {}  # sid -> the worker serving it
-        self.deferred: dict[int, Deferred] = {}  # sid -> answer still to come
-        self.inputs: dict[int, InputStream] = {}  # sid -> chunks of a request still coming
-        self.spin: SpinPolicy | None = None  # polling for its next request (transport/_spin.py)
-        self.answer_spin: SpinPolicy | None = None  # ... for a Deferred's answer
 
 
 class _Worker:
@@ -107,10 +94,10 @@ class _Worker:
 
     __slots__ = ("task", "scope", "conn", "sid", "work")
     task: trio.lowlevel.Task
-    conn: _Connection
+    conn: Connection
     work: Any  # the coroutine, awaitable or Stream to finish (None: parked)
 
-    def __init__(self, conn: _Connection, sid: int, work: Any) -> None:
+    def __init__(self, conn: Connection, sid: int, work: Any) -> None:
         self.scope = trio.CancelScope()
         self.conn = conn
         self.sid = sid
@@ -127,15 +114,33 @@ class RpcServer:
     the server waits for."""
 
     def __init__(self, address: str, handler: Handler, *, max_inflight: int = 10_000,
-                 guard: FrameGuard | None = None, high_water: int = 8192, spin: bool = False):
+                 guard: FrameGuard | None = None, high_water: int = 8192, spin: bool = False,
+                 gate: FrameGate | None = None, max_message: int = DEFAULT_MAX_MESSAGE,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT):
+        """``guard``: every frame sealed, others refused (a mesh with a secret).
+        ``gate``: sealed frames and plain ones both let in, each request marked
+        (``Request.sealed``), for a handler that decides (transport/seal.py).
+        ``max_message``, ``max_connections``, ``idle_timeout`` (None: never): what a
+        client can make it hold (:mod:`transport.rpc.connection`)."""
+        if guard is not None and gate is not None:
+            raise ValueError("an RpcServer takes a guard or a gate, not both")
+        self.max_message = check_max_message(max_message, "RpcServer")
+        check_limits("RpcServer", max_connections, idle_timeout)
+        self.max_connections = max_connections
+        self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
+        # Answers are kept to frames the client takes, its guard's seal included.
+        self._max_frame = max_message - SEAL_ROOM
+        self._max_envelope = max_envelope(max_message)
         self.requested_address = address
         self.address: str | None = None
         self.handler = handler
         self.max_inflight = max_inflight
         self.guard = guard
+        self.gate = gate
         self.high_water = high_water
         self.spin = spin
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._inflight = 0
         self._queued = 0
@@ -147,7 +152,14 @@ class RpcServer:
         self.served = 0
         self.failed = 0
         self.bad_frames = 0
+        self.refused_frames = 0  # frames the gate would not trust (answered: _refuse)
         self.refused = 0
+        # Connections closed for what they sent (bad frames included), refused over
+        # max_connections, closed for idling; each peer's first is logged (peer_log).
+        self.violations = 0
+        self.refused_connections = 0
+        self.idle_closed = 0
+        self.peer_log = PeerLog()
         self.polled = 0  # frames of requests that arrived while polling for them
         self.answers_polled = 0  # Deferreds settled while polling for them
         self.poll_errors = 0  # Deferred polls that raised (the first is logged)
@@ -166,6 +178,8 @@ class RpcServer:
         address (port 0 resolved)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.idle_timeout is not None:
+                nursery.start_soon(self._sweep_idle, self.idle_timeout)
             if is_stream(self.requested_address):
                 listeners, address = await listen_stream(self.requested_address)
                 self.address = address
@@ -185,38 +199,59 @@ class RpcServer:
 
     # -- framed streams: one reader and one writer task per connection -------------
     async def _serve_stream(self, raw: trio.SocketStream) -> None:
-        stream = FramedStream(raw)
-        conn = _Connection(next(self._ids), stream.send,
-                           sealing(stream.try_send_nowait, self.guard), stream.flush)
-        conn.answer_spin = SpinPolicy()
-        if self.spin:
-            conn.spin = SpinPolicy()
-        self._connections[conn.id] = conn
+        peer = peer_of(raw)
+        stream = FramedStream(raw, max_message=self.max_message)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, conn)
-                try:
-                    while True:
-                        frames = await stream.recv_many()
-                        while frames:
-                            for frame in frames:
-                                self._on_frame(conn, frame)
-                            while len(conn.outbox) >= self.high_water:
-                                # This client reads its answers slower than it asks: stop
-                                # reading its requests until they drain (TCP pushes back).
-                                await self._wait_room()
-                            self._poll_deferred(conn)
-                            frames = await self._poll_next(conn, stream)
-                except Closed:
-                    pass  # the client went away
-                except CodecError as exc:  # garbage framing: nothing after it can be read
-                    self._bad_frame(exc)
-                nursery.cancel_scope.cancel()
+            if len(self._connections) >= self.max_connections:
+                self.refused_connections += 1
+                self._warn(peer, "refused a connection", "over max_connections",
+                           "RpcServer.refused_connections")
+                await farewell(stream, error_frame(0, self._full(), self.guard))
+                return
+            conn = Connection(next(self._ids), peer, stream.send, stream.try_send_nowait,
+                              stream.flush, self.guard, self._max_frame)
+            conn.answer_spin = SpinPolicy()
+            if self.spin:
+                conn.spin = SpinPolicy()
+            reading = trio.CancelScope()
+            conn.hang_up = reading.cancel
+            self._connections[conn.id] = conn
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn)
+                    with reading:
+                        await self._read_stream(conn, stream)
+                    if conn.farewell is not None:  # closed by this server: say why
+                        await farewell(stream, conn.farewell)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._drop(conn)
         finally:
-            self._drop(conn)
             stream.close()
 
-    def _poll_deferred(self, conn: _Connection) -> None:
+    async def _read_stream(self, conn: Connection, stream: FramedStream) -> None:
+        """Read one client's frames until it leaves or is closed."""
+        try:
+            while True:
+                frames = await stream.recv_many()
+                while frames:
+                    conn.active = True
+                    for frame in frames:
+                        self._on_frame(conn, frame)
+                    if conn.send is None:
+                        return  # closed (it broke the protocol): the reason is its farewell
+                    while len(conn.outbox) >= self.high_water:
+                        # This client reads its answers slower than it asks: stop
+                        # reading its requests until they drain (TCP pushes back).
+                        await self._wait_room()
+                    self._poll_deferred(conn)
+                    frames = await self._poll_next(conn, stream)
+        except Closed:
+            pass  # the client went away
+        except CodecError as exc:  # garbage framing (a length over max_message)
+            self._bad_frame(conn, exc)
+
+    def _poll_deferred(self, conn: Connection) -> None:
         """When all this server waits for is one Deferred that can poll for its answer
         (a lone job in a slave: its answer is due any moment), poll for it for a
         moment instead of going back to sleep: the answer then leaves from here, one
@@ -240,7 +275,7 @@ class RpcServer:
                 log.exception("a Deferred's poll raised; the connection lives on (further "
                               "failures are only counted, in RpcServer.poll_errors)")
 
-    async def _poll_next(self, conn: _Connection, stream: FramedStream) -> list[bytes]:
+    async def _poll_next(self, conn: Connection, stream: FramedStream) -> list[bytes]:
         """With ``spin``: the next frame of a lone client whose requests are all
         answered, polled for a moment (transport/_spin.py); [] if it did not come."""
         def expecting() -> bool:  # no answer still to send, no other client to hear
@@ -259,16 +294,21 @@ class RpcServer:
 
         from transport.sockets import TrioSocket, bound_address
 
-        raw = pynng.Pair1(polyamorous=True)
+        # nng refuses a message over max_message itself, closing its pipe: nothing of
+        # it is buffered here (pynng offers no way to say why first).
+        raw = pynng.Pair1(polyamorous=True, recv_max_size=self.max_message)
         try:
             raw.listen(nng_url(self.requested_address))
         except pynng.NNGException as exc:
             raw.close()
             raise TransportError(f"cannot listen on {self.requested_address}: {exc}") from None
         sock = TrioSocket(raw)
-        by_pipe: dict[int, _Connection] = {}
+        by_pipe: dict[int, Connection] = {}
+
+        refusing: set[int] = set()  # pipes over max_connections, being told so
 
         def pipe_gone(pipe: pynng.Pipe) -> None:
+            refusing.discard(pipe.id)
             conn = by_pipe.pop(pipe.id, None)
             if conn is not None:
                 self._drop(conn)
@@ -282,12 +322,22 @@ class RpcServer:
                 pipe = msg.pipe
                 conn = by_pipe.get(pipe.id)
                 if conn is None:
+                    if len(self._connections) >= self.max_connections:
+                        if pipe.id not in refusing:
+                            refusing.add(pipe.id)
+                            self.refused_connections += 1
+                            self._warn(nng_peer(pipe), "refused a connection",
+                                       "over max_connections", "RpcServer.refused_connections")
+                            self._start_soon(nng_farewell, (
+                                sock, pipe, error_frame(0, self._full(), self.guard)))
+                        continue
                     conn = by_pipe[pipe.id] = self._nng_connection(sock, pipe)
+                conn.active = True
                 self._on_frame(conn, msg.bytes)
         finally:
             sock.close()
 
-    def _nng_connection(self, sock: TrioSocket, pipe: pynng.Pipe) -> _Connection:
+    def _nng_connection(self, sock: TrioSocket, pipe: pynng.Pipe) -> Connection:
         import pynng
 
         async def send(frame: bytes) -> None:
@@ -296,13 +346,20 @@ class RpcServer:
             except pynng.NNGException as exc:
                 raise Closed(f"nng pipe gone: {exc}") from None
 
-        conn = _Connection(next(self._ids), send)
+        conn = Connection(next(self._ids), nng_peer(pipe), send, guard=self.guard,
+                          max_frame=self._max_frame)
+
+        def hang_up() -> None:  # the reason, then the pipe closed
+            if conn.farewell is not None:
+                self._start_soon(nng_farewell, (sock, pipe, conn.farewell))
+
+        conn.hang_up = hang_up
         self._connections[conn.id] = conn
         self._start_soon(self._writer, conn)
         return conn
 
     # -- shared ----------------------------------------------------------------------
-    def _drop(self, conn: _Connection) -> None:
+    def _drop(self, conn: Connection) -> None:
         """The client is gone: nobody is left to read its answers, so stop that work."""
         if self._connections.pop(conn.id, None) is None:
             return
@@ -317,19 +374,37 @@ class RpcServer:
         conn.send = None  # tells its writer to stop
         conn.outbox.wake()
 
-    def _on_frame(self, conn: _Connection, frame: bytes) -> None:
+    def _on_frame(self, conn: Connection, frame: bytes) -> None:
+        if conn.send is None:
+            return  # being closed: nothing more of it is read
         try:
             if self.guard is not None:
                 frame = self.guard.open(frame)
+            elif self.gate is not None:
+                frame, guard = self.gate.open(frame)
+                conn.sealed = guard is not None
+                if guard is not None and conn.guard is None:  # answers sealed from now on
+                    conn.guard = guard
+                    conn.try_send = sealing(conn.link_try_send, guard)
             envelopes = decode_lists(frame)
+        except Refused as refusal:
+            self._refuse(conn, refusal)
+            return
         except CodecError as exc:
-            self._bad_frame(exc)  # the client hears nothing of it: its calls time out
+            self._bad_frame(conn, exc)
             return
         # Answers to a frame of many requests leave together, as one frame.
         conn.outbox.held = len(envelopes) > 1
         try:
             for kind, sid, body in envelopes:
                 if kind == _REQUEST:
+                    # Every request in flight is in one of these two (the membership
+                    # tests are the whole cost of exact accounting).
+                    if sid in conn.running or sid in conn.deferred or sid <= 0:
+                        self._violation(conn, max(sid, 0), f"request id {sid} is already in "
+                                        "flight on this connection" if sid > 0
+                                        else f"request id {sid}: request ids are > 0")
+                        return
                     self._on_request(conn, sid, body)
                 elif kind == _CHUNK or kind == _CHOKE:  # a chunked request's chunks
                     chunks = conn.inputs.get(sid)
@@ -339,13 +414,22 @@ class RpcServer:
                         else:
                             chunks.end()
                             del conn.inputs[sid]
-                elif kind == _CANCEL:
+                    elif sid in conn.running or sid in conn.deferred:
+                        self._violation(conn, sid, f"{Kind(kind).name} for request {sid}, "
+                                        "which is not chunked or whose chunks ended")
+                        return
+                    # (else its request was answered already: the rest of its chunks,
+                    # still on their way then, are dropped)
+                elif kind == _CANCEL:  # (for a request answered already: nothing to do)
                     worker = conn.running.get(sid)
                     if worker is not None:
                         worker.scope.cancel()
                     elif sid in conn.deferred:
                         self._cancel_deferred(conn, sid)
-                # other kinds from a client are meaningless: ignored, like unknown frames
+                else:
+                    self._violation(conn, max(sid, 0),
+                                    f"envelope kind {kind} is not one a client sends")
+                    return
         finally:
             try:
                 sent = conn.outbox.release(conn.try_send)
@@ -355,15 +439,76 @@ class RpcServer:
                 self._queued -= sent
                 self._room.set()
 
-    def _bad_frame(self, exc: CodecError) -> None:
-        """A frame from a client that cannot be read: counted, the first logged (once
-        per server: a broken or hostile client may send nothing else)."""
-        self.bad_frames += 1
-        if self.bad_frames == 1:
-            log.warning("unreadable frame from a client dropped: %s (further ones are "
-                        "only counted, in RpcServer.bad_frames)", exc)
+    def _refuse(self, conn: Connection, refusal: Refused) -> None:
+        """A frame the gate would not trust: each request in it is answered with the
+        gate's error, so its caller learns why (the frame is readable, not trusted:
+        nothing in it runs)."""
+        try:
+            envelopes = decode_lists(refusal.frame)
+        except CodecError as exc:
+            self._bad_frame(conn, exc)
+            return
+        self.refused_frames += 1
+        if self.refused_frames == 1:
+            log.warning("frame refused: %s (further ones are only counted, in "
+                        "RpcServer.refused_frames)", refusal.error.message)
+        body = error_to_body(refusal.error)
+        for kind, sid, _ in envelopes:
+            if kind == _REQUEST:
+                self._emit(conn, Kind.ERROR, sid, body)
 
-    def _on_request(self, conn: _Connection, sid: int, body: Any) -> None:
+    def _bad_frame(self, conn: Connection, exc: CodecError) -> None:
+        """A frame from a client that cannot be read (not msgpack, not envelopes,
+        over max_message, refused by the guard): nothing in it can be answered, so
+        the connection is closed, saying why on sid 0."""
+        self.bad_frames += 1
+        self.violations += 1
+        reason = f"unreadable frame: {exc}"
+        self._warn(conn.peer, "closed a connection", reason, "RpcServer.bad_frames")
+        self._close(conn, BadMessage(reason))
+
+    def _violation(self, conn: Connection, sid: int, reason: str) -> None:
+        """A client broke the protocol: its connection is closed with the reason, on
+        the offending sid (its caller, if any, learns why) or 0."""
+        self.violations += 1
+        self._warn(conn.peer, "closed a connection", reason, "RpcServer.violations")
+        self._close(conn, BadMessage(reason), sid)
+
+    def _warn(self, peer: str, what: str, reason: str, counter: str) -> None:
+        """Log the first trouble from ``peer``; after that it is only counted (a broken
+        or hostile peer may send nothing else, and a flood of them must not flood the
+        log: PeerLog is bounded)."""
+        if self.peer_log.first(peer):
+            log.warning("%s from %s: %s (further trouble from that peer is only counted, "
+                        "in %s and the like)", what, peer, reason, counter)
+
+    def _close(self, conn: Connection, error: RemoteError, sid: int = 0) -> None:
+        """Hang up on a connection, telling it why: ``ERROR`` on ``sid`` (the offending
+        request's, or 0: the connection as a whole), then the end of the link, within
+        CLOSE_GRACE.  Whatever it had in flight is cancelled now: whatever it did,
+        nothing of it stays counted."""
+        if conn.send is None:
+            return  # going already
+        conn.farewell = error_frame(sid, error, conn.guard)
+        self._drop(conn)
+        conn.hang_up()
+
+    def _full(self) -> QueueFull:
+        return QueueFull(f"server has {self.max_connections} connections, its limit "
+                         "(max_connections): try again later")
+
+    async def _sweep_idle(self, timeout: float) -> None:
+        """Close the connections that completed no frame for ``timeout`` s while
+        nothing of theirs was in flight (looking every quarter of it: a connection is
+        closed between 1 and 1.25 timeouts after its last frame or answer)."""
+        while True:
+            await trio.sleep(timeout / 4)
+            for conn in idle_connections(self._connections.values(), trio.current_time(), timeout):
+                self.idle_closed += 1
+                self._close(conn, Unreachable(
+                    f"the connection was idle for {timeout:g} s: closed by the server"))
+
+    def _on_request(self, conn: Connection, sid: int, body: Any) -> None:
         if not (isinstance(body, list) and 3 <= len(body) <= 4 and isinstance(body[1], str)):
             self._emit(conn, Kind.ERROR, sid, error_to_body(
                 BadMessage("REQUEST body must be [target, event, payload(, chunked)]")))
@@ -376,11 +521,12 @@ class RpcServer:
         target = body[0] if isinstance(body[0], str) else ""
         chunks = None
         if len(body) == 4 and body[3] is True:  # CHUNKs of the request follow
-            chunks = conn.inputs[sid] = InputStream(
-                lambda n: self._emit(conn, _CREDIT, sid, n))
+            def grant(n: int) -> None:
+                self._emit(conn, _CREDIT, sid, n)
+            chunks = conn.inputs[sid] = InputStream(grant)
         self._inflight += 1
         try:
-            out = self.handler(Request(sid, target, body[1], body[2], conn.id, chunks))
+            out = self.handler(Request(sid, target, body[1], body[2], conn.id, chunks, conn.sealed))
         except Exception as exc:  # the handler's failure is the caller's answer
             self._answered(conn, sid, Kind.ERROR, error_to_body(exc), failed=True)
             return
@@ -396,7 +542,7 @@ class RpcServer:
         else:
             self._answered(conn, sid, _RESULT, out)
 
-    def _answered(self, conn: _Connection, sid: int, kind: int, body: Any,
+    def _answered(self, conn: Connection, sid: int, kind: int, body: Any,
                   failed: bool = False) -> None:
         """A request finished without a worker: send its answer, count it."""
         if conn.inputs:
@@ -410,7 +556,7 @@ class RpcServer:
         if not self._inflight:
             self._room.set()
 
-    def _settled(self, conn: _Connection, sid: int, how: int, value: Any) -> None:
+    def _settled(self, conn: Connection, sid: int, how: int, value: Any) -> None:
         """A :class:`Deferred` got its answer."""
         if conn.deferred.pop(sid, None) is None:
             return  # its caller gave up meanwhile; that was counted then
@@ -421,7 +567,7 @@ class RpcServer:
         else:
             self._to_worker(conn, sid, Stream(value))
 
-    def _cancel_deferred(self, conn: _Connection, sid: int) -> None:
+    def _cancel_deferred(self, conn: Connection, sid: int) -> None:
         deferred = conn.deferred.pop(sid)
         chunks = conn.inputs.pop(sid, None)
         if chunks is not None:
@@ -441,7 +587,7 @@ class RpcServer:
                     log.exception("a Deferred's on_cancel raised (further failures are "
                                   "only counted, in RpcServer.cancel_errors)")
 
-    def _to_worker(self, conn: _Connection, sid: int, work: Any) -> None:
+    def _to_worker(self, conn: Connection, sid: int, work: Any) -> None:
         """Finish ``work`` (a coroutine, an awaitable or a Stream) on a worker task."""
         if self._idle:
             worker = self._idle.pop()
@@ -479,14 +625,17 @@ class RpcServer:
                 idle.append(worker)
                 await _park(abort)  # until _to_worker hands us the next one
 
-    async def _finish(self, conn: _Connection, sid: int, work: Any) -> None:
+    async def _finish(self, conn: Connection, sid: int, work: Any) -> None:
         try:
             result = work if isinstance(work, Stream) else await work
             if isinstance(result, Stream):
                 items: AsyncIterator[Any] = result.items.__aiter__()
+                whole = True
                 try:
                     async for item in items:
-                        self._emit(conn, Kind.CHUNK, sid, item)
+                        if not self._emit(conn, _CHUNK, sid, item):
+                            whole = False  # its caller got an ERROR instead: the end
+                            break
                         if self._queued >= self.high_water:
                             await self._wait_room()
                 finally:
@@ -496,6 +645,9 @@ class RpcServer:
                     # a trio resource such as a memory channel's receiving end.)
                     if isinstance(items, (AsyncGenerator, trio.abc.AsyncResource)):
                         await items.aclose()
+                if not whole:
+                    self.failed += 1
+                    return
                 self._emit(conn, Kind.CHOKE, sid, None)
             else:
                 self._emit(conn, Kind.RESULT, sid, result)
@@ -506,20 +658,30 @@ class RpcServer:
             self.failed += 1
             self._emit(conn, Kind.ERROR, sid, error_to_body(exc))
 
-    def _emit(self, conn: _Connection, kind: int, sid: int, body: Any) -> None:
+    def _emit(self, conn: Connection, kind: int, sid: int, body: Any) -> bool:
+        """Queue (or write) one answer; False if it could not go as it is and its
+        caller was sent a ``bad-message`` ERROR instead (so a stream must end)."""
         if conn.send is None:
-            return  # the client left; _drop already cancelled the request
+            return True  # the client left; _drop already cancelled the request
+        whole = True
         try:
             packed = encode_envelope(kind, sid, body)
         except CodecError as exc:  # a reply msgpack cannot carry fails its caller, not the batch
-            packed = encode_envelope(Kind.ERROR, sid, error_to_body(
+            packed = encode_envelope(_ERROR, sid, error_to_body(
                 BadMessage(f"reply could not be encoded: {exc}")))
+            whole = False
+        if len(packed) > self._max_envelope:  # one its client would refuse
+            packed = encode_envelope(_ERROR, sid, error_to_body(BadMessage(
+                f"a {Kind(kind).name} of {len(packed)} bytes is over this server's limit "
+                f"({self._max_envelope} bytes: max_message): stream it in CHUNKs instead")))
+            whole = False
         # A lone answer goes out at once when the writer is idle; the rest queue and batch.
         try:
             if conn.outbox.put(packed, conn.try_send):
                 self._queued += 1
         except Closed:
             pass  # the client is gone; its reader drops the connection
+        return whole
 
     async def flush(self) -> None:
         """Wait until every request in flight has been answered and every answer handed
@@ -533,7 +695,7 @@ class RpcServer:
             self._room = trio.Event()
         await self._room.wait()
 
-    async def _writer(self, conn: _Connection) -> None:
+    async def _writer(self, conn: Connection) -> None:
         while True:
             await conn.outbox.wait()
             send = conn.send
@@ -544,8 +706,9 @@ class RpcServer:
                     await conn.flush()
                 for frame, count in conn.outbox.frames():
                     self._queued -= count
-                    if self.guard is not None:
-                        frame = self.guard.seal(frame)
+                    guard = conn.guard
+                    if guard is not None:
+                        frame = guard.seal(frame)
                     await send(frame)
             except Closed:
                 return  # that client is gone; _drop cancels its handlers
