@@ -177,7 +177,10 @@ async def test_a_reply_over_max_message_is_a_typed_error_and_the_connection_live
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("link", ["tcp", "nng+tcp"])
+# Over a framed stream only: nng's polyamorous Pair1 is best-effort (docs/architecture.md),
+# and with the machine loaded it drops answers of a burst this size, which says nothing
+# about how the server cuts its frames (1 of ~10 full-suite runs here).
+@pytest.mark.parametrize("link", ["tcp"])
 async def test_many_answers_together_over_max_message_go_as_several_frames(nursery, link):
     srv = RpcServer(f"{link}://127.0.0.1:0", big, max_message=MIB)
     await nursery.start(srv.run)
@@ -388,3 +391,34 @@ async def test_nng_drivers_drop_messages_over_their_max_message(cls):
                 await wait_until(lambda: seen, "the small message is served")
         nursery.cancel_scope.cancel()
     assert seen == [5]
+
+
+# -- the mesh components' surfaces ---------------------------------------------------
+
+def test_mesh_components_refuse_bad_limits_when_made():
+    from transport import Responder, Subscriber
+
+    with pytest.raises(ValueError, match="Responder: max_message"):
+        Responder("r", responds_to=["x"], max_message=10)
+    with pytest.raises(ValueError, match="Responder: max_connections"):
+        Responder("r", responds_to=["x"], max_connections=0)
+    with pytest.raises(ValueError, match="Responder: idle_timeout"):
+        Responder("r", responds_to=["x"], idle_timeout=-1)
+    with pytest.raises(ValueError, match="Subscriber: max_message"):
+        Subscriber("s", max_message=10)
+
+
+@pytest.mark.e2e
+async def test_a_responders_limits_reach_its_server():
+    from transport import DiscoveryConfig, Responder
+
+    from support import free_udp_port
+
+    responder = Responder("r", responds_to=["x"], max_message=MIB, max_connections=3,
+                          idle_timeout=7.0,
+                          discovery=DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1"))
+    with trio.fail_after(10):
+        async with responder:
+            assert responder.server is not None
+            assert (responder.server.max_message, responder.server.max_connections,
+                    responder.server.idle_timeout) == (MIB, 3, 7.0)

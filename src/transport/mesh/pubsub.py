@@ -33,13 +33,14 @@ import msgpack
 import pynng
 import trio
 
-from transport.codec import Kind, encode_envelope
+from transport.codec import DEFAULT_MAX_MESSAGE, Kind, encode_envelope
 from transport.errors import CodecError, QueueFull
 from transport.mesh.component import Component, _names
 from transport.mesh.dialing import LinkKeeper
 from transport._outbox import Outbox
 from transport.mesh.peers import Beacon, matches
 from transport.sockets import TrioSocket, bound_address
+from transport.rpc.connection import check_max_message
 
 if TYPE_CHECKING:
     from transport.mesh.sealing import FrameSigner
@@ -178,8 +179,12 @@ class Subscriber(Component):
 
     def __init__(self, name: str, *, subscribes_to: list[str] | tuple[str, ...] = (),
                  buffer: int = 10_000, nng_buffer: int = 1024, max_links: int = 64,
-                 dial_timeout: float = 3.0, **kw: Any) -> None:
+                 dial_timeout: float = 3.0, max_message: int = DEFAULT_MAX_MESSAGE,
+                 **kw: Any) -> None:
         super().__init__(name, **kw)
+        # nng refuses (and drops the pipe of) a frame over this before it is buffered,
+        # so one publisher cannot make this process hold a 200 MiB message.
+        self.max_message = check_max_message(max_message, "Subscriber")
         self.subscribes_to = _names(subscribes_to, "subscribes_to") or ("**",)
         self._handlers: list[tuple[str, EventHandler]] = []
         if buffer < 1 or nng_buffer < 1:
@@ -288,7 +293,7 @@ class Subscriber(Component):
 
     async def _listen(self, pid: str, publisher: str, feed: _Feed,
                       *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        raw = pynng.Sub0()
+        raw = pynng.Sub0(recv_max_size=self.max_message)
         raw.subscribe(b"")
         sock = TrioSocket(raw, buffer=self._nng_buffer)
         sock.on_pipe_event(added=lambda pipe: feed.up.set())

@@ -21,7 +21,10 @@ import trio
 from transport.errors import UnknownEvent
 from transport.mesh.component import Component, _names
 from transport.mesh.peers import matches
+from transport.codec import DEFAULT_MAX_MESSAGE
 from transport.rpc import Request, RpcServer
+from transport.rpc.connection import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, check_limits,
+                                       check_max_message)
 
 # ``handler(req)``, plain or async def; ``async def handler(req, chunks)`` for chunked requests.
 Handler = Callable[..., Any]
@@ -31,10 +34,20 @@ class Responder(Component):
     role = "responder"
 
     def __init__(self, name: str, *, responds_to: list[str] | tuple[str, ...] = (),
-                 max_inflight: int = 10_000, spin: bool = True, **kw: Any) -> None:
+                 max_inflight: int = 10_000, spin: bool = True,
+                 max_message: int = DEFAULT_MAX_MESSAGE,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, **kw: Any) -> None:
         super().__init__(name, **kw)
         self.responds_to = _names(responds_to, "responds_to")
         self.max_inflight = max_inflight
+        # The RpcServer's limits (docs/protocol.md), checked when the Responder is made
+        # rather than when it starts serving.
+        check_max_message(max_message, "Responder")
+        check_limits("Responder", max_connections, idle_timeout)
+        self.max_message = max_message
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
         self.spin = spin
         self._handlers: dict[str, Handler] = {}
         self._resolved: dict[str, Handler | None] = {}
@@ -84,7 +97,9 @@ class Responder(Component):
         self.server = RpcServer(f"tcp://{self.bind}:0", self._dispatch,
                                 max_inflight=self.max_inflight,
                                 guard=self.guard(seals=b"answer:" + me, opens=b"request:" + me),
-                                spin=self.spin)
+                                spin=self.spin, max_message=self.max_message,
+                                max_connections=self.max_connections,
+                                idle_timeout=self.idle_timeout)
         address = await nursery.start(self.server.run)
         await self._start_discovery(nursery, address)
 
