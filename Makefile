@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo lint test bench venv clean
+.PHONY: demo lint test fuzz bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The fuzzers at length: hypothesis profile "long" (fuzz/conftest.py), 5,000 examples a
+# test where `make test` runs 100.  Tens of minutes on 2 cores, so the per-test timeout
+# is lifted; a failure it finds becomes an @example (or a pinned test) beside its property.
+fuzz: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider fuzz/ --hypothesis-profile=long --timeout=7200
 
 bench: $(STAMP)
 	$(PY) -m bench

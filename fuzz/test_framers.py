@@ -22,12 +22,13 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from engine.drivers.raw_socket import FrameTooLarge, LengthPrefixedFramer, LineFramer
+from engine.drivers.raw_socket import (FrameTooLarge, LengthPrefixedFramer, LineFramer, encode_frame_reply,
+                                       encode_line_reply)
 from engine.manifest import EngineConfig
 from engine.pool.slave import SlaveProcess
 from sockend.http import HttpExchange, RequestHead
-from transport.codec import Envelope, decode, encode, encode_envelope, join_frame
-from transport.errors import Closed, CodecError
+from transport.codec import Envelope, decode, encode, encode_envelope, join_frame, unpack
+from transport.errors import Closed, CodecError, RemoteError
 from transport.streams import FramedStream, cut_frames, frame_header
 
 FRAMES = st.lists(st.binary(max_size=40), max_size=8)
@@ -66,7 +67,6 @@ def oversized(draw: st.DrawFn, limit: int) -> tuple[list[bytes], int]:
 
 # -- transport.streams.cut_frames -------------------------------------------------------------
 
-@settings(max_examples=300)
 @given(st.data(), FRAMES, st.lists(st.integers(0, 3), min_size=1))
 def test_cut_frames_decodes_any_split_to_the_same_frames(data, frames, limits):
     pieces = data.draw(cut(framed(frames)))
@@ -80,7 +80,6 @@ def test_cut_frames_decodes_any_split_to_the_same_frames(data, frames, limits):
     assert out == frames and not buffer
 
 
-@settings(max_examples=200)
 @given(st.data())
 def test_cut_frames_fails_on_a_length_over_the_limit_wherever_it_is_cut(data):
     frames, at = oversized(data.draw, 16)
@@ -118,7 +117,7 @@ class _Pieces(trio.abc.Stream):
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.data(), FRAMES, st.booleans())
 def test_framed_stream_reads_any_split_as_the_same_frames(data, frames, one_at_a_time):
     stream = FramedStream(_Pieces(data.draw(cut(framed(frames)))))
@@ -161,7 +160,6 @@ class _LengthPrefixedBefore:
         return frames
 
 
-@settings(max_examples=300)
 @given(st.data(), FRAMES)
 def test_length_prefixed_framer_decodes_any_split_to_the_same_frames(data, frames):
     framer = LengthPrefixedFramer(64)
@@ -169,7 +167,6 @@ def test_length_prefixed_framer_decodes_any_split_to_the_same_frames(data, frame
     assert not framer.buffer
 
 
-@settings(max_examples=300)
 @given(st.data(), st.binary(max_size=120), st.integers(0, 40))
 def test_length_prefixed_framer_behaves_as_it_did_for_any_bytes(data, raw, limit):
     """Garbage included: the same frames, and FrameTooLarge at the same read."""
@@ -191,7 +188,6 @@ def test_length_prefixed_framer_behaves_as_it_did_for_any_bytes(data, raw, limit
         assert now.buffer == before.buffer
 
 
-@settings(max_examples=200)
 @given(st.data())
 def test_length_prefixed_framer_fails_over_its_limit_wherever_it_is_cut(data):
     frames, at = oversized(data.draw, 16)
@@ -203,7 +199,6 @@ def test_length_prefixed_framer_fails_over_its_limit_wherever_it_is_cut(data):
 LINES = st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), max_size=8)
 
 
-@settings(max_examples=300)
 @given(st.data(), LINES, st.lists(st.booleans(), min_size=1))
 def test_line_framer_decodes_any_split_to_the_same_lines(data, lines, crlf):
     """Lines up to its limit, ``\\n`` or ``\\r\\n`` ended, in any pieces.  (A line of
@@ -227,7 +222,6 @@ def test_line_framer_takes_a_line_of_its_limit_whose_crlf_is_cut_in_two():
         LineFramer(4).feed(b"abcd\rx")
 
 
-@settings(max_examples=200)
 @given(st.data())
 def test_line_framer_fails_on_a_line_over_its_limit_wherever_it_is_cut(data):
     lines = data.draw(st.lists(st.binary(max_size=8).map(lambda b: b.replace(b"\n", b"").rstrip(b"\r")),
@@ -237,6 +231,62 @@ def test_line_framer_fails_on_a_line_over_its_limit_wherever_it_is_cut(data):
     out, error = feed_all(LineFramer(8).feed, data.draw(cut(b"".join(line + b"\n" for line in lines))))
     assert isinstance(error, FrameTooLarge)
     assert out == lines[:len(out)] and len(out) <= at
+
+
+# -- raw-socket: what a framer may hold, and the replies it writes -------------------------------
+
+@given(st.data(), st.binary(max_size=200), st.integers(1, 40), st.sampled_from([LineFramer, LengthPrefixedFramer]))
+def test_a_raw_socket_framer_never_holds_more_than_one_frame(data, raw, limit, framer_class):
+    """Bounded memory per connection: whatever a client sends, a framer holds at most
+    one unfinished frame of its limit (plus its length, or a line's ``\r``) before it
+    either cuts a frame or fails with FrameTooLarge (and the connection is closed)."""
+    framer = framer_class(limit)
+    for piece in data.draw(cut(raw)):
+        try:
+            framer.feed(piece)
+        except FrameTooLarge:
+            return
+        assert len(framer.buffer) <= limit + 4
+
+
+REPLY_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=12) | st.binary(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+) | st.integers(min_value=2**64) | st.builds(object)
+ERRORS = st.builds(lambda code, message: type("E", (RemoteError,), {"code": code})(message),
+                   st.sampled_from(["handler", "queue-full", "x\ny"]), st.text(max_size=20))
+
+
+@given(st.one_of(REPLY_VALUES.map(lambda v: (v, None)), ERRORS.map(lambda e: (None, e))))
+def test_a_line_reply_is_one_line_the_client_reads_back(reply):
+    """Whatever a handler returns or raises, a line-framed client gets exactly one line
+    for it (a reply with a newline inside would answer the next request too)."""
+    value, error = reply
+    line = encode_line_reply(value, error)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    [got] = LineFramer(len(line)).feed(line)
+    if error is not None:
+        assert got.startswith(f"ERROR {error.code}: ".replace("\n", " ").encode())
+    elif isinstance(value, str) and "\n" not in value:
+        assert got == value.encode().removesuffix(b"\r")   # (the framer drops a CR before the LF)
+
+
+@given(st.one_of(REPLY_VALUES.map(lambda v: (v, None)), ERRORS.map(lambda e: (None, e))))
+def test_a_frame_reply_is_one_frame_the_client_reads_back(reply):
+    value, error = reply
+    wire = encode_frame_reply(value, error)
+    [frame] = LengthPrefixedFramer(len(wire)).feed(wire)
+    tag, body = frame[0], frame[1:]
+    if error is not None:
+        assert tag == 2 and body.decode().startswith(f"{error.code}: ")
+    elif isinstance(value, (bytes, str)):
+        assert tag == 0 and body == (value if isinstance(value, bytes) else value.encode())
+    elif tag == 1:
+        assert unpack(body) == value
+    else:   # a value msgpack cannot carry: its caller is told so
+        assert tag == 2 and body.startswith(b"bad-message: ")
 
 
 # -- sockend.http: the request head -----------------------------------------------------------
@@ -255,7 +305,6 @@ def head_of(pieces: list[bytes]) -> RequestHead | None:
     return None
 
 
-@settings(max_examples=200)
 @given(st.data(), st.sampled_from(["GET", "HEAD"]), st.lists(TOKEN, max_size=3),
        st.lists(st.tuples(TOKEN, HEADER_VALUE), max_size=6), st.binary(max_size=30))
 def test_http_exchange_reads_any_split_as_the_same_head(data, method, path, headers, after):
@@ -271,7 +320,7 @@ def test_http_exchange_reads_any_split_as_the_same_head(data, method, path, head
 
 # -- a slave's output lines (engine.pool.slave: the crashlog) ----------------------------------
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.data(), st.lists(st.text(max_size=30).map(lambda t: t.replace("\n", " ")), max_size=8))
 def test_slave_output_lines_are_the_same_however_the_pipe_cuts_them(data, lines):
     raw = "".join(line + "\n" for line in lines).encode()
@@ -287,7 +336,6 @@ ENVELOPES = st.lists(st.builds(Envelope, st.integers(0, 40), st.integers(0, 2**3
                      max_size=20)
 
 
-@settings(max_examples=200)
 @given(st.data(), ENVELOPES)
 def test_envelopes_decode_the_same_however_they_are_batched_into_frames(data, envelopes):
     packed = [encode_envelope(*e) for e in envelopes]

@@ -65,5 +65,6 @@ class ChunkedRequestMachine(RuleBasedStateMachine):
 
 
 TestChunkedRequestMachine = ChunkedRequestMachine.TestCase
-TestChunkedRequestMachine.settings = settings(max_examples=150, stateful_step_count=60,
-                                              deadline=None)
+# A state machine run is 60 steps: half the profile's examples (fuzz/conftest.py).
+TestChunkedRequestMachine.settings = settings(max_examples=settings.default.max_examples // 2,
+                                              stateful_step_count=60, deadline=None)

@@ -467,5 +467,7 @@ class SessionPair(RuleBasedStateMachine):
         return False
 
 
-SessionPair.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+# A run is 50 steps and a drain: half the profile's examples (fuzz/conftest.py).
+SessionPair.TestCase.settings = settings(max_examples=settings.default.max_examples // 2,
+                                         stateful_step_count=50, deadline=None)
 TestSessionPair = SessionPair.TestCase
