@@ -30,18 +30,15 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import psutil
 import trio
 
-from .engine import APP, manifest
-from .harness import (BENCH_DIR, PAYLOAD, Child, child_process, cpu_seconds, percentile,
-                      python_child)
+from .engine import APP, manifest, node_hosting
+from .harness import BENCH_DIR, PAYLOAD, Child, child_process, cpu_seconds, percentile
 
 CALLER_APP = "bench-caller"
 CALLER_ENTRY = BENCH_DIR / "caller_app.py"
@@ -130,20 +127,6 @@ async def app_round(node: Child, spin: bool, n: int, warmup: int) -> dict[str, f
             "polls": out["polls"], "hits": out["hits"]}
 
 
-@asynccontextmanager
-async def node_with(*app_manifests: dict[str, Any]) -> AsyncIterator[Child]:
-    with tempfile.TemporaryDirectory(prefix="bench-polling-") as tmp:
-        folders = []
-        for app_manifest in app_manifests:
-            folder = Path(tmp) / app_manifest["name"]
-            folder.mkdir()
-            (folder / "manifest.json").write_text(json.dumps(app_manifest))
-            folders.append(folder)
-        async with child_process(python_child("bench.servers", "node", "tcp://127.0.0.1:0",
-                                              *folders)) as node:
-            yield node
-
-
 async def warm_pool(address: str) -> None:
     """Both echo slaves started (a short burst grows the pool) before anything is timed."""
     from engine.client import control_guard
@@ -176,7 +159,7 @@ async def measure(rounds: int, n: int, warmup: int, shapes: set[str]) -> dict[st
             await pairs("rpc", lambda spin: rpc_client_round(server.ready, pids, spin, n, warmup))
 
     if shapes & {"cli", "sync"}:
-        async with node_with(manifest()) as node:
+        async with node_hosting(manifest()) as node:
             await warm_pool(node.ready)
             pids = tree_pids(node.pid)
             if "cli" in shapes:
@@ -192,7 +175,7 @@ async def measure(rounds: int, n: int, warmup: int, shapes: set[str]) -> dict[st
     if "app" in shapes:
         caller = dict(manifest(), name=CALLER_APP, args=str(CALLER_ENTRY))
         caller["engine"] = dict(caller["engine"], **{"pool-limit": 1})
-        async with node_with(manifest(), caller) as node:
+        async with node_hosting(manifest(), caller) as node:
             await warm_pool(node.ready)
             await pairs("app->app", lambda spin: app_round(node, spin, n, warmup))
     return results
