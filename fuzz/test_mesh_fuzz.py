@@ -29,6 +29,8 @@ from transport.mesh.peers import (MAGIC, MAX_DATAGRAM, ROLES, BadDatagram, Beaco
 from transport.mesh.replay import ReplayWindow
 from transport.mesh.sealing import HEAD, FrameSigner
 
+from damage import BYTE_DAMAGE, damaged
+
 SECRETS = st.binary(min_size=1, max_size=12)
 NAMES = st.text(max_size=10)
 beacons = st.builds(Beacon, id=st.text(min_size=1, max_size=12), name=NAMES, role=st.sampled_from(ROLES),
@@ -98,13 +100,8 @@ def test_a_datagram_round_trips(op, beacon, ask, secret, seq, at):
 def test_a_signed_datagram_changed_anywhere_is_refused(data, beacon, secret, seq, at):
     signed = encode_datagram("hello", beacon, secret=secret, seq=seq, at=at)
     how = data.draw(st.sampled_from(["flip", "cut", "extend", "other-secret", "unsigned"]))
-    if how == "flip":
-        i = data.draw(st.integers(0, len(signed) - 1))
-        changed = signed[:i] + bytes([signed[i] ^ data.draw(st.integers(1, 255))]) + signed[i + 1:]
-    elif how == "cut":
-        changed = signed[:data.draw(st.integers(0, len(signed) - 1))]
-    elif how == "extend":
-        changed = signed + data.draw(st.binary(min_size=1, max_size=8))
+    if how in BYTE_DAMAGE:
+        changed = damaged(data, signed, how)
     elif how == "other-secret":
         other = data.draw(SECRETS.filter(lambda s: s != secret))
         changed = encode_datagram("hello", beacon, secret=other, seq=seq, at=at)
@@ -222,13 +219,8 @@ def test_a_sealed_frame_altered_or_misdirected_is_refused(data, secret, frame):
     wire = FrameSigner(secret, b"request:a", clock=clock).seal(frame)
     how = data.draw(st.sampled_from(["flip", "cut", "extend", "purpose", "secret", "own", "stale"]))
     receiver = FrameSigner(secret, b"request:a", clock=clock)
-    if how == "flip":
-        i = data.draw(st.integers(0, len(wire) - 1))
-        wire = wire[:i] + bytes([wire[i] ^ data.draw(st.integers(1, 255))]) + wire[i + 1:]
-    elif how == "cut":
-        wire = wire[:data.draw(st.integers(0, len(wire) - 1))]
-    elif how == "extend":
-        wire += data.draw(st.binary(min_size=1, max_size=8))
+    if how in BYTE_DAMAGE:
+        wire = damaged(data, wire, how)
     elif how == "purpose":
         receiver = FrameSigner(secret, b"request:b", clock=clock)
     elif how == "secret":

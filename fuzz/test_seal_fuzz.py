@@ -24,6 +24,8 @@ from transport.errors import CodecError
 from transport.rpc.handlers import Refused
 from transport.seal import MARK, SealedClient, SealGate, SealKey
 
+from damage import BYTE_DAMAGE, damaged
+
 SECRETS = st.binary(min_size=1, max_size=16)
 FRAMES = st.binary(max_size=60)
 
@@ -74,13 +76,8 @@ def test_a_sealed_frame_changed_or_misused_never_opens_sealed(data, secret, fram
     wire = SealedClient(key, clock=clock).seal(frame)
     gate = SealGate([key], clock=clock)
     how = data.draw(st.sampled_from(["flip", "cut", "extend", "token", "purpose", "early", "late"]))
-    if how == "flip":
-        i = data.draw(st.integers(0, len(wire) - 1))
-        wire = wire[:i] + bytes([wire[i] ^ data.draw(st.integers(1, 255))]) + wire[i + 1:]
-    elif how == "cut":
-        wire = wire[:data.draw(st.integers(0, len(wire) - 1))]
-    elif how == "extend":
-        wire += data.draw(st.binary(min_size=1, max_size=8))
+    if how in BYTE_DAMAGE:
+        wire = damaged(data, wire, how)
     elif how == "token":
         gate = SealGate([SealKey.from_secret(data.draw(SECRETS.filter(lambda s: s != secret)))], clock=clock)
     elif how == "purpose":
