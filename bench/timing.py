@@ -127,7 +127,8 @@ async def cluster_discovery(settings: Settings) -> float:
     cfg, name = _discovery(), f"timing-{time.monotonic_ns()}"
     with tempfile.TemporaryDirectory() as state:
         def node(i: int) -> Node:
-            options = ClusterOptions(name=name, discovery=cfg, state_dir=Path(state) / str(i))
+            options = ClusterOptions(name=name, discovery=cfg, secret="bench-cluster-secret-0123",
+                                     state_dir=Path(state) / str(i))
             return Node(control="tcp://127.0.0.1:0", cluster=in_cluster(options))
 
         a, b = node(0), node(1)

@@ -314,10 +314,11 @@ def test_a_node_in_a_cluster_has_the_cluster_verbs_by_composition(tmp_path):
     from engine.node import verbs
     from engine.node.node import Node
 
-    node = Node(control=None, cluster=in_cluster(ClusterOptions(name="arch", state_dir=tmp_path)))
+    node = Node(control=None, cluster=in_cluster(ClusterOptions(name="arch", insecure=True, state_dir=tmp_path)))
     assert isinstance(node.cluster, ClusterMember) and node.cluster.cluster.node is node
     assert set(node.verbs) == set(verbs.base_verbs()) | {
-        "cluster.status", "cluster.fetch", "cluster.deploy", "cluster.undeploy", "cluster.run"}
+        "cluster.status", "cluster.catalog", "cluster.fetch", "cluster.deploy", "cluster.undeploy",
+        "cluster.run"}
     assert node.verbs["list"] is verbs.list_apps
     for wrapped in ("deploy", "undeploy", "nodes"):    # reach every peer; describe the cluster
         assert node.verbs[wrapped] is not verbs.base_verbs()[wrapped]

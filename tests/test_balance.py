@@ -191,3 +191,31 @@ def test_pick_is_the_least_loaded_remote_when_local_lacks_the_app(peers, _):
         assert chosen is None
     else:
         assert chosen is not None and t.score(chosen, "echo") == min(live.values())
+
+
+def test_a_forward_that_finished_frees_the_peer_before_its_next_report():
+    """#13 defect 6: the peer's report counted our forward as running; once its answer
+    came back, the peer was still "busy" until its next report (at 3 requests across 3
+    nodes, peers sat idle a third of the time)."""
+    table = BalanceTable(cpu_weight=0.0)
+    table.update(NodeReport("me", "", {"a": AppLoad(running=1, capacity=1)}, seq=1), 0.0)
+    table.note_sent("peer", "a")
+    table.update(NodeReport("peer", "", {"a": AppLoad(running=1, capacity=1)}, seq=1), 0.0)
+    assert table.score("peer", "a") == 1.0          # counted once, not report + in flight
+    table.note_done("peer", "a")
+    assert table.score("peer", "a") == 0.0          # free at once
+    assert table.pick("a", "me", 0.1) == "peer"
+    table.note_sent("peer", "a")                    # a new forward counts again...
+    assert table.score("peer", "a") == 1.0
+    table.note_done("peer", "a")
+    table.update(NodeReport("peer", "", {"a": AppLoad(running=1, capacity=1)}, seq=2), 0.2)
+    assert table.score("peer", "a") == 1.0          # ...and someone else's job, reported, does
+
+
+def test_pick_with_a_digest_considers_only_nodes_running_that_content():
+    table = BalanceTable(cpu_weight=0.0)
+    table.update(NodeReport("me", "", {"a": AppLoad(running=1, capacity=1, digest="old")}, seq=1), 0.0)
+    table.update(NodeReport("peer", "", {"a": AppLoad(digest="new")}, seq=1), 0.0)
+    assert table.pick("a", "me", 0.0, digest="new") == "peer"
+    assert table.pick("a", "me", 0.0, digest="old") == "me"
+    assert table.pick("a", "me", 0.0, digest="-") is None     # undeployed: no node

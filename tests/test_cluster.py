@@ -4,6 +4,7 @@ checks in process.  Every test ends the processes it started and checks none is 
 from __future__ import annotations
 
 import json
+from contextlib import AsyncExitStack
 import shutil
 import sys
 import uuid
@@ -19,6 +20,7 @@ from engine.errors import AppNotFound, QueueFull
 from engine.cluster.service import Cluster, ClusterOptions
 from engine.cluster.bundle import BundleError, check_bundle, digest_of, write_bundle
 from support import NodeProcess, free_udp_port, start_node_process, stop_node, wait_until
+from etcd_support import etcd_instance, etcd_server  # noqa: F401 (fixtures)
 from transport.errors import BadMessage
 from transport.rpc import RpcClient
 
@@ -35,11 +37,20 @@ def echo_app(where: Path, name: str, **engine) -> Path:
     return folder
 
 
-@pytest.fixture
-def cluster(tmp_path):
+CLUSTER_SECRET = "the tests' cluster secret, long enough"
+
+
+@pytest.fixture(params=["lan", "etcd"])
+def cluster(request, tmp_path, monkeypatch):
     """``node = await cluster(*paths)``: a real node in this test's own cluster (its own
-    name and discovery port, confined to loopback), stopped after the test."""
+    name and discovery port, confined to loopback, and a secret: in the environment, so
+    the nodes and the CLI run by the test, which signs deploys with it, both have it),
+    stopped after the test.  Every test using it runs twice: UDP beacons (``lan``), and
+    a real etcd as the registry (``etcd``, tests/etcd_support.py)."""
+    monkeypatch.setenv("ENGINE_CLUSTER_SECRET", CLUSTER_SECRET)
     port, name = free_udp_port(), f"t-{uuid.uuid4().hex[:8]}"
+    registry = ([] if request.param == "lan" else
+                ["--cluster-registry", f"etcd://{request.getfixturevalue('etcd_server')}"])
     started: list[NodeProcess] = []
 
     async def start(*paths: Path) -> NodeProcess:
@@ -47,7 +58,7 @@ def cluster(tmp_path):
         node = await start_node_process(
             paths, tmp_path / f"node{i}.log", tmp_path,
             "--cluster", name, "--state-dir", str(tmp_path / f"state{i}"),
-            "--discovery-port", str(port), "--discovery-interface", "127.0.0.1")
+            "--discovery-port", str(port), "--discovery-interface", "127.0.0.1", *registry)
         started.append(node)
         return node
 
@@ -126,7 +137,8 @@ async def _heard_every_peer_since(client, since: float) -> bool:
     trio clock).  The node gives each peer's age, a duration, so the two processes'
     clocks need not agree; the call's own latency only makes the check stricter."""
     elapsed = trio.current_time() - since
-    return all(v["self"] or v["age"] < elapsed for v in (await client.verb("nodes"))["nodes"])
+    return all(v["self"] or not v.get("linked", True) or v["age"] < elapsed
+               for v in (await client.verb("nodes"))["nodes"])
 
 
 async def _count(client, n: int) -> bool:
@@ -138,6 +150,12 @@ async def _routable(client, app: str, n: int) -> bool:
     nodes = (await client.verb("nodes"))["nodes"]
     return sum(1 for v in nodes if v["connected"] and v["apps"].get(app, {}).get("state")
                == "running") == n
+
+
+async def _running_on(client, app: str) -> bool:
+    """``client``'s own node is running a job of ``app``."""
+    me = next(v for v in (await client.verb("nodes"))["nodes"] if v["self"])
+    return me["apps"].get(app, {}).get("running", 0) >= 1
 
 
 async def _has(client, app: str) -> bool:
@@ -248,27 +266,26 @@ async def test_nodes_cli_and_errors_only_when_no_node_can_serve(cluster, tmp_pat
                 (served, refused, await ca.verb("nodes"))
             assert all("no node of cluster" in r and r.count("QueueFull") >= 3 for r in refused), refused
 
-            # Undeploy on A alone (the peer verb, as a peer would send it): every call to
-            # A now goes to B, streams relayed chunk by chunk.
-            name = (await ca.verb("nodes"))["cluster"]
-            assert await ca.verb("cluster.undeploy", {"cluster": name, "key": "",
-                                                      "body": {"app": "echo", "drain": 1}}) == "undeployed"
-            before = (await cb.info("echo"))["pool"]["done"]
-            pulls = await _pulls(ca)
-            assert await ca.call("echo", "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
-            chunks = [c async for c in ca.stream("echo", "count", {"n": 2})]
-            assert chunks == [{"i": 0}, {"i": 1}]
-            assert await ca.call("echo", "echo", "hop") == "hop"
-            assert (await cb.info("echo"))["pool"]["done"] == before + 3
-            await _report_rounds((ca, cb))                # B keeps reporting echo...
-            assert await _pulls(ca) == pulls              # ...and A's tombstone keeps it away
-            assert "echo" not in await apps_of(ca)
+            # A busy with a long job of its own: calls entering A run on B, streams
+            # relayed chunk by chunk.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(ca.call, "echo", "sleep", 4, timeout=20))
+                await wait_until(lambda: _running_on(ca, "echo"), "A runs its sleep", timeout=10,
+                                 interval=0.05)
+                before = (await cb.info("echo"))["pool"]["done"]
+                assert await ca.call("echo", "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
+                chunks = [c async for c in ca.stream("echo", "count", {"n": 2})]
+                assert chunks == [{"i": 0}, {"i": 1}]
+                assert await ca.call("echo", "echo", "hop") == "hop"
+                assert (await cb.info("echo"))["pool"]["done"] == before + 3
         out = await trio.run_process([sys.executable, "-m", "engine", "nodes", "--node", a.address],
                                      capture_stdout=True, capture_stderr=True, check=False)
         text = out.stdout.decode()
         assert out.returncode == 0, out.stderr.decode()
         assert text.startswith("cluster t-") and "2 node(s)" in text, text
-        assert text.count("  echo\trunning") == 1 and "(this node)" in text, text   # B only, now
+        assert text.count("  echo\tv1@") == 2 and text.count("\trunning\tqueue") == 2, text
+        assert "catalog: echo v1@" in text and "(this node)" in text, text
+        assert "DIVERGED" not in text, text
 
 
 @pytest.mark.e2e
@@ -309,11 +326,12 @@ def test_bundle_checks_paths_size_and_digest(tmp_path):
 
 def test_messages_are_sealed_with_the_secret(tmp_path):
     def make(secret, name="c", key=""):
-        return Cluster(None, ClusterOptions(name=name, key=key, secret=secret, state_dir=tmp_path))
+        return Cluster(None, ClusterOptions(name=name, key=key, secret=secret,
+                                            insecure=secret is None, state_dir=tmp_path))
 
-    ours, theirs = make("s3cret"), make("other")
+    ours, theirs = make("s3cret-of-some-length"), make("another-secret-of-length")
     msg = ours.seal({"app": "echo"})
-    assert make("s3cret").open(msg) == {"app": "echo"}
+    assert make("s3cret-of-some-length").open(msg) == {"app": "echo"}
     with pytest.raises(BadMessage, match="signature"):
         theirs.open(msg)
     with pytest.raises(BadMessage, match="signature"):
@@ -321,3 +339,88 @@ def test_messages_are_sealed_with_the_secret(tmp_path):
     with pytest.raises(BadMessage, match="not a message"):
         make(None, key="k").open(make(None).seal(1))
     assert make(None).open(make(None).seal([1, 2])) == [1, 2]
+
+
+@pytest.mark.e2e
+async def test_cluster_wide_changes_need_the_callers_grant(cluster, tmp_path, monkeypatch):
+    """#13 defect 2: a node signed cluster-wide changes on any caller's behalf, so one
+    call with a node's token stopped an app everywhere.  Now the caller signs them: a
+    client holding the node's token but not the cluster's secret changes nothing, a
+    grant is refused if wrong, stale or replayed, and the app keeps running everywhere."""
+    from engine.cluster.catalog import sign_grant
+    from transport.errors import Unauthorized
+    import time
+
+    app = echo_app(tmp_path / "apps", "echo")
+    with trio.fail_after(60):
+        a, b = await cluster(app), await cluster()
+        async with connect(a.address, timeout=20) as ca, connect(b.address, timeout=20) as cb:
+            await wait_until(lambda: _has(cb, "echo"), "B has synced echo", timeout=10, interval=0.1)
+            later = echo_app(tmp_path / "apps", "later")
+            monkeypatch.delenv("ENGINE_CLUSTER_SECRET")          # the client's, not the nodes'
+            with pytest.raises(Unauthorized, match="signed by the caller"):
+                await ca.undeploy("echo")
+            with pytest.raises(Unauthorized, match="signed by the caller"):
+                await ca.deploy(later / "manifest.json")
+            with pytest.raises(Unauthorized):
+                await cb.undeploy("echo", cluster_secret="another cluster's secret, long enough")
+            stale = sign_grant(CLUSTER_SECRET.encode(), "undeploy", "echo", at=time.time() - 120)
+            with pytest.raises(Unauthorized, match="clocks"):
+                await ca.verb("undeploy", {"app": "echo", "grant": stale.to_wire()})
+            wrong_app = sign_grant(CLUSTER_SECRET.encode(), "undeploy", "later", at=time.time())
+            with pytest.raises(Unauthorized):
+                await ca.verb("undeploy", {"app": "echo", "grant": wrong_app.to_wire()})
+            for client in (ca, cb):
+                assert await client.call("echo", "echo", "still") == "still"
+                assert "later" not in await apps_of(client)
+
+            grant = sign_grant(CLUSTER_SECRET.encode(), "undeploy", "echo", at=time.time()).to_wire()
+            result = await cb.verb("undeploy", {"app": "echo", "grant": grant})
+            assert list(result["peers"].values()) == ["undeployed"]
+            with pytest.raises(Unauthorized, match="used before"):
+                await ca.verb("undeploy", {"app": "echo", "grant": grant})   # (on B: taken)
+            for client in (ca, cb):
+                assert "echo" not in await apps_of(client)
+
+
+@pytest.mark.e2e
+async def test_an_etcd_cluster_reaches_the_nodes_beyond_each_sample(tmp_path, monkeypatch, etcd_server):
+    """With etcd a node links to a sample of its peers (here 1): membership, deploys and
+    undeploys still reach every node, through the registry (the bench's 30-node run
+    found deploys reaching only the linked half)."""
+    monkeypatch.setenv("ENGINE_CLUSTER_SECRET", CLUSTER_SECRET)
+    monkeypatch.setenv("ENGINE_CLUSTER_SAMPLE", "1")
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    nodes: list[NodeProcess] = []
+    try:
+        with trio.fail_after(90):
+            for i in range(4):
+                nodes.append(await start_node_process(
+                    (), tmp_path / f"node{i}.log", tmp_path, "--cluster", name,
+                    "--state-dir", str(tmp_path / f"state{i}"),
+                    "--cluster-registry", f"etcd://{etcd_server}"))
+            async with AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(connect(n.address, timeout=20))
+                           for n in nodes]
+                for c in clients:
+                    await wait_until(lambda c=c: _count(c, 4), "every node lists all 4",
+                                     timeout=15, interval=0.1)
+                view = await clients[0].verb("nodes")
+                assert sum(1 for n in view["nodes"] if n["linked"]) == 2     # itself + 1
+                app = echo_app(tmp_path / "apps", "echo")
+                await clients[0].deploy(app / "manifest.json")
+                for c in clients:
+                    await wait_until(lambda c=c: _has(c, "echo"), "echo everywhere",
+                                     timeout=20, interval=0.1)
+                    assert await c.call("echo", "echo", 1) == 1
+                await clients[1].undeploy("echo")
+                for c in clients:
+                    await wait_until(lambda c=c: _gone(c, "echo"), "echo stopped everywhere",
+                                     timeout=20, interval=0.1)
+    finally:
+        left = [p for node in nodes for p in stop_node(node)]
+        assert not left, left
+
+
+async def _gone(client, app: str) -> bool:
+    return app not in await apps_of(client)

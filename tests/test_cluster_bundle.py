@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from engine.client import connect
+from engine.cluster.catalog import AppRecord
 from engine.cluster.bundle import BundleError, check_bundle, digest_of, make_bundle, write_bundle
 from engine.cluster.service import ClusterOptions
 from engine.cluster.verbs import in_cluster
@@ -21,6 +22,8 @@ from engine.node.node import Node
 from transport.errors import HandlerError
 from transport.mesh.discovery import DiscoveryConfig
 from support import free_udp_port, wait_until
+
+SECRET = "the bundle tests' cluster secret"
 
 APP = "from engine import on\n\n@on('echo')\ndef echo(data):\n    return data\n"
 
@@ -145,7 +148,7 @@ async def test_cluster_deploy_refuses_a_bundle_whose_entry_is_outside_it(tmp_pat
     evil.write_text(f"open({str(marker)!r}, 'w').close()\n" + APP)
     args = {"dotdot": "../" * 12 + str(evil).lstrip("/"), "absolute": str(evil), "local": f"local://{evil}"}[how]
     name = f"t-{uuid.uuid4().hex[:8]}"
-    options = ClusterOptions(name=name, state_dir=tmp_path / "state",
+    options = ClusterOptions(name=name, state_dir=tmp_path / "state", insecure=True,
                              discovery=DiscoveryConfig(port=free_udp_port(), interface="127.0.0.1"))
     node = Node(control="tcp://127.0.0.1:0", cluster=in_cluster(options))
     with trio.fail_after(20):
@@ -155,7 +158,9 @@ async def test_cluster_deploy_refuses_a_bundle_whose_entry_is_outside_it(tmp_pat
                 bundle = bundle_of({"args": args, "engine": {"backend": "thread"}, "drivers": {}},
                                    {"app.py": APP.encode()})
                 with pytest.raises(HandlerError, match="manifest args .*evil.py") as refused:
-                    await client.verb("cluster.deploy", {"cluster": name, "key": "", "body": bundle})
+                    record = AppRecord(bundle["name"], 1, True, 1, bundle["digest"], "elsewhere")
+                    await client.verb("cluster.deploy", {"cluster": name, "key": "", "body": {
+                        "bundle": bundle, "record": record.to_wire()}})
                 assert refused.value.type == "BundleError"
                 assert "evil" not in (await client.list())["apps"]
             nursery.cancel_scope.cancel()
@@ -176,7 +181,7 @@ async def test_deploy_never_ships_what_a_symlink_reaches_outside_the_app_folder(
 
     def member(i: int) -> Node:
         return Node(control="tcp://127.0.0.1:0", cluster=in_cluster(ClusterOptions(
-            name=name, state_dir=tmp_path / f"state{i}", report_interval=0.2, expiry=2,
+            name=name, secret=SECRET, state_dir=tmp_path / f"state{i}", report_interval=0.2, expiry=2,
             discovery=DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.2, expiry=2))))
 
     async def sees_both(client) -> bool:
@@ -192,7 +197,7 @@ async def test_deploy_never_ships_what_a_symlink_reaches_outside_the_app_folder(
                     connect(b.control_address, timeout=10) as cb:
                 await wait_until(lambda: sees_both(ca), "A sees B", timeout=15, interval=0.05)
                 await wait_until(lambda: sees_both(cb), "B sees A", timeout=15, interval=0.05)
-                result = await ca.deploy(folder / "manifest.json")
+                result = await ca.deploy(folder / "manifest.json", cluster_secret=SECRET)
                 assert result["app"] == "keyed"                 # here: the owner's own folder
                 [outcome] = result["peers"].values()
                 assert outcome.startswith("not shared:") and "'key.pem' is a symlink" in outcome, outcome

@@ -426,6 +426,9 @@ async def test_a_clustered_node_takes_the_cluster_secret_beside_its_token(tmp_pa
     apps already); anyone else is refused as usual."""
     import uuid
 
+    import time
+
+    from engine.cluster.catalog import sign_grant
     from engine.cluster.service import ClusterOptions
     from engine.cluster.verbs import in_cluster
     from transport.seal import SealedClient, SealKey
@@ -440,7 +443,9 @@ async def test_a_clustered_node_takes_the_cluster_secret_beside_its_token(tmp_pa
             peer = SealedClient(SealKey.from_secret(secret.encode(), b"cluster"))
             async with RpcClient(node.control_address, timeout=5, guard=peer) as client:
                 later = _app(tmp_path, "later")
-                assert (await client.call("", "deploy", {"path": str(later)}))["app"] == "later"
+                grant = sign_grant(secret.encode(), "deploy", "later", at=time.time()).to_wire()
+                deployed = await client.call("", "deploy", {"path": str(later), "grant": grant})
+                assert deployed["app"] == "later"
             stranger = SealedClient(SealKey.from_secret(b"another cluster's secret", b"cluster"))
             async with RpcClient(node.control_address, timeout=5, guard=stranger) as client:
                 with pytest.raises(Unauthorized, match="another token"):
@@ -456,7 +461,8 @@ async def test_a_node_of_a_cluster_without_a_secret_stays_on_loopback(tmp_path, 
     from engine.cluster.verbs import in_cluster
     from engine.node.auth import ControlAuth
 
-    options = ClusterOptions(name="no-secret", state_dir=tmp_path / "state", discovery=disco)
+    options = ClusterOptions(name="no-secret", insecure=True, state_dir=tmp_path / "state",
+                             discovery=disco)
     node = Node(control=f"tcp://0.0.0.0:{free_tcp_port()}", cluster=in_cluster(options),
                 auth=ControlAuth(token="a-token-given-to-the-node"))
     with trio.fail_after(15):

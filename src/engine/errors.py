@@ -9,6 +9,7 @@ from transport.errors import QueueFull, RemoteError, UnknownEvent, register_erro
 
 __all__ = [
     "AppBroken", "AppNotFound", "DriverError", "EngineError", "JobCancelled", "ManifestError",
+    "PeerLost",
     "QueueFull",
     "ShuttingDown", "SlaveDied", "SlaveHung", "UnknownEvent",
 ]
@@ -83,3 +84,13 @@ class JobCancelled(RemoteError):
     acknowledgement of a CANCEL."""
 
     code = "cancelled"
+
+
+@register_error
+class PeerLost(RemoteError):
+    """The cluster node that was running a forwarded request went silent or left before
+    it answered (or, on that node, the node that sent it did).  The request may or may
+    not have run there, so it is not retried on another node: retrying is the caller's
+    call."""
+
+    code = "peer-lost"

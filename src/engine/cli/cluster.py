@@ -18,7 +18,16 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", metavar="NAME", help="join the cluster NAME (zero-config discovery)")
     g.add_argument("--cluster-key", metavar="KEY", help="separates clusters of one name on a LAN")
     g.add_argument("--cluster-secret", metavar="SECRET",
-                   help="sign beacons and cluster messages (default ENGINE_CLUSTER_SECRET)")
+                   help="the cluster's secret, >= 16 characters: authenticates beacons, node "
+                        "links and operators' grants (default ENGINE_CLUSTER_SECRET; prefer "
+                        "--cluster-secret-file: a command line is visible to other users)")
+    g.add_argument("--cluster-secret-file", metavar="PATH",
+                   help="read the secret from PATH (mode 0600; default ENGINE_CLUSTER_SECRET_FILE)")
+    g.add_argument("--insecure", action="store_true", default=None,
+                   help="run the cluster WITHOUT a secret (one host only; warned at every start)")
+    g.add_argument("--cluster-registry", metavar="etcd://HOST:PORT",
+                   help="use etcd for membership and the app catalog instead of LAN beacons "
+                        "(default ENGINE_CLUSTER_REGISTRY)")
     g.add_argument("--state-dir", metavar="DIR", help="where apps received from peers are written")
     g.add_argument("--discovery-port", type=int, metavar="PORT", help="UDP discovery port")
     g.add_argument("--discovery-interface", metavar="IP", help="IPv4 of the interface to beacon on")
@@ -29,13 +38,32 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
     None when neither names one."""
     from transport.mesh.discovery import DiscoveryConfig
 
+    from engine.cluster.secret import read_secret_file
     from engine.cluster.service import ClusterOptions
 
     disco = DiscoveryConfig.from_env(**{k: v for k, v in (
         ("port", args.discovery_port), ("interface", args.discovery_interface)) if v is not None})
+    secret = args.cluster_secret
+    if secret is None and args.cluster_secret_file:
+        secret = read_secret_file(args.cluster_secret_file)
     return ClusterOptions.from_env(
-        name=args.cluster, key=args.cluster_key, secret=args.cluster_secret,
+        name=args.cluster, key=args.cluster_key, secret=secret, insecure=args.insecure,
+        registry=args.cluster_registry,
         state_dir=Path(args.state_dir) if args.state_dir else None, discovery=disco)
+
+
+def add_grant_options(p: argparse.ArgumentParser) -> None:
+    """``deploy``/``undeploy``: the secret their cluster-wide change is signed with."""
+    p.add_argument("--cluster-secret-file", metavar="PATH",
+                   help="on a node in a cluster, sign the change with the cluster's secret "
+                        "read from PATH (default ENGINE_CLUSTER_SECRET, "
+                        "ENGINE_CLUSTER_SECRET_FILE; docs/cluster.md)")
+
+
+def grant_secret_arg(args: argparse.Namespace) -> str | None:
+    from engine.cluster.secret import read_secret_file
+
+    return read_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None
 
 
 @command("nodes", "list the cluster's nodes with their apps and load")
@@ -49,14 +77,30 @@ def nodes_command(p: argparse.ArgumentParser) -> Runner:
         if args.json:
             print(to_json(view, indent=2))
             return EXIT_OK
-        print(f"cluster {view['cluster']}: {len(view['nodes'])} node(s)")
+        registry = view.get("registry", {}).get("kind", "lan")
+        secure = "" if view.get("secure", True) else ", INSECURE: no secret"
+        print(f"cluster {view['cluster']}: {len(view['nodes'])} node(s) ({registry} registry{secure})")
+        for problem in view.get("problems", []):
+            print(f"problem: {problem}")
+        for name, rec in view.get("catalog", {}).items():
+            print(f"catalog: {name} {rec['state']} (generation {rec['generation']}, "
+                  f"by {rec['origin'] or '?'})")
+        for name, why in view.get("divergence", {}).items():
+            print(f"DIVERGED here: {name}: {why}")
         for n in view["nodes"]:
+            if not n.get("linked", True):
+                print(f"{n['id']}  {n['control']}  (a member beyond this node's sample: "
+                      f"no load figures here)")
+                continue
             mark = " (this node)" if n["self"] else f"  seen {n['age']:.1f}s ago"
             if not n.get("connected", True):
                 mark += " (not connected: not routed to)"
             print(f"{n['id']}  {n['control']}  cpu {n['cpu'] * 100:.0f}%{mark}")
             for name, a in n["apps"].items():
-                print(f"  {name}\t{a['state']}\tqueue {a['queue']}\trunning {a['running']}"
-                      f"/{a['capacity']}\tslaves {a['slaves']}\t{a['jobs_per_s']:g} jobs/s")
+                version = f"v{a['version']}" if "version" in a else "v?"
+                mark = "" if a.get("in_line", True) else "\tDIVERGED from the catalog"
+                print(f"  {name}\t{version}@{(a.get('digest') or 'unshared')[:12]}\t{a['state']}"
+                      f"\tqueue {a['queue']}\trunning {a['running']}/{a['capacity']}"
+                      f"\tslaves {a['slaves']}\t{a['jobs_per_s']:g} jobs/s{mark}")
         return EXIT_OK
     return run

@@ -15,7 +15,8 @@ from typing import Iterator, Mapping
 
 import trio
 
-from engine.cli.cluster import add_cluster_options, cluster_options, nodes_command
+from engine.cli.cluster import (add_cluster_options, add_grant_options, cluster_options,
+                                grant_secret_arg, nodes_command)
 from engine.cli.common import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Command, Runner, command,
                                connect_node, node_options, parse_json_arg, to_json)
 from engine.cli.schedule import schedule_command
@@ -44,20 +45,37 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
     add_cluster_options(p)
 
     async def run(args: argparse.Namespace) -> int:
+        from engine.cluster.secret import ClusterConfigError
         from engine.node.auth import ControlAuth
         from engine.node.node import serve
 
-        options = cluster_options(args)
+        try:
+            options = cluster_options(args)
+        except ClusterConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         auth = ControlAuth.from_env(token_file=args.token_file)
         logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if options is None:
             return await serve(args.paths, control=args.control, auth=auth)
+        from engine.cluster.registry import RegistryError
         from engine.cluster.verbs import in_cluster
 
-        return await serve(args.paths, control=args.control, cluster=in_cluster(options),
-                           auth=auth)
+        try:
+            return await serve(args.paths, control=args.control, cluster=in_cluster(options),
+                               auth=auth)
+        except* RegistryError as group:      # etcd unreachable at start: say so, no traceback
+            for leaf in _leaves(group):
+                print(f"error: {leaf}", file=sys.stderr)
+        return EXIT_ERROR
     return run
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
+    return [group]
 
 
 @command("call", "call APP's EVENT; print the reply, one JSON line per chunk")
@@ -163,10 +181,12 @@ def deploy_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("--name", help="host it under this name instead")
     node_options(p, timeout=60.0)
+    add_grant_options(p)
 
     async def run(args: argparse.Namespace) -> int:
         async with connect_node(args) as node:
-            print(to_json(await node.deploy(args.manifest, name=args.name)))
+            print(to_json(await node.deploy(args.manifest, name=args.name,
+                                            cluster_secret=grant_secret_arg(args))))
         return EXIT_OK
     return run
 
@@ -177,10 +197,12 @@ def undeploy_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--drain", type=float, metavar="S",
                    help="seconds to let in-flight jobs finish (default: its termination-timeout)")
     node_options(p, timeout=120.0)
+    add_grant_options(p)
 
     async def run(args: argparse.Namespace) -> int:
         async with connect_node(args) as node:
-            print(to_json(await node.undeploy(args.app, drain=args.drain)))
+            print(to_json(await node.undeploy(args.app, drain=args.drain,
+                                              cluster_secret=grant_secret_arg(args))))
         return EXIT_OK
     return run
 

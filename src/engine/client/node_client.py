@@ -24,12 +24,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import os
+import time
+
 import trio
 
 from transport.errors import Unreachable
 from transport.rpc import ReplyStream, RpcClient
 
 from engine.client.tokens import control_guard
+from engine.cluster.catalog import sign_grant
+from engine.cluster.secret import secret_from
+from engine.manifest import MANIFEST_FILE, load_manifest, parse_manifest
 
 DEFAULT_NODE = "tcp://127.0.0.1:9300"
 NODE_TARGET = ""          # the target of node verbs (list, info, deploy...)
@@ -70,9 +76,15 @@ class NodeClient:
         return await self.verb("info", {"app": app} if app else None)
 
     async def deploy(self, manifest: str | Path | dict, *, base_dir: str | Path | None = None,
-                     name: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+                     name: str | None = None, timeout: float | None = None,
+                     cluster_secret: str | bytes | None = None) -> dict[str, Any]:
         """Deploy a manifest file (path resolved here, read by the node: same machine) or a
-        manifest given as a dict with the folder its relative paths start from."""
+        manifest given as a dict with the folder its relative paths start from.
+
+        On a node in a cluster the deploy is cluster-wide and must carry a grant signed
+        with the cluster's secret (docs/cluster.md): ``cluster_secret``, else
+        ``ENGINE_CLUSTER_SECRET`` / ``ENGINE_CLUSTER_SECRET_FILE``; none: no grant (a node
+        outside a cluster, or an ``--insecure`` one, needs none)."""
         if isinstance(manifest, dict):
             if base_dir is None:
                 raise ValueError("deploying a manifest dict needs base_dir")
@@ -81,15 +93,23 @@ class NodeClient:
             args = {"path": str(Path(manifest).absolute())}
         if name is not None:
             args["name"] = name
+        secret = grant_secret(cluster_secret)
+        if secret is not None:
+            args["grant"] = sign_grant(secret, "deploy", _app_name(args, name),
+                                       at=time.time()).to_wire()
         return await self.verb("deploy", args, timeout=timeout)
 
     async def undeploy(self, app: str, *, drain: float | None = None,
-                       timeout: float | None = None) -> dict[str, Any]:
+                       timeout: float | None = None,
+                       cluster_secret: str | bytes | None = None) -> dict[str, Any]:
         """Stop an app, draining in-flight jobs for ``drain`` seconds (default: its
-        termination-timeout)."""
+        termination-timeout); in a cluster, everywhere (signed as for :meth:`deploy`)."""
         args: dict[str, Any] = {"app": app}
         if drain is not None:
             args["drain"] = drain
+        secret = grant_secret(cluster_secret)
+        if secret is not None:
+            args["grant"] = sign_grant(secret, "undeploy", app, at=time.time()).to_wire()
         return await self.verb("undeploy", args, timeout=timeout)
 
     async def crashlog(self, app: str) -> builtins.list[str]:  # (`list` is a method here)
@@ -129,3 +149,22 @@ def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException |
             return None
         inner = inner.exceptions[0]
     return inner
+
+
+def grant_secret(secret: str | bytes | None) -> bytes | None:
+    """The cluster secret a client signs cluster-wide changes with: the argument, else
+    ``ENGINE_CLUSTER_SECRET``, else the file ``ENGINE_CLUSTER_SECRET_FILE`` names."""
+    if secret is None:
+        secret = secret_from(os.environ)
+    if secret is None:
+        return None
+    return secret.encode() if isinstance(secret, str) else secret
+
+
+def _app_name(args: dict[str, Any], name: str | None) -> str:
+    """The name the node will host a deploy under (the grant names it): read from the
+    manifest here, as the node will."""
+    if "path" in args:
+        return load_manifest(args["path"], name=name).name
+    return parse_manifest(args["manifest"], source=Path(args["base_dir"]) / MANIFEST_FILE,
+                          name=name).name

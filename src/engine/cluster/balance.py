@@ -6,10 +6,17 @@ stop (``expiry`` seconds after the last one), and answers :meth:`BalanceTable.pi
 the least-loaded node hosting the app in a serving state.
 
 A node's load for an app is its *pressure*, ``(queued + running) / capacity`` (capacity:
-pool-limit x concurrency, so 1.0 means every slave slot is busy), plus the forwards this
-node has in flight to it that its last report cannot show yet, plus ``cpu_weight`` x its
-CPU use (0..1).  Reports from peers are a gossip interval old; the in-flight count keeps
-a burst from all landing on the peer that looked idle a moment ago.
+pool-limit x concurrency, so 1.0 means every slave slot is busy), corrected by what this
+node knows better than the report, plus ``cpu_weight`` x its CPU use (0..1).  Reports
+from peers are a gossip interval old.  The forwards this node had in flight to the peer
+when its report came are taken to be inside the report's figures; they are replaced by
+the forwards in flight *now*: a burst does not all land on the peer that looked idle a
+moment ago, and a peer whose forwarded job just finished is not counted busy until its
+next report (at 3 requests across 3 nodes that left peers idle a third of the time).
+
+A record in the cluster's catalog names the content an app must run at; ``pick(...,
+digest=)`` only considers nodes reporting that digest, so two versions of one app never
+answer requests side by side.
 
 Local is preferred with hysteresis, so traffic does not flap between nodes whose loads
 are close: an app starts offloading only when the local load exceeds the best peer's by
@@ -131,6 +138,7 @@ class BalanceTable:
         self.return_below = return_below
         self._nodes: dict[str, _Known] = {}
         self._in_flight: dict[tuple[str, str], int] = {}   # (node, app) -> forwards pending
+        self._in_report: dict[tuple[str, str], int] = {}   # of those, pending at its last report
         self._offloading: set[str] = set()                  # apps currently sent away
 
     # -- reports ----------------------------------------------------------------------
@@ -142,6 +150,11 @@ class BalanceTable:
                 known.seen = max(known.seen, now)
             return False
         self._nodes[report.id] = _Known(report, now)
+        for key in [k for k in self._in_report if k[0] == report.id]:
+            del self._in_report[key]
+        for (nid, app), count in self._in_flight.items():
+            if nid == report.id:
+                self._in_report[(nid, app)] = count
         return True
 
     def set_app_load(self, node_id: str, app: str, load: AppLoad | None, now: float) -> None:
@@ -172,8 +185,9 @@ class BalanceTable:
 
     def forget(self, node_id: str) -> NodeReport | None:
         known = self._nodes.pop(node_id, None)
-        for key in [k for k in self._in_flight if k[0] == node_id]:
-            del self._in_flight[key]
+        for table in (self._in_flight, self._in_report):
+            for key in [k for k in table if k[0] == node_id]:
+                del table[key]
         return known.report if known else None
 
     def expire(self, now: float, *, keep: str | None = None) -> list[str]:
@@ -211,6 +225,7 @@ class BalanceTable:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
 
     def note_done(self, node_id: str, app: str) -> None:
+        """A forward to the node was answered (or failed): its slot there is free now."""
         key = (node_id, app)
         left = self._in_flight.get(key, 0) - 1
         if left > 0:
@@ -222,35 +237,39 @@ class BalanceTable:
         return self._in_flight.get((node_id, app), 0)
 
     # -- choosing ---------------------------------------------------------------------------
-    def score(self, node_id: str, app: str) -> float | None:
-        """The node's load for ``app``, or None if it does not serve it."""
+    def score(self, node_id: str, app: str, digest: str | None = None) -> float | None:
+        """The node's load for ``app``, or None if it does not serve it (at ``digest``,
+        when given)."""
         known = self._nodes.get(node_id)
         if known is None:
             return None
         load = known.report.apps.get(app)
-        if load is None or not load.serving:
+        if load is None or not load.serving or (digest is not None and load.digest != digest):
             return None
-        return (load.pressure + self.in_flight(node_id, app) / load.capacity
+        reported = max(0, load.queue + load.running - self._in_report.get((node_id, app), 0))
+        return ((reported + self.in_flight(node_id, app)) / load.capacity
                 + self.cpu_weight * known.report.cpu)
 
     def candidates(self, app: str, now: float, local_id: str | None = None,
-                   exclude: Iterable[str] = ()) -> list[tuple[float, str]]:
-        """(score, node id) of every live node serving ``app``, least loaded first."""
+                   exclude: Iterable[str] = (), digest: str | None = None) -> list[tuple[float, str]]:
+        """(score, node id) of every live node serving ``app`` (at ``digest``, when
+        given), least loaded first."""
         excluded = set(exclude)
         out = []
         for nid in self._nodes:
             if nid in excluded or not self.live(nid, now, local_id):
                 continue
-            s = self.score(nid, app)
+            s = self.score(nid, app, digest)
             if s is not None:
                 out.append((s, nid))
         out.sort()
         return out
 
     def pick(self, app: str, local_id: str, now: float, *,
-             exclude: Iterable[str] = ()) -> str | None:
-        """The node to run a request for ``app``, or None if no live node serves it."""
-        ranked = self.candidates(app, now, local_id, exclude)
+             exclude: Iterable[str] = (), digest: str | None = None) -> str | None:
+        """The node to run a request for ``app``, or None if no live node serves it
+        (at ``digest``, when given)."""
+        ranked = self.candidates(app, now, local_id, exclude, digest)
         if not ranked:
             self._offloading.discard(app)
             return None

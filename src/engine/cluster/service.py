@@ -1,25 +1,30 @@
 """Nodes that find each other, share their apps and balance requests by real load.
 
-The trio shell around :mod:`engine.cluster.balance` (docs/cluster.md has the whole story):
+The trio shell around the pure parts (docs/cluster.md has the whole story):
 
-- *discovery*: a :class:`transport.mesh.discovery.Discovery` beacon in the namespace
-  ``engine-cluster:NAME`` whose endpoint is the node's control address;
-- *load reports*: every ``report_interval`` each node calls ``cluster.status`` on every
-  peer with its own :class:`~engine.cluster.balance.NodeReport` and gets the peer's back;
-- *apps*: a peer reporting an app this node lacks (and did not undeploy) is asked for
-  it (``cluster.fetch``), so a late joiner syncs; ``deploy``/``undeploy`` on one node are
-  pushed to every peer at once (``cluster.deploy``/``cluster.undeploy``);
-- *requests*: :meth:`Cluster.serve` runs an app request where :meth:`Cluster.route`
-  says; a forwarded request travels as ``cluster.run``, which always runs locally, so a
-  request is forwarded at most once.
+- *membership*: a :class:`~engine.cluster.registry.Registry`, UDP beacons on a LAN
+  (:class:`~engine.cluster.lan.LanRegistry`, the default) or etcd (``--cluster-registry
+  etcd://HOST:PORT``); this node keeps a control client per peer it talks to (every peer
+  on a LAN, a stable sample of them with etcd);
+- *load reports*: every ``report_interval`` the node calls ``cluster.status`` on each of
+  those peers with its own :class:`~engine.cluster.balance.NodeReport` and the
+  fingerprint of its catalog, and gets theirs back; catalogs that differ are exchanged
+  (``cluster.catalog``) and merged;
+- *apps*: :class:`~engine.cluster.apps.ClusterApps` keeps the node's apps in line with the
+  catalog (fetching the winning content, ``cluster.fetch``, or stopping what the cluster
+  undeployed); changes made here are pushed to the connected peers at once
+  (``cluster.deploy``/``cluster.undeploy``) and published to the registry;
+- *requests*: :class:`~engine.cluster.forwarding.Forwarding`.
+
+Nothing a peer does may stop this node: every task that talks to a peer turns that
+peer's failure into a log line and a dropped or retried link.
 
 Cluster messages are ``{"cluster", "key", "body", "sig"}``: ``sig`` is an HMAC-SHA256 of
-the body under the cluster's secret (when it has one), so only holders of the secret
-can push apps (code) or load figures to a node.  Every call to a peer's control
-endpoint is sealed (transport/seal.py, docs/security.md): with the cluster's secret,
-which its nodes accept beside their own tokens, or, in a cluster without one (on one
-host: a node refuses to listen beyond loopback then), with the peer's own token, read
-on this host like the CLI does.
+the body under the cluster's secret, and every call to a peer's control endpoint is
+sealed (transport/seal.py) with a key derived from that secret, which its nodes accept
+beside their own tokens: authenticated and replay-protected.  A cluster without a
+secret exists only when its operator said ``--insecure`` (then calls are sealed with
+the peer's own token, read on this host: one host only).
 """
 from __future__ import annotations
 
@@ -33,23 +38,26 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Mapping, cast
+from typing import TYPE_CHECKING, Any, Mapping
 
 import msgpack
 import trio
 
-from transport.mesh.discovery import Discovery, DiscoveryConfig
-from transport.errors import BadMessage, QueueFull, RemoteError, Unreachable
-from transport.mesh.peers import Beacon
-from transport.rpc import RpcClient, Stream
+from transport.errors import BadMessage, RemoteError, TransportError, Unreachable
+from transport.mesh.discovery import DiscoveryConfig
+from transport.rpc import RpcClient
 from transport.seal import SealedClient, SealKey
 
 from engine.client.tokens import TokenError, control_guard
 
+from engine.cluster.apps import ClusterApps
 from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
-from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle, make_bundle, write_bundle
-from engine.node.control import answer
-from engine.errors import AppBroken, AppNotFound, ShuttingDown
+from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle
+from engine.cluster.catalog import AppRecord, Catalog
+from engine.cluster.forwarding import Forwarding
+from engine.cluster.lan import LanRegistry
+from engine.cluster.registry import Member, Registry
+from engine.cluster.secret import ClusterConfigError, secret_from
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -57,9 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("engine.cluster")
 
-NAMESPACE_PREFIX = "engine-cluster:"
-# Errors that mean "this node did not run the request": another node may.
-NOT_RUN = (Unreachable, QueueFull, AppNotFound, ShuttingDown, AppBroken)
+MIN_SECRET = 16
 
 
 @dataclass(frozen=True)
@@ -67,29 +73,57 @@ class ClusterOptions:
     name: str
     key: str = ""
     secret: str | None = None
-    state_dir: Path | None = None          # where apps received from peers are written
+    insecure: bool = False                 # run without a secret: one host only, warned
+    registry: str | None = None            # None: LAN beacons; "etcd://HOST:PORT"
+    state_dir: Path | None = None          # catalog and apps received from peers
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     report_interval: float = 0.5           # seconds between load reports to each peer
     expiry: float = 3.0                    # a node silent this long is no longer routed to
+    sample: int = 4                        # peers a node exchanges reports with (etcd)
     max_bundle: int = MAX_BUNDLE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError("cluster name must be a non-empty string")
+            raise ClusterConfigError("cluster name must be a non-empty string")
         if self.report_interval <= 0 or self.expiry <= self.report_interval:
-            raise ValueError("need 0 < report_interval < expiry")
+            raise ClusterConfigError("need 0 < report_interval < expiry")
+        if self.secret is None and not self.insecure:
+            raise ClusterConfigError(
+                f"cluster {self.name}: a cluster needs a secret (--cluster-secret-file PATH, "
+                f"ENGINE_CLUSTER_SECRET): whoever can talk to its nodes without one can run "
+                f"code on all of them.  To run without one on a single host, say --insecure")
+        if self.secret is not None and len(self.secret) < MIN_SECRET:
+            raise ClusterConfigError(f"cluster {self.name}: the secret must have at least "
+                                     f"{MIN_SECRET} characters")
+        if self.registry is not None and not self.registry.startswith("etcd://"):
+            raise ClusterConfigError(f"cluster registry: expected etcd://HOST:PORT, got "
+                                     f"{self.registry!r}")
+        if self.sample < 1:
+            raise ClusterConfigError("cluster sample must be at least 1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
                  **overrides: Any) -> "ClusterOptions | None":
         """ENGINE_CLUSTER (the name; unset: no cluster), ENGINE_CLUSTER_KEY,
-        ENGINE_CLUSTER_SECRET, ENGINE_STATE_DIR, and MESH_* for discovery."""
+        ENGINE_CLUSTER_SECRET (or ENGINE_CLUSTER_SECRET_FILE), ENGINE_CLUSTER_INSECURE=1,
+        ENGINE_CLUSTER_REGISTRY, ENGINE_STATE_DIR, and MESH_* for discovery."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {"name": env.get("ENGINE_CLUSTER", "")}
         if env.get("ENGINE_CLUSTER_KEY"):
             kw["key"] = env["ENGINE_CLUSTER_KEY"]
-        if env.get("ENGINE_CLUSTER_SECRET"):
-            kw["secret"] = env["ENGINE_CLUSTER_SECRET"]
+        secret = secret_from(env)
+        if secret:
+            kw["secret"] = secret
+        if env.get("ENGINE_CLUSTER_INSECURE", "") not in ("", "0"):
+            kw["insecure"] = True
+        if env.get("ENGINE_CLUSTER_REGISTRY"):
+            kw["registry"] = env["ENGINE_CLUSTER_REGISTRY"]
+        if env.get("ENGINE_CLUSTER_SAMPLE"):
+            try:
+                kw["sample"] = int(env["ENGINE_CLUSTER_SAMPLE"])
+            except ValueError:
+                raise ClusterConfigError(f"ENGINE_CLUSTER_SAMPLE: expected a number of peers, "
+                                         f"got {env['ENGINE_CLUSTER_SAMPLE']!r}") from None
         if env.get("ENGINE_STATE_DIR"):
             kw["state_dir"] = Path(env["ENGINE_STATE_DIR"])
         kw["discovery"] = DiscoveryConfig.from_env(env)
@@ -103,75 +137,118 @@ class Cluster:
         self.options = options
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.table = BalanceTable(expiry=options.expiry)
-        self.tombstones: set[str] = set()       # apps undeployed here: never pulled back
-        self.sync_failed: dict[tuple[str, str], str] = {}   # (app, digest) -> why
-        self.stats = {"forwarded": 0, "served_for_peers": 0, "fallbacks": 0, "synced": 0}
+        self.stats = {"forwarded": 0, "served_for_peers": 0, "fallbacks": 0,
+                      "exchanges": 0, "exchange_failures": 0, "messages_out": 0,
+                      "messages_in": 0, "catalog_exchanges": 0}
         self._secret = options.secret.encode() if options.secret else None
+        self.apps = ClusterApps(node, node_id=self.id, cluster=options.name,
+                                secret=self._secret, max_bundle=options.max_bundle)
+        self.forwarding = Forwarding(self, suspect_after=3 * options.report_interval,
+                                     tick=options.report_interval / 2)
+        self.registry: Registry | None = None
         self._clients: dict[str, RpcClient] = {}
         self._exchanging: set[str] = set()
-        self._syncing: set[str] = set()
-        self._digests: dict[str, tuple[Any, str]] = {}      # name -> (the App, digest)
         self._done: dict[str, tuple[float, int, float]] = {}  # app -> (time, done, jobs/s)
         self._seq = 0
         self._cpu = 0.0
         self._nursery: trio.Nursery | None = None
-        # Where apps received from peers are written: a temporary folder made (and
-        # removed) by run() when the options name none.
+        # A temporary state dir is made (and removed) by run() when the options name none.
         self._own_state_dir = options.state_dir is None
         self.state_dir: Path | None = options.state_dir
-        self.discovery: Discovery | None = None
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    @property
+    def secret(self) -> bytes | None:
+        """The cluster's secret (None: an ``--insecure`` cluster)."""
+        return self._secret
 
     # -- lifetime -----------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        me = Beacon(id=self.id, name=self.id, role="responder",
-                    namespace=NAMESPACE_PREFIX + self.options.name, key=self.options.key,
-                    endpoint=self.node.control_address or "", host=socket.gethostname(),
-                    pid=os.getpid())
-        discovery = self.discovery = Discovery(me, self.options.discovery, secret=self._secret)
+    def _make_registry(self) -> Registry:
+        member = Member(self.id, self.node.control_address or "", self.options.name,
+                        self.options.key)
+        if self.options.registry is None:
+            return LanRegistry(member, self.options.discovery, secret=self._secret)
+        from engine.cluster.etcd_registry import EtcdRegistry   # only nodes that use etcd
+        return EtcdRegistry(self.options.registry, member, self._records_from_registry,
+                            secret=self._secret, ttl=self.options.expiry)
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._secret is None:
+            log.warning("cluster %s runs WITHOUT a secret (--insecure): its nodes trust each "
+                        "other by the tokens on this host only; never use it beyond one host",
+                        self.options.name)
         state_dir = self.state_dir = (self.options.state_dir
                                       or Path(tempfile.mkdtemp(prefix="engine-cluster-")))
-        (state_dir / "apps").mkdir(parents=True, exist_ok=True)
         try:
+            self.apps.open(state_dir)
+            registry = self.registry = self._make_registry()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(discovery.run)
-                nursery.start_soon(self._watch_peers, discovery, nursery)
+                await nursery.start(registry.run)
+                nursery.start_soon(self.forwarding.run)
+                nursery.start_soon(self._watch_peers, registry, nursery)
                 nursery.start_soon(self._report_loop, nursery)
-                log.info("cluster %s: node %s announcing %s", self.options.name, self.id,
-                         self.node.control_address)
+                nursery.start_soon(self.apps.reconcile_forever, self.fetch, nursery)
+                self.apps.poke()
+                log.info("cluster %s: node %s announcing %s (%s registry)", self.options.name,
+                         self.id, self.node.control_address, registry.kind)
                 task_status.started(self)
         finally:
             if self._own_state_dir:
                 shutil.rmtree(state_dir, ignore_errors=True)
 
-    async def _watch_peers(self, discovery: Discovery, nursery: trio.Nursery) -> None:
-        """Keep one control client per discovered peer (level-triggered)."""
+    def _records_from_registry(self, records: Any) -> None:
+        self.apps.merge(list(records), source="the registry")
+
+    def _linked(self, peers: Mapping[str, str]) -> dict[str, str]:
+        """The peers to keep a link to: all of them on a LAN; with a registry that
+        carries membership and the catalog, a stable sample (rendezvous hashing, so
+        the nodes' samples spread over the cluster and change little as it grows)."""
+        if self.registry is None or not self.registry.samples_load:
+            return dict(peers)
+
+        def weight(pid: str) -> bytes:
+            return hashlib.blake2b(f"{self.id}|{pid}".encode(), digest_size=8).digest()
+
+        chosen = sorted(peers, key=weight)[: self.options.sample]
+        return {pid: peers[pid] for pid in chosen}
+
+    async def _watch_peers(self, registry: Registry, nursery: trio.Nursery) -> None:
+        """Keep one control client per linked peer (level-triggered)."""
         seen = -1
         while True:
-            seen = await discovery.wait_change(seen)
-            current = {b.id: b.endpoint for b in discovery.peers() if b.endpoint}
+            seen = await registry.wait_change(seen)
+            current = self._linked(registry.peers())
             for pid in list(self._clients):
                 if current.get(pid) != self._clients[pid].address:
-                    self._drop_peer(pid, "left the cluster")
+                    self._drop_peer(pid, "left the cluster" if pid not in registry.peers()
+                                    else "is no longer in this node's sample")
             for pid, endpoint in current.items():
                 if pid not in self._clients:
-                    # A hub of many links: never hold the node's loop polling for one.
-                    client = self._clients[pid] = RpcClient(endpoint, spin=False,
-                                                            guard=self._peer_guard(endpoint))
-                    nursery.start_soon(client.run)
+                    client = self._clients[pid] = self._client(endpoint)
+                    nursery.start_soon(self._guarded, client.run, f"link to {pid}")
                     nursery.start_soon(self._first_exchange, pid, client)
                     log.info("cluster %s: peer %s at %s", self.options.name, pid, endpoint)
 
-    @property
-    def secret(self) -> bytes | None:
-        """The cluster's secret (None: it has none)."""
-        return self._secret
+    def _client(self, endpoint: str) -> RpcClient:
+        # A hub of many links: never hold the node's loop polling for one.
+        return RpcClient(endpoint, spin=False, guard=self._peer_guard(endpoint))
+
+    async def _guarded(self, fn: Any, what: str) -> None:
+        """Run one peer's task: its failure is logged, never the node's."""
+        try:
+            await fn()
+        except Exception as exc:
+            log.warning("cluster %s: %s failed: %s: %s", self.options.name, what,
+                        type(exc).__name__, exc)
 
     def _peer_guard(self, endpoint: str) -> SealedClient | None:
         """How this node proves itself to a peer's control endpoint: by the cluster's
-        secret; without one, by the peer's own token, read on this host; None (plain
-        frames: the peer answers them ``Unauthorized``, seen in ``sync_failed`` and the
-        peers' outcomes) when neither is to be had."""
+        secret; in an ``--insecure`` cluster, by the peer's own token, read on this host;
+        None when neither is to be had (the peer answers ``Unauthorized``)."""
         if self._secret is not None:
             return SealedClient(SealKey.from_secret(self._secret, b"cluster"))
         try:
@@ -187,6 +264,7 @@ class Cluster:
             client.close()
             log.info("cluster %s: peer %s %s", self.options.name, pid, why)
         self.table.forget(pid)
+        self.forwarding.lost(pid, why)
 
     async def _first_exchange(self, pid: str, client: RpcClient) -> None:
         with trio.move_on_after(self.options.expiry):
@@ -222,9 +300,7 @@ class Cluster:
         :meth:`~engine.pool.base.Pool.load` (either backend)."""
         engine = app.manifest.engine
         capacity = max(1, engine.pool_limit * engine.concurrency)
-        known, digest = self._digests.get(app.name, (None, ""))
-        if known is not app:
-            digest = ""   # the digest of an earlier app of that name
+        digest = self.apps.digest(app.name, app)
         rate = self._done.get(app.name, (0, 0, 0.0))[2]
         if app.state != "running":
             return AppLoad(state=app.state, capacity=capacity, digest=digest)
@@ -239,109 +315,134 @@ class Cluster:
         self.table.update(report, trio.current_time())
         return report
 
+    def status_body(self) -> dict[str, Any]:
+        """What this node says in a status exchange: its report and catalog fingerprint."""
+        return {**self.local_report().to_wire(), "catalog": self.apps.catalog.fingerprint()}
+
+    async def _call(self, client: RpcClient, verb: str, args: Any, timeout: float) -> Any:
+        self.stats["messages_out"] += 1
+        reply = await client.call("", verb, args, timeout=timeout)
+        self.stats["messages_in"] += 1
+        return reply
+
     async def _exchange(self, pid: str) -> None:
         client = self._clients.get(pid)
         if client is None:
             return
         self._exchanging.add(pid)
         try:
-            await self._ensure_digests()
-            reply = await client.call("", "cluster.status", self.seal(self.local_report().to_wire()),
-                                      timeout=self.options.expiry)
-            self.heard(NodeReport.from_wire(self.open(reply)))
+            await self.apps.ensure_digests()
+            reply = self.open(await self._call(client, "cluster.status",
+                                               self.seal(self.status_body()),
+                                               timeout=self.options.expiry))
+            self.stats["exchanges"] += 1
+            self.heard(NodeReport.from_wire(reply))
+            if isinstance(reply, dict) and reply.get("catalog") != self.apps.catalog.fingerprint():
+                await self._exchange_catalog(pid, client)
         except Unreachable:
+            self.stats["exchange_failures"] += 1
             self.table.forget(pid)          # it died: stop routing there now, not at expiry
-        except (RemoteError, ValueError) as exc:
-            log.warning("cluster %s: status exchange with %s failed: %s", self.options.name, pid, exc)
+            self.forwarding.lost(pid, "unreachable")
+        except trio.TooSlowError:
+            self.stats["exchange_failures"] += 1
+            self.forwarding.lost(pid, f"no status answer within {self.options.expiry:g} s")
+        except (TransportError, ValueError) as exc:
+            # RemoteError, Closed (the peer left while we were busy), BadMessage...: that
+            # peer's failure, never this node's.
+            self.stats["exchange_failures"] += 1
+            log.warning("cluster %s: status exchange with %s failed: %s: %s",
+                        self.options.name, pid, type(exc).__name__, exc)
         finally:
             self._exchanging.discard(pid)
 
+    async def _exchange_catalog(self, pid: str, client: RpcClient) -> None:
+        self.stats["catalog_exchanges"] += 1
+        reply = self.open(await self._call(client, "cluster.catalog",
+                                           self.seal({"records": self.apps.catalog.to_wire()}),
+                                           timeout=self.options.expiry))
+        self.catalog_heard(reply, pid)
+
+    def catalog_heard(self, body: Any, source: str) -> None:
+        records = body.get("records") if isinstance(body, dict) else None
+        try:
+            self.apps.merge(Catalog.records_from_wire(records, where=f"catalog from {source}"),
+                            source=source)
+        except ValueError as exc:
+            raise BadMessage(f"cluster.catalog: {exc}") from None
+
     def heard(self, report: NodeReport) -> None:
-        """A peer's report (from our exchange or from its): route by it, sync its apps."""
+        """A peer's report (from our exchange or from its): route by it, and let the
+        apps reconcile when it holds content the catalog wants and this node lacks."""
         if report.id == self.id:
             return
-        self.table.update(report, trio.current_time())
-        nursery = self._nursery
-        if report.id not in self._clients or nursery is None:
-            return                          # not discovered (yet): nothing to fetch through
+        now = trio.current_time()
+        self.table.update(report, now)
+        self.forwarding.heard_from(report.id, now)
         for name, load in report.apps.items():
-            if (load.serving and load.digest and name not in self.node.apps
-                    and name not in self.tombstones and name not in self._syncing
-                    and (name, load.digest) not in self.sync_failed):
-                self._syncing.add(name)
-                nursery.start_soon(self._pull, report.id, name, load.digest)
-
-    async def _ensure_digests(self) -> None:
-        for name, app in list(self.node.apps.items()):
-            if self._digests.get(name, (None,))[0] is not app and app.state == "running":
-                try:
-                    bundle = await trio.to_thread.run_sync(
-                        lambda: make_bundle(app.manifest, name, limit=self.options.max_bundle))
-                    digest = bundle["digest"]
-                except (BundleError, OSError) as exc:
-                    log.warning("cluster %s: not sharing app %s: %s", self.options.name, name, exc)
-                    digest = ""
-                self._digests[name] = (app, digest)
+            if load.digest and self.apps.wanted_digest(name) == load.digest \
+                    and self.apps.digest(name) != load.digest:
+                self.apps.poke()
+                break
 
     # -- apps ---------------------------------------------------------------------------------
-    async def _pull(self, pid: str, name: str, digest: str) -> None:
-        try:
+    async def fetch(self, name: str, digest: str) -> dict[str, Any]:
+        """The bundle of ``name`` at ``digest`` from a peer that runs it (by its last
+        report; else the node that made the record, dialled for this); LookupError when
+        no reachable peer has it."""
+        now = trio.current_time()
+        holders = [r.id for r, _ in self.table.nodes(now, self.id) if r.id != self.id
+                   and (load := r.apps.get(name)) is not None and load.digest == digest]
+        record = self.apps.catalog.get(name)
+        registry_peers = self.registry.peers() if self.registry is not None else {}
+        if record is not None and record.origin in registry_peers and record.origin not in holders:
+            holders.append(record.origin)
+        errors: list[str] = []
+        for pid in holders:
             client = self._clients.get(pid)
-            if client is None:
-                return
-            reply = await client.call("", "cluster.fetch", self.seal({"app": name}), timeout=60)
-            await self.install(self.open(reply))
-            self.stats["synced"] += 1
-            log.info("cluster %s: synced app %s from %s", self.options.name, name, pid)
-        except Exception as exc:
-            self.sync_failed[(name, digest)] = f"{type(exc).__name__}: {exc}"
-            log.error("cluster %s: could not sync app %s from %s: %s", self.options.name, name, pid, exc)
-        finally:
-            self._syncing.discard(name)
+            if client is None and pid not in registry_peers:
+                continue
+            try:
+                bundle = await self._fetch_from(client, registry_peers.get(pid, ""), name, digest)
+                bundle = check_bundle(bundle, limit=self.options.max_bundle)
+                if bundle["digest"] != digest:
+                    raise BundleError(f"{pid} sent {name} at {bundle['digest'][:12]}, "
+                                      f"not {digest[:12]}")
+                return bundle
+            except* (TransportError, BundleError, trio.TooSlowError, ValueError) as group:
+                errors.extend(f"{pid}: {type(exc).__name__}: {exc}" for exc in _leaves(group))
+        if errors:
+            log.warning("cluster %s: could not fetch %s@%s: %s", self.options.name, name,
+                        digest[:12], "; ".join(errors))
+        raise LookupError(f"no reachable peer has {name}@{digest[:12]}")
 
-    async def install(self, bundle: Any) -> str:
-        """Write a peer's bundle under the state dir and deploy it here."""
-        bundle = check_bundle(bundle, limit=self.options.max_bundle)
-        name = bundle["name"]
-        current = self.node.apps.get(name)
-        if current is not None:
-            await self._ensure_digests()
-            if self._digests.get(name, (None, ""))[1] == bundle["digest"]:
-                return "already deployed"
-            raise BundleError(f"app {name} is already deployed here with other content")
-        if self.state_dir is None:
-            raise BundleError("the cluster is not running: no folder to write apps to")
-        base = await trio.to_thread.run_sync(write_bundle, bundle, self.state_dir / "apps")
-        if name in self.tombstones:
-            return "undeployed meanwhile"
-        app = await self.node.deploy_data(bundle["manifest"], base, name=name)
-        self._digests[name] = (app, bundle["digest"])
-        return "deployed"
+    async def _fetch_from(self, client: RpcClient | None, endpoint: str, name: str,
+                          digest: str) -> Any:
+        """``cluster.fetch`` on a linked peer's client, or on a client made for this one
+        call (a peer beyond this node's sample, with etcd)."""
+        args = self.seal({"app": name, "digest": digest})
+        if client is not None:
+            return self.open(await self._call(client, "cluster.fetch", args, timeout=60))
+        async with self._client(endpoint) as temporary:
+            with trio.move_on_after(self.options.expiry):
+                await temporary.wait_connected()
+            return self.open(await self._call(temporary, "cluster.fetch", args, timeout=60))
 
-    async def share(self, name: str) -> dict[str, str]:
-        """Push a locally deployed app to every peer; their outcome by peer id."""
-        app = self.node.get(name)
-        self.tombstones.discard(name)
-        try:
-            bundle = await trio.to_thread.run_sync(
-                lambda: make_bundle(app.manifest, name, limit=self.options.max_bundle))
-        except (BundleError, OSError) as exc:
-            return {pid: f"not shared: {exc}" for pid in self._clients}
-        self._digests[name] = (app, bundle["digest"])
-        return await self._to_peers("cluster.deploy", self.seal(bundle), timeout=60)
+    async def publish(self, record: AppRecord) -> None:
+        if self.registry is not None:
+            try:
+                await self.registry.publish(record)
+            except Exception as exc:   # the peers still hear it through the reports
+                log.error("cluster %s: could not publish %s %s to the registry: %s",
+                          self.options.name, record.name, record.label, exc)
 
-    async def unshare(self, name: str, drain: float | None) -> dict[str, str]:
-        self.tombstones.add(name)
-        return await self._to_peers("cluster.undeploy", self.seal({"app": name, "drain": drain}),
-                                    timeout=(drain or 30) + 30)
-
-    async def _to_peers(self, verb: str, args: Any, timeout: float) -> dict[str, str]:
+    async def to_peers(self, verb: str, args: Any, timeout: float) -> dict[str, str]:
+        """Call every linked peer; each peer's outcome by id (its failure is its outcome)."""
         outcomes: dict[str, str] = {}
 
         async def one(pid: str, client: RpcClient) -> None:
             try:
-                outcomes[pid] = str(await client.call("", verb, args, timeout=timeout))
-            except Exception as exc:  # one peer's failure is its outcome, not the verb's
+                outcomes[pid] = str(await self._call(client, verb, args, timeout=timeout))
+            except Exception as exc:
                 what = str(exc) if isinstance(exc, RemoteError) else f"{type(exc).__name__}: {exc}"
                 outcomes[pid] = f"error: {what}"
 
@@ -349,86 +450,28 @@ class Cluster:
             for pid, client in list(self._clients.items()):
                 if client.connected:
                     nursery.start_soon(one, pid, client)
-                else:   # discovered but not (yet) dialled: it syncs from the reports
-                    outcomes[pid] = "error: not connected"
+                else:   # discovered but not (yet) dialled: it converges from the reports
+                    outcomes[pid] = "not connected: converges when it is"
         return outcomes
 
     # -- requests -----------------------------------------------------------------------------
-    def route(self, app: str, event: str = "", payload: Any = None, *,
-              exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
-        """The node id to run this request on (ours or a connected peer's), or None."""
-        now = trio.current_time()
-        local = self.node.apps.get(app)
-        if local is not None:
-            self.table.set_app_load(self.id, app, self.app_load(local), now)
-        else:
-            self.table.set_app_load(self.id, app, None, now)
-        down = {pid for pid in self.table.ids() if pid != self.id
-                and not (pid in self._clients and self._clients[pid].connected)}
-        return self.table.pick(app, self.id, now, exclude=down | set(exclude))
-
     @property
     def has_peers(self) -> bool:
-        """Whether requests may go elsewhere (a peer was discovered); without one,
+        """Whether requests may go elsewhere (a peer is linked); without one,
         :meth:`serve` only ever runs them here."""
         return bool(self._clients)
 
     async def serve(self, app: str, event: str, payload: Any) -> Any:
-        """Run an app request here or on the peer :meth:`route` picks; a node that did
-        not run it (unreachable, queue full, app missing) hands it to the next one."""
-        if not self._clients:
-            return await self.run_local(app, event, payload)
-        tried: dict[str, RemoteError] = {}
-        while (target := self.route(app, event, payload, exclude=set(tried))) is not None:
-            try:
-                if target == self.id:
-                    return await self.run_local(app, event, payload)
-                return await self.forward(target, app, event, payload)
-            except NOT_RUN as exc:
-                tried[target] = exc
-                self.stats["fallbacks"] += 1
-                if isinstance(exc, Unreachable):
-                    self.table.forget(target)
-        if self.id not in tried:
-            return await self.run_local(app, event, payload)   # its own clear error
-        last = list(tried.values())[-1]
-        detail = "; ".join(f"{nid}: {exc}" for nid, exc in tried.items())
-        raise type(last)(f"no node of cluster {self.options.name} could run {app}/{event} ({detail})")
+        return await self.forwarding.serve(app, event, payload)
 
-    async def run_local(self, app: str, event: str, payload: Any) -> Any:
-        job = self.node.get(app).submit(event, payload)
-        return await answer(job)
+    def links(self) -> Mapping[str, RpcClient]:
+        return self._clients
 
-    async def forward(self, pid: str, app: str, event: str, payload: Any) -> Any:
-        client = self._clients[pid]
-        self.table.note_sent(pid, app)
-        self.stats["forwarded"] += 1
-        replies = client.stream("", "cluster.run", {"app": app, "event": event, "payload": payload})
-        chunks = cast(AsyncGenerator[Any, None], replies.__aiter__())   # (it is one: aclose)
-        try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            self.table.note_done(pid, app)
-            return Stream(_nothing())
-        except BaseException:
-            self.table.note_done(pid, app)
-            await chunks.aclose()
-            raise
-        # RESULT or CHUNK: the reply stream knows once the first reply arrived.
-        if not replies.streamed:
-            self.table.note_done(pid, app)
-            await chunks.aclose()
-            return first
-        return Stream(self._relay(pid, app, first, chunks))
+    def local_app(self, app: str) -> App | None:
+        return self.node.apps.get(app)
 
-    async def _relay(self, pid: str, app: str, first: Any, chunks: Any):
-        try:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            self.table.note_done(pid, app)
-            await chunks.aclose()
+    def wanted_digest(self, app: str) -> str | None:
+        return self.apps.wanted_digest(app)
 
     # -- messages ------------------------------------------------------------------------------
     def seal(self, body: Any) -> dict[str, Any]:
@@ -455,19 +498,46 @@ class Cluster:
         """What ``python -m engine nodes`` shows."""
         now = trio.current_time()
         self.local_report()
+        catalog = self.apps.catalog
         nodes = []
         for report, age in self.table.nodes(now, self.id):
             client = self._clients.get(report.id)
+            apps = {}
+            for n, load in sorted(report.apps.items()):
+                entry = load.to_wire()
+                record = catalog.get(n)
+                if record is not None and record.deployed and load.digest == record.digest:
+                    entry["version"] = record.version
+                    entry["in_line"] = True
+                else:
+                    entry["in_line"] = record is None and bool(load.digest)
+                apps[n] = entry
             nodes.append({"id": report.id, "control": report.control, "self": report.id == self.id,
                           "connected": report.id == self.id or bool(client and client.connected),
-                          "age": round(age, 3), "cpu": round(report.cpu, 3),
-                          "apps": {n: load.to_wire() for n, load in sorted(report.apps.items())}})
+                          "linked": report.id == self.id or report.id in self._clients,
+                          "age": round(age, 3), "cpu": round(report.cpu, 3), "apps": apps})
+        listed = {n["id"] for n in nodes}
+        members = self.registry.peers() if self.registry is not None else {}
+        for pid, control in sorted(members.items()):     # (etcd: beyond this node's sample)
+            if pid not in listed:
+                nodes.append({"id": pid, "control": control, "self": False, "connected": False,
+                              "linked": False, "age": None, "cpu": None, "apps": {}})
+        registry = self.registry
         return {"cluster": self.options.name, "self": self.id, "nodes": nodes,
-                "stats": dict(self.stats), "tombstones": sorted(self.tombstones),
-                "sync_failed": {f"{a}@{d[:12]}": why for (a, d), why in self.sync_failed.items()}}
+                "secure": self._secret is not None,
+                "registry": registry.describe() if registry is not None else {},
+                "problems": registry.problems() if registry is not None else [],
+                "catalog": {r.name: {"state": r.label, "generation": r.generation,
+                                     "version": r.version, "digest": r.digest,
+                                     "origin": r.origin} for r in catalog.records()},
+                "divergence": self.apps.divergence(),
+                "stats": {**self.stats, **self.apps.stats,
+                          "forwarding": dict(self.forwarding.stats)},
+                "tombstones": sorted(r.name for r in catalog.records() if not r.deployed),
+                "sync_failed": {f"{a}@{d[:12]}": why for (a, d), why in self.apps.sync_failed.items()}}
 
 
-async def _nothing():
-    return
-    yield  # pragma: no cover
-
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
+    return [group]
