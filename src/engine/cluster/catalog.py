@@ -169,8 +169,9 @@ class AppRecord:
                        grant=None if grant is None else Grant.from_wire(grant, f"{where}.grant"))
         except KeyError as exc:
             raise ValueError(f"{where}: missing {exc}") from None
-        except TypeError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            text = str(exc)
+            raise ValueError(text if text.startswith(where) else f"{where}: {text}") from None
 
     def check(self, secret: bytes | None) -> None:
         """Raise :class:`GrantError` unless a record received from a peer may be applied:
