@@ -7,6 +7,9 @@ speak frames of envelopes (:mod:`transport.codec`) over either:
   frames straight over trio sockets (:mod:`transport.streams`).  The default: reliable
   with TCP's own backpressure, and no nng threads between the kernel and us, which on
   this 2-core machine is worth 2x in sequential round trips/s, more under load.
+- ``tls+tcp://host:port``: the same frames inside TLS (``trio.SSLStream``; the server
+  and the client each need an ``ssl_context``: :mod:`transport.tls`).  Slower than
+  plain TCP (no direct socket fast paths), for links that leave the host.
 - ``nng+tcp://host:port`` or ``nng+ipc:///path``: nng Pair1 (polyamorous on the server),
   so a client in any language with an nng binding can talk to it.  nng documents that
   mode as best-effort: a client that cannot keep up may miss replies, so callers rely
@@ -21,12 +24,15 @@ are the fast paths of the default links.
 from __future__ import annotations
 
 import os
+import ssl
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from transport.errors import TransportError
 from transport.streams import FramedStream
+from transport.tls import HANDSHAKE_TIMEOUT, TlsHandshakeError, describe
 
 if TYPE_CHECKING:
     from transport.sockets import TrioSocket
@@ -76,56 +82,128 @@ if TYPE_CHECKING:  # both kinds keep the faces the links' users are typed agains
 
 NNG_PREFIX = "nng+"
 _TCP = "tcp://"
+_TLS = "tls+tcp://"
 _UNIX = ("ipc://", "unix://")
+# A listen host that means every interface (docs/drivers.md: "an empty host means every
+# interface"), and what a client on this host dials to reach such a listener.
+_WILDCARD_HOSTS = ("", "*")
+ANY_HOST = "0.0.0.0"
+LOCAL_HOST = "127.0.0.1"
 
 
 def is_stream(address: str) -> bool:
-    return address.startswith((_TCP, *_UNIX))
+    return address.startswith((_TCP, _TLS, *_UNIX))
 
 
 def nng_url(address: str) -> str:
     """The nng URL behind an ``nng+`` address."""
     if not address.startswith(NNG_PREFIX):
-        raise TransportError(f"{address!r}: expected tcp://, ipc:// or nng+tcp://, nng+ipc://")
+        raise TransportError(f"{address!r}: expected tcp://, tls+tcp://, ipc:// or nng+tcp://, "
+                             "nng+ipc://")
     return address[len(NNG_PREFIX):]
 
 
 def _split_host_port(address: str, prefix: str) -> tuple[str, int]:
+    """Where to *dial*: an empty host is this host (127.0.0.1)."""
+    host, port = _host_port(address, prefix)
+    return host or LOCAL_HOST, port
+
+
+def listen_host_port(address: str, prefix: str = _TCP) -> tuple[str, int]:
+    """Where to *listen*: an empty host (or ``*``) is every interface, 0.0.0.0."""
+    host, port = _host_port(address, prefix)
+    return (ANY_HOST if host in _WILDCARD_HOSTS else host), port
+
+
+def _host_port(address: str, prefix: str) -> tuple[str, int]:
     rest = address[len(prefix):]
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit():
         raise TransportError(f"{address!r}: expected {prefix}HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]"), int(port)
 
 
-async def listen_stream(address: str) -> tuple[list[trio.SocketListener], str]:
-    """Open listeners for a stream address; returns them with the concrete address
-    (port 0 resolved)."""
+@dataclass(frozen=True)
+class Listening:
+    """Listeners opened for a stream address.  ``address``: the address to dial them at
+    (port 0 resolved; an empty host, which listens on every interface, reads as
+    127.0.0.1 so the address works from this host).  ``bound``: what the socket is
+    bound to (``tcp://0.0.0.0:PORT`` for an empty host).  An explicit ``0.0.0.0`` is
+    reported as it is in both: the mesh rewrites that one to the address a beacon came
+    from (docs/mesh.md), which it could not do with 127.0.0.1."""
+
+    listeners: list[trio.SocketListener]
+    address: str
+    bound: str
+
+
+async def listen_stream(address: str) -> Listening:
+    """Open listeners for a stream address (``tls+tcp://`` listens like ``tcp://``: the
+    server wraps each connection, :func:`accept_tls`)."""
     try:
-        if address.startswith(_TCP):
-            host, port = _split_host_port(address, _TCP)
+        if address.startswith((_TCP, _TLS)):
+            prefix = _TCP if address.startswith(_TCP) else _TLS
+            requested = _host_port(address, prefix)[0]
+            host, port = listen_host_port(address, prefix)
             listeners = await trio.open_tcp_listeners(port, host=host)
             bound_port = listeners[0].socket.getsockname()[1]
-            return listeners, f"{_TCP}{host}:{bound_port}"
+            dial = LOCAL_HOST if requested in _WILDCARD_HOSTS else host
+            return Listening(listeners, f"{prefix}{dial}:{bound_port}",
+                             f"{prefix}{host}:{bound_port}")
         path = _unix_path(address)
         if os.path.exists(path):
             os.unlink(path)  # a stale socket file from a dead process
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(path)
         sock.listen(128)
-        return [trio.SocketListener(sock)], address
+        return Listening([trio.SocketListener(sock)], address, address)
     except OSError as exc:
         raise TransportError(f"cannot listen on {address}: {exc}") from None
 
 
-async def connect_stream(address: str) -> FramedStream:
-    """Connect to a stream address; raises OSError when nobody listens."""
+async def connect_stream(address: str, ssl_context: ssl.SSLContext | None = None
+                         ) -> FramedStream:
+    """Connect to a stream address; raises OSError when nobody listens, and
+    :class:`~transport.tls.TlsHandshakeError` when a ``tls+tcp://`` handshake fails
+    (``ssl_context`` is required for those, ignored otherwise: the caller checks,
+    :func:`transport.tls.check_context`)."""
     if address.startswith(_TCP):
         host, port = _split_host_port(address, _TCP)
         stream = await trio.open_tcp_stream(host, port)  # trio turns Nagle off itself
+    elif address.startswith(_TLS):
+        if ssl_context is None:
+            raise TransportError(f"{address}: a tls+tcp:// address needs an ssl_context")
+        host, port = _split_host_port(address, _TLS)
+        tcp = await trio.open_tcp_stream(host, port)
+        tls = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+        await _handshake(tls, f"TLS handshake with {address}")
+        return FramedStream(tls)
     else:
         stream = await trio.open_unix_socket(_unix_path(address))
     return FramedStream(stream)
+
+
+async def accept_tls(raw: trio.SocketStream, ssl_context: ssl.SSLContext,
+                     peer: str) -> trio.SSLStream[trio.SocketStream]:
+    """The server's side of a ``tls+tcp://`` connection, handshake done; raises
+    :class:`~transport.tls.TlsHandshakeError` (the caller closes ``raw``)."""
+    tls = trio.SSLStream(raw, ssl_context, server_side=True)
+    await _handshake(tls, f"TLS handshake from {peer}")
+    return tls
+
+
+async def _handshake(tls: trio.SSLStream[trio.SocketStream], what: str) -> None:
+    """Bounded by HANDSHAKE_TIMEOUT; on failure the TCP connection is closed."""
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await tls.do_handshake()
+        return
+    except trio.TooSlowError:
+        error = TlsHandshakeError(f"{what}: no answer within {HANDSHAKE_TIMEOUT:g} s")
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        error = TlsHandshakeError(f"{what} failed: {describe(exc)}")
+    await trio.aclose_forcefully(tls.transport_stream)
+    raise error
 
 
 def _unix_path(address: str) -> str:

@@ -170,12 +170,21 @@ def loopback_tcp(port: int = 0) -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def bound_address(sock: pynng.Socket) -> str:
-    """The concrete address of a socket's first listener (resolves port 0)."""
+def bound_address(sock: pynng.Socket, *, dialable: bool = True) -> str:
+    """The concrete address of a socket's first listener (resolves port 0).
+
+    nng listens on every interface for an empty host (``tcp://:PORT``) and reports it
+    that way, which nng itself cannot dial ("Address invalid"): with ``dialable`` such
+    an address reads ``tcp://127.0.0.1:PORT`` (reachable from this host), without it
+    ``tcp://0.0.0.0:PORT`` (what it is bound to).  An explicit ``0.0.0.0`` stays as it
+    is: the mesh rewrites that one to the address a beacon came from (docs/mesh.md)."""
     listener = sock.listeners[0]
     url = listener.url
-    if url.startswith("tcp://") and url.endswith(":0"):
-        port = listener.local_address.port
-        host = url[len("tcp://"):].rsplit(":", 1)[0]
-        return f"tcp://{host}:{port}"
-    return url
+    if not url.startswith("tcp://"):
+        return url
+    host, _, port = url[len("tcp://"):].rpartition(":")
+    if port == "0" or not port.isdigit():
+        port = str(listener.local_address.port)
+    if host in ("", "*"):
+        host = "127.0.0.1" if dialable else "0.0.0.0"
+    return f"tcp://{host}:{port}"

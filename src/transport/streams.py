@@ -179,7 +179,10 @@ class FramedStream:
             try:
                 chunk = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise Closed(f"stream closed: {exc}") from None
+                # Over TLS the reason is the cause (an ssl.SSLError: e.g. the peer
+                # refused our certificate); it stays chained for whoever must tell.
+                cause = exc.__cause__
+                raise Closed(f"stream closed: {str(exc) or cause}") from cause
         else:
             try:
                 chunk = sock.recv(READ_SIZE)
@@ -240,7 +243,11 @@ class FramedStream:
         """Close now, waking whoever waits on the socket (a stream that is not a socket's
         closes at the next :meth:`aclose`)."""
         # SocketStream.aclose is only async for the checkpoint; closing the socket is sync.
+        # A TLS stream is closed by its socket too (abruptly: no close_notify; the peer
+        # sees the end of the stream all the same).
         stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
         if isinstance(stream, trio.SocketStream):
             stream.socket.close()
 

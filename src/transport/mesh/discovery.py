@@ -18,10 +18,17 @@ authentic one seen before (or too far from this host's clock) is refused
 again to keep a departed component alive or bring it back.  The table is bounded
 (``DiscoveryConfig.max_peers``, ``max_per_source``); a beacon it has no room for is
 neither learned nor answered.
+
+Failing silently would leave a node running alone with nothing said: a multicast group
+that cannot be joined is a WARNING (naming the interface, the group and the errno) and
+a destination beacons keep failing to is one WARNING when it starts and one INFO when it
+recovers (:mod:`transport.mesh.beacon_health`); :meth:`Discovery.problems` lists what is
+wrong now, and ``stats`` counts it.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import time
@@ -30,6 +37,9 @@ from typing import Any, Mapping
 
 import trio
 
+from transport.mesh.beacon_health import BeaconHealth, describe_errno, errno_name
+# (re-exported: where the engine looks for it beside DiscoveryConfig)
+from transport.mesh.interfaces import interface_for_endpoint as interface_for_endpoint
 from transport.mesh.peers import (
     MAX_PEERS, MAX_PER_SOURCE, BadDatagram, Beacon, PeerTable, decode_datagram, encode_datagram,
     with_host,
@@ -41,6 +51,20 @@ DEFAULT_GROUP = "239.255.74.74"
 ASK_SCHEDULE = (0.0, 0.05, 0.2)     # a newcomer's asking hellos, in case UDP loses one
 MAX_LEARNED = 1024                  # unicast return addresses kept (one per peer)
 IP_MULTICAST_ALL = 49               # Linux: deliver only groups this socket joined
+log = logging.getLogger(__name__)
+
+
+def _udp_socket() -> socket.socket:
+    """A new UDP socket (a seam: tests put a failing socket layer here)."""
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def _now() -> float:
+    """trio's clock in trio (a test's MockClock included), else a monotonic one."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 def _parse_peer(spec: str, default_port: int) -> tuple[str, int]:
@@ -135,16 +159,26 @@ class Discovery:
         self._send: socket.socket | None = None
         self._destinations: list[tuple[str, int]] = []
         self.multicast_ok = False
+        self._multicast_problem: str | None = None  # why multicast is off, if it failed
+        self._health = BeaconHealth()  # beacon destinations failing now
         # bad: not a (valid, authentic) beacon; replayed/stale: authentic but sent
         # before, or outside the clock window; refused: a new peer there was no room
-        # for (the table full, or its source speaks for too many peers already).
+        # for (the table full, or its source speaks for too many peers already);
+        # multicast_errors: failed attempts to set multicast up (joining the group).
         self.stats = {"received": 0, "bad": 0, "replayed": 0, "stale": 0, "refused": 0,
-                      "sent": 0, "send_errors": 0, "answered": 0}
+                      "sent": 0, "send_errors": 0, "answered": 0, "multicast_errors": 0}
         self.started = trio.Event()
 
     # -- what components use ------------------------------------------------------
     def peers(self) -> list[Beacon]:
         return self.table.peers()
+
+    def problems(self) -> list[str]:
+        """What is wrong now, for people (``info``, a status page): why multicast is
+        off, and each beacon destination failing (with its errno and since when).
+        Empty when healthy."""
+        out = [self._multicast_problem] if self._multicast_problem else []
+        return out + self._health.problems(_now())
 
     async def wait_change(self, seen: int) -> int:
         """Return the current version once it differs from ``seen``."""
@@ -161,8 +195,9 @@ class Discovery:
     def _open_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The listening and the sending socket, bound (also kept for announce)."""
         cfg = self.config
-        listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._multicast_problem, self._health = None, BeaconHealth()  # (a run anew)
+        listen = _udp_socket()
+        send = _udp_socket()
         try:
             listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if hasattr(socket, "SO_REUSEPORT"):
@@ -181,8 +216,9 @@ class Discovery:
                     send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, cfg.ttl)
                     send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
                     self.multicast_ok = True
-                except OSError:
+                except OSError as exc:
                     self.multicast_ok = False  # no multicast here: fall back to broadcast
+                    self._multicast_failed(exc)
             send.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             send.bind((cfg.interface if cfg.interface != "0.0.0.0" else "", 0))
             for s in (listen, send):
@@ -202,21 +238,55 @@ class Discovery:
         self._destinations = dests
         return listen, send
 
+    def _multicast_failed(self, exc: OSError) -> None:
+        """Say why multicast is off (once: sockets are opened once per run)."""
+        cfg = self.config
+        self.stats["multicast_errors"] += 1
+        iface = cfg.interface if cfg.interface != "0.0.0.0" else "the default interface (0.0.0.0)"
+        if exc.errno == errno.ENODEV:
+            hint = (f"no route for {cfg.multicast_group}" if cfg.interface == "0.0.0.0"
+                    else f"no interface has the address {cfg.interface}")
+        else:
+            hint = os.strerror(exc.errno) if exc.errno else str(exc)
+        fallback = cfg.broadcast or "255.255.255.255"
+        self._multicast_problem = (
+            f"multicast join on {iface} failed: {errno_name(exc.errno)} ({hint}); "
+            f"using broadcast {fallback}:{cfg.port}")
+        log.warning("discovery: multicast group %s:%d cannot be joined on %s: %s (%s); "
+                    "beaconing by broadcast to %s instead (set MESH_INTERFACE to the "
+                    "interface peers are on, or MESH_PEERS)", cfg.multicast_group, cfg.port,
+                    iface, errno_name(exc.errno), hint, fallback)
+
     # -- sending ----------------------------------------------------------------------
-    def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _sendto(self, data: bytes, addr: tuple[str, int], *, beacon: bool = False) -> None:
+        """Send one datagram; a failure costs only it.  ``beacon``: ``addr`` is one of
+        the destinations beacons go to, whose health is tracked (answers to askers go
+        to any address: only counted)."""
         send = self._send
         if send is None:  # not running (a datagram fed by a test): nothing to send through
             return
         try:
             send.sendto(data, addr)
-            self.stats["sent"] += 1
         except OSError as exc:
             # A full buffer or an unreachable seed costs one beacon, never the component.
             if exc.errno not in (errno.EAGAIN, errno.ENETUNREACH, errno.EHOSTUNREACH,
                                  errno.ECONNREFUSED, errno.EACCES, errno.EADDRNOTAVAIL,
-                                 errno.EINVAL, errno.ENOBUFS):
+                                 errno.EINVAL, errno.ENOBUFS, errno.ENODEV):
                 raise
             self.stats["send_errors"] += 1
+            if beacon and self._health.failed(addr, exc.errno, _now()):
+                log.warning("discovery: beacons to %s:%d not sent: %s; peers there cannot "
+                            "see this node (further failures alike are only counted, in "
+                            "Discovery.stats['send_errors'])", addr[0], addr[1],
+                            describe_errno(exc.errno))
+            return
+        self.stats["sent"] += 1
+        if beacon and self._health:
+            ended = self._health.sent(addr)
+            if ended is not None:
+                log.info("discovery: beacons to %s:%d sent again, after %.0f s of %s "
+                         "(%d failed)", addr[0], addr[1], _now() - ended.since,
+                         errno_name(ended.errno), ended.count)
 
     def _datagram(self, op: str, me: Beacon, ask: bool = False) -> bytes:
         """A datagram with the next sequence number and the time (signed ones must
@@ -230,12 +300,14 @@ class Discovery:
             return
         targets = list(self._destinations)
         targets.extend(a for a in self._learned.values() if a not in targets)
+        if self._health:
+            self._health.keep(set(targets))  # a peer gone: its address is no problem
         data = self._datagram(op, self.me, ask)
         for addr in targets:
             # Signed: one datagram per target, each with its own number: a peer reached
             # both by the group and by unicast gets two different ones, and neither
             # looks like a replay of the other.
-            self._sendto(data, addr)
+            self._sendto(data, addr, beacon=True)
             if self.secret:
                 data = self._datagram(op, self.me, ask)
 

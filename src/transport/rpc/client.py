@@ -11,12 +11,18 @@ that error, and the next connection waits a backoff step.  Nothing bigger than
 ``max_message`` (default 16 MiB) is sent or read: a request or chunk over it fails
 its caller with ``bad-message`` at once (send bulk data as chunks), and frames of
 many requests are cut to fit.
+
+Over ``tls+tcp://`` (``ssl_context=``, :mod:`transport.tls`) a failed handshake (the
+server's certificate not of our CA, ours refused by it) fails every call in flight with
+:class:`~transport.tls.TlsHandshakeError` (an ``Unreachable``) and is logged once per
+distinct reason; the client keeps trying, backing off, in case the server is fixed.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from time import perf_counter
@@ -33,6 +39,7 @@ from transport.rpc.handlers import FrameGuard, sealing
 from transport.inbound import SendWindow
 from transport.service import Service
 from transport._spin import SpinPolicy, spin_until
+from transport.tls import TlsHandshakeError, check_context
 
 if TYPE_CHECKING:
     from transport.sockets import TrioSocket
@@ -167,7 +174,12 @@ class RpcClient(Service):
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  guard: FrameGuard | None = None, spin: bool = True,
-                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+                 max_message: int = DEFAULT_MAX_MESSAGE,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: a client-side context, required by (and only by) a
+        ``tls+tcp://`` address; :class:`~transport.tls.TlsConfigError` otherwise."""
+        check_context(address, ssl_context, server_side=False)
+        self.ssl_context = ssl_context
         self.address = address
         self.default_timeout = timeout
         self.guard = guard
@@ -199,6 +211,8 @@ class RpcClient(Service):
         self.bad_frames = 0
         self.refusals = 0
         self.last_refusal: RemoteError | None = None
+        self.tls_failures = 0  # failed TLS handshakes (each distinct reason logged once)
+        self.last_tls_error: TlsHandshakeError | None = None
 
     # -- lifetime -----------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[RpcClient] = trio.TASK_STATUS_IGNORED
@@ -239,11 +253,11 @@ class RpcClient(Service):
         self._connected.set()
         self._outbox.wake()  # anything queued while we were away can go now
 
-    def _link_down(self) -> None:
+    def _link_down(self, error: RemoteError | None = None) -> None:
         self._link = self._stream = self._direct = None
         if self._connected.is_set():
             self._connected = trio.Event()
-        self._fail_all(Unreachable(f"connection to {self.address} lost"))
+        self._fail_all(error or Unreachable(f"connection to {self.address} lost"))
 
     def _fail_all(self, error: RemoteError) -> None:
         for pending in self._pending.values():
@@ -279,32 +293,59 @@ class RpcClient(Service):
         delay = RECONNECT_MIN
         while True:
             try:
-                stream = await connect_stream(self.address)
+                stream = await connect_stream(self.address, self.ssl_context)
             except OSError:
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            except TlsHandshakeError as exc:
+                self._tls_failed(exc)
+                self._fail_all(exc)  # calls waiting for the link: it will not come soon
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             stream.max_message = self.max_message
             refusals, up_at = self.refusals, trio.current_time()
             self._stream_up(stream)
+            heard = False  # a frame came on this connection
+            lost: RemoteError | None = None
             try:
                 while True:
                     for frame in await stream.recv_many():
+                        heard = True
                         self._on_frame(frame)
-            except Closed:
-                pass
+            except Closed as exc:
+                if isinstance(exc.__cause__, ssl.SSLError):
+                    # e.g. TLS 1.3: the server refuses our certificate after our side
+                    # of the handshake is done; its alert is the first thing read.
+                    hint = (" (the server hung up: does it trust this client's certificate?)"
+                            if isinstance(exc.__cause__, ssl.SSLEOFError) else "")
+                    lost = TlsHandshakeError(f"TLS with {self.address} failed: "
+                                             f"{exc.__cause__}{hint}")
+                    self._tls_failed(lost)
             except CodecError as exc:  # garbage framing: nothing after it can be read
                 self._bad_frame(exc)
             finally:
                 stream.close()
-                self._link_down()
-            if self.refusals == refusals:
+                self._link_down(lost)
+            if self.refusals == refusals and heard and lost is None:
                 delay = RECONNECT_MIN
-            else:  # the server hung up saying why (too many connections...): not at once
+            else:
+                # The server hung up saying why (too many connections...), or before a
+                # word (not our protocol, not our TLS): not at once, nor in a tight loop.
                 if trio.current_time() - up_at > RECONNECT_MAX:
                     delay = RECONNECT_MIN  # (a connection that lived, then idled)
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
+
+    def _tls_failed(self, error: TlsHandshakeError) -> None:
+        """Counted; logged once per distinct reason (a client retrying a server that
+        refuses it would otherwise log once a second)."""
+        self.tls_failures += 1
+        previous, self.last_tls_error = self.last_tls_error, error
+        if previous is None or previous.message != error.message:
+            log.warning("%s (further failures alike are only counted, in "
+                        "RpcClient.tls_failures)", error.message)
 
     def _on_frame(self, frame: bytes) -> None:
         try:

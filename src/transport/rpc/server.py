@@ -3,8 +3,13 @@
 Shared by the engine's control endpoint, the ``native-server`` driver and the mesh
 Requester/Responder.  One :class:`RpcServer` serves many :class:`RpcClient`\\ s; the
 address picks the link (:mod:`transport._links`): ``tcp://``/``ipc://`` for framed
-trio sockets (the default: reliable, lowest latency), ``nng+tcp://``/``nng+ipc://`` for
-nng Pair1 (any nng binding can talk to it; best-effort under overload).  Every frame is a batch of envelopes (:mod:`transport.codec`):
+trio sockets (the default: reliable, lowest latency), ``tls+tcp://`` for the same inside
+TLS (``ssl_context=``, :mod:`transport.tls`), ``nng+tcp://``/``nng+ipc://`` for nng
+Pair1 (any nng binding can talk to it; best-effort under overload).  An empty listen
+host (``tcp://:PORT``) is every interface; :attr:`RpcServer.address` then reads
+127.0.0.1, a dialable address, and :attr:`RpcServer.listen_address` 0.0.0.0.
+
+Every frame is a batch of envelopes (:mod:`transport.codec`):
 
 - client → server ``REQUEST sid [target, event, payload]``, ``CANCEL sid``;
 - server → client, on the same sid, exactly one of ``RESULT value``,
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,7 +52,7 @@ from transport.codec import DEFAULT_MAX_MESSAGE, Kind, decode_lists, encode_enve
 from transport.errors import (BadMessage, Closed, CodecError, QueueFull, RemoteError,
                               TransportError, Unreachable, error_to_body)
 from transport.inbound import InputStream
-from transport._links import is_stream, listen_stream, nng_url
+from transport._links import accept_tls, is_stream, listen_stream, nng_url
 from transport.rpc.connection import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, SEAL_ROOM,
                                       Connection, PeerLog, check_limits, check_max_message,
                                       error_frame, farewell, idle_connections, max_envelope,
@@ -55,6 +61,7 @@ from transport.rpc.handlers import (FAILED, RESOLVED, Deferred, FrameGate, Frame
                                     Refused, Request, Stream, sealing)
 from transport._spin import SpinPolicy, poll_next, spin_until
 from transport.streams import FramedStream
+from transport.tls import TlsHandshakeError, check_context
 
 if TYPE_CHECKING:
     import pynng
@@ -117,14 +124,19 @@ class RpcServer:
                  guard: FrameGuard | None = None, high_water: int = 8192, spin: bool = False,
                  gate: FrameGate | None = None, max_message: int = DEFAULT_MAX_MESSAGE,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT):
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+                 ssl_context: ssl.SSLContext | None = None):
         """``guard``: every frame sealed, others refused (a mesh with a secret).
         ``gate``: sealed frames and plain ones both let in, each request marked
         (``Request.sealed``), for a handler that decides (transport/seal.py).
         ``max_message``, ``max_connections``, ``idle_timeout`` (None: never): what a
-        client can make it hold (:mod:`transport.rpc.connection`)."""
+        client can make it hold (:mod:`transport.rpc.connection`).
+        ``ssl_context``: a server-side context, required by (and only by) a
+        ``tls+tcp://`` address; :class:`~transport.tls.TlsConfigError` otherwise."""
         if guard is not None and gate is not None:
             raise ValueError("an RpcServer takes a guard or a gate, not both")
+        check_context(address, ssl_context, server_side=True)
+        self.ssl_context = ssl_context
         self.max_message = check_max_message(max_message, "RpcServer")
         check_limits("RpcServer", max_connections, idle_timeout)
         self.max_connections = max_connections
@@ -133,7 +145,8 @@ class RpcServer:
         self._max_frame = max_message - SEAL_ROOM
         self._max_envelope = max_envelope(max_message)
         self.requested_address = address
-        self.address: str | None = None
+        self.address: str | None = None  # where to dial it (an empty host: 127.0.0.1)
+        self.listen_address: str | None = None  # what it is bound to (... 0.0.0.0)
         self.handler = handler
         self.max_inflight = max_inflight
         self.guard = guard
@@ -159,6 +172,7 @@ class RpcServer:
         self.violations = 0
         self.refused_connections = 0
         self.idle_closed = 0
+        self.tls_failures = 0  # TLS handshakes that failed (the peer's first is logged)
         self.peer_log = PeerLog()
         self.polled = 0  # frames of requests that arrived while polling for them
         self.answers_polled = 0  # Deferreds settled while polling for them
@@ -181,10 +195,11 @@ class RpcServer:
             if self.idle_timeout is not None:
                 nursery.start_soon(self._sweep_idle, self.idle_timeout)
             if is_stream(self.requested_address):
-                listeners, address = await listen_stream(self.requested_address)
-                self.address = address
-                task_status.started(address)
-                await trio.serve_listeners(self._serve_stream, listeners, handler_nursery=nursery)
+                listening = await listen_stream(self.requested_address)
+                self.address, self.listen_address = listening.address, listening.bound
+                task_status.started(listening.address)
+                await trio.serve_listeners(self._serve_stream, listening.listeners,
+                                           handler_nursery=nursery)
             else:
                 await self._run_nng(task_status)
 
@@ -200,7 +215,18 @@ class RpcServer:
     # -- framed streams: one reader and one writer task per connection -------------
     async def _serve_stream(self, raw: trio.SocketStream) -> None:
         peer = peer_of(raw)
-        stream = FramedStream(raw, max_message=self.max_message)
+        if self.ssl_context is not None:
+            try:
+                link = await accept_tls(raw, self.ssl_context, peer)
+            except TlsHandshakeError as exc:
+                # A peer without a certificate of our CA, or not speaking TLS: never
+                # a connection (serve_listeners closes raw), never the server's end.
+                self.tls_failures += 1
+                self._warn(peer, "refused a connection", exc.message, "RpcServer.tls_failures")
+                return
+            stream = FramedStream(link, max_message=self.max_message)
+        else:
+            stream = FramedStream(raw, max_message=self.max_message)
         try:
             if len(self._connections) >= self.max_connections:
                 self.refused_connections += 1
@@ -316,6 +342,7 @@ class RpcServer:
         try:
             sock.on_pipe_event(removed=pipe_gone)
             self.address = address = "nng+" + bound_address(raw)
+            self.listen_address = "nng+" + bound_address(raw, dialable=False)
             task_status.started(address)
             while True:
                 msg = await sock.recv_msg()
