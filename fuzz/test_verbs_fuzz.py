@@ -25,7 +25,9 @@ import pytest
 import trio
 from hypothesis import example, given, strategies as st
 
+from engine.cluster.apps import ClusterApps
 from engine.cluster.bundle import BundleError, check_bundle
+from engine.cluster.catalog import AppRecord, Catalog
 from engine.cluster.verbs import cluster_verbs
 from engine.drivers.options import DriverSpec
 from engine.drivers.scheduler import ManualScheduler, SchedulerOptions
@@ -35,6 +37,8 @@ from engine.node.control import ControlHandler
 from engine.node.verbs import base_verbs
 from transport.errors import BadMessage, RemoteError, Unauthorized, UnknownEvent
 from transport.rpc.handlers import Request
+
+SECRET = b"the verbs fuzzer's cluster secret"
 
 OPEN = frozenset({"list", "info", "nodes"})
 TYPED = (RemoteError, ManifestError, BundleError)
@@ -126,6 +130,24 @@ class FakeNode:
                                    and 0 <= timeout < float("inf")), f"undeploy(timeout={timeout!r})"
 
 
+class FuzzApps(ClusterApps):
+    """The real catalog, grants and merging; installing and deploying stop at the checks
+    (nothing is written or run: the fuzz is about the verbs' arguments)."""
+
+    async def install(self, bundle: Any) -> str:
+        check_bundle(bundle, limit=self.max_bundle)
+        return "deployed"
+
+    async def deploy_here(self, manifest: Any, bundle: Any) -> Any:
+        raise ManifestError(str(manifest.source), "", "a deployable app", "the fuzz deploys nothing")
+
+
+class FakeForwarding:
+    async def run_for_peer(self, origin: str, app: str, event: str, payload: Any) -> Any:
+        assert isinstance(origin, str) and isinstance(app, str) and isinstance(event, str)
+        raise AppNotFound(f"no app {app!r}")
+
+
 class FakeCluster:
     """What the cluster verbs use of a Cluster; its messages' seal already checked (the
     fuzz is about the bodies inside them)."""
@@ -134,9 +156,10 @@ class FakeCluster:
         name = "fuzz"
         max_bundle = 1 << 20
 
-    def __init__(self) -> None:
-        self.tombstones: set[str] = set()
-        self.stats = {"served_for_peers": 0}
+    def __init__(self, node: Any) -> None:
+        self.apps = FuzzApps(node, node_id="me", cluster="fuzz", secret=SECRET, max_bundle=1 << 20)
+        self.forwarding = FakeForwarding()
+        self.stats = {"messages_in": 0, "messages_out": 0}
 
     def open(self, msg: Any) -> Any:
         if not isinstance(msg, dict) or "body" not in msg:
@@ -149,23 +172,28 @@ class FakeCluster:
     def heard(self, report: Any) -> None:
         pass
 
-    def local_report(self) -> Any:
+    def status_body(self) -> Any:
         from engine.cluster.balance import NodeReport
-        return NodeReport(id="me", control="tcp://127.0.0.1:1")
+        return NodeReport(id="me", control="tcp://127.0.0.1:1").to_wire()
+
+    def catalog_heard(self, body: Any, source: str) -> None:
+        records = body.get("records") if isinstance(body, dict) else None
+        try:
+            self.apps.merge(Catalog.records_from_wire(records), source=source)
+        except ValueError as exc:
+            raise BadMessage(f"cluster.catalog: {exc}") from None
 
     def describe(self) -> dict[str, Any]:
         return {"nodes": []}
 
-    async def install(self, bundle: Any) -> str:
-        check_bundle(bundle, limit=self.options.max_bundle)
-        return "deployed"
-
-    async def share(self, name: str) -> dict[str, str]:
-        assert isinstance(name, str)
+    def links(self) -> dict[str, Any]:
         return {}
 
-    async def unshare(self, name: str, drain: float | None) -> dict[str, str]:
-        assert isinstance(name, str)
+    async def publish(self, record: Any) -> None:
+        assert isinstance(record, AppRecord)
+
+    async def to_peers(self, verb: str, args: Any, timeout: float) -> dict[str, str]:
+        assert verb in ("cluster.deploy", "cluster.undeploy")
         return {}
 
 
@@ -207,12 +235,12 @@ def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def handler_for(node: FakeNode) -> ControlHandler:
     verbs = dict(base_verbs())
-    verbs.update(cluster_verbs(FakeCluster(), base_verbs()))  # type: ignore[arg-type]
+    verbs.update(cluster_verbs(FakeCluster(node), base_verbs()))  # type: ignore[arg-type]
     return ControlHandler(node, verbs, open_verbs=OPEN, address="tcp://127.0.0.1:1")  # type: ignore[arg-type]
 
 
-VERBS = sorted(set(base_verbs()) | {"cluster.status", "cluster.fetch", "cluster.deploy", "cluster.undeploy",
-                                    "cluster.run", "nope"})
+VERBS = sorted(set(base_verbs()) | {"cluster.status", "cluster.catalog", "cluster.fetch", "cluster.deploy",
+                                    "cluster.undeploy", "cluster.run", "nope"})
 
 
 @given(st.sampled_from(VERBS), args_strategy, st.booleans())

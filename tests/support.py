@@ -32,7 +32,7 @@ import trio
 
 T = TypeVar("T")
 
-ADDRESS_RE = re.compile(r"control endpoint on (tcp://127\.0\.0\.1:\d+)")
+ADDRESS_RE = re.compile(r"control endpoint on ((?:tls\+)?tcp://127\.0\.0\.1:\d+)")
 
 
 def _timed_out(what: str, timeout: float, value: object) -> AssertionError:

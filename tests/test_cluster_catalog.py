@@ -611,3 +611,28 @@ def test_a_record_whose_digest_or_origin_is_not_a_string_is_refused_with_value_e
     wire = {"name": "a", "generation": 2, "deployed": True, "digest": "aa", "origin": "n1", field: value}
     with pytest.raises(ValueError, match=field):
         Catalog.records_from_wire([wire])
+
+
+async def test_divergence_names_each_app_that_differs_from_the_catalog(monkeypatch):
+    """What ``engine nodes`` prints as DIVERGED: an app running other content than the
+    catalog's winner, one the cluster undeployed still running, one missing here."""
+    import types
+
+    import engine.cluster.apps as apps_module
+
+    apps = cluster_apps("n1")
+    digests = {"a": "aaaa1111", "b": "bbbb2222"}
+    monkeypatch.setattr(apps_module, "make_bundle",
+                        lambda manifest, name, limit: {"digest": digests[name]})
+    for name in ("a", "b"):
+        apps.node.apps[name] = types.SimpleNamespace(
+            state="running", manifest=types.SimpleNamespace(version=1))
+    await apps.ensure_digests()              # generation-0 records of what runs here
+    assert apps.divergence() == {}
+    apps.merge([deploy("a", 1, digest="cccc3333", grant=grant_for("deploy", "a")),
+                tombstone("b", 1, grant=grant_for("undeploy", "b")),
+                deploy("c", 1, digest="dddd4444", grant=grant_for("deploy", "c"))], source="n2")
+    assert apps.divergence() == {
+        "a": "runs aaaa1111 here, cluster runs v1@cccc3333",
+        "b": "undeployed in the cluster, still running here",
+        "c": "missing here (cluster runs v1@dddd4444)"}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from engine.cli.common import EXIT_OK, Runner, command, connect_node, node_options, to_json
 
 if TYPE_CHECKING:
+    from transport.tls import TlsConfig
     from engine.cluster.service import ClusterOptions
 
 
@@ -30,7 +31,28 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
                         "(default ENGINE_CLUSTER_REGISTRY)")
     g.add_argument("--state-dir", metavar="DIR", help="where apps received from peers are written")
     g.add_argument("--discovery-port", type=int, metavar="PORT", help="UDP discovery port")
-    g.add_argument("--discovery-interface", metavar="IP", help="IPv4 of the interface to beacon on")
+    g.add_argument("--discovery-interface", metavar="IP",
+                   help="IPv4 of the interface to beacon on (default: the control address's)")
+    t = p.add_argument_group("TLS, for a --control tls+tcp://HOST:PORT endpoint and its peers "
+                             "(default: ENGINE_TLS_CERT, ENGINE_TLS_KEY, ENGINE_TLS_CA)")
+    t.add_argument("--tls-cert", metavar="PEM", help="this node's certificate")
+    t.add_argument("--tls-key", metavar="PEM", help="its private key")
+    t.add_argument("--tls-ca", metavar="PEM", help="the CA whose certificates peers and clients show")
+
+
+def tls_options(args: argparse.Namespace) -> "TlsConfig | None":
+    """``run``'s TLS files: all three options, else the environment's, else None."""
+    from transport.tls import TlsConfig, TlsConfigError
+
+    from engine.client.tls import tls_from_env
+
+    given = (args.tls_cert, args.tls_key, args.tls_ca)
+    if not any(given):
+        return tls_from_env()
+    if not all(given):
+        raise TlsConfigError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    cert, key, ca = (Path(value) for value in given)
+    return TlsConfig(cert, key, ca)
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:

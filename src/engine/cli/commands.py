@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 import trio
 
 from engine.cli.cluster import (add_cluster_options, add_grant_options, cluster_options,
-                                grant_secret_arg, nodes_command)
+                                grant_secret_arg, nodes_command, tls_options)
 from engine.cli.common import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, Command, Runner, command,
                                connect_node, node_options, parse_json_arg, to_json)
 from engine.cli.schedule import schedule_command
@@ -49,22 +49,25 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
         from engine.node.auth import ControlAuth
         from engine.node.node import serve
 
+        from transport.tls import TlsConfigError
+
         try:
             options = cluster_options(args)
-        except ClusterConfigError as exc:
+            tls = tls_options(args)
+        except (ClusterConfigError, TlsConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         auth = ControlAuth.from_env(token_file=args.token_file)
         logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if options is None:
-            return await serve(args.paths, control=args.control, auth=auth)
+            return await serve(args.paths, control=args.control, auth=auth, tls=tls)
         from engine.cluster.registry import RegistryError
         from engine.cluster.verbs import in_cluster
 
         try:
             return await serve(args.paths, control=args.control, cluster=in_cluster(options),
-                               auth=auth)
+                               auth=auth, tls=tls)
         except* RegistryError as group:      # etcd unreachable at start: say so, no traceback
             for leaf in _leaves(group):
                 print(f"error: {leaf}", file=sys.stderr)

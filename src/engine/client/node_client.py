@@ -31,7 +31,9 @@ import trio
 
 from transport.errors import Unreachable
 from transport.rpc import ReplyStream, RpcClient
+from transport.tls import TlsConfig
 
+from engine.client.tls import client_context
 from engine.client.tokens import control_guard
 from engine.cluster.catalog import sign_grant
 from engine.cluster.secret import secret_from
@@ -120,14 +122,18 @@ class NodeClient:
 @asynccontextmanager
 async def connect(address: str = DEFAULT_NODE, *, timeout: float | None = None,
                   connect_timeout: float = 5.0, token: str | bytes | None = None,
-                  token_file: str | Path | None = None) -> AsyncIterator[NodeClient]:
+                  token_file: str | Path | None = None,
+                  tls: TlsConfig | None = None) -> AsyncIterator[NodeClient]:
     """Connect to a node; ``timeout`` is the default per-call timeout (None: none).
     Raises :class:`Unreachable` if no node answers within ``connect_timeout`` seconds.
     ``token``/``token_file``: the node's token, when it cannot be found by itself
-    (:mod:`engine.client.tokens`; a named file that cannot be read raises TokenError)."""
+    (:mod:`engine.client.tokens`; a named file that cannot be read raises TokenError).
+    ``tls``: this client's certificate for a ``tls+tcp://`` node (default: from
+    ``ENGINE_TLS_*``, :mod:`engine.client.tls`)."""
     guard = control_guard(address, token=token, token_file=token_file)
+    ssl_context = client_context(address, tls)
     try:
-        async with RpcClient(address, timeout=timeout, guard=guard) as rpc:
+        async with RpcClient(address, timeout=timeout, guard=guard, ssl_context=ssl_context) as rpc:
             with trio.move_on_after(connect_timeout):
                 await rpc.wait_connected()
             if not rpc.connected:

@@ -77,8 +77,8 @@ def token_name(address: str) -> str:
     scheme, sep, rest = address.partition("://")
     if not sep:
         raise TokenError(f"{address!r} is not a control address (tcp://HOST:PORT, ipc://PATH)")
-    kind = scheme.removeprefix("nng+")
-    if kind == "tcp":
+    kind = scheme.removeprefix("nng+").removeprefix("tls+")
+    if kind == "tcp":       # (a TLS endpoint takes its port's token too: one node per port)
         port = rest.rpartition(":")[2].split("/")[0]
         if not port.isdigit():
             raise TokenError(f"{address!r}: no port in the control address")
@@ -86,7 +86,7 @@ def token_name(address: str) -> str:
     if kind in ("ipc", "unix"):
         path = os.path.abspath(rest)
         return "ipc-" + hashlib.sha256(path.encode()).hexdigest()[:16]
-    raise TokenError(f"{address!r}: a control address is tcp:// or ipc://")
+    raise TokenError(f"{address!r}: a control address is tcp://, tls+tcp:// or ipc://")
 
 
 def token_path(address: str, env: Mapping[str, str] | None = None) -> Path:

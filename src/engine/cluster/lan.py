@@ -5,16 +5,24 @@ namespace ``engine-cluster:NAME`` whose endpoint is the node's control address. 
 catalog travels with the load reports (:mod:`engine.cluster.service`), so
 :meth:`LanRegistry.publish` has nothing to do.  Every node exchanges reports with every
 peer: O(N) messages per node per second (docs/cluster.md has the measured table).
+
+The beacon interface defaults to the one the node's control endpoint binds
+(``tcp://10.0.0.4:9300`` beacons on 10.0.0.4): left to the routing table, a host whose
+routes do not cover the multicast group beaconed nowhere.  When beacons cannot be sent
+or multicast cannot be joined, :meth:`LanRegistry.problems` says so (and the discovery
+logs it), rather than the node running alone in silence.
 """
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from typing import Any, Mapping
 
 import trio
 
 from transport.mesh.discovery import Discovery, DiscoveryConfig
+from transport.mesh.interfaces import interface_for_endpoint
 from transport.mesh.peers import Beacon
 
 from engine.cluster.catalog import AppRecord
@@ -28,6 +36,9 @@ class LanRegistry:
     samples_load = False
 
     def __init__(self, member: Member, config: DiscoveryConfig, *, secret: bytes | None):
+        derived = interface_for_endpoint(member.control)
+        if config.interface == "0.0.0.0" and derived is not None:
+            config = replace(config, interface=derived)
         me = Beacon(id=member.id, name=member.id, role="responder",
                     namespace=NAMESPACE_PREFIX + member.cluster, key=member.key,
                     endpoint=member.control, host=socket.gethostname(), pid=os.getpid())
@@ -44,7 +55,7 @@ class LanRegistry:
         return None     # the catalog travels with the reports
 
     def problems(self) -> list[str]:
-        return []
+        return self.discovery.problems()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "port": self.config.port,

@@ -54,6 +54,7 @@ from engine.cluster.apps import ClusterApps
 from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
 from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle
 from engine.cluster.catalog import AppRecord, Catalog
+from engine.client.tls import client_context
 from engine.cluster.forwarding import Forwarding
 from engine.cluster.lan import LanRegistry
 from engine.cluster.registry import Member, Registry
@@ -143,6 +144,7 @@ class Cluster:
         self._secret = options.secret.encode() if options.secret else None
         self.apps = ClusterApps(node, node_id=self.id, cluster=options.name,
                                 secret=self._secret, max_bundle=options.max_bundle)
+        self._unusable: set[str] = set()          # peers this node cannot dial (logged once)
         self.forwarding = Forwarding(self, suspect_after=3 * options.report_interval,
                                      tick=options.report_interval / 2)
         self.registry: Registry | None = None
@@ -167,7 +169,7 @@ class Cluster:
 
     # -- lifetime -----------------------------------------------------------------------
     def _make_registry(self) -> Registry:
-        member = Member(self.id, self.node.control_address or "", self.options.name,
+        member = Member(self.id, self.node.control_advertised or "", self.options.name,
                         self.options.key)
         if self.options.registry is None:
             return LanRegistry(member, self.options.discovery, secret=self._secret)
@@ -227,15 +229,23 @@ class Cluster:
                     self._drop_peer(pid, "left the cluster" if pid not in registry.peers()
                                     else "is no longer in this node's sample")
             for pid, endpoint in current.items():
-                if pid not in self._clients:
-                    client = self._clients[pid] = self._client(endpoint)
+                if pid not in self._clients and pid not in self._unusable:
+                    try:
+                        client = self._clients[pid] = self._client(endpoint)
+                    except TransportError as exc:    # tls+tcp:// and no certificate here
+                        self._unusable.add(pid)
+                        log.warning("cluster %s: cannot link to peer %s at %s: %s",
+                                    self.options.name, pid, endpoint, exc)
+                        continue
                     nursery.start_soon(self._guarded, client.run, f"link to {pid}")
                     nursery.start_soon(self._first_exchange, pid, client)
                     log.info("cluster %s: peer %s at %s", self.options.name, pid, endpoint)
 
     def _client(self, endpoint: str) -> RpcClient:
-        # A hub of many links: never hold the node's loop polling for one.
-        return RpcClient(endpoint, spin=False, guard=self._peer_guard(endpoint))
+        # A hub of many links: never hold the node's loop polling for one.  A peer on
+        # tls+tcp:// is dialled with this node's certificate (TlsConfigError without one).
+        return RpcClient(endpoint, spin=False, guard=self._peer_guard(endpoint),
+                         ssl_context=client_context(endpoint, self.node.tls))
 
     async def _guarded(self, fn: Any, what: str) -> None:
         """Run one peer's task: its failure is logged, never the node's."""
@@ -311,7 +321,7 @@ class Cluster:
     def local_report(self) -> NodeReport:
         self._seq += 1
         apps = {name: self.app_load(app) for name, app in self.node.apps.items()}
-        report = NodeReport(self.id, self.node.control_address or "", apps, self._cpu, self._seq)
+        report = NodeReport(self.id, self.node.control_advertised or "", apps, self._cpu, self._seq)
         self.table.update(report, trio.current_time())
         return report
 

@@ -96,11 +96,14 @@ def opt_bool(raw: dict[str, Any], ctx: OptionContext, name: str, *, default: boo
 
 
 def parse_host_port(text: str, ctx: OptionContext, name: str) -> tuple[str, int]:
-    """``host:port`` or ``tcp://host:port`` (port 0: the OS picks one)."""
+    """``host:port`` or ``tcp://host:port`` (port 0: the OS picks one; no host, or ``*``:
+    every interface, ``0.0.0.0``, as docs/drivers.md says)."""
     body = text[len("tcp://"):] if text.startswith("tcp://") else text
     host, sep, port = body.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if sep and host in ("", "*"):
+        host = "0.0.0.0"
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ctx.error(name, "host:port (e.g. 127.0.0.1:9000)", text)
     return host, int(port)
 

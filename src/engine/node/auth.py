@@ -77,7 +77,7 @@ def is_local(address: str) -> bool:
     """Whether only this host can reach ``address``: a loopback TCP address (a name
     counts if everything it resolves to is loopback) or a socket path."""
     scheme, _, rest = address.partition("://")
-    kind = scheme.removeprefix("nng+")
+    kind = scheme.removeprefix("nng+").removeprefix("tls+")
     if kind in ("ipc", "unix", "inproc"):
         return True
     if kind != "tcp":
@@ -98,7 +98,7 @@ def is_local(address: str) -> bool:
 
 
 def _ephemeral(address: str) -> bool:
-    return address.partition("://")[0].removeprefix("nng+") == "tcp" \
+    return address.partition("://")[0].removeprefix("nng+").removeprefix("tls+") == "tcp" \
         and address.rpartition(":")[2].split("/")[0] == "0"
 
 

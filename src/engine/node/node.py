@@ -33,6 +33,7 @@ from engine.node.verbs import VerbFn, base_verbs
 from engine.pool.zygote_client import Zygote, running_zygote
 
 if TYPE_CHECKING:
+    from transport.tls import TlsConfig
     from transport.rpc import RpcServer
 
 log = logging.getLogger("engine.node")
@@ -73,13 +74,18 @@ class Node:
     def __init__(self, *, control: str | None = DEFAULT_CONTROL,
                  app_factory: Callable[[AppManifest], App] = App,
                  cluster: ClusterFactory | None = None,
-                 auth: ControlAuth = ControlAuth()):
+                 auth: ControlAuth = ControlAuth(), tls: TlsConfig | None = None):
         """``cluster``: makes this node's part in a cluster (``engine.cluster.verbs.in_cluster``);
         without it the node is on its own.  ``auth``: where the control endpoint's
         token comes from (engine/node/auth.py; by default the node's own file for its
         address, made on first start: loopback only)."""
         self.control_requested = control
-        self.control_address: str | None = None   # the bound address, once running
+        self.tls = tls        # its certificate: for a tls+tcp:// control endpoint, and its peers
+        self.control_address: str | None = None   # the bound address, once running (dialable here)
+        # What peers on other hosts are told to dial: the bound address, or for a node
+        # bound to every interface (``tcp://:9300``) ``tcp://0.0.0.0:9300``, which a LAN
+        # peer reads as "the beacon's source address" (docs/cluster.md).
+        self.control_advertised: str | None = None
         self.token = NodeToken(auth)               # its control endpoint's (never logged)
         self.app_factory = app_factory
         self.apps: dict[str, App] = {}
@@ -133,6 +139,7 @@ class Node:
         from transport.rpc import RpcServer
         from transport.seal import SealGate, SealKey
 
+        from engine.client.tls import server_context, tls_env
         from engine.client.tokens import TokenError
         from engine.node.auth import OPEN_VERBS, is_local
         from engine.node.control import ClusterControlHandler, ControlHandler
@@ -160,12 +167,17 @@ class Node:
                    if self.cluster is None else
                    ClusterControlHandler(self, self.verbs, self.cluster, open_verbs=open_verbs,
                                          address=requested))
-        server = self._control_server = RpcServer(requested, handler,
+        try:
+            ssl_context = server_context(requested, self.tls)
+        except TransportError as exc:   # TlsConfigError: no certificate, a file missing...
+            return exc
+        server = self._control_server = RpcServer(requested, handler, ssl_context=ssl_context,
                                                   gate=SealGate(keys, what="this node"))
         try:
             self.control_address = await nursery.start(server.run)
         except TransportError as exc:  # e.g. the port is taken
             return exc
+        self.control_advertised = server.listen_address or self.control_address
         try:
             where = self.token.after_bind(self.control_address)
         except TokenError as exc:
@@ -179,6 +191,8 @@ class Node:
                 where or "from the environment")
         # Slaves inherit this: a handler can reach its own node (e.g. to schedule events).
         os.environ["ENGINE_NODE"] = self.control_address
+        if ssl_context is not None and self.tls is not None:
+            os.environ.update(tls_env(self.tls))    # ...over TLS, with the node's certificate
         return None
 
     async def _start_cluster(self, nursery: trio.Nursery, cluster: NodeCluster) -> Exception | None:
@@ -342,11 +356,12 @@ class Node:
 
 
 async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL,
-                cluster: ClusterFactory | None = None, auth: ControlAuth = ControlAuth()) -> int:
+                cluster: ClusterFactory | None = None, auth: ControlAuth = ControlAuth(),
+                tls: TlsConfig | None = None) -> int:
     """``python -m engine run``: host the apps under ``paths`` until SIGINT/SIGTERM,
     then drain and stop everything. A second signal skips the drain.  ``cluster``,
     ``auth``: as for :class:`Node` (the CLI makes them from its options and environment)."""
-    node = Node(control=control, cluster=cluster, auth=auth)
+    node = Node(control=control, cluster=cluster, auth=auth, tls=tls)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
