@@ -4,13 +4,14 @@ iproute2; skipped with the reason otherwise.  The namespaces are removed in fina
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from netns_support import ip, why_skip
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,26 +43,9 @@ trio.run(main)
 """
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
-
-
-def _why_skip() -> str | None:
-    if shutil.which("ip") is None:
-        return "needs the `ip` command (iproute2)"
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    probe = f"etprobe{os.getpid()}"
-    r = _ip("netns", "add", probe, check=False)
-    if r.returncode != 0:
-        return f"cannot create network namespaces here: {r.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
-    return None
-
-
 @pytest.fixture
 def two_hosts():
-    reason = _why_skip()
+    reason = why_skip()
     if reason:
         pytest.skip(reason)
     tag = os.getpid() % 100_000
@@ -69,20 +53,20 @@ def two_hosts():
     subnet = 10 + tag % 200
     addr_a, addr_b = f"10.{subnet}.77.1", f"10.{subnet}.77.2"
     try:
-        _ip("netns", "add", a)
-        _ip("netns", "add", b)
-        _ip("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
-        _ip("link", "set", f"va{tag}", "netns", a)
-        _ip("link", "set", f"vb{tag}", "netns", b)
+        ip("netns", "add", a)
+        ip("netns", "add", b)
+        ip("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
+        ip("link", "set", f"va{tag}", "netns", a)
+        ip("link", "set", f"vb{tag}", "netns", b)
         for ns, dev, addr in ((a, f"va{tag}", addr_a), (b, f"vb{tag}", addr_b)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up", "multicast", "on")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up", "multicast", "on")
+            ip("-n", ns, "link", "set", "lo", "up")
         yield (a, addr_a), (b, addr_b)
     finally:
         for ns in (a, b):
-            _ip("netns", "del", ns, check=False)  # deletes the veth pair with them
-        _ip("link", "del", f"va{tag}", check=False)
+            ip("netns", "del", ns, check=False)  # deletes the veth pair with them
+        ip("link", "del", f"va{tag}", check=False)
 
 
 def _spawn(ns: str, code: str, interface: str, port: int, extra: dict) -> subprocess.Popen:

@@ -34,21 +34,19 @@ class Fault:
         return asdict(self)
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` (a nursery's group, nested), or ``[exc]``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
 def describe(exc: BaseException) -> str:
     """``Type: message`` of an exception, or of the first few inside a group (a
     nursery's), for a fault's reason."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for inner in e.exceptions:
-                walk(inner)
-        else:
-            leaves.append(e)
-
-    walk(exc)
-    text = "; ".join(f"{type(e).__name__}: {e}" for e in leaves[:3])
-    return text + (f" (and {len(leaves) - 3} more)" if len(leaves) > 3 else "")
+    found = leaves(exc)
+    text = "; ".join(f"{type(e).__name__}: {e}" for e in found[:3])
+    return text + (f" (and {len(found) - 3} more)" if len(found) > 3 else "")
 
 
 class FaultLog:

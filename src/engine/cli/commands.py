@@ -64,21 +64,18 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
             return await serve(args.paths, control=args.control, auth=auth, tls=tls)
         from engine.cluster.registry import RegistryError
         from engine.cluster.verbs import in_cluster
+        from engine.faults import leaves
 
         try:
             return await serve(args.paths, control=args.control, cluster=in_cluster(options),
                                auth=auth, tls=tls)
         except* RegistryError as group:      # etcd unreachable at start: say so, no traceback
-            for leaf in _leaves(group):
+            for leaf in leaves(group):
                 print(f"error: {leaf}", file=sys.stderr)
         return EXIT_ERROR
     return run
 
 
-def _leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
-    return [group]
 
 
 @command("call", "call APP's EVENT; print the reply, one JSON line per chunk")

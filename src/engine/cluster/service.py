@@ -48,17 +48,18 @@ from transport.mesh.discovery import DiscoveryConfig
 from transport.rpc import RpcClient
 from transport.seal import SealedClient, SealKey
 
+from engine.client.tls import client_context
 from engine.client.tokens import TokenError, control_guard
 
 from engine.cluster.apps import ClusterApps
 from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
 from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle
 from engine.cluster.catalog import AppRecord, Catalog
-from engine.client.tls import client_context
 from engine.cluster.forwarding import Forwarding
 from engine.cluster.lan import LanRegistry
 from engine.cluster.registry import Member, Registry
 from engine.cluster.secret import ClusterConfigError, secret_from
+from engine.faults import leaves
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -419,7 +420,7 @@ class Cluster:
                                       f"not {digest[:12]}")
                 return bundle
             except* (TransportError, BundleError, trio.TooSlowError, ValueError) as group:
-                errors.extend(f"{pid}: {type(exc).__name__}: {exc}" for exc in _leaves(group))
+                errors.extend(f"{pid}: {type(exc).__name__}: {exc}" for exc in leaves(group))
         if errors:
             log.warning("cluster %s: could not fetch %s@%s: %s", self.options.name, name,
                         digest[:12], "; ".join(errors))
@@ -545,9 +546,3 @@ class Cluster:
                           "forwarding": dict(self.forwarding.stats)},
                 "tombstones": sorted(r.name for r in catalog.records() if not r.deployed),
                 "sync_failed": {f"{a}@{d[:12]}": why for (a, d), why in self.apps.sync_failed.items()}}
-
-
-def _leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
-    return [group]
