@@ -410,7 +410,7 @@ async def test_an_etcd_cluster_reaches_the_nodes_beyond_each_sample(tmp_path, mo
                 app = echo_app(tmp_path / "apps", "echo")
                 await clients[0].deploy(app / "manifest.json")
                 for c in clients:
-                    await wait_until(lambda c=c: _has(c, "echo"), "echo everywhere",
+                    await wait_until(lambda c=c: _runs(c, "echo"), "echo running everywhere",
                                      timeout=20, interval=0.1)
                     assert await c.call("echo", "echo", 1) == 1
                 await clients[1].undeploy("echo")
@@ -420,6 +420,10 @@ async def test_an_etcd_cluster_reaches_the_nodes_beyond_each_sample(tmp_path, mo
     finally:
         left = [p for node in nodes for p in stop_node(node)]
         assert not left, left
+
+
+async def _runs(client, app: str) -> bool:
+    return (await client.list())["apps"].get(app, {}).get("state") == "running"
 
 
 async def _gone(client, app: str) -> bool:

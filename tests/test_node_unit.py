@@ -473,3 +473,39 @@ def test_cli_prints_errors_and_exits_non_zero(capsys):
     code = cli.main(["list", "--node", "tcp://127.0.0.1:1", "--timeout", "1"])
     assert code == cli.EXIT_ERROR
     assert "Unreachable" in capsys.readouterr().err
+
+
+class SlowStartApp:
+    """An app that is still starting when it is undeployed (as when a cluster's catalog
+    says it was undeployed while the node loads it from its command line)."""
+
+    def __init__(self, manifest):
+        self.manifest, self.name = manifest, manifest.name
+        self.state, self.node = "starting", None
+        self.stop_asked = trio.Event()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        await self.stop_asked.wait()          # never started
+        self.state = "stopped"
+
+    async def stop(self, timeout=None):
+        self.stop_asked.set()
+
+
+async def test_an_app_undeployed_while_it_starts_fails_its_deploy_not_the_node(tmp_path, autojump_clock):
+    """#13: the node crashed ("child exited without calling task_status.started()")."""
+    folder = make_app(tmp_path, "slow", {})
+    node = Node(control=None, app_factory=SlowStartApp)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+
+        async def undeploy_when_listed():
+            while "slow" not in node.apps:
+                await trio.sleep(0.01)
+            await node.undeploy("slow")
+
+        nursery.start_soon(undeploy_when_listed)
+        assert await node.load_apps([folder]) == []
+        assert "was stopped while it started" in node.list()["rejected"][str(folder / "manifest.json")]
+        assert node.state == "running" and "slow" not in node.apps
+        await node.shutdown()

@@ -311,6 +311,8 @@ class Node:
                     log.error("app %s failed; starting it again in %gs", app.name, delay,
                               exc_info=exc)
                 else:
+                    if not started:     # undeployed (or the node stopping) while it started
+                        raise ShuttingDown(f"app {app.name} was stopped while it started")
                     log.info("app %s stopped", app.name)
                     return
                 if self.apps.get(app.name) is not app:
