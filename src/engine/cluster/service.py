@@ -36,7 +36,6 @@ import shutil
 import socket
 import tempfile
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -44,7 +43,6 @@ import msgpack
 import trio
 
 from transport.errors import BadMessage, RemoteError, TransportError, Unreachable
-from transport.mesh.discovery import DiscoveryConfig
 from transport.rpc import RpcClient
 from transport.seal import SealedClient, SealKey
 
@@ -53,12 +51,13 @@ from engine.client.tokens import TokenError, control_guard
 
 from engine.cluster.apps import ClusterApps
 from engine.cluster.balance import AppLoad, BalanceTable, NodeReport
-from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle
+from engine.cluster.bundle import BundleError, check_bundle
 from engine.cluster.catalog import AppRecord, Catalog
 from engine.cluster.forwarding import Forwarding
 from engine.cluster.lan import LanRegistry
+from engine.cluster.options import ClusterOptions
 from engine.cluster.registry import Member, Registry
-from engine.cluster.secret import ClusterConfigError, secret_from
+from engine.cluster.view import cluster_view
 from engine.faults import leaves
 
 if TYPE_CHECKING:
@@ -66,72 +65,6 @@ if TYPE_CHECKING:
     from engine.node.node import Node
 
 log = logging.getLogger("engine.cluster")
-
-MIN_SECRET = 16
-
-
-@dataclass(frozen=True)
-class ClusterOptions:
-    name: str
-    key: str = ""
-    secret: str | None = None
-    insecure: bool = False                 # run without a secret: one host only, warned
-    registry: str | None = None            # None: LAN beacons; "etcd://HOST:PORT"
-    state_dir: Path | None = None          # catalog and apps received from peers
-    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
-    report_interval: float = 0.5           # seconds between load reports to each peer
-    expiry: float = 3.0                    # a node silent this long is no longer routed to
-    sample: int = 4                        # peers a node exchanges reports with (etcd)
-    max_bundle: int = MAX_BUNDLE
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ClusterConfigError("cluster name must be a non-empty string")
-        if self.report_interval <= 0 or self.expiry <= self.report_interval:
-            raise ClusterConfigError("need 0 < report_interval < expiry")
-        if self.secret is None and not self.insecure:
-            raise ClusterConfigError(
-                f"cluster {self.name}: a cluster needs a secret (--cluster-secret-file PATH, "
-                f"ENGINE_CLUSTER_SECRET): whoever can talk to its nodes without one can run "
-                f"code on all of them.  To run without one on a single host, say --insecure")
-        if self.secret is not None and len(self.secret) < MIN_SECRET:
-            raise ClusterConfigError(f"cluster {self.name}: the secret must have at least "
-                                     f"{MIN_SECRET} characters")
-        if self.registry is not None and not self.registry.startswith("etcd://"):
-            raise ClusterConfigError(f"cluster registry: expected etcd://HOST:PORT, got "
-                                     f"{self.registry!r}")
-        if self.sample < 1:
-            raise ClusterConfigError("cluster sample must be at least 1")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None,
-                 **overrides: Any) -> "ClusterOptions | None":
-        """ENGINE_CLUSTER (the name; unset: no cluster), ENGINE_CLUSTER_KEY,
-        ENGINE_CLUSTER_SECRET (or ENGINE_CLUSTER_SECRET_FILE), ENGINE_CLUSTER_INSECURE=1,
-        ENGINE_CLUSTER_REGISTRY, ENGINE_STATE_DIR, and MESH_* for discovery."""
-        env = os.environ if env is None else env
-        kw: dict[str, Any] = {"name": env.get("ENGINE_CLUSTER", "")}
-        if env.get("ENGINE_CLUSTER_KEY"):
-            kw["key"] = env["ENGINE_CLUSTER_KEY"]
-        secret = secret_from(env)
-        if secret:
-            kw["secret"] = secret
-        if env.get("ENGINE_CLUSTER_INSECURE", "") not in ("", "0"):
-            kw["insecure"] = True
-        if env.get("ENGINE_CLUSTER_REGISTRY"):
-            kw["registry"] = env["ENGINE_CLUSTER_REGISTRY"]
-        if env.get("ENGINE_CLUSTER_SAMPLE"):
-            try:
-                kw["sample"] = int(env["ENGINE_CLUSTER_SAMPLE"])
-            except ValueError:
-                raise ClusterConfigError(f"ENGINE_CLUSTER_SAMPLE: expected a number of peers, "
-                                         f"got {env['ENGINE_CLUSTER_SAMPLE']!r}") from None
-        if env.get("ENGINE_STATE_DIR"):
-            kw["state_dir"] = Path(env["ENGINE_STATE_DIR"])
-        kw["discovery"] = DiscoveryConfig.from_env(env)
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kw) if kw["name"] else None
-
 
 class Cluster:
     def __init__(self, node: "Node", options: ClusterOptions):
@@ -506,43 +439,5 @@ class Cluster:
         return body
 
     def describe(self) -> dict[str, Any]:
-        """What ``python -m engine nodes`` shows."""
-        now = trio.current_time()
-        self.local_report()
-        catalog = self.apps.catalog
-        nodes = []
-        for report, age in self.table.nodes(now, self.id):
-            client = self._clients.get(report.id)
-            apps = {}
-            for n, load in sorted(report.apps.items()):
-                entry = load.to_wire()
-                record = catalog.get(n)
-                if record is not None and record.deployed and load.digest == record.digest:
-                    entry["version"] = record.version
-                    entry["in_line"] = True
-                else:
-                    entry["in_line"] = record is None and bool(load.digest)
-                apps[n] = entry
-            nodes.append({"id": report.id, "control": report.control, "self": report.id == self.id,
-                          "connected": report.id == self.id or bool(client and client.connected),
-                          "linked": report.id == self.id or report.id in self._clients,
-                          "age": round(age, 3), "cpu": round(report.cpu, 3), "apps": apps})
-        listed = {n["id"] for n in nodes}
-        members = self.registry.peers() if self.registry is not None else {}
-        for pid, control in sorted(members.items()):     # (etcd: beyond this node's sample)
-            if pid not in listed:
-                nodes.append({"id": pid, "control": control, "self": False, "connected": False,
-                              "linked": False, "age": None, "cpu": None, "apps": {}})
-        registry = self.registry
-        return {"cluster": self.options.name, "self": self.id, "nodes": nodes,
-                "secure": self._secret is not None,
-                "registry": registry.describe() if registry is not None else {},
-                "problems": registry.problems() if registry is not None else [],
-                "catalog": {r.name: {"state": r.label, "generation": r.generation,
-                                     "version": r.version, "digest": r.digest,
-                                     "origin": r.origin} for r in catalog.records()},
-                "divergence": self.apps.divergence(),
-                "stats": {**self.stats, **self.apps.stats,
-                          "forwarding": dict(self.forwarding.stats)},
-                "tombstones": sorted(r.name for r in catalog.records() if not r.deployed),
-                "sync_failed": {f"{a}@{d[:12]}": why for (a, d), why in self.apps.sync_failed.items()}}
+        """What ``python -m engine nodes`` shows (:mod:`engine.cluster.view`)."""
+        return cluster_view(self)
