@@ -121,3 +121,17 @@ def three_hosts(workdir: Path, *, labels: Sequence[str] = ("a", "b", "c")) -> It
     finally:
         for ns in reversed(made):
             ip("netns", "del", ns, check=False)   # its veths go with it
+
+
+@contextmanager
+def lone_host() -> Iterator[str]:
+    """A network namespace with only its loopback, up: a host of its own whose ports
+    (the seed manifests' fixed 9100 and 9200) nothing else holds.  Its name; removed on
+    exit."""
+    ns = f"etlone{os.getpid() % 100_000}"
+    ip("netns", "add", ns)
+    try:
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield ns
+    finally:
+        ip("netns", "del", ns, check=False)

@@ -367,10 +367,13 @@ async def test_apps_whose_drivers_cannot_start_are_reported_and_the_good_one_ser
         assert set(rejected) == {"taken-raw", "taken-nng", "taken-native", "taken-pubsub", "no-path",
                                  "bad-endpoint", "bad-option"}
         for name in ("taken-raw", "taken-nng", "taken-native"):
-            assert re.search(r"driver 'r(aw|pc)' \([a-z-]+\) could not start: cannot listen on", rejected[name]), \
+            # The app, its file and the field path, then why.
+            assert re.search(rf"app {name} \(\S+/{name}/manifest.json\): drivers\.r(aw|pc) "
+                             r"\([a-z-]+\) could not start: cannot listen on", rejected[name]), \
                 rejected[name]
-        assert "pubsub: cannot listen on" in rejected["taken-pubsub"]
-        assert "driver 'spool' (filesystem-monitor) could not start: path" in rejected["no-path"]
+        assert re.search(r"app taken-pubsub \(\S+manifest.json\): pubsub.endpoint: cannot listen on",
+                         rejected["taken-pubsub"]), rejected["taken-pubsub"]
+        assert "drivers.spool (filesystem-monitor) could not start: path" in rejected["no-path"]
         assert "does not exist" in rejected["no-path"]
         assert "drivers.raw.framing: expected one of 'line', 'length-prefixed'" in rejected["bad-option"]
         assert "drivers.rpc.endpoint: expected tcp://host:port with a port in 0-65535" in rejected["bad-endpoint"]

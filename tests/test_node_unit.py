@@ -188,7 +188,7 @@ async def test_driver_failure_fails_start_and_leaves_nothing_running(tmp_path):
         async with trio.open_nursery() as nursery:
             with pytest.raises(DriverError) as info:
                 await nursery.start(app.run)
-            assert "driver 'bad'" in str(info.value) and "port 1 is taken" in str(info.value)
+            assert "drivers.bad (test-node-fake)" in str(info.value) and "port 1 is taken" in str(info.value)
             assert app.pool.exited.is_set() and not app.pool.running
             assert app.state == "stopped"
 

@@ -697,6 +697,10 @@ def test_engine_info_shows_the_prefetch_rule_and_what_it_measured():
     assert "prefetch auto (up to 16; 2 queued on slaves now)" in text
     assert "service: report 50.0 ms, echo 0.1 ms" in text and "zygote" not in text
     assert "zygote pid 77 (forks new slaves)" in format_app_info({"pool": {"zygote": 77}})
+    # #17: no sample yet reads "-", not "None ms"
+    assert "latency p50 - p99 -" in text and "None ms" not in text
+    timed = format_app_info({"pool": {"latency_ms": {"p50": 1.5, "p99": 9.0}}})
+    assert "latency p50 1.5 ms p99 9.0 ms" in timed
 
 
 async def test_poll_job_takes_a_lone_jobs_answer_without_the_pump(tmp_path):

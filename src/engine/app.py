@@ -97,8 +97,12 @@ class App:
                     # Drivers get their own scope so stop() can silence them before draining.
                     try:
                         # The maintenance channel first: sinks publish results on it.
-                        await nursery.start(self._keep_running, "maintenance", "maintenance",
-                                            lambda first: self.maintenance.run)
+                        try:
+                            await nursery.start(self._keep_running, "maintenance", "maintenance",
+                                                lambda first: self.maintenance.run)
+                        except DriverError as exc:
+                            raise DriverError(f"app {self.name} ({self.manifest.source}): "
+                                              f"pubsub.endpoint: {exc}") from None
                         await nursery.start(self._run_drivers)
                     except DriverError as exc:
                         failure = exc
@@ -184,7 +188,8 @@ class App:
             async with trio.open_nursery() as nursery:
                 for spec in self.manifest.drivers:
                     cls = registry.get(spec.type)
-                    where = f"app {self.name}: driver {spec.name!r} ({spec.type})"
+                    where = (f"app {self.name} ({self.manifest.source}): "
+                             f"{spec.path or 'drivers.' + spec.name} ({spec.type})")
                     if cls is None:
                         failure = DriverError(f"{where}: no such driver type installed")
                         break

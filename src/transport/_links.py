@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from transport.bind_hosts import bind_host
 from transport.errors import TransportError
 from transport.streams import FramedStream
 from transport.tls import HANDSHAKE_TIMEOUT, TlsHandshakeError, describe
@@ -110,9 +111,10 @@ def _split_host_port(address: str, prefix: str) -> tuple[str, int]:
 
 
 def listen_host_port(address: str, prefix: str = _TCP) -> tuple[str, int]:
-    """Where to *listen*: an empty host (or ``*``) is every interface, 0.0.0.0."""
+    """Where to *listen*: an empty host (or ``*``) is every interface, 0.0.0.0; an
+    interface's name (``tcp://lo:9100``) is its address (:mod:`transport.bind_hosts`)."""
     host, port = _host_port(address, prefix)
-    return (ANY_HOST if host in _WILDCARD_HOSTS else host), port
+    return (ANY_HOST if host in _WILDCARD_HOSTS else bind_host(host)), port
 
 
 def _host_port(address: str, prefix: str) -> tuple[str, int]:

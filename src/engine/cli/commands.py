@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import trio
 
@@ -144,6 +144,11 @@ def info_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def _ms(value: Any) -> str:
+    """A latency for people: ``12.5 ms``, or ``-`` before the first sample."""
+    return "-" if value is None else f"{value} ms"
+
+
 def format_app_info(info: dict) -> str:
     """A few readable lines; fields another pool version may lack are left out."""
     pool, limits = info.get("pool", {}), info.get("limits", {})
@@ -158,7 +163,7 @@ def format_app_info(info: dict) -> str:
         f"queue {pool.get('queue', '?')}/{limits.get('queue-limit', '?')}  "
         f"running {pool.get('running', '?')}  done {pool.get('done', '?')}  "
         f"failed {pool.get('failed', '?')}  crashes {pool.get('crashes', '?')}  "
-        f"latency p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms")
+        f"latency p50 {_ms(lat.get('p50'))} p99 {_ms(lat.get('p99'))}")
     prefetch = pool.get("prefetch")
     if prefetch:
         times = ", ".join(f"{event} {ms} ms" for event, ms in prefetch.get("service_ms", {}).items())

@@ -23,8 +23,9 @@ from typing import Any
 import pynng
 import trio
 from pynng import ffi, lib
+from transport.bind_hosts import bind_endpoint
 from transport.codec import DEFAULT_MAX_MESSAGE, pack, unpack
-from transport.errors import BadMessage, CodecError, RemoteError, error_to_body
+from transport.errors import BadMessage, CodecError, RemoteError, TransportError, error_to_body
 from transport.rpc.connection import MIN_MESSAGE
 from transport.sockets import TrioSocket, bound_address
 
@@ -58,10 +59,12 @@ def parse_nng_endpoint(raw: Any, ctx: OptionContext) -> str:
 
 
 def listen(sock: pynng.Socket, endpoint: str) -> str:
-    """Bind ``sock`` or raise DriverError (port taken, bad address); the bound address."""
+    """Bind ``sock`` or raise DriverError (port taken, bad address, no such interface);
+    the bound address.  An interface name for host (``tcp://eth0:9100``, ZeroMQ's form)
+    is bound at the interface's address."""
     try:
-        sock.listen(endpoint)
-    except pynng.NNGException as exc:
+        sock.listen(bind_endpoint(endpoint))
+    except (pynng.NNGException, TransportError) as exc:
         sock.close()
         raise DriverError(f"cannot listen on {endpoint}: {exc}") from None
     return bound_address(sock)

@@ -32,6 +32,7 @@ class DriverSpec:
     type: str            # canonical driver type, e.g. "recurring-timer"
     emit: str            # event name the driver's jobs carry
     options: Any         # the driver class's parsed, frozen options
+    path: str = ""       # its field path in the manifest, e.g. "tasks.event" (for errors)
 
 
 @dataclass(frozen=True)

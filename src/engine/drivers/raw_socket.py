@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import trio
+from transport.bind_hosts import bind_host
 from transport.codec import pack
-from transport.errors import BadMessage, CodecError, RemoteError
+from transport.errors import BadMessage, CodecError, RemoteError, TransportError
 from transport.streams import cut_frames
 
 from engine.errors import DriverError
@@ -157,8 +158,9 @@ class RawSocketServer(Driver[RawSocketOptions]):
     async def run(self, app: DriverHost, *,
                   task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            listeners = await trio.open_tcp_listeners(self.options.port, host=self.options.host)
-        except OSError as exc:
+            listeners = await trio.open_tcp_listeners(self.options.port,
+                                                      host=bind_host(self.options.host))
+        except (OSError, TransportError) as exc:
             raise DriverError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}") from None
         self.address = listeners[0].socket.getsockname()[:2]
         task_status.started(self.address)

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 import pynng
 import trio
+from transport.bind_hosts import bind_endpoint
 from transport.codec import pack
-from transport.errors import CodecError
+from transport.errors import CodecError, TransportError
 from transport.sockets import TrioSocket
 
 from engine.errors import DriverError
@@ -124,10 +125,10 @@ class MaintenanceChannel:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         raw = pynng.Pub0()
         try:
-            raw.listen(self.requested)
-        except pynng.NNGException as exc:
+            raw.listen(bind_endpoint(self.requested))    # (tcp://lo:9200: an interface)
+        except (pynng.NNGException, TransportError) as exc:
             raw.close()
-            raise DriverError(f"pubsub: cannot listen on {self.requested}: {exc}") from None
+            raise DriverError(f"cannot listen on {self.requested}: {exc}") from None
         from transport.sockets import bound_address
 
         self.address = bound_address(raw)
