@@ -43,6 +43,9 @@ class ResourceLimits:
     mems: str | None = None                  # cpuset.cpuset.mems: recorded, not enforced (no cgroups)
 
 
+LOG_OUTPUT_RATE = 50.0   # lines/s per slave forwarded to the node's log by default
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     pool_limit: int = 10
@@ -59,6 +62,9 @@ class EngineConfig:
     # duration, engine/prefetch.py) or a fixed number (0 = off)
     prefetch: int | Literal["auto"] = "auto"
     crashlog_limit: int = 100                # lines kept from a dead slave's output
+    # a slave's output and logging forwarded to the node's log, lines/s per slave
+    # (engine/pool/output_log.py): "log-output": true (this), false (0: none) or a rate
+    log_output: float = LOG_OUTPUT_RATE
     resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
 
 
@@ -251,6 +257,7 @@ class _Parser:
             "concurrency": ("concurrency", self.positive_int),
             "prefetch": ("prefetch", self.prefetch),
             "crashlog-limit": ("crashlog_limit", self.non_negative_int),
+            "log-output": ("log_output", self.log_output),
             "resource-limits": ("resource_limits", self.resource_limits),
         }
         self.reject_unknown(raw, tuple(specs), "engine.")
@@ -266,6 +273,16 @@ class _Parser:
         if not _is_int(value) or value <= 0:
             raise self.error(path, "a positive integer", value)
         return value
+
+    def log_output(self, value: Any, path: str) -> float:
+        if value is True:
+            return LOG_OUTPUT_RATE
+        if value is False:
+            return 0.0
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and 0 < value < float("inf"):
+            return float(value)
+        raise self.error(path, "true, false or a positive number of lines per second", value)
 
     def prefetch(self, value: Any, path: str) -> int | Literal["auto"]:
         if value == "auto":

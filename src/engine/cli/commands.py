@@ -8,7 +8,6 @@ commands are here, the others in their modules of :mod:`engine.cli` (``top``,
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
@@ -42,9 +41,12 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
                         "if missing (default: ENGINE_TOKEN_FILE, ENGINE_NODE_TOKEN, else the "
                         "node's own file for its address, on loopback; docs/security.md)")
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="stderr log lines: text, or one JSON object per line (for log shippers)")
     add_cluster_options(p)
 
     async def run(args: argparse.Namespace) -> int:
+        from engine.cli.log_format import configure as configure_logging
         from engine.cluster.secret import ClusterConfigError
         from engine.node.auth import ControlAuth
         from engine.node.node import serve
@@ -58,8 +60,7 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         auth = ControlAuth.from_env(token_file=args.token_file)
-        logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        configure_logging(args.log_level, args.log_format)
         if options is None:
             return await serve(args.paths, control=args.control, auth=auth, tls=tls)
         from engine.cluster.registry import RegistryError

@@ -7,7 +7,8 @@ with one end (``pass_fds``) and yields the :class:`EnvelopeChannel` over the oth
 then SIGTERM, then SIGKILL of its whole process group, each after a bounded wait.
 
 The slave's stdout and stderr (one pipe) are read continuously, so a chatty
-slave never blocks on a full pipe, and the last ``crashlog_limit`` lines are kept.
+slave never blocks on a full pipe, and the last ``crashlog_limit`` lines are kept; as
+they arrive they are logged on ``engine.app.APP``, rate-limited (engine/pool/output_log.py).
 
 Each task here (the link's writer, the output reader, the exit watcher) is a boundary:
 what fails in it is this slave's failure, never its pool's (docs/architecture.md,
@@ -35,6 +36,8 @@ from transport.errors import Closed
 from transport.streams import FramedStream, from_socket, socketpair
 
 from engine.manifest import EngineConfig
+from engine.pool.output_log import OutputGate
+from engine.protocol.output_lines import parse_line
 from engine.pool.spawn import KILL_WITH_PARENT, ChildProcess, start_child
 from engine.pool.zygote_client import ForkedSlave, Zygote
 
@@ -59,6 +62,8 @@ class SlaveProcess:
         self.pid: int | None = None
         self.returncode: int | None = None
         self.output: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
+        self._gate = OutputGate(config.log_output)
+        self._app_log = logging.getLogger(f"engine.app.{app}")
         self.exited = trio.Event()
         self._proc: ChildProcess | ForkedSlave | None = None
         self._chan: EnvelopeChannel | None = None
@@ -258,12 +263,27 @@ class SlaveProcess:
         finally:
             if partial:
                 self._keep(partial)
+            if dropped := self._gate.close():
+                self._say_dropped(dropped)
             self._output_done.set()
 
     def _keep(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")[:MAX_LINE]
-        self.output.append(text)
-        log.debug("%s[%s] %s", self.app, self.pid, text)
+        level, message = parse_line(text)
+        self.output.append(message)
+        admitted, dropped = self._gate.admit(trio.current_time())
+        if dropped < 0:
+            self._app_log.warning("%s[%s] output over %g lines/s (engine.log-output): dropping "
+                                  "lines from the log until it slows down (the crashlog keeps "
+                                  "them)", self.app, self.pid, self._gate.rate)
+        elif dropped:
+            self._say_dropped(dropped)
+        if admitted:
+            self._app_log.log(level, "%s[%s] %s", self.app, self.pid, message)
+
+    def _say_dropped(self, dropped: int) -> None:
+        self._app_log.warning("%s[%s] %d line(s) of output were not logged (over %g lines/s)",
+                              self.app, self.pid, dropped, self._gate.rate)
 
     async def _stop(self, proc: ChildProcess | ForkedSlave, stream: FramedStream) -> None:
         """TERMINATE, then SIGTERM, then SIGKILL; always reap. Runs shielded."""

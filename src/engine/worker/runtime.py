@@ -43,6 +43,7 @@ import ctypes
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import resource
 import signal
@@ -63,6 +64,7 @@ from transport.streams import from_fd
 
 from engine import api
 from engine.client import calls
+from engine.protocol.output_lines import record_line
 from engine.protocol.slave_session import (Action, CancelHandler, CloseInput, EndInput, Exit, Feed, OpenInput,
                                            Resume, Start, WorkerSession)
 
@@ -353,7 +355,31 @@ class Runtime:
             await trio.lowlevel.checkpoint()
 
 
+class _ToNodeLog(logging.Handler):
+    """The app's ``logging`` records, one line each on stderr, which the node reads and
+    logs at their level (engine/protocol/output_lines.py, ``engine.log-output``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record_line(record.levelname, record.name, self.format(record)) + "\n")
+        except Exception:   # noqa: BLE001  (logging's own rule: never raise from emit)
+            self.handleError(record)
+
+
+def forward_logging() -> None:
+    """Records of INFO and up, from the app's loggers, to the node's log (an app that
+    configures logging itself adds its own handlers beside this one)."""
+    root = logging.getLogger()
+    root.addHandler(_ToNodeLog())
+    root.setLevel(logging.INFO)
+
+
 async def serve(args: argparse.Namespace) -> int:
+    forward_logging()
     chan = EnvelopeChannel(from_fd(args.fd))
     try:
         async with trio.open_nursery() as nursery:
