@@ -134,3 +134,31 @@ async def test_log_output_false_keeps_the_node_log_quiet_and_json_lines_parse(tm
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     assert any(e["logger"] == "engine.node" and "serving 1 app" in e["message"] for e in entries)
     assert not any(e["logger"].startswith("engine.app.") for e in entries), entries
+
+
+@pytest.mark.e2e
+async def test_an_app_that_configures_logging_itself_keeps_its_configuration(tmp_path):
+    """The worker's handler is logging's last resort, not a root handler: an app's own
+    ``basicConfig`` (here DEBUG, its own format) still takes effect."""
+    folder = chatty_app(tmp_path / "apps")
+    (folder / "app.py").write_text(textwrap.dedent('''\
+        import logging
+        from engine import on
+
+        logging.basicConfig(level=logging.DEBUG, format="OWN %(levelname)s %(message)s")
+
+
+        @on("talk")
+        def talk(data):
+            logging.getLogger("chatty").debug("debug %s", data)
+            return "ok"
+        '''))
+    node = await start_node_process([folder], tmp_path / "node.log", tmp_path)
+    try:
+        async with connect(node.address, timeout=20) as client:
+            assert await client.call("chatty", "talk", "mine") == "ok"
+            log = tmp_path / "node.log"
+            await wait_until(lambda: "OWN DEBUG debug mine" in log.read_text(),
+                             "the app's own format, at its own level", timeout=10, interval=0.05)
+    finally:
+        assert not stop_node(node)

@@ -261,7 +261,7 @@ def test_unknown_keys_are_rejected_with_a_hint(app_dir, data, path, hint):
 
 
 def test_bad_json_names_line_and_column(app_dir):
-    err = error_of(app_dir, '{"engine": {"pool-limit": 3,}}')
+    err = error_of(app_dir, '{"engine": {"pool-limit": 3 "queue-limit": 1}}')
     assert err.path == ""
     assert "valid JSON" in str(err) and "line 1" in str(err)
 

@@ -371,11 +371,14 @@ class _ToNodeLog(logging.Handler):
 
 
 def forward_logging() -> None:
-    """Records of INFO and up, from the app's loggers, to the node's log (an app that
-    configures logging itself adds its own handlers beside this one)."""
-    root = logging.getLogger()
-    root.addHandler(_ToNodeLog())
-    root.setLevel(logging.INFO)
+    """Records of INFO and up, from the app's loggers, to the node's log.  Installed as
+    logging's *last resort* (the handler of records no configured handler took), not on
+    the root logger: an app that calls ``logging.basicConfig`` still configures its
+    logging (its handler's lines then reach the node as plain output)."""
+    handler = _ToNodeLog()
+    handler.setLevel(logging.INFO)
+    logging.lastResort = handler
+    logging.getLogger().setLevel(logging.INFO)
 
 
 async def serve(args: argparse.Namespace) -> int:
