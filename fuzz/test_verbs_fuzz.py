@@ -32,7 +32,7 @@ from engine.cluster.verbs import cluster_verbs
 from engine.drivers.options import DriverSpec
 from engine.drivers.scheduler import ManualScheduler, SchedulerOptions
 from engine.errors import AppNotFound, ManifestError
-from engine.manifest import MANIFEST_FILE, parse_manifest
+from engine.manifest import MANIFEST_FILE, AppManifest, parse_manifest
 from engine.node.control import ControlHandler
 from engine.node.verbs import base_verbs
 from transport.errors import BadMessage, RemoteError, Unauthorized, UnknownEvent
@@ -114,9 +114,10 @@ class FakeNode:
         return {"pid": 1, **self.list()}
 
     async def deploy(self, manifest: Any, *, name: str | None = None) -> FakeApp:
-        assert isinstance(manifest, str), f"deploy({manifest!r})"
-        assert name is None or isinstance(name, str)
-        raise ManifestError(manifest, "", "an existing manifest file", "no such file")
+        # The verb parses the manifest first (engine.node.verbs.deploy_manifest).
+        assert isinstance(manifest, AppManifest), f"deploy({manifest!r})"
+        assert name is None
+        return FakeApp(manifest.name, self.base_dir)
 
     async def deploy_data(self, data: Any, base_dir: Any, *, name: str | None = None) -> FakeApp:
         assert isinstance(base_dir, str), f"deploy_data(base_dir={base_dir!r})"

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
-from pathlib import Path
 
 from transport.errors import BadMessage
 
@@ -34,9 +33,8 @@ from engine.cluster.bundle import BundleError, check_bundle, make_bundle
 from engine.cluster.catalog import AppRecord
 from engine.cluster.service import Cluster, ClusterOptions
 from engine.errors import AppNotFound
-from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
 from engine.node.clustering import NodeCluster
-from engine.node.verbs import NodeApi, VerbFn, Verbs, app_arg, drain_arg
+from engine.node.verbs import NodeApi, VerbFn, Verbs, app_arg, deploy_manifest, drain_arg
 
 if TYPE_CHECKING:
     from engine.node.node import Node
@@ -149,7 +147,7 @@ def cluster_verbs(cluster: Cluster, plain: Verbs) -> dict[str, VerbFn]:
             args.get("payload"))
 
     async def deploy_everywhere(node: NodeApi, args: Any) -> Any:
-        manifest = _manifest_of(args)
+        manifest = deploy_manifest(args)
         name = manifest.name
         grant = apps.authorize("deploy", name, args.get("grant"))
         try:
@@ -212,18 +210,3 @@ def cluster_verbs(cluster: Cluster, plain: Verbs) -> dict[str, VerbFn]:
         "undeploy": undeploy_everywhere,
     }
 
-
-def _manifest_of(args: Any) -> AppManifest:
-    """``deploy``'s manifest, parsed before anything runs (its name is what the caller's
-    grant must be for): ``{"path"}`` or ``{"manifest", "base_dir"}``, optional ``name``."""
-    if not isinstance(args, dict):
-        raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")
-    name = args.get("name")
-    if name is not None and not isinstance(name, str):
-        raise BadMessage(f"deploy: name must be a string, got {name!r:.60}")
-    if isinstance(args.get("path"), str):
-        return load_manifest(args["path"], name=name)
-    if "manifest" in args and isinstance(args.get("base_dir"), str):
-        return parse_manifest(args["manifest"], source=Path(args["base_dir"]) / MANIFEST_FILE,
-                              name=name)
-    raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")

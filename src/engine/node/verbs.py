@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
 from transport.errors import BadMessage
 
 from engine.drivers.scheduler import schedule_verb
+from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
 
 if TYPE_CHECKING:
     from engine.app import App
-    from engine.manifest import AppManifest
 
 
 class NodeApi(Protocol):
@@ -77,20 +77,27 @@ async def crashlog(node: NodeApi, args: Any) -> Any:
     return node.get(app_arg(args)).crashlog()
 
 
-async def deploy(node: NodeApi, args: Any) -> Any:
-    """``{"path": "/abs/manifest.json"}`` or ``{"manifest": {...}, "base_dir": "/abs"}``,
-    optionally with ``"name"``. ManifestError/DriverError reach the caller by type name."""
+def deploy_manifest(args: Any) -> AppManifest:
+    """``deploy``'s manifest, parsed before anything runs: ``{"path": "/abs/manifest.json"}``
+    or ``{"manifest": {...}, "base_dir": "/abs"}``, optionally with ``"name"``
+    (ManifestError, or BadMessage for arguments of another shape)."""
     if not isinstance(args, dict):
         raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")
     name = args.get("name")
     if name is not None and not isinstance(name, str):
         raise BadMessage(f"deploy: name must be a string, got {name!r:.60}")
     if isinstance(args.get("path"), str):
-        app = await node.deploy(args["path"], name=name)
-    elif "manifest" in args and isinstance(args.get("base_dir"), str):
-        app = await node.deploy_data(args["manifest"], args["base_dir"], name=name)
-    else:
-        raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")
+        return load_manifest(args["path"], name=name)
+    if "manifest" in args and isinstance(args.get("base_dir"), str):
+        return parse_manifest(args["manifest"], source=Path(args["base_dir"]) / MANIFEST_FILE,
+                              name=name)
+    raise BadMessage("deploy expects {\"path\": ...} or {\"manifest\": {...}, \"base_dir\": ...}")
+
+
+async def deploy(node: NodeApi, args: Any) -> Any:
+    """:func:`deploy_manifest`'s app, started. ManifestError/DriverError reach the caller
+    by type name."""
+    app = await node.deploy(deploy_manifest(args))
     return {"app": app.name, "manifest": str(app.manifest.source), "state": app.state}
 
 
