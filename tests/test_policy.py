@@ -1,6 +1,7 @@
 """PoolPolicy as a hypothesis state machine, plus a few pinned scenarios."""
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -17,11 +18,13 @@ class PolicyMachine(RuleBasedStateMachine):
 
     @initialize(pool_limit=st.integers(1, 4), queue_limit=st.integers(0, 5),
                 grow=st.integers(0, 3), concurrency=st.integers(1, 3),
-                prefetch=st.sampled_from([0, 0, 1, 3, "auto", "auto"]))
-    def setup(self, pool_limit, queue_limit, grow, concurrency, prefetch):
+                prefetch=st.sampled_from([0, 0, 1, 3, "auto", "auto"]),
+                max_jobs=st.sampled_from([0, 0, 1, 3]), seed=st.integers(0, 3))
+    def setup(self, pool_limit, queue_limit, grow, concurrency, prefetch, max_jobs, seed):
         self.p = PoolPolicy(pool_limit=pool_limit, queue_limit=queue_limit, grow_threshold=grow,
                             idle_timeout=5.0, concurrency=concurrency, restart_intensity=2,
-                            backoff_base=1.0, backoff_cap=8.0, prefetch=prefetch)
+                            backoff_base=1.0, backoff_cap=8.0, prefetch=prefetch,
+                            max_jobs=max_jobs, rng=random.Random(seed))
         self.now = 0.0
         self.next_job = 1
         self.accepted: list[int] = []
@@ -108,6 +111,13 @@ class PolicyMachine(RuleBasedStateMachine):
         concurrency = data.draw(st.integers(1, self.p.concurrency))
         self.handshaked.add(slave)
         self.apply(self.p.slave_ready(slave, concurrency, self.now))
+
+    @precondition(lambda self: any(v.state == READY for v in self.p.slaves.values()))
+    @rule(data=st.data())
+    def too_large(self, data):
+        """The shell measured a slave over max-rss-per-slave: it is worn."""
+        ready = sorted(s for s, v in self.p.slaves.items() if v.state == READY)
+        self.apply(self.p.slave_worn(data.draw(st.sampled_from(ready)), self.now))
 
     @staticmethod
     def event_of(job):
@@ -489,3 +499,35 @@ def test_a_free_slot_beats_a_prefetch_when_slaves_differ_in_concurrency():
     assert p.submit(2, 1.0) == [Assign(2, 1)]           # one each: the most recently busy
     assert p.submit(3, 1.0) == [Assign(3, 2)]           # slave 2's free slot, not a prefetch on 1
     assert p.submit(4, 1.0) == [Assign(4, 1)]           # both full: now prefetch, evenly
+
+
+def test_a_slave_past_its_job_quota_finishes_what_it_holds_then_is_replaced():
+    """#17 recycling: no job fails, none waits for more than the replacement's start."""
+    p = PoolPolicy(pool_limit=1, queue_limit=10, concurrency=1, max_jobs=2, rng=random.Random(0))
+    assert p.submit(1, 0.0) == [Spawn(1)]
+    assert p.slave_ready(1, 1, 0.0) == [Assign(1, 1)]
+    assert p.submit(2, 0.0) == [] and p.submit(3, 0.0) == []
+    assert p.job_finished(1, 0.1) == [Assign(2, 1)]
+    assert p.job_finished(2, 0.2) == [Retire(1)]            # worn: its quota (2) is done
+    assert p.slave_gone(1, 0.3, handshaked=True) == [Spawn(2)]
+    assert p.slave_ready(2, 1, 0.4) == [Assign(3, 2)]
+    assert p.info()["recycled"] == 1 and p.retired == 1
+
+
+def test_a_worn_slave_is_not_capacity_so_waiting_jobs_grow_a_replacement_at_once():
+    p = PoolPolicy(pool_limit=2, queue_limit=10, concurrency=1, rng=random.Random(0))
+    assert p.submit(1, 0.0) == [Spawn(1)]
+    assert p.slave_ready(1, 1, 0.0) == [Assign(1, 1)]
+    assert p.slave_worn(1, 0.1) == []                          # (still running job 1)
+    assert p.submit(2, 0.2) == [Spawn(2)]                      # not queued behind it
+    assert p.job_finished(1, 0.3) == [Retire(1)]
+    assert p.info()["worn"] == 0 and p.info()["retiring"] == 1
+
+
+def test_quotas_have_up_to_ten_percent_jitter_so_slaves_do_not_leave_together():
+    p = PoolPolicy(pool_limit=20, queue_limit=100, grow_threshold=0, max_jobs=100,
+                   rng=random.Random(1))
+    for job in range(20):
+        p.submit(job, 0.0)
+    quotas = {v.quota for v in p.slaves.values()}
+    assert len(p.slaves) == 20 and min(quotas) >= 100 and max(quotas) <= 110 and len(quotas) > 3

@@ -65,6 +65,10 @@ class EngineConfig:
     # a slave's output and logging forwarded to the node's log, lines/s per slave
     # (engine/pool/output_log.py): "log-output": true (this), false (0: none) or a rate
     log_output: float = LOG_OUTPUT_RATE
+    # recycling (engine/pool/policy.py): a slave is replaced after this many jobs (0:
+    # never; each slave's limit has up to 10% jitter) or once its RSS passes this (MB)
+    max_jobs_per_slave: int = 0
+    max_rss_per_slave: float = 0.0
     resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
 
 
@@ -258,6 +262,8 @@ class _Parser:
             "prefetch": ("prefetch", self.prefetch),
             "crashlog-limit": ("crashlog_limit", self.non_negative_int),
             "log-output": ("log_output", self.log_output),
+            "max-jobs-per-slave": ("max_jobs_per_slave", self.positive_int),
+            "max-rss-per-slave": ("max_rss_per_slave", self.positive_megabytes),
             "resource-limits": ("resource_limits", self.resource_limits),
         }
         self.reject_unknown(raw, tuple(specs), "engine.")
@@ -267,12 +273,22 @@ class _Parser:
             # Silently ignoring them would be worse than refusing the manifest.
             raise self.error("engine.resource-limits", 'no resource limits with backend "thread" '
                              "(its handlers share the node's process)", raw["resource-limits"])
+        for key in ("max-jobs-per-slave", "max-rss-per-slave"):
+            if values.get("backend") == "thread" and key in raw:
+                raise self.error(f"engine.{key}", 'no slave recycling with backend "thread" '
+                                 "(its handlers run on the node's threads)", raw[key])
         return EngineConfig(**values)
 
     def positive_int(self, value: Any, path: str) -> int:
         if not _is_int(value) or value <= 0:
             raise self.error(path, "a positive integer", value)
         return value
+
+    def positive_megabytes(self, value: Any, path: str) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and 0 < value < float("inf"):
+            return float(value)
+        raise self.error(path, "a positive number of megabytes", value)
 
     def log_output(self, value: Any, path: str) -> float:
         if value is True:

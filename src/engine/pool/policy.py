@@ -30,9 +30,19 @@ restart intensity): after ``restart_intensity`` slaves in a row die before their
 handshake, the app is broken; queued jobs fail with AppBroken, new ones are refused,
 and one probe slave is spawned after an exponential backoff (``backoff_base * 2**n``,
 capped).  A handshake ends the broken state.
+
+Recycling (gunicorn's ``max_requests``, Celery's ``max_tasks_per_child``): with
+``max_jobs``, each slave is given a quota drawn from ``[max_jobs, max_jobs + max_jobs //
+10]`` (so slaves started together do not all leave together) and, once it has finished
+that many jobs, or once the shell says it grew too large (:meth:`slave_worn`, its RSS),
+it is *worn*: it takes no new job, finishes the ones it holds, and is then retired like an
+idle slave; no job fails because of it.  A worn slave does not count as capacity, so
+waiting jobs grow a replacement (within ``pool_limit``: at the limit the replacement
+starts once the worn slave has gone).
 """
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, Hashable, TypeAlias, TypeVar, Union, final
@@ -43,8 +53,10 @@ from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, Slav
 from engine.pool.prefetch import PrefetchRule, Setting
 
 STARTING, READY, RETIRING, STOPPING = "starting", "ready", "retiring", "stopping"
+WORN = "worn"
 # RETIRING: we asked an idle slave to exit.  STOPPING: it is going away for another
-# reason (killed as hung, said it is exiting); neither takes jobs.
+# reason (killed as hung, said it is exiting).  WORN: past its job quota or memory
+# limit, finishing what it holds before it is retired.  None of them takes jobs.
 
 J = TypeVar("J", bound=Hashable)  # what the shell names its jobs by (the pool: an int)
 
@@ -108,15 +120,22 @@ class SlaveView(Generic[J]):
     idle_since: float = 0.0
     last_done_at: float = float("-inf")  # when it last answered a job (service-time samples)
     held: dict[str, int] = field(default_factory=dict)  # event -> how many of its jobs it holds
+    done: int = 0                    # jobs it finished
+    quota: int = 0                   # jobs after which it is worn (0: no limit)
 
 
 class PoolPolicy(Generic[J]):
     def __init__(self, *, pool_limit: int, queue_limit: int, grow_threshold: int = 1,
                  idle_timeout: float = 600.0, concurrency: int = 1, restart_intensity: int = 3,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0,
-                 prefetch: Setting = 0) -> None:
-        if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1:
-            raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1")
+                 prefetch: Setting = 0, max_jobs: int = 0,
+                 rng: random.Random | None = None) -> None:
+        if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1 \
+                or max_jobs < 0:
+            raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1, "
+                             "max_jobs>=0")
+        self.max_jobs = max_jobs
+        self._rng = rng or random.Random()
         self.pool_limit = pool_limit
         self.queue_limit = queue_limit
         self.grow_threshold = grow_threshold
@@ -143,6 +162,7 @@ class PoolPolicy(Generic[J]):
         self.next_spawn_at = 0.0               # backoff: no spawn before this time
         self.spawned = 0
         self.retired = 0
+        self.recycled = 0                      # slaves worn out (quota or memory)
 
     # -- queries -------------------------------------------------------------------
     @property
@@ -166,7 +186,7 @@ class PoolPolicy(Generic[J]):
         return min(times) if times else None
 
     def info(self) -> dict[str, Any]:
-        counts = {STARTING: 0, READY: 0, RETIRING: 0, STOPPING: 0}
+        counts = {STARTING: 0, READY: 0, WORN: 0, RETIRING: 0, STOPPING: 0}
         for s in self.slaves.values():
             counts[s.state] += 1
         prefetched = self._prefetched()
@@ -175,7 +195,7 @@ class PoolPolicy(Generic[J]):
             "queue": len(self.queue) + prefetched, "prefetched": prefetched,
             "running": len(self.owner) - prefetched, "cancelling": len(self.cancelled),
             "slaves": len(self.slaves), **counts,
-            "spawned": self.spawned, "retired": self.retired,
+            "spawned": self.spawned, "retired": self.retired, "recycled": self.recycled,
             "startup_failures": self.startup_failures, "prefetch": self.rule.info(),
         }
 
@@ -245,7 +265,23 @@ class PoolPolicy(Generic[J]):
                 view.last_done_at = now
             if not view.jobs:
                 view.idle_since = now
+            view.done += 1
+            if view.quota and view.done >= view.quota:
+                self._wear(view)
         return self._step(now)
+
+    def slave_worn(self, slave: int, now: float) -> list[Decision[J]]:
+        """The slave should be replaced (the shell measured it over its memory limit):
+        it finishes what it holds and is retired."""
+        view = self.slaves.get(slave)
+        if view is not None:
+            self._wear(view)
+        return self._step(now)
+
+    def _wear(self, view: SlaveView[J]) -> None:
+        if view.state == READY:
+            view.state = WORN
+            self.recycled += 1
 
     def slave_gone(self, slave: int, now: float, *, handshaked: bool,
                    reason: str = "") -> list[Decision[J]]:
@@ -271,7 +307,7 @@ class PoolPolicy(Generic[J]):
         """The slave will take no more jobs (being killed, or exiting on its own);
         it still counts against pool_limit until it is gone."""
         view = self.slaves.get(slave)
-        if view is not None and view.state in (STARTING, READY):
+        if view is not None and view.state in (STARTING, READY, WORN):
             view.state = STOPPING
         return self._step(now)
 
@@ -307,6 +343,12 @@ class PoolPolicy(Generic[J]):
         out: list[Decision[J]] = []
         if self.closed:
             return out
+        # 0. a worn slave that has finished what it held leaves (its place is free for
+        # a fresh one, grown below if jobs wait)
+        for sid, s in self.slaves.items():
+            if s.state == WORN and not s.jobs:
+                s.state = RETIRING
+                out.append(Retire(sid))
         # 1. hand queued jobs to slaves with room, oldest job first (FIFO)
         while self.queue:
             slave = self._free_slave()
@@ -382,7 +424,9 @@ class PoolPolicy(Generic[J]):
     def _spawn(self, now: float) -> Spawn:
         sid = self._next_slave
         self._next_slave += 1
-        self.slaves[sid] = SlaveView(STARTING, now, concurrency=self.concurrency, idle_since=now)
+        quota = self.max_jobs + self._rng.randint(0, self.max_jobs // 10) if self.max_jobs else 0
+        self.slaves[sid] = SlaveView(STARTING, now, concurrency=self.concurrency, idle_since=now,
+                                     quota=quota)
         self.spawned += 1
         return Spawn(sid)
 

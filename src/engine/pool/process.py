@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, assert_never, cast
 
+import psutil
 import trio
 
 from transport.codec import Envelope, Kind
@@ -62,6 +63,7 @@ from engine.pool.zygote_client import Zygote, running_zygote
 log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 1024  # jobs over which p50/p99 are computed
+RSS_CHECK = 1.0        # seconds between checks of engine.max-rss-per-slave
 
 
 def latency_ms(latencies: deque[float]) -> dict[str, float | None]:
@@ -100,7 +102,7 @@ class SlavePool:
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
             concurrency=config.concurrency, restart_intensity=restart_intensity,
             backoff_base=backoff_base, backoff_cap=backoff_cap,
-            prefetch=config.prefetch)
+            prefetch=config.prefetch, max_jobs=config.max_jobs_per_slave)
         self._jobs: dict[int, Job] = {}          # accepted jobs the policy still tracks
         self._slaves: dict[int, _Slave] = {}
         self._next_job = 1
@@ -136,6 +138,8 @@ class SlavePool:
                     self._zygote.want()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    if self.config.max_rss_per_slave:
+                        nursery.start_soon(self._watch_rss)
                     task_status.started()
                     try:
                         await self._timer_loop()
@@ -216,7 +220,8 @@ class SlavePool:
                 "queue": p["queue"], "prefetched": p["prefetched"], "running": p["running"],
                 "cancelling": p["cancelling"],
                 "done": self.done,
-                "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"], "retired": p["retired"],
+                "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"],
+                "retired": p["retired"], "recycled": p["recycled"],
                 "crashes": self.crashes, "latency_ms": latency_ms(self._latencies),
                 "faults": dict(self.faults.counts), "recent_faults": self.faults.recent(),
                 "prefetch": p["prefetch"],
@@ -531,6 +536,27 @@ class SlavePool:
             self._timer_wakeup = trio.Event()
             with trio.move_on_at(self._timer_at):
                 await self._timer_wakeup.wait()
+
+    async def _watch_rss(self) -> None:
+        """engine.max-rss-per-slave: every RSS_CHECK seconds, a slave over it is worn
+        (finishes its jobs, then is replaced: engine/pool/policy.py)."""
+        limit = self.config.max_rss_per_slave * 1024 * 1024
+        while True:
+            await trio.sleep(RSS_CHECK)
+            now = trio.current_time()
+            for slave in list(self._slaves.values()):
+                pid = slave.process.pid
+                if pid is None or slave.session is None:
+                    continue
+                try:
+                    rss = psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    continue            # gone meanwhile: its reaper reports it
+                if rss > limit:
+                    log.info("%s: slave %d uses %.0f MB (max-rss-per-slave %g): replacing it "
+                             "once its jobs are done", self.app_name, pid, rss / 2**20,
+                             self.config.max_rss_per_slave)
+                    self._apply(self.policy.slave_worn(slave.id, now), now)
 
     def _wake_timer(self, deadline: float | None) -> None:
         if deadline is not None and deadline < self._timer_at:
