@@ -428,3 +428,34 @@ async def _runs(client, app: str) -> bool:
 
 async def _gone(client, app: str) -> bool:
     return app not in await apps_of(client)
+
+
+@pytest.mark.e2e
+async def test_a_deploy_grant_names_its_content(cluster, tmp_path):
+    """A grant captured off the wire (control frames are authenticated, not encrypted)
+    cannot deploy other content under its app's name: it is signed over the digest."""
+    import time
+
+    from engine.cluster.bundle import make_bundle
+    from engine.cluster.catalog import sign_grant
+    from engine.manifest import load_manifest
+    from transport.errors import Unauthorized
+
+    meant = echo_app(tmp_path / "meant", "echo")
+    other = echo_app(tmp_path / "other", "echo")
+    (other / "app.py").write_text((other / "app.py").read_text() + "\n# other content\n")
+    digest = make_bundle(load_manifest(meant), "echo")["digest"]
+    grant = sign_grant(CLUSTER_SECRET.encode(), "deploy", "echo", at=time.time(), digest=digest)
+    with trio.fail_after(60):
+        a = await cluster()
+        async with connect(a.address, timeout=20) as ca:
+            with pytest.raises(Unauthorized, match="signed for content"):
+                await ca.verb("deploy", {"path": str(other / "manifest.json"),
+                                         "grant": grant.to_wire()})
+            assert "echo" not in await apps_of(ca)
+            # (the misused grant is spent; the caller signs again for what it meant)
+            again = sign_grant(CLUSTER_SECRET.encode(), "deploy", "echo", at=time.time(),
+                               digest=digest)
+            result = await ca.verb("deploy", {"path": str(meant / "manifest.json"),
+                                              "grant": again.to_wire()})
+            assert result["digest"] == digest

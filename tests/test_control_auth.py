@@ -428,7 +428,9 @@ async def test_a_clustered_node_takes_the_cluster_secret_beside_its_token(tmp_pa
 
     import time
 
+    from engine.cluster.bundle import make_bundle
     from engine.cluster.catalog import sign_grant
+    from engine.manifest import load_manifest
     from engine.cluster.service import ClusterOptions
     from engine.cluster.verbs import in_cluster
     from transport.seal import SealedClient, SealKey
@@ -443,7 +445,9 @@ async def test_a_clustered_node_takes_the_cluster_secret_beside_its_token(tmp_pa
             peer = SealedClient(SealKey.from_secret(secret.encode(), b"cluster"))
             async with RpcClient(node.control_address, timeout=5, guard=peer) as client:
                 later = _app(tmp_path, "later")
-                grant = sign_grant(secret.encode(), "deploy", "later", at=time.time()).to_wire()
+                digest = make_bundle(load_manifest(later), "later")["digest"]
+                grant = sign_grant(secret.encode(), "deploy", "later", at=time.time(),
+                                   digest=digest).to_wire()
                 deployed = await client.call("", "deploy", {"path": str(later), "grant": grant})
                 assert deployed["app"] == "later"
             stranger = SealedClient(SealKey.from_secret(b"another cluster's secret", b"cluster"))

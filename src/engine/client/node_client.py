@@ -35,9 +35,10 @@ from transport.tls import TlsConfig
 
 from engine.client.tls import client_context
 from engine.client.tokens import control_guard
+from engine.cluster.bundle import BundleError, make_bundle
 from engine.cluster.catalog import sign_grant
 from engine.cluster.secret import secret_from
-from engine.manifest import MANIFEST_FILE, load_manifest, parse_manifest
+from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
 
 DEFAULT_NODE = "tcp://127.0.0.1:9300"
 NODE_TARGET = ""          # the target of node verbs (list, info, deploy...)
@@ -97,8 +98,10 @@ class NodeClient:
             args["name"] = name
         secret = grant_secret(cluster_secret)
         if secret is not None:
-            args["grant"] = sign_grant(secret, "deploy", _app_name(args, name),
-                                       at=time.time()).to_wire()
+            parsed = _manifest(args, name)
+            digest = await trio.to_thread.run_sync(_content_digest, parsed)
+            args["grant"] = sign_grant(secret, "deploy", parsed.name, at=time.time(),
+                                       digest=digest).to_wire()
         return await self.verb("deploy", args, timeout=timeout)
 
     async def undeploy(self, app: str, *, drain: float | None = None,
@@ -167,10 +170,19 @@ def grant_secret(secret: str | bytes | None) -> bytes | None:
     return secret.encode() if isinstance(secret, str) else secret
 
 
-def _app_name(args: dict[str, Any], name: str | None) -> str:
-    """The name the node will host a deploy under (the grant names it): read from the
-    manifest here, as the node will."""
+def _manifest(args: dict[str, Any], name: str | None) -> AppManifest:
+    """The app a deploy names (the grant names it and its content): read here, as the
+    node will read it."""
     if "path" in args:
-        return load_manifest(args["path"], name=name).name
+        return load_manifest(args["path"], name=name)
     return parse_manifest(args["manifest"], source=Path(args["base_dir"]) / MANIFEST_FILE,
-                          name=name).name
+                          name=name)
+
+
+def _content_digest(manifest: AppManifest) -> str:
+    """The digest of the bundle the node will share (engine/cluster/bundle.py), or ""
+    for an app that is not shared (the node then deploys it on itself only)."""
+    try:
+        return str(make_bundle(manifest, manifest.name)["digest"])
+    except (BundleError, OSError):
+        return ""

@@ -59,9 +59,11 @@ class Grant:
     at: float               # the caller's clock (seconds since the epoch) when it signed
     nonce: str
     sig: bytes
+    digest: str = ""        # deploy: the content the caller meant ("" for an app not shared)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": self.op, "app": self.app, "at": self.at, "nonce": self.nonce, "sig": self.sig}
+        return {"op": self.op, "app": self.app, "at": self.at, "nonce": self.nonce, "sig": self.sig,
+                "digest": self.digest}
 
     @classmethod
     def from_wire(cls, d: Any, where: str = "grant") -> "Grant":
@@ -78,18 +80,24 @@ class Grant:
             raise GrantError(f"{where}.nonce: expected a string of 8 to 64 characters")
         if not isinstance(sig, bytes) or len(sig) != 32:
             raise GrantError(f"{where}.sig: expected 32 bytes")
-        return cls(op, app, float(at), nonce, sig)
+        digest = d.get("digest", "")
+        if not isinstance(digest, str) or len(digest) > 128:
+            raise GrantError(f"{where}.digest: expected a content digest, got {digest!r:.80}")
+        return cls(op, app, float(at), nonce, sig, digest)
 
 
-def _grant_mac(secret: bytes, op: str, app: str, at: float, nonce: str) -> bytes:
-    body = msgpack.packb([op, app, at, nonce], use_bin_type=True)
+def _grant_mac(secret: bytes, op: str, app: str, at: float, nonce: str, digest: str) -> bytes:
+    body = msgpack.packb([op, app, at, nonce, digest], use_bin_type=True)
     return hmac.new(secret, _GRANT_CONTEXT + body, hashlib.sha256).digest()
 
 
-def sign_grant(secret: bytes, op: Op, app: str, *, at: float, nonce: str | None = None) -> Grant:
-    """What a caller holding the cluster's secret sends with a cluster-wide change."""
+def sign_grant(secret: bytes, op: Op, app: str, *, at: float, nonce: str | None = None,
+               digest: str = "") -> Grant:
+    """What a caller holding the cluster's secret sends with a cluster-wide change; a
+    deploy's names the content's digest (a captured grant cannot deploy other content)."""
     nonce = nonce or secrets.token_hex(12)
-    return Grant(op, app, float(at), nonce, _grant_mac(secret, op, app, float(at), nonce))
+    return Grant(op, app, float(at), nonce,
+                 _grant_mac(secret, op, app, float(at), nonce, digest), digest)
 
 
 def check_grant(secret: bytes, grant: Grant, op: Op, app: str) -> None:
@@ -97,7 +105,7 @@ def check_grant(secret: bytes, grant: Grant, op: Op, app: str) -> None:
     on ``app``.  (Freshness is the receiving node's business: :func:`check_fresh`.)"""
     if grant.op != op or grant.app != app:
         raise GrantError(f"the grant is for {grant.op} {grant.app!r}, not {op} {app!r}")
-    good = _grant_mac(secret, grant.op, grant.app, grant.at, grant.nonce)
+    good = _grant_mac(secret, grant.op, grant.app, grant.at, grant.nonce, grant.digest)
     if not hmac.compare_digest(good, grant.sig):
         raise GrantError("the grant is not signed with this cluster's secret")
 

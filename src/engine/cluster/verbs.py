@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import trio
 
 
-from transport.errors import BadMessage
+from transport.errors import BadMessage, Unauthorized
 
 from engine.cluster.balance import NodeReport
 from engine.cluster.bundle import BundleError, check_bundle, make_bundle
@@ -155,6 +155,11 @@ def cluster_verbs(cluster: Cluster, plain: Verbs) -> dict[str, VerbFn]:
                 lambda: make_bundle(manifest, name, limit=cluster.options.max_bundle))
         except (BundleError, OSError) as exc:
             bundle, not_shared = None, f"not shared: {exc}"
+        content = bundle["digest"] if bundle is not None else ""
+        if grant is not None and grant.digest != content:
+            raise Unauthorized(f"cluster-wide deploy of {name!r} refused: the grant was signed "
+                               f"for content {grant.digest[:12] or '(none)'}, this is "
+                               f"{content[:12] or 'an app that is not shared'}")
         async with apps.lock(name):
             app, outcome = await apps.deploy_here(manifest, bundle)
             if bundle is None:
