@@ -119,12 +119,6 @@ class FakeNode:
         assert name is None
         return FakeApp(manifest.name, self.base_dir)
 
-    async def deploy_data(self, data: Any, base_dir: Any, *, name: str | None = None) -> FakeApp:
-        assert isinstance(base_dir, str), f"deploy_data(base_dir={base_dir!r})"
-        assert name is None or isinstance(name, str)
-        manifest = parse_manifest(data, source=self.base_dir / MANIFEST_FILE, name=name)
-        return FakeApp(manifest.name, self.base_dir)
-
     async def undeploy(self, name: str, timeout: float | None = None) -> None:
         self.get(name)
         assert timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)

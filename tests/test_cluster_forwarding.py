@@ -59,7 +59,7 @@ class FakeCluster:
 
     def __init__(self, peer: FakePeer):
         self.table = BalanceTable(expiry=3600)
-        self.stats = {"forwarded": 0, "fallbacks": 0}
+        self.stats = {"forwarded": 0, "fallbacks": 0, "served_for_peers": 0}
         self.peer = peer
         self.table.update(NodeReport("peer", "tcp://peer", {APP: AppLoad()}, seq=1), 0.0)
 

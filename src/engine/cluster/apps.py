@@ -25,7 +25,7 @@ import trio
 
 from transport.errors import Unauthorized
 
-from engine.cluster.bundle import MAX_BUNDLE, BundleError, check_bundle, make_bundle, write_bundle
+from engine.cluster.bundle import MAX_BUNDLE, BundleError, make_bundle, write_bundle
 from engine.cluster.catalog import (GRANT_WINDOW, AppRecord, Catalog, Grant, GrantError, Op,
                                     check_fresh, check_grant)
 from engine.cluster.state import CatalogFile
@@ -39,7 +39,6 @@ log = logging.getLogger("engine.cluster")
 
 # fetch(name, digest) -> a checked bundle of that content from some peer (LookupError: none has it)
 Fetch = Callable[[str, str], Awaitable[dict[str, Any]]]
-Publish = Callable[[AppRecord], Awaitable[None]]
 
 
 class ClusterApps:
@@ -217,10 +216,10 @@ class ClusterApps:
         return out
 
     # -- installing ----------------------------------------------------------------------
-    async def install(self, bundle: Any) -> str:
-        """Write a peer's bundle under the state dir and run it here, replacing another
-        version of the app (the catalog's record for it has been merged first)."""
-        bundle = check_bundle(bundle, limit=self.max_bundle)
+    async def install(self, bundle: dict[str, Any]) -> str:
+        """Write a peer's bundle, already checked (:func:`~engine.cluster.bundle.check_bundle`),
+        under the state dir and run it here, replacing another version of the app (the
+        catalog's record for it has been merged first)."""
         name = bundle["name"]
         async with self._locks[name]:
             return await self._install(bundle)
@@ -317,7 +316,7 @@ class ClusterApps:
                     bundle = await fetch(name, record.digest)
                 except LookupError:
                     return              # nobody reachable has it yet: a later report pokes
-                outcome = await self._install(check_bundle(bundle, limit=self.max_bundle))
+                outcome = await self._install(bundle)      # (checked by fetch)
                 if outcome == "deployed":
                     self.stats["synced"] += 1
                     log.info("cluster %s: app %s now runs %s here", self.cluster, name, record.label)

@@ -58,10 +58,6 @@ class AppLoad:
     def serving(self) -> bool:
         return self.state == SERVING
 
-    @property
-    def pressure(self) -> float:
-        return (self.queue + self.running) / self.capacity
-
     def to_wire(self) -> dict[str, Any]:
         return {"state": self.state, "queue": self.queue, "running": self.running,
                 "slaves": self.slaves, "capacity": self.capacity,

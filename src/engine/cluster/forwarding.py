@@ -126,6 +126,7 @@ class Forwarding:
 
     async def run_for_peer(self, origin: str, app: str, event: str, payload: Any) -> Any:
         """``cluster.run``: run a request a peer forwarded, cancelled if that peer is lost."""
+        self.cluster.stats["served_for_peers"] += 1
         scope = trio.CancelScope()
         served = self._served.setdefault(origin, set())
         served.add(scope)

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("engine.cluster")
 
+
 class Cluster:
     def __init__(self, node: "Node", options: ClusterOptions):
         self.node = node
@@ -87,7 +88,6 @@ class Cluster:
         self._done: dict[str, tuple[float, int, float]] = {}  # app -> (time, done, jobs/s)
         self._seq = 0
         self._cpu = 0.0
-        self._nursery: trio.Nursery | None = None
         # A temporary state dir is made (and removed) by run() when the options name none.
         self._own_state_dir = options.state_dir is None
         self.state_dir: Path | None = options.state_dir
@@ -122,7 +122,6 @@ class Cluster:
             self.apps.open(state_dir)
             registry = self.registry = self._make_registry()
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 await nursery.start(registry.run)
                 nursery.start_soon(self.forwarding.run)
                 nursery.start_soon(self._watch_peers, registry, nursery)

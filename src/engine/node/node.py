@@ -274,11 +274,6 @@ class Node:
                  "".join(f"; {d.name}: {d.type} -> {d.emit}" for d in manifest.drivers))
         return app
 
-    async def deploy_data(self, data: Any, base_dir: str | Path, *, name: str | None = None) -> App:
-        """Deploy a manifest given as decoded JSON, its relative paths resolved from ``base_dir``."""
-        source = Path(base_dir) / MANIFEST_FILE
-        return await self.deploy(parse_manifest(data, source=source, name=name))
-
     async def _host(self, app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         # Failures before started() belong to deploy()'s caller.  After it, an app stops
         # only when asked (undeploy, shutdown): it keeps its own parts (docs/architecture.md,

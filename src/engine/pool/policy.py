@@ -268,20 +268,30 @@ class PoolPolicy(Generic[J]):
             view.done += 1
             if view.quota and view.done >= view.quota:
                 self._wear(view)
+            return self._retire_if_worn(slave, view) + self._step(now)
         return self._step(now)
 
     def slave_worn(self, slave: int, now: float) -> list[Decision[J]]:
         """The slave should be replaced (the shell measured it over its memory limit):
         it finishes what it holds and is retired."""
         view = self.slaves.get(slave)
-        if view is not None:
-            self._wear(view)
-        return self._step(now)
+        if view is None:
+            return self._step(now)
+        self._wear(view)
+        return self._retire_if_worn(slave, view) + self._step(now)
 
     def _wear(self, view: SlaveView[J]) -> None:
         if view.state == READY:
             view.state = WORN
             self.recycled += 1
+
+    def _retire_if_worn(self, slave: int, view: SlaveView[J]) -> list[Decision[J]]:
+        """A worn slave leaves once it has finished what it held (its place is then free
+        for a fresh one, grown by _step if jobs wait)."""
+        if view.state == WORN and not view.jobs and not self.closed:
+            view.state = RETIRING
+            return [Retire(slave)]
+        return []
 
     def slave_gone(self, slave: int, now: float, *, handshaked: bool,
                    reason: str = "") -> list[Decision[J]]:
@@ -343,12 +353,6 @@ class PoolPolicy(Generic[J]):
         out: list[Decision[J]] = []
         if self.closed:
             return out
-        # 0. a worn slave that has finished what it held leaves (its place is free for
-        # a fresh one, grown below if jobs wait)
-        for sid, s in self.slaves.items():
-            if s.state == WORN and not s.jobs:
-                s.state = RETIRING
-                out.append(Retire(sid))
         # 1. hand queued jobs to slaves with room, oldest job first (FIFO)
         while self.queue:
             slave = self._free_slave()
