@@ -304,6 +304,7 @@ def test_a_plain_nodes_verbs_do_not_depend_on_what_was_imported(every_module_imp
     assert {name: f"{fn.__module__}.{fn.__name__}" for name, fn in after.items()} == {
         "list": "engine.node.verbs.list_apps", "info": "engine.node.verbs.info",
         "deploy": "engine.node.verbs.deploy", "undeploy": "engine.node.verbs.undeploy",
+        "reload": "engine.node.verbs.reload",
         "crashlog": "engine.node.verbs.crashlog", "nodes": "engine.node.verbs.not_in_a_cluster",
         "schedule": "engine.drivers.scheduler.schedule_verb"}
 
@@ -320,7 +321,8 @@ def test_a_node_in_a_cluster_has_the_cluster_verbs_by_composition(tmp_path):
         "cluster.status", "cluster.catalog", "cluster.fetch", "cluster.deploy", "cluster.undeploy",
         "cluster.run"}
     assert node.verbs["list"] is verbs.list_apps
-    for wrapped in ("deploy", "undeploy", "nodes"):    # reach every peer; describe the cluster
+    for wrapped in ("deploy", "undeploy", "nodes", "reload"):  # reach every peer; describe the
+        # cluster; refuse a reload (it would diverge from the catalog)
         assert node.verbs[wrapped] is not verbs.base_verbs()[wrapped]
     with pytest.raises(TypeError):
         node.verbs["list"] = verbs.deploy  # type: ignore[index]  (a node's table is fixed)

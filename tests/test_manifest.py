@@ -197,6 +197,8 @@ def test_parse_manifest_from_data_and_relative_file_in_messages(app_dir, monkeyp
     ({"engine": {"pool-limit": True}}, "engine.pool-limit", "positive integer"),
     ({"engine": {"queue-limit": "5"}}, "engine.queue-limit", "positive integer"),
     ({"engine": {"heartbeat-timeout": 0}}, "engine.heartbeat-timeout", "seconds"),
+    ({"engine": {"request-timeout": 0}}, "engine.request-timeout", "seconds, or null"),
+    ({"engine": {"request-timeout": "5"}}, "engine.request-timeout", "seconds, or null"),
     ({"engine": {"idle-timeout": "10s"}}, "engine.idle-timeout", "seconds"),
     ({"engine": {"termination-timeout": -1}}, "engine.termination-timeout", "seconds"),
     ({"engine": {"backend": "fork"}}, "engine.backend", "process, thread"),
@@ -286,3 +288,13 @@ def test_folder_name_that_is_not_an_app_name(tmp_path):
     assert err.path.startswith("name")
     # an explicit name fixes it
     assert load_manifest(folder / "manifest.json", name="ok").name == "ok"
+
+
+def test_request_timeout_is_seconds_or_null(tmp_path):
+    (tmp_path / "app.py").write_text("")
+    def engine(**raw):
+        return parse_manifest({"type": "python", "args": "app.py", "engine": raw},
+                              source=tmp_path / "manifest.json").engine
+    assert engine().request_timeout is None
+    assert engine(**{"request-timeout": None}).request_timeout is None
+    assert engine(**{"request-timeout": 2.5}).request_timeout == 2.5

@@ -449,7 +449,7 @@ def test_cli_is_the_table_it_is_given(capsys):
     assert hello_command.name == "test-hello" and "test-hello" not in cli.COMMANDS  # made, not registered
     assert cli.main(["test-hello", "world"], commands={**cli.COMMANDS, "test-hello": hello_command}) == 7
     assert capsys.readouterr().out == "hello world\n"
-    assert list(cli.COMMANDS) == ["run", "call", "list", "info", "deploy", "undeploy", "crashlog",
+    assert list(cli.COMMANDS) == ["run", "call", "list", "info", "deploy", "reload", "undeploy", "crashlog",
                                   "top", "schedule", "nodes"]
     with pytest.raises(TypeError):
         cli.COMMANDS["test-hello"] = hello_command  # type: ignore[index]  (the table is fixed)

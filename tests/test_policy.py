@@ -8,7 +8,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown
+from engine.errors import AppBroken, JobCancelled, QueueFull, RequestTimeout, ShuttingDown
 from engine.pool.policy import READY, RETIRING, STARTING, Assign, Cancel, Fail, PoolPolicy, Retire, Spawn
 from engine.pool.prefetch import AUTO_PREFETCH_MAX, PREFETCH_BUDGET
 
@@ -19,12 +19,16 @@ class PolicyMachine(RuleBasedStateMachine):
     @initialize(pool_limit=st.integers(1, 4), queue_limit=st.integers(0, 5),
                 grow=st.integers(0, 3), concurrency=st.integers(1, 3),
                 prefetch=st.sampled_from([0, 0, 1, 3, "auto", "auto"]),
-                max_jobs=st.sampled_from([0, 0, 1, 3]), seed=st.integers(0, 3))
-    def setup(self, pool_limit, queue_limit, grow, concurrency, prefetch, max_jobs, seed):
+                max_jobs=st.sampled_from([0, 0, 1, 3]), seed=st.integers(0, 3),
+                request_timeout=st.sampled_from([None, None, 2.0, 5.0]))
+    def setup(self, pool_limit, queue_limit, grow, concurrency, prefetch, max_jobs, seed,
+              request_timeout):
         self.p = PoolPolicy(pool_limit=pool_limit, queue_limit=queue_limit, grow_threshold=grow,
                             idle_timeout=5.0, concurrency=concurrency, restart_intensity=2,
                             backoff_base=1.0, backoff_cap=8.0, prefetch=prefetch,
-                            max_jobs=max_jobs, rng=random.Random(seed))
+                            max_jobs=max_jobs, request_timeout=request_timeout,
+                            rng=random.Random(seed))
+        self.submitted_at: dict[int, float] = {}
         self.now = 0.0
         self.next_job = 1
         self.accepted: list[int] = []
@@ -70,6 +74,9 @@ class PolicyMachine(RuleBasedStateMachine):
                 self.answered[d.job] += 1
             elif isinstance(d, Cancel):
                 assert d.job in self.on_slave[d.slave], d  # only a job that slave holds
+                if d.error is not None:                    # only its request-timeout
+                    assert isinstance(d.error, RequestTimeout)
+                    assert self.now - self.submitted_at[d.job] >= self.p.request_timeout
                 assert d.job not in self.cancel_answered   # one Cancel per job
                 self.cancel_answered.add(d.job)
                 self.answered[d.job] += 1                  # the shell answers the caller now
@@ -91,6 +98,7 @@ class PolicyMachine(RuleBasedStateMachine):
         self.next_job += 1
         waiting_before = len(self.p.queue) + self.p._prefetched()
         try:
+            self.submitted_at[job] = self.now
             self.apply(self.p.submit(job, self.now, self.event_of(job)))
             self.accepted.append(job)
         except QueueFull:  # queued and prefetched jobs count against queue_limit
@@ -183,6 +191,10 @@ class PolicyMachine(RuleBasedStateMachine):
     def advance(self, dt):
         self.now += dt
         self.apply(self.p.tick(self.now))
+        if self.p.request_timeout is not None:  # every job past its timeout is answered
+            late = [j for j in self.accepted if not self.answered[j]
+                    and self.now - self.submitted_at[j] >= self.p.request_timeout]
+            assert not late, late
 
     # Drain only once some jobs came in: an early drain refuses every later submit and
     # would end most runs before slaves hold (prefetched) jobs.
@@ -223,6 +235,16 @@ class PolicyMachine(RuleBasedStateMachine):
             assert places == 1, job
         # a cancelled job keeps its slave's slot until the slave is done with it
         assert self.p.cancelled == self.cancel_answered & set(self.p.owner)
+
+    @invariant()
+    def request_deadlines_are_kept_for_unanswered_jobs_only(self):
+        p = self.p
+        if p.request_timeout is None:
+            assert not p.due
+            return
+        assert set(p.due) == set(p.events) - p.cancelled
+        times = list(p.due.values())
+        assert times == sorted(times)   # the next one due is the first
 
     @invariant()
     def fifo(self):
@@ -531,3 +553,31 @@ def test_quotas_have_up_to_ten_percent_jitter_so_slaves_do_not_leave_together():
         p.submit(job, 0.0)
     quotas = {v.quota for v in p.slaves.values()}
     assert len(p.slaves) == 20 and min(quotas) >= 100 and max(quotas) <= 110 and len(quotas) > 3
+
+
+def test_request_timeout_answers_queued_and_running_jobs_once_and_keeps_the_slot():
+    p = PoolPolicy(pool_limit=1, queue_limit=5, request_timeout=2.0)
+    [spawn] = p.submit(1, 0.0)
+    assert isinstance(spawn, Spawn)
+    [assign] = p.slave_ready(spawn.slave, 1, 0.5)
+    assert assign == Assign(1, spawn.slave)
+    assert p.submit(2, 1.0) == []                  # queued behind job 1
+    assert p.next_deadline() == 2.0                # job 1's request-timeout is due first
+    assert p.tick(1.9) == []
+    [cancel] = p.tick(2.0)
+    assert isinstance(cancel, Cancel) and cancel.job == 1
+    assert isinstance(cancel.error, RequestTimeout) and "request-timeout 2s" in str(cancel.error)
+    assert p.next_deadline() == 3.0
+    assert p.cancel(1, 2.5) == []                  # its caller gave up too late: nothing more
+    [fail] = p.tick(3.0)                           # job 2 never left the queue
+    assert isinstance(fail, Fail) and fail.job == 2 and isinstance(fail.error, RequestTimeout)
+    assert "still queued" in str(fail.error) and not p.queue
+    assert p.info()["timed_out"] == 2
+    assert p.owner == {1: spawn.slave}             # the slot waits for the slave to stop job 1
+    assert p.submit(3, 3.1) == []
+    assert p.job_finished(1, 3.2) == [Assign(3, spawn.slave)]
+
+
+def test_a_request_timeout_must_be_positive():
+    with pytest.raises(ValueError):
+        PoolPolicy(pool_limit=1, queue_limit=1, request_timeout=0)

@@ -15,8 +15,8 @@ import psutil
 import pytest
 import trio
 
-from engine.errors import (AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveDied, SlaveHung,
-                           UnknownEvent)
+from engine.errors import (AppBroken, JobCancelled, QueueFull, RequestTimeout, ShuttingDown,
+                           SlaveDied, UnknownEvent)
 from engine.manifest import EngineConfig
 from engine.pool import prefetch
 from engine.pool.prefetch import AUTO_PREFETCH_MAX
@@ -87,6 +87,13 @@ async def slow(data):
 def spin(data):
     while True:
         pass
+
+@on("busy")
+def busy(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:   # a plain handler computing: no await, no heartbeat task
+        pass
+    return os.getpid()
 
 @on("flood")
 def flood(data):
@@ -210,17 +217,63 @@ async def test_queue_full_is_refused_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("spawn", ["zygote", "exec"])
-async def test_hung_slave_is_killed_and_its_caller_told(tmp_path, spawn):
+async def test_a_slow_sync_job_is_not_a_hung_slave(tmp_path, spawn):
+    """A plain handler busy for 2.5 s under a 1 s heartbeat-timeout: its slave keeps
+    beating (the watchdog thread, engine/worker/runtime.py), the job is answered, and
+    the slave that ran it is still the same process."""
     with trio.fail_after(40):
-        async with running_pool(tmp_path, pool_limit=2, heartbeat_timeout=1.5, spawn=spawn) as pool:
+        async with running_pool(tmp_path, pool_limit=1, heartbeat_timeout=1.0, spawn=spawn) as pool:
+            before = await pool.submit("pid", None).result()
+            busy = await pool.submit("busy", 2.5).result()
+            assert busy == before                    # same slave: nobody killed it
+            assert pool.info()["crashes"] == 0 and pool.info()["failed"] == 0
+
+
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
+async def test_request_timeout_answers_the_caller_and_replaces_a_slave_that_cannot_stop(
+        tmp_path, spawn):
+    """``while True: pass`` in a plain handler: the slave still beats (it is alive),
+    so it is the request-timeout that answers the caller; the handler cannot be
+    stopped, so after termination-timeout the slave is killed and replaced."""
+    with trio.fail_after(40):
+        async with running_pool(tmp_path, pool_limit=2, heartbeat_timeout=1.0,
+                                request_timeout=1.5, termination_timeout=0.5,
+                                spawn=spawn) as pool:
             await pool.submit("echo", 1).result()
-            hung = pool.submit("spin", None)
+            spun = pool.submit("spin", None)
             others = [pool.submit("echo", i) for i in range(5)]
-            with pytest.raises(SlaveHung) as err:
-                await hung.result()
-            assert "heartbeat" in str(err.value)
+            t0 = trio.current_time()
+            with pytest.raises(RequestTimeout) as err:
+                await spun.result()
+            assert 1.4 <= trio.current_time() - t0 < 3.0
+            assert "request-timeout 1.5s" in str(err.value)
             assert [await j.result() for j in others] == list(range(5))
+            await wait_until(lambda: pool.info()["crashes"] == 1, "the spinning slave is killed")
             assert await pool.submit("echo", "after").result() == "after"
+            info = pool.info()
+            assert info["timed_out"] == 1 and info["failed"] == 1
+
+
+async def test_request_timeout_stops_an_async_handler_without_killing_its_slave(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1, request_timeout=0.5) as pool:
+            pid = await pool.submit("pid", None).result()
+            with pytest.raises(RequestTimeout):
+                await pool.submit("slow", 30).result()
+            # the handler stopped at its await: the slot is back, on the same slave
+            assert await pool.submit("pid", None).result() == pid
+            assert pool.info()["crashes"] == 0
+
+
+async def test_request_timeout_counts_time_in_the_queue(tmp_path):
+    with trio.fail_after(30):
+        async with running_pool(tmp_path, pool_limit=1, request_timeout=1.0) as pool:
+            await pool.submit("echo", 1).result()
+            first = pool.submit("slow", 0.7)
+            queued = pool.submit("slow", 0.7)    # waits 0.7 s, then would run 0.7 s more
+            assert len(await first.result()) == 3
+            with pytest.raises(RequestTimeout):
+                await queued.result()
 
 
 @pytest.mark.parametrize("spawn", ["zygote", "exec"])

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from engine.client import connect
-from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
+from engine.errors import AppBroken, JobCancelled, QueueFull, RequestTimeout, ShuttingDown
 from engine.manifest import EngineConfig
 from engine.pool import threads
 from engine.pool.threads import ThreadPool
@@ -142,7 +142,7 @@ async def test_every_kind_of_handler_runs_and_errors_are_typed(tmp_path):
 async def test_limits_queue_full_cancel_and_a_hung_thread(tmp_path):
     with trio.fail_after(20):
         async with running_pool(tmp_path, pool_limit=1, queue_limit=1,
-                                heartbeat_timeout=0.5) as pool:
+                                heartbeat_timeout=0.1, request_timeout=0.5) as pool:
             started = tmp_path / "started"
             running = pool.submit("hold", str(started))
             queued = pool.submit("echo", "later")
@@ -154,12 +154,27 @@ async def test_limits_queue_full_cancel_and_a_hung_thread(tmp_path):
             with pytest.raises(JobCancelled):
                 await running.result()
             assert await queued.result() == "later"   # the slot went to the queued job
-            # 5 s of real time.sleep in a thread: it outlives heartbeat_timeout (0.5 s)
+            # 5 s of real time.sleep in a thread: it outlives request_timeout (0.5 s)
             hung = pool.submit("block", 5)            # a thread cannot be stopped...
-            with pytest.raises(SlaveHung):            # ...but its job fails and frees the slot
+            with pytest.raises(RequestTimeout):       # ...but its job fails and frees the slot
                 await hung.result()
             assert await pool.submit("echo", "after").result() == "after"
-            assert pool.info()["cancelled"] == 1 and pool.info()["crashes"] == 1
+            assert pool.info()["cancelled"] == 1 and pool.info()["timed_out"] == 1
+
+
+async def test_request_timeout_bounds_queued_jobs_and_slow_is_not_hung(tmp_path):
+    """No process to watch: a thread job as slow as 1 s under heartbeat-timeout 0.1 is
+    answered; a job still queued at its request-timeout leaves the queue then."""
+    with trio.fail_after(20):
+        async with running_pool(tmp_path, pool_limit=1, queue_limit=5,
+                                heartbeat_timeout=0.1, request_timeout=1.5) as pool:
+            slow = pool.submit("block", 1.0)
+            queued = pool.submit("block", 1.0)   # starts at ~1 s, due at 1.5 s
+            t0 = trio.current_time()
+            assert await slow.result() == "woke"
+            with pytest.raises(RequestTimeout):
+                await queued.result()
+            assert trio.current_time() - t0 < 2.5
 
 
 async def test_a_job_cancelled_before_its_task_started_never_runs_nor_holds_its_slot(tmp_path):

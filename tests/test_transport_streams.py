@@ -171,3 +171,48 @@ async def test_a_held_channel_sends_its_burst_as_one_frame_on_release():
         assert len(ca._outbox) == 0 and ca.frames_sent == 1
         got = await cb.receive()
         assert [e.sid for e in got] == [0, 1, 2] and cb.frames_received == 1
+
+
+async def test_frames_from_another_thread_never_land_inside_the_trio_sides_frames():
+    """A slave's watchdog writes heartbeats from its own thread while the trio side
+    writes frames, some larger than the socket buffer (half-written, then finished
+    across awaits, or left as a tail): every frame arrives whole, the trio side's in
+    their order."""
+    import threading
+
+    a, b = socketpair()
+    fa, fb = from_socket(a), from_socket(b)
+    beat = b"\x00heartbeat"
+    stop = threading.Event()
+    sent_from_thread = []
+
+    def beater() -> None:
+        while not stop.is_set():
+            if fa.send_from_thread(beat):
+                sent_from_thread.append(1)
+
+    frames = [bytes([i % 251]) * size for i, size in
+              enumerate([10, 300_000, 7, 70_000, 1, 500_000, 3] * 40)]
+    thread = threading.Thread(target=beater, daemon=True)
+    received: list[bytes] = []
+    with trio.fail_after(30):
+        thread.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                async def read_all() -> None:
+                    while len([f for f in received if f != beat]) < len(frames):
+                        received.extend(await fb.recv_many())
+                nursery.start_soon(read_all)
+                for i, f in enumerate(frames):
+                    if i % 2:
+                        await fa.send(f)
+                    elif not fa.try_send_nowait(f):
+                        await fa.send(f)
+                    await fa.flush()
+        finally:
+            stop.set()
+            thread.join(5)
+    received.extend(fb.poll_frames())
+    assert [f for f in received if f != beat] == frames
+    assert received.count(beat) == len(sent_from_thread) > 0
+    fa.close(); fb.close()

@@ -14,6 +14,15 @@ that returns) is recorded (``info()["faults"]``, ``info()["restarts"]``, the
 maintenance channel's ``fault`` topic) and a fresh one is started after a backoff
 (:class:`engine.faults.Backoff`: 0.5 s doubling to 30 s, from 0.5 s again after a part
 ran 30 s).  The pool itself keeps its slaves the same way.
+
+A redeploy (:meth:`App.redeploy`: ``deploy`` of a running app's name, ``engine reload``)
+swaps the app's code without a lost request: the new version's pool starts beside the
+old one (a :class:`_PoolRun` each, in a cancel scope of its own) and must prove its
+code runs (:meth:`Pool.warm_up`: a slave handshaked); then, in one step, new jobs go to
+it, and the old pool drains what it holds and stops.  The app object stays, so drivers,
+the maintenance channel and callers holding the app are untouched; drivers are
+restarted only if the new manifest changes them.  A new version that cannot start
+leaves the old one serving, and the caller gets :class:`RedeployFailed` saying why.
 """
 from __future__ import annotations
 
@@ -26,7 +35,8 @@ import trio
 
 from engine.drivers import registry
 from engine.drivers.base import Driver, HostingNode, sole_leaf
-from engine.errors import DriverError, ShuttingDown
+from engine.errors import AppBroken, DriverError, QueueFull, RedeployFailed, ShuttingDown
+from engine.event_stats import EventStats
 from engine.faults import KEEP, Backoff, FaultLog, describe
 from engine.node.maintenance import MaintenanceChannel
 from engine.manifest import AppManifest
@@ -62,6 +72,16 @@ def _default_pool_factory(manifest: AppManifest) -> Pool:
     return SlavePool(manifest.name, manifest.entry, manifest.engine)
 
 
+class _PoolRun:
+    """One version's pool as its app runs it: the manifest it was made from, the pool
+    (a fresh one after a failure), and the scope that stops this version alone."""
+
+    def __init__(self, manifest: AppManifest, pool: Pool) -> None:
+        self.manifest = manifest
+        self.pool = pool
+        self.scope = trio.CancelScope()
+
+
 class App:
     def __init__(self, manifest: AppManifest, *,
                  pool_factory: Callable[[AppManifest], Pool] = _default_pool_factory) -> None:
@@ -70,16 +90,21 @@ class App:
         # The Node hosting it, set by the node before run() (drivers reach its cluster).
         self.node: AppHost | None = None
         self._pool_factory = pool_factory
-        self.pool: Pool = pool_factory(manifest)
+        self._serving = _PoolRun(manifest, pool_factory(manifest))  # the pool new jobs go to
+        self._redeploying = False
+        self.redeploys = 0              # versions deployed over the first one
         self.drivers: dict[str, Driver[Any]] = {}
         pubsub = manifest.pubsub.endpoint if manifest.pubsub else None
         self.maintenance = MaintenanceChannel(self, pubsub)
         self.state = "created"          # created -> starting -> running -> stopping -> stopped
         self.faults = FaultLog()        # failures of its parts but the pool's slaves (the pool's)
         self.restarts: dict[str, int] = {}  # part -> times started again after a failure
+        self.events = EventStats()      # per event: accepted, refused, outcomes, latency
         self.started_at: float | None = None
         self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._drivers_scope: trio.CancelScope | None = None
+        self._drivers_ended = trio.Event()
         self._stopped = trio.Event()
         self.stop_asked = trio.Event()  # stop() was called: whatever ends it now was asked for
 
@@ -93,7 +118,8 @@ class App:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self._keep_running, "pool", "pool", self._fresh_pool)
+                    self._nursery = nursery
+                    await nursery.start(self._run_pool, self._serving)
                     # Drivers get their own scope so stop() can silence them before draining.
                     try:
                         # The maintenance channel first: sinks publish results on it.
@@ -119,15 +145,27 @@ class App:
             self.state = "stopped"
             self._stopped.set()
 
-    def _fresh_pool(self, first: bool) -> PartRun:
-        """The pool to run: the one made with the app, then a new one after a failure
-        (the old one answered its jobs with ShuttingDown as it stopped)."""
+    @property
+    def pool(self) -> Pool:
+        """The pool new jobs go to (the newest version's, once it has started)."""
+        return self._serving.pool
+
+    async def _run_pool(self, run: _PoolRun, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one version's pool running until its scope is cancelled."""
+        with run.scope:
+            await self._keep_running("pool", "pool", partial(self._fresh_pool, run),
+                                     task_status=task_status)
+
+    def _fresh_pool(self, run: _PoolRun, first: bool) -> PartRun:
+        """The pool to run: the one made with the version, then a new one after a
+        failure (the old one answered its jobs with ShuttingDown as it stopped)."""
         if not first:
-            self.pool = self._pool_factory(self.manifest)
+            run.pool = self._pool_factory(run.manifest)
         zygote = self.node.zygote if self.node is not None else None
         if zygote is not None:
-            self.pool.use_zygote(zygote)  # one per node, not one per app
-        return self.pool.run
+            run.pool.use_zygote(zygote)  # one per node, not one per app
+        return run.pool.run
 
     def _fresh_driver(self, cls: type[Driver[Any]], spec: Any, first: bool) -> PartRun:
         """A new driver for ``spec``; after a failure it carries on its predecessor's
@@ -183,6 +221,15 @@ class App:
 
     async def _run_drivers(self, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The manifest's drivers, until cancelled (``_drivers_ended`` is set once they
+        have all stopped: a redeploy's new drivers may then bind the same ports)."""
+        self._drivers_ended = ended = trio.Event()
+        try:
+            await self._start_drivers(task_status)
+        finally:
+            ended.set()
+
+    async def _start_drivers(self, task_status: trio.TaskStatus[None]) -> None:
         failure: DriverError | None = None
         with trio.CancelScope() as self._drivers_scope:
             async with trio.open_nursery() as nursery:
@@ -235,15 +282,83 @@ class App:
                 self._scope.cancel()
         await self._stopped.wait()
 
+    async def redeploy(self, manifest: AppManifest) -> None:
+        """Switch the app to ``manifest``'s version without losing a request (module
+        docstring).  Returns once the new version serves and the old one has drained
+        (for up to the old version's termination-timeout: what is still running then
+        fails with ShuttingDown).  RedeployFailed, with the old version serving on, if
+        the new one cannot start (its code does not import, a driver cannot bind)."""
+        nursery = self._nursery
+        if self.state != "running" or nursery is None:
+            raise ShuttingDown(f"app {self.name} is {self.state}; cannot redeploy it")
+        if self._redeploying:
+            raise RedeployFailed(f"app {self.name}: a redeploy is already under way")
+        self._redeploying = True
+        try:
+            old = self._serving
+            new = _PoolRun(manifest, self._pool_factory(manifest))
+            try:
+                # bounded: a slave that never handshakes is killed at its startup-timeout
+                with trio.fail_after(manifest.engine.startup_timeout + 10):
+                    await nursery.start(self._run_pool, new)
+                    await new.pool.warm_up()
+            except (Exception, trio.TooSlowError) as exc:
+                new.scope.cancel()
+                raise RedeployFailed(f"app {self.name}: the version in {manifest.source} did "
+                                     f"not start ({describe(exc)}); the running version "
+                                     f"keeps serving") from None
+            if manifest.drivers != old.manifest.drivers:
+                await self._switch_drivers(nursery, old, new)
+            self._serving = new              # from here on, new jobs go to the new version
+            self.manifest = manifest
+            self.redeploys += 1
+            log.info("app %s: now serving the version in %s; draining the previous one",
+                     self.name, manifest.source)
+            timeout = old.manifest.engine.termination_timeout
+            with trio.move_on_after(timeout + 5):
+                try:
+                    await old.pool.drain(timeout)
+                except Exception:
+                    pass  # best effort, as in stop(); its scope ends the rest
+            old.scope.cancel()
+        finally:
+            self._redeploying = False
+
+    async def _switch_drivers(self, nursery: trio.Nursery, old: _PoolRun, new: _PoolRun) -> None:
+        """The new manifest's drivers instead of the old one's (a driver that listens
+        must let go of its port first: a short gap for that driver's clients).  If they
+        cannot start, the old drivers come back and the new version is abandoned."""
+        if self._drivers_scope is not None:
+            self._drivers_scope.cancel()
+        await self._drivers_ended.wait()
+        self.manifest = new.manifest
+        try:
+            await nursery.start(self._run_drivers)
+        except DriverError as exc:
+            self.manifest = old.manifest
+            new.scope.cancel()
+            await nursery.start(self._run_drivers)
+            raise RedeployFailed(f"app {self.name}: the version in {new.manifest.source} did "
+                                 f"not start ({exc}); the running version keeps serving") from None
+
     # -- use --------------------------------------------------------------------------
     def submit(self, event: str, payload: Any, chunks: AsyncIterable[Any] | None = None) -> Job:
         """Queue a job (see SlavePool.submit); raises QueueFull / ShuttingDown / AppBroken
-        at once.  ``chunks``: a chunked request's chunks, for the handler to read."""
+        at once.  ``chunks``: a chunked request's chunks, for the handler to read.
+        Each job is counted by event (:attr:`events`), refusals too."""
         if self.state != "running":
+            self.events.refused(event, ShuttingDown.code)
             raise ShuttingDown(f"app {self.name} is {self.state}")
-        if chunks is None:
-            return self.pool.submit(event, payload)
-        return self.pool.submit(event, payload, chunks)
+        try:
+            if chunks is None:
+                job = self.pool.submit(event, payload)
+            else:
+                job = self.pool.submit(event, payload, chunks)
+        except (QueueFull, ShuttingDown, AppBroken) as exc:
+            self.events.refused(event, exc.code)
+            raise
+        self.events.accepted(event, job)
+        return job
 
     def publish(self, topic: str, value: Any) -> None:
         """Publish on the app's maintenance channel (sinks' results, for example)."""
@@ -287,5 +402,7 @@ class App:
             "faults": faults,
             "recent_faults": recent,
             "restarts": dict(self.restarts),
+            "redeploys": self.redeploys,
+            "events": self.events.to_dict(),
         }
 

@@ -10,7 +10,7 @@ from transport.errors import QueueFull, RemoteError, UnknownEvent, register_erro
 __all__ = [
     "AppBroken", "AppNotFound", "DriverError", "EngineError", "JobCancelled", "ManifestError",
     "PeerLost",
-    "QueueFull",
+    "QueueFull", "RedeployFailed", "RequestTimeout",
     "ShuttingDown", "SlaveDied", "SlaveHung", "UnknownEvent",
 ]
 
@@ -48,10 +48,21 @@ class SlaveDied(RemoteError):
 
 @register_error
 class SlaveHung(RemoteError):
-    """The slave running the job missed heartbeats and was killed."""
+    """The slave running the job missed heartbeats and was killed: the process stopped
+    answering (stopped, wedged, its link gone quiet), not merely a slow job (that is
+    :class:`RequestTimeout`'s business)."""
 
     code = "slave-hung"
     retryable = True
+
+
+@register_error
+class RequestTimeout(RemoteError):
+    """The job was not answered within its app's ``request-timeout`` (queued and
+    running time together).  Its handler was asked to stop; a slave whose handler
+    cannot stop (a plain function) is replaced.  Not retried: the job may have run."""
+
+    code = "request-timeout"
 
 
 @register_error
@@ -84,6 +95,15 @@ class JobCancelled(RemoteError):
     acknowledgement of a CANCEL."""
 
     code = "cancelled"
+
+
+@register_error
+class RedeployFailed(RemoteError):
+    """A new version of a running app could not start (its code does not import, a
+    driver cannot bind, a redeploy is already under way): the running version keeps
+    serving, untouched."""
+
+    code = "redeploy-failed"
 
 
 @register_error

@@ -50,7 +50,10 @@ LOG_OUTPUT_RATE = 50.0   # lines/s per slave forwarded to the node's log by defa
 class EngineConfig:
     pool_limit: int = 10
     queue_limit: int = 100
-    heartbeat_timeout: float = 30.0          # seconds
+    heartbeat_timeout: float = 30.0          # seconds without a sign of life from a slave
+    # seconds a job may take from submission to its answer (None: no bound); a slow
+    # job is not a hung slave (docs/manifest.md)
+    request_timeout: float | None = None
     grow_threshold: int = 1                  # queued jobs per slave before another is spawned
     startup_timeout: float = 10.0            # seconds
     idle_timeout: float = 600.0              # seconds
@@ -252,6 +255,7 @@ class _Parser:
             "pool-limit": ("pool_limit", self.positive_int),
             "queue-limit": ("queue_limit", self.positive_int),
             "heartbeat-timeout": ("heartbeat_timeout", self.positive_seconds),
+            "request-timeout": ("request_timeout", self.optional_seconds),
             "grow-threshold": ("grow_threshold", self.positive_int),
             "startup-timeout": ("startup_timeout", self.positive_seconds),
             "idle-timeout": ("idle_timeout", self.positive_seconds),
@@ -315,6 +319,13 @@ class _Parser:
     def positive_seconds(self, value: Any, path: str) -> float:
         if not _is_number(value) or value <= 0:
             raise self.error(path, "a positive number of seconds", value)
+        return float(value)
+
+    def optional_seconds(self, value: Any, path: str) -> float | None:
+        if value is None:
+            return None
+        if not _is_number(value) or not 0 < value < float("inf"):
+            raise self.error(path, "a positive number of seconds, or null for no limit", value)
         return float(value)
 
     def non_negative_seconds(self, value: Any, path: str) -> float:

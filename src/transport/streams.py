@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import trio
 
@@ -56,6 +57,9 @@ class FramedStream:
         self._buffer = bytearray()
         self._send_lock = trio.StrictFIFOLock()  # frames from concurrent senders never interleave
         self._tail = b""  # the unsent rest of a frame try_send_nowait could only half write
+        # Held around each direct write, so a frame from another thread
+        # (:meth:`send_from_thread`) never lands inside one of ours.
+        self._write_lock = threading.Lock()
         self._lost: OSError | None = None  # a socket error poll_frames met, for recv_many
 
     @property
@@ -68,11 +72,18 @@ class FramedStream:
         """Write a frame now if the socket takes it without blocking: True when all of
         it went, ``SENT_PARTLY`` when only its start did (the rest waits for
         :meth:`flush` or the next :meth:`send`), False when nothing was written."""
-        if self._tail or self._send_lock.locked() or self._sock is None:
+        if self._send_lock.locked() or self._sock is None:
             return False
-        frame = _HEADER.pack(len(data)) + data
+        with self._write_lock:  # (the tail is read under it: another thread may set it)
+            if self._tail:
+                return False
+            return self._write_between_frames(self._sock, _HEADER.pack(len(data)) + data)
+
+    def _write_between_frames(self, sock: socket.socket, frame: bytes) -> bool | int:
+        """Write ``frame`` without blocking; its unsent rest becomes the tail.  Only
+        with the write lock held, and no frame half written (no tail, no send)."""
         try:
-            sent = self._sock.send(frame)
+            sent = sock.send(frame)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -82,11 +93,27 @@ class FramedStream:
             return SENT_PARTLY
         return True
 
+    def send_from_thread(self, data: bytes) -> bool:
+        """Write a frame from a thread other than trio's, if the stream is between
+        frames and the socket takes it without blocking; False if it did not go.  For
+        a slave's heartbeat while its trio thread is busy in a handler
+        (engine/worker/runtime.py): the trio side's writes take the same lock, and
+        a half-written frame's rest is left as the tail for the trio side to finish."""
+        sock = self._sock
+        if sock is None:
+            return False
+        with self._write_lock:
+            if self._tail or self._send_lock.locked():
+                return False
+            try:
+                return bool(self._write_between_frames(sock, _HEADER.pack(len(data)) + data))
+            except Closed:
+                return False
+
     async def send(self, data: bytes) -> None:
         async with self._send_lock:
             try:
-                if self._tail:
-                    await self._flush_tail()
+                await self._flush_tail()
                 await self._send_all(_HEADER.pack(len(data)) + data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise Closed(f"stream closed: {exc}") from None
@@ -99,7 +126,8 @@ class FramedStream:
         # The lock's acquisition was this call's checkpoint; write what the socket
         # takes now and wait for room only for the rest.
         try:
-            sent = sock.send(data)
+            with self._write_lock:
+                sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -117,8 +145,12 @@ class FramedStream:
                     raise Closed(f"stream closed: {exc}") from None
 
     async def _flush_tail(self) -> None:
-        tail, self._tail = self._tail, b""
-        await self.stream.send_all(tail)
+        # Under the send lock, so no other thread's frame starts from here on; one
+        # being written ends before the write lock is ours, its rest left as the tail.
+        with self._write_lock:
+            tail, self._tail = self._tail, b""
+        if tail:
+            await self.stream.send_all(tail)
 
     # -- receiving --------------------------------------------------------------------
     async def recv(self) -> bytes:

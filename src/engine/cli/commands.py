@@ -43,33 +43,45 @@ def run_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="stderr log lines: text, or one JSON object per line (for log shippers)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (/metrics) and a dashboard (/) over HTTP on "
+                        "HOST:PORT, e.g. 127.0.0.1:9301 (default: ENGINE_METRICS, else none). "
+                        "No authentication: beyond loopback only behind a proxy "
+                        "(docs/operations.md)")
     add_cluster_options(p)
 
     async def run(args: argparse.Namespace) -> int:
+        import os
+
         from engine.cli.log_format import configure as configure_logging
         from engine.cluster.secret import ClusterConfigError
         from engine.node.auth import ControlAuth
+        from engine.node.dashboard import AddressError, parse_address
         from engine.node.node import serve
 
         from transport.tls import TlsConfigError
 
+        metrics = args.metrics if args.metrics is not None else os.environ.get("ENGINE_METRICS")
         try:
             options = cluster_options(args)
             tls = tls_options(args)
-        except (ClusterConfigError, TlsConfigError) as exc:
+            if metrics:
+                parse_address(metrics)
+        except (ClusterConfigError, TlsConfigError, AddressError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         auth = ControlAuth.from_env(token_file=args.token_file)
         configure_logging(args.log_level, args.log_format)
         if options is None:
-            return await serve(args.paths, control=args.control, auth=auth, tls=tls)
+            return await serve(args.paths, control=args.control, auth=auth, tls=tls,
+                               metrics=metrics or None)
         from engine.cluster.registry import RegistryError
         from engine.cluster.verbs import in_cluster
         from engine.faults import leaves
 
         try:
             return await serve(args.paths, control=args.control, cluster=in_cluster(options),
-                               auth=auth, tls=tls)
+                               auth=auth, tls=tls, metrics=metrics or None)
         except* RegistryError as group:      # etcd unreachable at start: say so, no traceback
             for leaf in leaves(group):
                 print(f"error: {leaf}", file=sys.stderr)
@@ -197,6 +209,18 @@ def deploy_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+@command("reload", "redeploy APP from its manifest file as it is now, losing no request")
+def reload_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("app")
+    node_options(p, timeout=120.0)
+
+    async def run(args: argparse.Namespace) -> int:
+        async with connect_node(args) as node:
+            print(to_json(await node.reload(args.app)))
+        return EXIT_OK
+    return run
+
+
 @command("undeploy", "drain and stop APP on a running node")
 def undeploy_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("app")
@@ -230,7 +254,8 @@ def crashlog_command(p: argparse.ArgumentParser) -> Runner:
 
 # The command line: every command, in the order `--help` lists them.
 COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
-    run_command, call_command, list_command, info_command, deploy_command, undeploy_command,
+    run_command, call_command, list_command, info_command, deploy_command, reload_command,
+    undeploy_command,
     crashlog_command, top_command, schedule_command, nodes_command)})
 
 

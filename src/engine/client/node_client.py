@@ -117,6 +117,12 @@ class NodeClient:
             args["grant"] = sign_grant(secret, "undeploy", app, at=time.time()).to_wire()
         return await self.verb("undeploy", args, timeout=timeout)
 
+    async def reload(self, app: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Redeploy ``app`` from its manifest file as it is now: the new version takes
+        over once its first slave runs, the old one drains (nothing lost); RedeployFailed
+        and the old version serving on if the new one cannot start."""
+        return await self.verb("reload", {"app": app}, timeout=timeout)
+
     async def crashlog(self, app: str) -> builtins.list[str]:  # (`list` is a method here)
         lines: builtins.list[str] = await self.verb("crashlog", {"app": app})
         return lines

@@ -244,9 +244,8 @@ class ClusterApps:
         if current is not None:
             log.warning("cluster %s: replacing app %s (%s here) with %s", self.cluster, name,
                         self.digest(name, current)[:12], digest[:12])
-            await self.node.undeploy(name)
             self.stats["replaced"] += 1
-        app = await self.node.deploy(manifest)
+        app = await self.node.deploy(manifest, replace=True)  # a redeploy: nothing lost
         self._digests[name] = (app, digest)
         return "deployed"
 
@@ -261,8 +260,7 @@ class ClusterApps:
             await self.ensure_digests()
             if digest and self.digest(name, current) == digest:
                 return current, "already deployed"
-            await self.node.undeploy(name)
-            app = await self.node.deploy(manifest)
+            app = await self.node.deploy(manifest, replace=True)  # a redeploy: nothing lost
             outcome = "replaced"
         else:
             app = await self.node.deploy(manifest)

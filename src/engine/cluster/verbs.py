@@ -58,6 +58,9 @@ class ClusterMember(NodeCluster):
     def verbs(self, plain: Verbs) -> Verbs:
         return cluster_verbs(self.cluster, plain)
 
+    def describe(self) -> dict[str, Any]:
+        return self.cluster.describe()
+
     async def serve(self, app: str, event: str, payload: Any) -> Any:
         return await self.cluster.serve(app, event, payload)
 
@@ -79,6 +82,11 @@ def cluster_verbs(cluster: Cluster, plain: Verbs) -> dict[str, VerbFn]:
 
     async def nodes(node: NodeApi, args: Any) -> Any:
         return cluster.describe()
+
+    async def reload_refused(node: NodeApi, args: Any) -> Any:
+        """A reload on one node would run code the catalog does not know of there."""
+        raise BadMessage("reload: in a cluster, deploy the new version (engine deploy "
+                         "MANIFEST): every node then switches to it without a lost request")
 
     async def status(node: NodeApi, args: Any) -> Any:
         cluster.stats["messages_in"] += 1
@@ -213,5 +221,6 @@ def cluster_verbs(cluster: Cluster, plain: Verbs) -> dict[str, VerbFn]:
         "cluster.run": run_here,
         "deploy": deploy_everywhere,
         "undeploy": undeploy_everywhere,
+        "reload": reload_refused,
     }
 

@@ -37,6 +37,12 @@ class NodeCluster(Protocol):
         for the ones it wraps)."""
         ...
 
+    def describe(self) -> dict[str, Any]:
+        """The cluster as this node sees it, as the ``nodes`` verb shows it (its nodes,
+        their apps and load: :mod:`engine.cluster.view`); the node's metrics and
+        dashboard read it too."""
+        ...
+
     async def serve(self, app: str, event: str, payload: Any) -> Any:
         """Run an app request here or on a peer; the answer as a handler returns it."""
         ...

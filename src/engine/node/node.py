@@ -246,13 +246,21 @@ class Node:
                 started.append(app.name)
         return started
 
-    async def deploy(self, manifest: AppManifest | str | Path, *, name: str | None = None) -> App:
+    async def deploy(self, manifest: AppManifest | str | Path, *, name: str | None = None,
+                     replace: bool = False) -> App:
         """Parse (if given a path) and start one app; raises ManifestError or DriverError
-        with nothing of the app left running."""
+        with nothing of the app left running.  ``replace``: an app of that name already
+        running is redeployed instead (:meth:`App.redeploy`: no request lost; on
+        RedeployFailed the running version serves on)."""
         if self.state != "running" or self._nursery is None:
             raise ShuttingDown(f"node is {self.state}; cannot deploy")
         if not isinstance(manifest, AppManifest):
             manifest = load_manifest(manifest, name=name)
+        if replace and manifest.name in self.apps:
+            app = self.apps[manifest.name]
+            log.info("redeploying app %s from %s", app.name, manifest.source)
+            await app.redeploy(manifest)
+            return app
         if manifest.name in self.apps:
             other = self.apps[manifest.name].manifest.source
             raise ManifestError(str(manifest.source), "name",
@@ -354,14 +362,32 @@ class Node:
 
 async def serve(paths: Iterable[str | Path], *, control: str | None = DEFAULT_CONTROL,
                 cluster: ClusterFactory | None = None, auth: ControlAuth = ControlAuth(),
-                tls: TlsConfig | None = None) -> int:
+                tls: TlsConfig | None = None, metrics: str | None = None) -> int:
     """``python -m engine run``: host the apps under ``paths`` until SIGINT/SIGTERM,
     then drain and stop everything. A second signal skips the drain.  ``cluster``,
-    ``auth``: as for :class:`Node` (the CLI makes them from its options and environment)."""
+    ``auth``: as for :class:`Node` (the CLI makes them from its options and environment).
+    ``metrics``: ``HOST:PORT`` of the HTTP port for Prometheus and the dashboard
+    (engine/node/dashboard.py); None: none."""
     node = Node(control=control, cluster=cluster, auth=auth, tls=tls)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            if metrics:
+                from engine.node.dashboard import (AddressError, is_loopback, parse_address,
+                                                   serve_metrics)
+
+                # Beside the node, not inside it: cancelled with the rest below.
+                try:
+                    where = await nursery.start(serve_metrics, node, metrics)
+                except (AddressError, OSError) as exc:   # a bad address, the port taken
+                    log.error("cannot serve metrics on %s: %s", metrics, exc)
+                    nursery.cancel_scope.cancel()
+                    return 1
+                local = is_loopback(parse_address(metrics)[0])
+                log.log(logging.INFO if local else logging.WARNING,
+                        "metrics and dashboard on http://%s/ (/metrics, /api/state; no "
+                        "authentication%s)", where,
+                        "" if local else ": NOT loopback, keep it behind an authenticating proxy")
 
             async def watch_signals() -> None:
                 count = 0

@@ -34,7 +34,8 @@ class NodeApi(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
-    async def deploy(self, manifest: AppManifest | str | Path, *, name: str | None = None) -> App: ...
+    async def deploy(self, manifest: AppManifest | str | Path, *, name: str | None = None,
+                     replace: bool = False) -> App: ...
 
     async def undeploy(self, name: str, timeout: float | None = None) -> None: ...
 
@@ -93,10 +94,24 @@ def deploy_manifest(args: Any) -> AppManifest:
 
 
 async def deploy(node: NodeApi, args: Any) -> Any:
-    """:func:`deploy_manifest`'s app, started. ManifestError/DriverError reach the caller
-    by type name."""
-    app = await node.deploy(deploy_manifest(args))
-    return {"app": app.name, "manifest": str(app.manifest.source), "state": app.state}
+    """:func:`deploy_manifest`'s app, started; a running app of that name is redeployed
+    (the new version takes over once it runs, nothing lost). ManifestError, DriverError
+    and RedeployFailed reach the caller by type name."""
+    manifest = deploy_manifest(args)
+    redeploy = manifest.name in node.apps
+    app = await node.deploy(manifest, replace=True)
+    return {"app": app.name, "manifest": str(app.manifest.source), "state": app.state,
+            "redeployed": redeploy}
+
+
+async def reload(node: NodeApi, args: Any) -> Any:
+    """Redeploy a running app from its manifest file as it is now (its code and
+    manifest edited in place): ``engine reload APP``."""
+    app = node.get(app_arg(args))
+    manifest = load_manifest(app.manifest.source, name=app.name)
+    await node.deploy(manifest, replace=True)
+    return {"app": app.name, "manifest": str(manifest.source), "state": app.state,
+            "redeployed": True}
 
 
 async def undeploy(node: NodeApi, args: Any) -> Any:
@@ -118,6 +133,7 @@ def base_verbs() -> dict[str, VerbFn]:
         "info": info,
         "deploy": deploy,
         "undeploy": undeploy,
+        "reload": reload,
         "crashlog": crashlog,
         "schedule": schedule_verb,   # the manual-scheduler driver's (engine.drivers.scheduler)
         "nodes": not_in_a_cluster,

@@ -108,6 +108,11 @@ class Pool(JobOwner, Protocol):
         ``chunks``: a chunked request's chunks, for the handler to read as it goes."""
         ...
 
+    async def warm_up(self) -> None:
+        """Once :meth:`run` has started: make sure the app's code runs (a first slave
+        started and handshaked, or its handlers imported), else raise AppBroken saying
+        why.  A redeploy switches requests to a new pool only after this."""
+
     async def drain(self, timeout: float) -> None:
         """Refuse new jobs and let the accepted ones finish for up to ``timeout``
         seconds; what is left then fails with ShuttingDown."""

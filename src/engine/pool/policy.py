@@ -39,17 +39,24 @@ it is *worn*: it takes no new job, finishes the ones it holds, and is then retir
 idle slave; no job fails because of it.  A worn slave does not count as capacity, so
 waiting jobs grow a replacement (within ``pool_limit``: at the limit the replacement
 starts once the worn slave has gone).
+
+Request timeout (``request-timeout``): with ``request_timeout``, a job not answered that
+long after its submission is answered with RequestTimeout: a queued one leaves the queue
+(:class:`Fail`), one on a slave gets a :class:`Cancel` carrying that error, so its slot is
+held until the slave stops the handler (or is killed for not stopping it: the session's
+termination-timeout).  Deadlines follow submission order, so the next one due is the
+oldest unanswered job's: an ordered map, O(1) per job.
 """
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, Hashable, TypeAlias, TypeVar, Union, final
 
 from transport.errors import RemoteError
 
-from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveDied
+from engine.errors import AppBroken, JobCancelled, QueueFull, RequestTimeout, ShuttingDown, SlaveDied
 from engine.pool.prefetch import PrefetchRule, Setting
 
 STARTING, READY, RETIRING, STOPPING = "starting", "ready", "retiring", "stopping"
@@ -100,10 +107,12 @@ class Fail(Generic[J]):
 @final
 @dataclass(frozen=True, slots=True)
 class Cancel(Generic[J]):
-    """Answer ``job``'s caller with JobCancelled and ask ``slave`` to stop it; the slot
-    is freed by job_finished once the slave acknowledges."""
+    """Answer ``job``'s caller with ``error`` (None: JobCancelled, its caller gave up)
+    and ask ``slave`` to stop it; the slot is freed by job_finished once the slave
+    acknowledges."""
     job: J
     slave: int
+    error: RemoteError | None = None
 
 
 # Everything the policy can ask of its shell; a shell handles each (``match`` with
@@ -129,11 +138,16 @@ class PoolPolicy(Generic[J]):
                  idle_timeout: float = 600.0, concurrency: int = 1, restart_intensity: int = 3,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  prefetch: Setting = 0, max_jobs: int = 0,
+                 request_timeout: float | None = None,
                  rng: random.Random | None = None) -> None:
         if pool_limit < 1 or queue_limit < 0 or grow_threshold < 0 or concurrency < 1 \
-                or max_jobs < 0:
+                or max_jobs < 0 or (request_timeout is not None and not request_timeout > 0):
             raise ValueError("pool_limit>=1, queue_limit>=0, grow_threshold>=0, concurrency>=1, "
-                             "max_jobs>=0")
+                             "max_jobs>=0, request_timeout>0 or None")
+        self.request_timeout = request_timeout
+        # unanswered jobs -> when their request-timeout is due, oldest first (only with one)
+        self.due: OrderedDict[J, float] = OrderedDict()
+        self.timed_out = 0                     # jobs answered with RequestTimeout
         self.max_jobs = max_jobs
         self._rng = rng or random.Random()
         self.pool_limit = pool_limit
@@ -183,6 +197,8 @@ class PoolPolicy(Generic[J]):
         if self._nothing_waits():  # else no retirement is due, however idle a slave
             times += [s.idle_since + self.idle_timeout
                       for s in self.slaves.values() if s.state == READY and not s.jobs]
+        if self.due:
+            times.append(next(iter(self.due.values())))
         return min(times) if times else None
 
     def info(self) -> dict[str, Any]:
@@ -196,6 +212,7 @@ class PoolPolicy(Generic[J]):
             "running": len(self.owner) - prefetched, "cancelling": len(self.cancelled),
             "slaves": len(self.slaves), **counts,
             "spawned": self.spawned, "retired": self.retired, "recycled": self.recycled,
+            "timed_out": self.timed_out,
             "startup_failures": self.startup_failures, "prefetch": self.rule.info(),
         }
 
@@ -214,6 +231,8 @@ class PoolPolicy(Generic[J]):
             raise QueueFull(f"queue-limit {self.queue_limit} reached")
         self.queue.append(job)
         self.events[job] = event
+        if self.request_timeout is not None:
+            self.due[job] = now + self.request_timeout
         return self._step(now)
 
     def slave_ready(self, slave: int, concurrency: int, now: float) -> list[Decision[J]]:
@@ -235,12 +254,14 @@ class PoolPolicy(Generic[J]):
             if job in self.cancelled:
                 return []
             self.cancelled.add(job)
+            self.due.pop(job, None)
             return [Cancel(job, self.owner[job])]
         try:
             self.queue.remove(job)  # O(queue), bounded by queue_limit
         except ValueError:
             return []
         del self.events[job]
+        self.due.pop(job, None)
         return [Fail(job, JobCancelled("cancelled by its caller while queued")), *self._step(now)]
 
     def job_finished(self, job: J, now: float, *, answered: bool = True) -> list[Decision[J]]:
@@ -249,6 +270,8 @@ class PoolPolicy(Generic[J]):
         killed (which says nothing about how long jobs take)."""
         was_cancelled = job in self.cancelled
         self.cancelled.discard(job)
+        if self.due:
+            self.due.pop(job, None)
         slave = self.owner.pop(job, None)
         if slave is not None:
             view = self.slaves[slave]
@@ -303,6 +326,7 @@ class PoolPolicy(Generic[J]):
             del self.owner[job]
             del self.assigned[job]
             del self.events[job]
+            self.due.pop(job, None)
             if job in self.cancelled:  # its caller was answered already
                 self.cancelled.discard(job)
                 continue
@@ -323,6 +347,15 @@ class PoolPolicy(Generic[J]):
 
     def tick(self, now: float) -> list[Decision[J]]:
         return self._step(now)
+
+    def warm(self, now: float) -> list[Decision[J]]:
+        """Start a slave though no job waits (a redeploy proves the new code runs before
+        it takes requests); nothing if one is starting or ready already, or the pool
+        cannot grow now."""
+        if self.closed or self.broken_reason is not None or self._live() \
+                or len(self.slaves) >= self.pool_limit or now < self.next_spawn_at:
+            return []
+        return [self._spawn(now)]
 
     def retire_all(self, now: float) -> list[Decision[J]]:
         """Retire every idle slave (shutdown path)."""
@@ -345,6 +378,7 @@ class PoolPolicy(Generic[J]):
         out: list[Decision[J]] = [Fail(job, error_type(message)) for job in self.queue]
         for job in self.queue:
             del self.events[job]
+            self.due.pop(job, None)
         self.queue.clear()
         return out
 
@@ -353,6 +387,9 @@ class PoolPolicy(Generic[J]):
         out: list[Decision[J]] = []
         if self.closed:
             return out
+        # 0. answer the jobs whose request-timeout is due
+        if self.due and next(iter(self.due.values())) <= now:
+            self._expire(now, out)
         # 1. hand queued jobs to slaves with room, oldest job first (FIFO)
         while self.queue:
             slave = self._free_slave()
@@ -382,6 +419,28 @@ class PoolPolicy(Generic[J]):
                     s.state = RETIRING
                     out.append(Retire(sid))
         return out
+
+    def _expire(self, now: float, out: list[Decision[J]]) -> None:
+        """RequestTimeout for every job due by ``now``: queued ones leave the queue, those
+        on a slave are cancelled there with that error (their slots wait for the slave)."""
+        limit = self.request_timeout
+        while self.due:
+            job, at = next(iter(self.due.items()))
+            if at > now:
+                break
+            del self.due[job]
+            self.timed_out += 1
+            slave = self.owner.get(job)
+            if slave is None:
+                self.queue.remove(job)  # O(queue), bounded by queue_limit; only on expiry
+                del self.events[job]
+                out.append(Fail(job, RequestTimeout(
+                    f"not answered within request-timeout {limit:g}s (still queued)")))
+            else:
+                self.cancelled.add(job)
+                out.append(Cancel(job, slave, RequestTimeout(
+                    f"not answered within request-timeout {limit:g}s (its handler was "
+                    f"asked to stop)")))
 
     def _free_slave(self) -> int | None:
         """The ready slave to give the next job: least loaded first, where load is jobs

@@ -53,7 +53,7 @@ from transport.inbound import SendWindow
 from engine.pool import policy as P
 from engine.pool.base import Pool, PoolLoad
 from engine.protocol import node_session as S
-from engine.errors import JobCancelled, ShuttingDown
+from engine.errors import AppBroken, JobCancelled, ShuttingDown
 from engine.faults import FaultLog, describe
 from engine.pool.job import Job
 from engine.manifest import EngineConfig
@@ -102,7 +102,8 @@ class SlavePool:
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
             concurrency=config.concurrency, restart_intensity=restart_intensity,
             backoff_base=backoff_base, backoff_cap=backoff_cap,
-            prefetch=config.prefetch, max_jobs=config.max_jobs_per_slave)
+            prefetch=config.prefetch, max_jobs=config.max_jobs_per_slave,
+            request_timeout=config.request_timeout)
         self._jobs: dict[int, Job] = {}          # accepted jobs the policy still tracks
         self._slaves: dict[int, _Slave] = {}
         self._next_job = 1
@@ -121,6 +122,8 @@ class SlavePool:
         self.failed = 0
         self.cancelled = 0
         self.crashes = 0
+        self._warming: trio.Event | None = None   # warm_up() waits: a handshake or a failed start
+        self._failed_start: str | None = None     # why the last slave died before its handshake
 
     # -- lifetime --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -170,6 +173,9 @@ class SlavePool:
         self._next_job += 1
         job = self._jobs[job_id] = Job(job_id, event, payload, now, self, chunks)
         self._apply(decisions, now)
+        timeout = self.config.request_timeout
+        if timeout is not None and now + timeout < self._timer_at:
+            self._wake_timer(now + timeout)  # the first job waiting on its request-timeout
         return job
 
     def poll_job(self, job: Job) -> bool:
@@ -185,6 +191,23 @@ class SlavePool:
         if envelopes:
             slave.on_frame(envelopes)
         return bool(envelopes)
+
+    async def warm_up(self) -> None:
+        """A slave handshaked (one is started if none is live), or AppBroken with why
+        the one started died first: it could not import the app, or missed its
+        startup-timeout (the session kills it then, so this always ends)."""
+        while True:
+            if self.policy.info()[P.READY]:
+                return
+            if self.policy.broken_reason is not None:
+                raise AppBroken(self.policy.broken_reason)
+            self._warming = warming = trio.Event()
+            self._failed_start = None
+            now = trio.current_time()
+            self._apply(self.policy.warm(now), now)
+            await warming.wait()
+            if self._failed_start is not None:
+                raise AppBroken(f"its first slave did not start: {self._failed_start}")
 
     async def drain(self, timeout: float) -> None:
         """Refuse new jobs, let queued and running ones finish for up to ``timeout``
@@ -221,7 +244,7 @@ class SlavePool:
                 "cancelling": p["cancelling"],
                 "done": self.done,
                 "failed": self.failed, "cancelled": self.cancelled, "spawned": p["spawned"],
-                "retired": p["retired"], "recycled": p["recycled"],
+                "retired": p["retired"], "recycled": p["recycled"], "timed_out": p["timed_out"],
                 "crashes": self.crashes, "latency_ms": latency_ms(self._latencies),
                 "faults": dict(self.faults.counts), "recent_faults": self.faults.recent(),
                 "prefetch": p["prefetch"],
@@ -271,8 +294,8 @@ class SlavePool:
                 case P.Fail():
                     self._answer_fail(d.job, d.error, now)
                 case P.Cancel():
-                    self._answer_fail(d.job, JobCancelled("cancelled by its caller while running"),
-                                      now)
+                    self._answer_fail(d.job, d.error or JobCancelled(
+                        "cancelled by its caller while running"), now)
                     slave = self._slaves[d.slave]
                     session = slave.session
                     assert session is not None, "a slave holding a job has handshaked"
@@ -328,6 +351,8 @@ class SlavePool:
                 if window is not None:
                     window.credit(a.chunks)
             elif isinstance(a, S.Ready):
+                if self._warming is not None:
+                    self._warming.set()
                 self._apply(self.policy.slave_ready(slave.id, a.concurrency, now), now)
                 assert slave.session is not None, "its session said it is ready"
                 self._wake_timer(slave.session.next_deadline())
@@ -516,6 +541,9 @@ class SlavePool:
             self._crashlog.extend(f"[{proc.pid}] {line}" for line in proc.output)
             self._crashlog.append(f"[{proc.pid}] -- {reason}")
         del self._slaves[slave.id]
+        if not handshaked and self._warming is not None:
+            self._failed_start = reason
+            self._warming.set()
         if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
             self._apply(self.policy.slave_gone(slave.id, now, handshaked=handshaked, reason=reason), now)
             # A failed start sets the next probe's backoff deadline even when nothing

@@ -13,9 +13,11 @@ request costs no process hop; the price is isolation:
 - the app shares the node's process: no resource limits, no per-app output capture (a
   failing handler's traceback goes to the crashlog instead), and a crash of the
   interpreter takes the node with it;
-- a thread cannot be killed: a sync call (or generator step) still running after
-  ``heartbeat-timeout`` fails its job with ``SlaveHung`` and frees its slot, but the
-  thread runs on until the call returns;
+- a thread cannot be killed: a job not answered within ``request-timeout`` (from its
+  submission) fails with ``RequestTimeout`` and frees its slot, but a sync call (or
+  generator step) on a thread runs on until it returns; without a request-timeout a
+  job may run for ever (``heartbeat-timeout`` means nothing here: there is no process
+  whose life to watch);
 - an ``async def`` handler that computes without awaiting, or a quick plain handler
   that suddenly is not, holds up the whole node while it runs.
 
@@ -46,7 +48,7 @@ import trio
 from transport.errors import BadMessage, RemoteError, UnknownEvent, body_to_error, error_to_body
 
 from engine import api
-from engine.errors import AppBroken, JobCancelled, QueueFull, ShuttingDown, SlaveHung
+from engine.errors import AppBroken, JobCancelled, QueueFull, RequestTimeout, ShuttingDown
 from engine.faults import FaultLog
 from engine.pool.base import Pool, PoolLoad
 from engine.pool.job import Job
@@ -118,6 +120,7 @@ class ThreadPool:
         self._handlers: dict[str, tuple[Callable[..., Any], str]] = {}
         self._jobs: dict[int, Job] = {}              # accepted and not answered
         self._queue: deque[Job] = deque()            # waiting for a slot, oldest first
+        self._queued = trio.Event()                  # set when the queue was empty and is not
         self._running = 0
         self._scopes: dict[int, trio.CancelScope] = {}
         self._credit: dict[int, trio.Event] = {}     # streaming jobs waiting for a consumer
@@ -130,7 +133,7 @@ class ThreadPool:
         self._crashlog: deque[str] = deque(maxlen=max(1, config.crashlog_limit))
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.faults = FaultLog()
-        self.done = self.failed = self.cancelled = self.crashes = 0
+        self.done = self.failed = self.cancelled = self.crashes = self.timed_out = 0
 
     # -- lifetime ----------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -147,6 +150,8 @@ class ThreadPool:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.config.request_timeout is not None:
+                    nursery.start_soon(self._expire_queued, self.config.request_timeout)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -173,6 +178,7 @@ class ThreadPool:
             self._start(job)
         else:
             self._queue.append(job)
+            self._queued.set()
         return job
 
     def _start(self, job: Job) -> None:
@@ -186,6 +192,28 @@ class ThreadPool:
             job = self._queue.popleft()
             if not job.done:
                 self._start(job)
+
+    async def warm_up(self) -> None:
+        """The handlers were imported when :meth:`run` started, or AppBroken says why not."""
+        if self.broken_reason is not None:
+            raise AppBroken(self.broken_reason)
+
+    async def _expire_queued(self, limit: float) -> None:
+        """request-timeout for jobs still waiting for a slot: the oldest is due first."""
+        while True:
+            while self._queue and self._queue[0].done:
+                self._queue.popleft()   # cancelled while queued
+            if not self._queue:
+                self._queued = trio.Event()
+                await self._queued.wait()
+                continue
+            job = self._queue[0]
+            await trio.sleep_until(job.submitted_at + limit)
+            if self._queue and self._queue[0] is job:
+                self._queue.popleft()
+                self.timed_out += 1
+                self._settle_failure(job, RequestTimeout(
+                    f"not answered within request-timeout {limit:g}s (still queued)"))
 
     async def drain(self, timeout: float) -> None:
         self._draining = True
@@ -216,6 +244,7 @@ class ThreadPool:
                 "running": self._running, "cancelling": 0,
                 "done": self.done, "failed": self.failed, "cancelled": self.cancelled,
                 "spawned": 0, "retired": 0, "crashes": self.crashes,
+                "timed_out": self.timed_out,
                 "faults": dict(self.faults.counts), "recent_faults": self.faults.recent(),
                 "latency_ms": latency_ms(self._latencies)}
 
@@ -230,7 +259,7 @@ class ThreadPool:
                 self._scopes[job.id] = scope
                 try:
                     if not job.done:  # else cancelled before this task started: run nothing
-                        await self._serve(job)
+                        await self._serve_within(job)
                 except Exception as exc:  # the handler's failure is the caller's answer
                     self._keep(f"{job.event}: " + "".join(
                         traceback.format_exception_only(type(exc), exc)).strip())
@@ -248,6 +277,21 @@ class ThreadPool:
         except Exception as exc:  # a fault of this pool's own (a bug): still this job's only
             log.exception("%s: ending job %s failed", self.app_name, job.id)
             self.faults.record(f"job {job.id}", "job-task", f"{type(exc).__name__}: {exc}")
+
+    async def _serve_within(self, job: Job) -> None:
+        """:meth:`_serve`, bounded by the request-timeout (counted from submission)."""
+        limit = self.config.request_timeout
+        if limit is None:
+            await self._serve(job)
+            return
+        with trio.move_on_at(job.submitted_at + limit) as timer:
+            await self._serve(job)
+        if timer.cancelled_caught and not job.done:
+            self.timed_out += 1
+            self.faults.record(f"job {job.id}", "request-timeout",
+                               f"{job.event} not answered within request-timeout {limit:g}s")
+            raise RequestTimeout(f"not answered within request-timeout {limit:g}s (a call "
+                                 f"on a thread is left to finish)")
 
     async def _serve(self, job: Job) -> None:
         entry = self._handlers.get(job.event)
@@ -305,18 +349,11 @@ class ThreadPool:
             self._times.sample(job.event, time.perf_counter() - t0)
 
     async def _in_thread(self, job: Job, fn: Callable[..., Any], *args: Any) -> Any:
-        """One sync call on a worker thread; past heartbeat-timeout the job fails and the
-        thread is left to finish on its own (threads cannot be stopped)."""
-        limit = self.config.heartbeat_timeout
-        with trio.move_on_after(limit) as late:
-            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True,
-                                                 limiter=self._threads)
-        if late.cancelled_caught:
-            self.crashes += 1
-            self.faults.record(f"job {job.id}", "thread-hung",
-                               f"{job.event} still running after heartbeat-timeout {limit:g}s")
-            raise SlaveHung(f"{job.event} still running after heartbeat-timeout {limit:g}s "
-                            f"(the thread is left to finish)")
+        """One sync call on a worker thread.  Cancelled (its caller gave up, the
+        request-timeout), the job goes on without it: the thread is left to finish on its
+        own (threads cannot be stopped)."""
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True,
+                                             limiter=self._threads)
 
     async def _chunk(self, job: Job, item: Any) -> None:
         """Hand one chunk to the job; wait while its consumer is a window behind."""

@@ -11,12 +11,16 @@ Lifetime rules:
   too: :func:`watch_parent`) plus a thread blocked on the read end of a pipe whose
   write end only the node holds (EOF = node gone); a check of its parent's pid covers
   the race where the node died before ``prctl`` ran.
-- Heartbeats come from a trio task, and **sync handlers run on the trio thread on
-  purpose**: a sync handler stuck in ``while True: pass`` (or an async one that never
-  awaits) stops the heartbeats, so the node sees the hang and kills the slave.  A
-  worker thread would keep heartbeats flowing and hide the hang.  The price: one sync
-  handler call (or one step of a sync generator) must finish within the
-  heartbeat-timeout, and blocks the slave's other jobs while it runs.
+- Heartbeats say "this process is alive", not "its jobs are quick": they come from a
+  trio task and, while the trio thread is busy in a handler (a sync handler runs
+  inline on it, for speed: no thread hop per job), from a watchdog thread
+  (:class:`Watchdog`) that beats on its behalf as long as a job is running.  So a
+  20-second sync job does not look hung under a 10-second heartbeat-timeout; what
+  bounds a job's duration is the app's ``request-timeout`` (the node cancels the job,
+  and kills the slave if its handler cannot stop).  A slave with no job running
+  whose trio thread stops (wedged, or the process stopped) stops beating and is
+  killed as hung.  The price of running inline stays: a sync handler blocks the
+  slave's other jobs while it runs.
 - A handler's exception is sent as an ERROR on its stream; the slave lives on.
 - At most ``--concurrency`` jobs run at once; INVOKEs beyond that (the node's
   ``engine.prefetch``) wait in arrival order and start as slots free.  A ``CANCEL``
@@ -49,6 +53,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from types import FrameType
@@ -57,10 +62,10 @@ from typing import Any, AsyncGenerator, Callable, Generator
 import trio
 
 from transport.channel import EnvelopeChannel
-from transport.codec import Envelope, Kind
+from transport.codec import Envelope, Kind, encode_one
 from transport.errors import BadMessage, Closed, CodecError, error_to_body
 from transport.inbound import InputStream
-from transport.streams import from_fd
+from transport.streams import FramedStream, from_fd
 
 from engine import api
 from engine.client import calls
@@ -207,11 +212,13 @@ class Runtime:
         self.session = WorkerSession(concurrency=concurrency, events=handlers)
         self.tasks: dict[int, _Task] = {}             # jobs running on a task
         self.inputs: dict[int, InputStream] = {}      # sid -> a chunked request's chunks
+        self.beat_at = time.monotonic()               # the trio task's last heartbeat
 
     async def heartbeat(self, interval: float) -> None:
         try:
             while True:
                 self.chan.send_nowait(*self.session.heartbeat())
+                self.beat_at = time.monotonic()
                 await trio.sleep(interval)
         except Closed:
             return  # the node is gone: serve() sees it too
@@ -355,6 +362,39 @@ class Runtime:
             await trio.lowlevel.checkpoint()
 
 
+class Watchdog:
+    """Heartbeats from a thread of their own while the trio thread is busy in a job.
+
+    Every ``interval`` it looks at when the trio task last beat; if that is an
+    interval ago or more *and* a job is running, the trio thread is in a handler
+    (a sync one runs inline) or behind one: the process is alive and working, so it
+    writes the heartbeat itself, between two of the trio side's frames
+    (:meth:`FramedStream.send_from_thread`).  With no job running it stays silent, so
+    a slave whose loop is stuck with nothing to do still stops beating.  It reads the
+    session's job count from another thread: one ``len`` of a dict, atomic under the
+    GIL (a handler holding the GIL in C code for longer than the heartbeat-timeout
+    stops this thread too, and its slave is killed as hung: it could not be stopped
+    either)."""
+
+    def __init__(self, runtime: Runtime, stream: FramedStream, interval: float) -> None:
+        self.runtime = runtime
+        self.stream = stream
+        self.interval = interval
+        self.beats = 0                                 # heartbeats it sent (tests)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="heartbeat-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        runtime, interval = self.runtime, self.interval
+        while True:
+            time.sleep(interval)
+            if time.monotonic() - runtime.beat_at >= interval and runtime.session.running:
+                frame = encode_one(*runtime.session.heartbeat())
+                if self.stream.send_from_thread(frame):
+                    self.beats += 1
+
+
 class _ToNodeLog(logging.Handler):
     """The app's ``logging`` records, one line each on stderr, which the node reads and
     logs at their level (engine/protocol/output_lines.py, ``engine.log-output``)."""
@@ -383,7 +423,8 @@ def forward_logging() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     forward_logging()
-    chan = EnvelopeChannel(from_fd(args.fd))
+    stream = from_fd(args.fd)
+    chan = EnvelopeChannel(stream)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(chan.run_writer)
@@ -400,6 +441,7 @@ async def serve(args: argparse.Namespace) -> int:
             chan.send_nowait(*runtime.session.hello(pid=os.getpid(), app=args.app))
             calls.bind_runtime(nursery)  # acall/astream: their client runs in this nursery
             nursery.start_soon(runtime.heartbeat, args.heartbeat)
+            Watchdog(runtime, stream, args.heartbeat).start()
             code = await runtime.serve()
             nursery.cancel_scope.cancel()
         return code
