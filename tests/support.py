@@ -153,6 +153,20 @@ def stop_node(node: NodeProcess) -> list[psutil.Process]:
     return alive
 
 
+def write_app(where: Path, code: str, engine: dict | None = None, *,
+              drivers: dict | None = None, name: str = "worker") -> Path:
+    """An app folder ``where/name`` (the app's name: the folder's) with ``app.py`` and a
+    manifest of these engine options and drivers; returns the folder."""
+    import json
+
+    folder = where / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.py").write_text(code)
+    (folder / "manifest.json").write_text(json.dumps(
+        {"type": "python", "args": "app.py", "engine": engine or {}, "drivers": drivers or {}}))
+    return folder
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

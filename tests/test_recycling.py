@@ -3,7 +3,6 @@
 job fails because of it.  Real nodes, real slaves."""
 from __future__ import annotations
 
-import json
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -13,7 +12,7 @@ import trio
 
 from engine.client import connect
 
-from support import start_node_process, stop_node, wait_until
+from support import start_node_process, stop_node, write_app
 
 pytestmark = pytest.mark.e2e
 
@@ -40,13 +39,7 @@ APP = textwrap.dedent('''\
 
 
 def app(where: Path, **engine) -> Path:
-    folder = where / "worker"
-    folder.mkdir(parents=True)
-    (folder / "app.py").write_text(APP)
-    (folder / "manifest.json").write_text(json.dumps(
-        {"type": "python", "args": "app.py", "engine": {"termination-timeout": 2, **engine},
-         "drivers": {}}))
-    return folder
+    return write_app(where, APP, {"termination-timeout": 2, **engine})
 
 
 async def test_a_slave_is_replaced_after_its_job_quota_and_every_job_is_answered(tmp_path):

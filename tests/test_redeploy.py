@@ -6,7 +6,6 @@ start leaves the old one serving.  Real node, real slaves, real clients."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +17,7 @@ import trio
 from engine.client import connect
 from engine.errors import RedeployFailed
 
-from support import start_node_process, stop_node, wait_until
+from support import free_tcp_port, start_node_process, stop_node, wait_until, write_app
 
 pytestmark = pytest.mark.e2e
 
@@ -50,16 +49,10 @@ APP = textwrap.dedent('''\
 
 
 def app_folder(where: Path, version: str, *, broken: bool = False) -> Path:
-    folder = where / "worker"          # the app's name: the folder's
-    folder.mkdir(parents=True, exist_ok=True)
     code = APP.format(version=version)
     if broken:
         code += "\nimport a_module_that_is_not_there\n"
-    (folder / "app.py").write_text(code)
-    (folder / "manifest.json").write_text(json.dumps(
-        {"type": "python", "args": "app.py",
-         "engine": {"pool-limit": 2, "termination-timeout": 5}, "drivers": {}}))
-    return folder
+    return write_app(where, code, {"pool-limit": 2, "termination-timeout": 5})
 
 
 def slave_pids(info: dict) -> set[int]:
@@ -161,13 +154,6 @@ async def test_reload_picks_up_code_edited_in_place_from_the_command_line(tmp_pa
                 assert await client.call("worker", "version") == "v2"
     finally:
         assert not stop_node(node)
-
-
-def free_tcp_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_server(folder: Path, port: int) -> Path:

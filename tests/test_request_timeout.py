@@ -4,7 +4,6 @@ client: the caller of a job past its request-timeout gets ``RequestTimeout``; a 
 handler busy for longer than the heartbeat-timeout is answered, not killed."""
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import trio
 from engine.client import connect
 from engine.errors import RequestTimeout
 
-from support import start_node_process, stop_node, wait_until
+from support import start_node_process, stop_node, wait_until, write_app
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +51,7 @@ APP = textwrap.dedent('''\
 
 
 def app(where: Path, **engine) -> Path:
-    folder = where / "worker"
-    folder.mkdir(parents=True)
-    (folder / "app.py").write_text(APP)
-    (folder / "manifest.json").write_text(json.dumps(
-        {"type": "python", "args": "app.py", "engine": engine, "drivers": {}}))
-    return folder
+    return write_app(where, APP, engine)
 
 
 async def test_slow_jobs_finish_and_stuck_ones_time_out_through_a_node(tmp_path):
