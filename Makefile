@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo lint test fuzz bench venv clean
+.PHONY: demo lint test fuzz bench venv clean js
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,24 @@ $(STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The Node.js worker library's one dependency (msgpack), from the npm registry, for apps
+# of "type": "nodejs". Without npm, say so: those apps are refused (LanguageUnavailable).
+JS_DEPS := workers/js/node_modules/.package-lock.json
+$(JS_DEPS): workers/js/package.json workers/js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix workers/js --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: nodejs apps will not run (install Node.js and npm)"; fi
+
+js: $(JS_DEPS)
+
+demo: $(STAMP) js
 	$(PY) -m engine run examples/
 
 # Types first: plain mypy on src/, the strict flags on the pure cores ([tool.mypy]).
 lint: $(STAMP)
 	$(PY) -m mypy
 
-test: lint
+test: lint js
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The fuzzers at length: hypothesis profile "long" (fuzz/conftest.py), 5,000 examples a

@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import trio
 
-from . import baselines, cote, engine, mesh, pool, rpc, sockend, timing
+from . import baselines, cote, engine, languages, mesh, pool, rpc, sockend, timing
 from .harness import (PAYLOAD, Results, Row, RRFigures, Settings, median, rss_mb, skip,
                       verdict)
 from .report import RESULTS_JSON, machine, print_rows, print_rr_table, write_json
 
-FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing")
+FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing", "languages")
 LEAK_LIMIT = 1.10                       # RSS after the run / after warm-up
 PUBSUB_ROUNDS = 3                       # pub/sub runs of ours and of cote's, alternating
 
@@ -416,6 +416,30 @@ def family_sockend(settings: Settings, results: Results) -> dict[str, RRFigures 
     return {"sockend websocket": rr}
 
 
+# -- 6. languages ----------------------------------------------------------------------------
+
+def family_languages(settings: Settings, results: Results) -> dict[str, RRFigures | str]:
+    """Each language's slaves against the Python slave's, measured in this run."""
+    out, err = _measure("languages: python, nodejs, perl slaves (conformance app echo)",
+                        languages.all_languages, settings)
+    if out is None:
+        results.add(Row("languages", "slaves in other languages", verdict="FAIL", note=err))
+        return {}
+    python = out.get("python")
+    top = max(settings.inflight)
+    for language in ("nodejs", "perl"):
+        fig = out.get(language)
+        if not isinstance(fig, RRFigures):
+            results.add(skip("languages", f"{language} slave echo", str(fig)))
+            continue
+        base = python if isinstance(python, RRFigures) else None
+        results.add(Row("languages", f"{language} slave seq rt/s vs python slave", fig.seq_rate,
+                        base.seq_rate if base else None, "/s", note="through a node, 2 slaves"))
+        results.add(Row("languages", f"{language} slave {top} in flight /s vs python slave",
+                        fig.inflight.get(top), base.inflight.get(top) if base else None, "/s"))
+    return {f"{lang} slaves (node)": fig for lang, fig in out.items()}
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -458,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         systems.update(family_sockend(settings, results))
     if "timing" in args.families:
         timing.family_timing(settings, results, _measure)
+    if "languages" in args.families:
+        systems.update(family_languages(settings, results))
     results.figures["bench_rss_end_mb"] = rss_mb()
     info["seconds"] = round(time.perf_counter() - t0, 1)
 

@@ -22,6 +22,7 @@ from engine.node.node import Node
 from transport.errors import HandlerError
 from transport.mesh.discovery import DiscoveryConfig
 from support import free_udp_port, wait_until
+from cluster_support import lan_member, sees_all
 
 SECRET = "the bundle tests' cluster secret"
 
@@ -180,13 +181,10 @@ async def test_deploy_never_ships_what_a_symlink_reaches_outside_the_app_folder(
     name, port = f"t-{uuid.uuid4().hex[:8]}", free_udp_port()
 
     def member(i: int) -> Node:
-        return Node(control="tcp://127.0.0.1:0", cluster=in_cluster(ClusterOptions(
-            name=name, secret=SECRET, state_dir=tmp_path / f"state{i}", report_interval=0.2, expiry=2,
-            discovery=DiscoveryConfig(port=port, interface="127.0.0.1", hello_interval=0.2, expiry=2))))
+        return lan_member(tmp_path / f"state{i}", name, port, SECRET)
 
     async def sees_both(client) -> bool:
-        nodes = (await client.verb("nodes"))["nodes"]
-        return len(nodes) == 2 and all(n["connected"] for n in nodes)
+        return await sees_all(client, 2)
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

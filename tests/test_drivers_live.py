@@ -309,10 +309,12 @@ async def test_make_demo_command_starts_every_example_app(tmp_path, start_node):
     manifest_path.write_text(text.replace(":9210", f":{api_port}").replace(":9211", f":{pubsub_port}"))
 
     node = await start_node(examples)            # what `make demo` runs: engine run examples/
-    assert re.search(r"serving 2 app\(s\): echo, pipeline", node.stderr), node.stderr
+    assert re.search(r"serving 3 app\(s\): echo, js-echo, pipeline", node.stderr), node.stderr
     assert "not hosting" not in node.stderr, node.stderr
     async with connect(node.address, timeout=15) as client:
         assert await client.call("echo", "echo", {"hi": 1}) == {"hi": 1}
+        assert await client.call("js-echo", "echo", {"hi": 1}) == {"hi": 1}   # a Node.js app
+        assert await client.call("js-echo", "sum", 1, chunks=[2, 3]) == 6
         assert await client.call("echo", "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
         assert await client.call("pipeline", "squares", 4) == [0, 1, 4, 9]   # app -> app
 

@@ -373,3 +373,20 @@ def test_the_protocol_window_is_the_one_chunked_requests_run_on():
     from engine.protocol import messages
     from transport import inbound
     assert (messages.STREAM_WINDOW, messages.CREDIT_BATCH) == (inbound.WINDOW, inbound.CREDIT_BATCH)
+
+
+def test_a_slave_that_overruns_its_stream_window_is_killed_not_buffered():
+    """Any worker, in any language: at most STREAM_WINDOW chunks beyond the credit the
+    node granted; one more and the slave is broken (its jobs fail), so a misbehaving
+    worker cannot make the node buffer without bound."""
+    s = session()
+    hello(s)
+    s.invoke(1, "a", "count", None)
+    for i in range(STREAM_WINDOW):
+        assert s.receive(Envelope(Kind.CHUNK, 1, i), 1) == [Chunk("a", i)]
+    assert s.grant(1, 16) == [Send(Envelope(Kind.CREDIT, 1, 16))]
+    for i in range(16):                                # exactly what the credit allows
+        assert s.receive(Envelope(Kind.CHUNK, 1, i), 1) == [Chunk("a", i)]
+    kill, failed = s.receive(Envelope(Kind.CHUNK, 1, "one too many"), 1)
+    assert isinstance(kill, Kill) and "stream window" in kill.reason
+    assert failed.job == "a" and isinstance(failed.error, SlaveDied)

@@ -35,7 +35,9 @@ import trio
 
 from engine.drivers import registry
 from engine.drivers.base import Driver, HostingNode, sole_leaf
-from engine.errors import AppBroken, DriverError, QueueFull, RedeployFailed, ShuttingDown
+from engine import languages
+from engine.errors import (AppBroken, DriverError, LanguageUnavailable, QueueFull, RedeployFailed,
+                           ShuttingDown)
 from engine.event_stats import EventStats
 from engine.faults import KEEP, Backoff, FaultLog, describe
 from engine.node.maintenance import MaintenanceChannel
@@ -62,6 +64,11 @@ class AppHost(HostingNode, Protocol):
 
 
 def _default_pool_factory(manifest: AppManifest) -> Pool:
+    """The manifest's pool; LanguageUnavailable if its language cannot run here (say
+    why at deploy, before anything starts, rather than as slaves that fail to start)."""
+    missing = languages.get(manifest.type).missing()
+    if missing:
+        raise LanguageUnavailable(str(manifest.source), manifest.type, missing)
     # Imported late: the pools pull in subprocess and threading machinery.
     if manifest.engine.backend == "thread":
         from engine.pool.threads import ThreadPool
@@ -69,7 +76,8 @@ def _default_pool_factory(manifest: AppManifest) -> Pool:
         return ThreadPool(manifest.name, manifest.entry, manifest.engine)
     from engine.pool.process import SlavePool
 
-    return SlavePool(manifest.name, manifest.entry, manifest.engine)
+    return SlavePool(manifest.name, manifest.entry, manifest.engine, language=manifest.type,
+                     args=manifest.args, base_dir=manifest.base_dir)
 
 
 class _PoolRun:
@@ -391,6 +399,7 @@ class App:
             "name": self.name,
             "state": self.state,
             "manifest": str(self.manifest.source),
+            "language": self.manifest.type,
             "entry": str(self.manifest.entry),
             "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             "limits": {"pool-limit": self.manifest.engine.pool_limit,

@@ -8,7 +8,8 @@ from __future__ import annotations
 from transport.errors import QueueFull, RemoteError, UnknownEvent, register_error
 
 __all__ = [
-    "AppBroken", "AppNotFound", "DriverError", "EngineError", "JobCancelled", "ManifestError",
+    "AppBroken", "AppNotFound", "DriverError", "EngineError", "JobCancelled", "LanguageUnavailable",
+    "ManifestError",
     "PeerLost",
     "QueueFull", "RedeployFailed", "RequestTimeout",
     "ShuttingDown", "SlaveDied", "SlaveHung", "UnknownEvent",
@@ -32,6 +33,17 @@ class ManifestError(EngineError):
         if got is not None:
             detail += f", got {got!r:.80}"
         super().__init__(f"{where}: {detail}")
+
+
+class LanguageUnavailable(ManifestError):
+    """The manifest's language plugin cannot run on this node: its runtime (or the
+    library its slaves need) is not installed.  Refused at deploy; other apps run on."""
+
+    def __init__(self, file: str, plugin: str, missing: str):
+        self.plugin = plugin
+        self.missing = missing
+        super().__init__(file, "type", f"a language this node can run: the {plugin} plugin "
+                                       f"needs {missing}")
 
 
 class DriverError(EngineError):

@@ -21,10 +21,10 @@ from typing import Any, Callable, Literal, Mapping, TypeGuard
 
 from engine.drivers.options import DriverSpec
 from engine.errors import ManifestError
+from engine import languages
 
 MANIFEST_FILE = "manifest.json"
-DEFAULT_ENTRY = "app.py"           # "args" when the manifest has none
-LANGUAGES = ("python",)
+DEFAULT_ENTRY = "app.py"           # "args" of a python app when the manifest has none
 BACKENDS = ("process", "thread")
 SPAWN_MODES = ("zygote", "exec")   # engine.spawn: how a process slave is started
 MAX_PREFETCH = 1024  # engine.prefetch: jobs queued in one slave beyond its concurrency
@@ -73,6 +73,9 @@ class EngineConfig:
     max_jobs_per_slave: int = 0
     max_rss_per_slave: float = 0.0
     resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
+    # where the slave protocol runs: "socket" (an inherited socketpair end) or "stdio"
+    # (the slave's stdin and stdout); None: its language plugin's default
+    transport: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,14 @@ class PubsubConfig:
 class AppManifest:
     name: str
     source: Path                   # the manifest file
-    type: str                      # language plugin: "python"
-    entry: Path                    # the app module to import in each slave
+    type: str                      # language plugin: "python", "exec", "nodejs" (engine.languages)
+    entry: Path                    # the app module (python), program (exec) or script (nodejs)
     engine: EngineConfig
     drivers: tuple[DriverSpec, ...]
     pubsub: PubsubConfig | None = None
     version: int = 1
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    args: tuple[str, ...] = ()     # the rest of ``args`` after the entry, as written
 
     @property
     def base_dir(self) -> Path:
@@ -196,10 +200,16 @@ class _Parser:
         self.reject_unknown(data, _TOP_KEYS, "")
         app_name = self.app_name(data, name)
         language = data.get("type", "python")
-        if language not in LANGUAGES:
-            raise self.error("type", f"a language plugin, one of {', '.join(LANGUAGES)}", language)
-        entry = self.entry(data.get("args", DEFAULT_ENTRY))
+        known = languages.names()
+        if not isinstance(language, str) or language not in known:
+            broken = languages.registry.broken.get(language) if isinstance(language, str) else None
+            raise self.error("type", f"a language plugin, one of {', '.join(known)}"
+                             + (f" (plugin {language!r} is installed but cannot be loaded: "
+                                f"{broken})" if broken else ""), language)
+        plugin = languages.get(language)
+        entry, extra = self.args(data.get("args", plugin.default_args), plugin)
         engine = self.engine(data.get("engine", {}))
+        self.fits_language(engine, plugin, data.get("engine") or {})
         if "drivers" in data and "tasks" in data:
             raise self.error("tasks", "either 'drivers' or the older 'tasks', not both")
         drivers = self.drivers(data["tasks"], "tasks") if "tasks" in data else \
@@ -212,7 +222,7 @@ class _Parser:
             raise self.error("description", "a string", data["description"])
         return AppManifest(
             name=app_name, source=self.source, type=language, entry=entry, engine=engine,
-            drivers=drivers, pubsub=pubsub, version=version, raw=data,
+            drivers=drivers, pubsub=pubsub, version=version, raw=data, args=extra,
         )
 
     def app_name(self, data: dict[str, Any], override: str | None) -> str:
@@ -226,6 +236,33 @@ class _Parser:
             raise self.error(where, "an app name of letters, digits, '.', '_' or '-' "
                                     "(at most 64, not starting with a punctuation mark)", value)
         return value
+
+    def args(self, raw: Any, plugin: languages.LanguagePlugin) -> tuple[Path, tuple[str, ...]]:
+        """``args``: the entry (a path, relative to the manifest's folder) or, for a
+        language that takes arguments, a list of the entry then its arguments."""
+        if isinstance(raw, list):
+            if not plugin.takes_arguments:
+                raise self.error("args", f"a path to the app's entry (a {plugin.name} app takes "
+                                 f"no arguments)", raw)
+            if not raw or not all(isinstance(a, str) for a in raw):
+                raise self.error("args", "a list of strings: the program, then its arguments", raw)
+            entry, extra = self.entry(raw[0]), tuple(raw[1:])
+        else:
+            entry, extra = self.entry(raw), ()
+        problem = plugin.entry_problem(entry)
+        if problem:
+            raise self.error("args", problem, str(entry))
+        return entry, extra
+
+    def fits_language(self, engine: EngineConfig, plugin: languages.LanguagePlugin,
+                      raw: dict[str, Any]) -> None:
+        """The engine options the language cannot honour are refused, not ignored."""
+        if engine.transport is not None and engine.transport not in plugin.transports:
+            raise self.error("engine.transport", f"a transport the {plugin.name} plugin speaks: "
+                             f"{', '.join(plugin.transports)}", engine.transport)
+        if engine.backend == "thread" and not plugin.runs_in_node:
+            raise self.error("engine.backend", f'"process" (a {plugin.name} app cannot run '
+                             f"in the node's own process)", engine.backend)
 
     def entry(self, args: Any) -> Path:
         if not isinstance(args, str) or not args:
@@ -269,6 +306,7 @@ class _Parser:
             "max-jobs-per-slave": ("max_jobs_per_slave", self.positive_int),
             "max-rss-per-slave": ("max_rss_per_slave", self.positive_megabytes),
             "resource-limits": ("resource_limits", self.resource_limits),
+            "transport": ("transport", self.transport),
         }
         self.reject_unknown(raw, tuple(specs), "engine.")
         values = {attr: check(raw[key], f"engine.{key}")
@@ -332,6 +370,11 @@ class _Parser:
         if not _is_number(value) or value < 0:
             raise self.error(path, "a non-negative number of seconds", value)
         return float(value)
+
+    def transport(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or value not in languages.TRANSPORTS:
+            raise self.error(path, f"one of {', '.join(languages.TRANSPORTS)}", value)
+        return value
 
     def backend(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or value not in BACKENDS:

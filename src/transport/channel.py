@@ -42,10 +42,14 @@ if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynn
 
 class EnvelopeChannel:
     def __init__(self, sock: TrioSocket | FramedStream, *, high_water: int = 4096,
-                 max_message: int | None = None):
+                 max_message: int | None = None, strict: bool = False):
         """``max_message``: the largest packed envelope it sends (default: what fits
-        a frame of the stream's ``max_frame``; no limit over nng unless given)."""
+        a frame of the stream's ``max_frame``; no limit over nng unless given).
+        ``strict``: a frame that does not decode raises :class:`CodecError` from
+        :meth:`receive` (the peer is broken: a slave, whose lost answers would leave
+        jobs unanswered) instead of being counted and skipped (a client's bad frame)."""
         self.sock = sock
+        self.strict = strict
         # A stream link writes a lone frame at once, reads every frame a read brought,
         # and can be polled (transport/_spin.py); an nng socket does none of these.
         self._stream = sock if isinstance(sock, FramedStream) else None
@@ -185,6 +189,8 @@ class EnvelopeChannel:
                 envelopes = decode(frame)
             except CodecError:
                 self.bad_frames += 1
+                if self.strict:
+                    raise
                 continue
             self.frames_received += 1
             if out:

@@ -45,7 +45,7 @@ BYTES_PER_VALUE = 8
 class Kind(IntEnum):
     # Slave protocol (docs/protocol.md)
     HANDSHAKE = 1   # slave -> node: {"pid", "app", "concurrency", ...}
-    HEARTBEAT = 2   # both ways: body None, or load figures
+    HEARTBEAT = 2   # slave -> node: {"jobs": N} (any message counts as a sign of life)
     INVOKE = 3      # node -> slave: [event, payload]
     CHUNK = 4       # one item of a streamed reply
     ERROR = 5       # reply failed: error body (transport.errors), ends the stream

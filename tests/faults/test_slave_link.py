@@ -88,26 +88,22 @@ async def test_slaves_killed_again_and_again_under_load_lose_no_job(tmp_path):
 
 @pytest.mark.parametrize("how", ["prefix", "frame"])
 async def test_garbage_on_the_link_costs_only_that_slave(tmp_path, how):
-    """A length prefix over the limit loses the framing: the slave is replaced and its
-    job fails with SlaveDied.  A frame that is not msgpack is skipped and counted."""
+    """A length prefix over the limit loses the framing, and a frame that is not msgpack
+    would lose the answers in it: either way the slave is replaced and its job fails
+    with SlaveDied (never a job left unanswered); the other slave's job is untouched."""
     ledger = Ledger()
     with trio.fail_after(30):
         async with running_pool(tmp_path, pool_limit=2) as pool:
-            pid = await ledger.settle(ledger.submit(pool, "pid", None))
+            await ledger.settle(ledger.submit(pool, "pid", None))
             other = ledger.submit(pool, "work", {"sleep": 0.5})  # on the other slave
             got = await ledger.settle(ledger.submit(pool, "garbage", how))
-            if how == "prefix":
-                assert isinstance(got, SlaveDied) and "link" in str(got), got
-                await wait_until(lambda: pool.info()["faults"] == {"link-garbage": 1, "slave-died": 1},
-                                 "the fault and the slave it cost are counted")
-            else:
-                assert got == "written"
+            assert isinstance(got, SlaveDied) and "link" in str(got), got
+            await wait_until(lambda: pool.info()["faults"] == {"link-garbage": 1, "slave-died": 1},
+                             "the fault and the slave it cost are counted")
             assert isinstance((await ledger.settle(other))[0], int)
             for _ in range(4):
                 assert await ledger.settle(ledger.submit(pool, "echo", 1)) == 1
             assert pool.info()["state"] == "running"
-            if how == "frame":
-                assert await ledger.settle(ledger.submit(pool, "pid", None)) == pid
     ledger.check()
 
 

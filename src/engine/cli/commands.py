@@ -167,8 +167,9 @@ def format_app_info(info: dict) -> str:
     pool, limits = info.get("pool", {}), info.get("limits", {})
     slaves = pool.get("slaves", [])
     lat = pool.get("latency_ms") or {}
+    language = f"  ({info['language']})" if info.get("language", "python") != "python" else ""
     lines = [f"{info.get('name')}  {info.get('state')}  up {info.get('uptime', 0):.0f}s  "
-             f"{info.get('manifest')}"]
+             f"{info.get('manifest')}{language}"]
     if pool.get("reason"):
         lines.append(f"  {pool.get('state')}: {pool['reason']}")
     lines.append(

@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from engine import languages
 from engine.manifest import DEFAULT_ENTRY, MANIFEST_FILE, AppManifest
 
 MAX_BUNDLE = 10 * 1024 * 1024     # bytes of files per app
@@ -55,11 +56,20 @@ def digest_of(manifest: Any, files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def _default_entry(manifest: Mapping[str, Any]) -> str:
+    language = manifest.get("type", "python")
+    if isinstance(language, str) and language in languages.names():
+        return languages.get(language).default_args
+    return DEFAULT_ENTRY
+
+
 def bundle_entry(name: str, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> str:
     """The manifest's entry (``args``) as a path inside the bundle, or BundleError: a
     relative path, not leaving the folder, naming one of ``files`` or a folder of them."""
-    args = manifest.get("args", DEFAULT_ENTRY)
+    args = manifest.get("args", _default_entry(manifest))
     what = f"app {name}: manifest args {args!r:.120}"
+    if isinstance(args, list) and args:    # a program and its arguments (exec)
+        args = args[0]
     if not isinstance(args, str) or not args or "\0" in args or "\\" in args:
         raise BundleError(f"{what}: expected a relative path to the app's entry")
     if "://" in args or args.startswith("/"):
@@ -183,6 +193,10 @@ def write_bundle(bundle: dict[str, Any], apps_dir: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     (tmp / MANIFEST_FILE).write_text(json.dumps(bundle["manifest"], indent=2))
+    if bundle["manifest"].get("type") == "exec":   # its program runs: files travel without modes
+        entry = tmp / bundle_entry(bundle["name"], bundle["manifest"], bundle["files"])
+        if entry.is_file():
+            entry.chmod(0o755)
     try:
         os.replace(tmp, target)
     except OSError:          # target appeared meanwhile (installed concurrently): keep it

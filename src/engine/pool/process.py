@@ -50,6 +50,8 @@ from transport.codec import Envelope, Kind
 from transport.errors import BadMessage, CodecError, RemoteError
 from transport.inbound import SendWindow
 
+from engine import languages
+from engine.languages.python import PythonPlugin
 from engine.pool import policy as P
 from engine.pool.base import Pool, PoolLoad
 from engine.protocol import node_session as S
@@ -92,11 +94,20 @@ class SlavePool:
 
     def __init__(self, app_name: str, entry: Path, config: EngineConfig, *,
                  restart_intensity: int = 3, backoff_base: float = 0.5, backoff_cap: float = 30.0,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, language: str = "python",
+                 args: tuple[str, ...] = (), base_dir: Path | None = None) -> None:
+        """``language``: the plugin that starts its slaves (engine/languages/); ``args``
+        and ``base_dir``: the manifest's arguments after the entry, and its folder."""
         self.app_name = app_name
         self.entry = Path(entry)
         self.config = config
         self.python = python
+        self.plugin = PythonPlugin(python) if language == "python" else languages.get(language)
+        self.args = args
+        self.base_dir = base_dir
+        # a Python zygote forks slaves of a language that allows it, over a socket
+        self._forks = (config.spawn == "zygote" and self.plugin.forkable
+                       and (config.transport or self.plugin.transports[0]) == languages.SOCKET)
         self.policy: P.PoolPolicy[int] = P.PoolPolicy(
             pool_limit=config.pool_limit, queue_limit=config.queue_limit,
             grow_threshold=config.grow_threshold, idle_timeout=config.idle_timeout,
@@ -132,7 +143,7 @@ class SlavePool:
         self._death_fd = death_r
         try:
             async with AsyncExitStack() as stack:
-                if self.config.spawn == "zygote":
+                if self._forks:
                     shared = self._shared_zygote
                     if shared is not None and shared.python == self.python:
                         self._zygote = shared
@@ -282,7 +293,8 @@ class SlavePool:
                 case P.Spawn():
                     slave = self._slaves[d.slave] = _Slave(d.slave, SlaveProcess(
                         app=self.app_name, entry=self.entry, config=self.config,
-                        death_fd=self._death_fd, python=self.python, zygote=self._zygote))
+                        death_fd=self._death_fd, python=self.python, zygote=self._zygote,
+                        plugin=self.plugin, args=self.args, base_dir=self.base_dir))
                     self._running().start_soon(self._supervise, slave,
                                                name=f"slave-{self.app_name}-{d.slave}")
                 case P.Retire():

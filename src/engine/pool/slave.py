@@ -1,7 +1,8 @@
 """The trio shell around one slave process (node side).
 
-``SlaveProcess.open()`` makes a Unix socketpair, starts ``python -m engine.worker``
-with one end (``pass_fds``) and yields the :class:`EnvelopeChannel` over the other;
+``SlaveProcess.open()`` makes a Unix socketpair, starts the slave its language plugin
+says (``python -m engine.worker`` for Python: engine/languages/) with one end (inherited,
+or as its stdin and stdout) and yields the :class:`EnvelopeChannel` over the other;
 :meth:`pump` hands its frames to a callback until the process has exited.  Leaving the context
 (normally or by cancellation) always ends the process and reaps it: TERMINATE,
 then SIGTERM, then SIGKILL of its whole process group, each after a bounded wait.
@@ -17,7 +18,6 @@ its pool reaps it, fails its jobs and replaces it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -35,10 +35,12 @@ from transport.codec import Envelope, Kind, encode_envelope, join_frame
 from transport.errors import Closed
 from transport.streams import FramedStream, from_socket, socketpair
 
+from engine.languages import SOCKET, STDIO, Launch, LanguagePlugin
+from engine.languages.python import PythonPlugin, worker_args
 from engine.manifest import EngineConfig
 from engine.pool.output_log import OutputGate
 from engine.protocol.output_lines import parse_line
-from engine.pool.spawn import KILL_WITH_PARENT, ChildProcess, start_child
+from engine.pool.spawn import ChildProcess, start_child
 from engine.pool.zygote_client import ForkedSlave, Zygote
 
 log = logging.getLogger(__name__)
@@ -51,13 +53,19 @@ SIGTERM_WAIT = 2.0   # s between SIGTERM and SIGKILL
 class SlaveProcess:
     def __init__(self, *, app: str, entry: Path, config: EngineConfig,
                  death_fd: int | None = None, python: str = sys.executable,
-                 zygote: Zygote | None = None) -> None:
+                 zygote: Zygote | None = None, plugin: LanguagePlugin | None = None,
+                 args: tuple[str, ...] = (), base_dir: Path | None = None) -> None:
         self.app = app
         self.entry = entry
+        self.args = args
+        self.base_dir = base_dir if base_dir is not None else entry.parent
         self.config = config
         self.death_fd = death_fd
         self.python = python
-        self.zygote = zygote  # forks the slave when ready; else python -m engine.worker
+        self.plugin = plugin if plugin is not None else PythonPlugin(python)
+        self.transport = config.transport or self.plugin.transports[0]
+        # forks the slave when ready (a Python slave on a socket); else the plugin's command
+        self.zygote = zygote if self.plugin.forkable and self.transport == SOCKET else None
         self.forked = False
         self.pid: int | None = None
         self.returncode: int | None = None
@@ -74,43 +82,42 @@ class SlaveProcess:
         # the slave's jobs with the reason.
         self.fault: tuple[str, str] | None = None
 
-    def command(self, link_fd: int) -> list[str]:
-        # KILL_WITH_PARENT: started from this (trio's) thread, engine.pool.spawn.
-        return [self.python, "-m", "engine.worker",
-                *self.worker_args(os.getpid(), self.death_fd), "--fd", str(link_fd),
-                KILL_WITH_PARENT]
-
-    def worker_args(self, parent_pid: int, death_fd: int | None) -> list[str]:
-        """``engine.worker``'s arguments but ``--fd``: its parent, and the read end
-        of a pipe that closes when the node dies (a descriptor the parent has)."""
+    def launch(self, link_fd: int, parent_pid: int, death_fd: int | None) -> Launch:
+        """What its plugin makes the slave's command of: ``parent_pid`` and ``death_fd``
+        (the read end of a pipe that closes when the node dies) are its parent's."""
         cfg = self.config
-        limits = {k: (sorted(v) if isinstance(v, frozenset) else v)
-                  for k, v in asdict(cfg.resource_limits).items() if v}
-        args = ["--app", self.app, "--entry", str(self.entry),
-                "--concurrency", str(cfg.concurrency),
-                "--heartbeat", f"{cfg.heartbeat_timeout / 3:.3f}", "--parent-pid", str(parent_pid)]
-        if death_fd is not None:
-            args += ["--death-fd", str(death_fd)]
-        if limits:
-            args += ["--limits", json.dumps(limits)]
-        return args
+        return Launch(app=self.app, entry=self.entry, args=self.args, base_dir=self.base_dir,
+                      transport=self.transport, link_fd=link_fd,
+                      heartbeat=cfg.heartbeat_timeout / 3, concurrency=cfg.concurrency,
+                      parent_pid=parent_pid, death_fd=death_fd,
+                      limits={k: v for k, v in asdict(cfg.resource_limits).items() if v})
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[EnvelopeChannel]:
         ours, theirs = socketpair()
         stream = from_socket(ours)
-        chan = EnvelopeChannel(stream)
+        # strict: a slave that sends a frame that does not decode is broken (an answer in
+        # it would be lost): the pump raises CodecError and the pool kills it.
+        chan = EnvelopeChannel(stream, strict=True)
         self._chan = chan
         try:
             # PYTHONUNBUFFERED: output reaches the crashlog at once; ENGINE_APP: handlers
             # that schedule events (engine.drivers.scheduler.schedule) know their app.
             extra = {"PYTHONUNBUFFERED": "1", "ENGINE_APP": self.app}
-            fds = (theirs.fileno(),) + ((self.death_fd,) if self.death_fd is not None else ())
+            link = theirs.fileno()
+            death = (self.death_fd,) if self.death_fd is not None else ()
             try:
-                proc: ChildProcess | ForkedSlave | None = await self._fork(theirs.fileno(), extra)
+                proc: ChildProcess | ForkedSlave | None = await self._fork(link, extra)
                 if proc is None:  # a session of its own (no ^C from the tty), output piped
-                    proc = start_child(self.command(theirs.fileno()), env=dict(os.environ, **extra),
-                                       pass_fds=fds, capture_output=True)
+                    cmd = self.plugin.command(self.launch(link, os.getpid(), self.death_fd))
+                    env = {**os.environ, **extra, **cmd.env}
+                    cwd = self.base_dir if self.plugin.in_app_folder else None
+                    if self.transport == STDIO:
+                        proc = start_child(cmd.argv, env=env, pass_fds=death, capture_output=True,
+                                           stdio_fd=link, cwd=cwd)
+                    else:
+                        proc = start_child(cmd.argv, env=env, pass_fds=(link, *death),
+                                           capture_output=True, cwd=cwd)
                 self._proc = proc
             finally:
                 theirs.close()  # the child has its copy; ours must go so EOF means "slave gone"
@@ -147,7 +154,7 @@ class SlaveProcess:
             return None
         assert zygote.pid is not None, "a ready zygote has said its pid"
         try:
-            proc = await zygote.spawn(self.worker_args(zygote.pid, zygote.death_fd),
+            proc = await zygote.spawn(worker_args(self.launch(link_fd, zygote.pid, zygote.death_fd)),
                                       dict(os.environ, **env), link_fd)
         except OSError as exc:
             log.info("%s: %s; starting the slave the plain way", self.app, exc)

@@ -77,17 +77,23 @@ class ChildProcess:
 
 
 def start_child(argv: Sequence[str], *, env: dict[str, str], pass_fds: Sequence[int] = (),
-                capture_output: bool = False) -> ChildProcess:
+                capture_output: bool = False, stdio_fd: int | None = None,
+                cwd: str | os.PathLike[str] | None = None) -> ChildProcess:
     """Start ``argv`` in a session of its own (no ^C from the tty; its group is
     signalled as a whole), stdin from /dev/null, ``pass_fds`` inherited.
     ``capture_output``: stdout and stderr into one pipe, read as ``stdout``; else
-    they are this process's.  Raises OSError if it cannot be started."""
+    they are this process's.  ``stdio_fd``: the child's stdin and stdout instead (a
+    slave that speaks its protocol there), and ``capture_output`` takes its stderr
+    alone.  Raises OSError if it cannot be started."""
     out_r = out_w = None
     if capture_output:
         out_r, out_w = os.pipe()
+    stdin: int = subprocess.DEVNULL if stdio_fd is None else stdio_fd
+    stdout = out_w if stdio_fd is None else stdio_fd
     try:
-        popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                                 env=env, pass_fds=tuple(pass_fds), start_new_session=True)
+        popen = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=out_w,
+                                 env=env, pass_fds=tuple(pass_fds), start_new_session=True,
+                                 cwd=cwd)
     except BaseException:
         if out_r is not None:
             os.close(out_r)

@@ -37,7 +37,8 @@ def handshake_body(*, pid: int, app: str, concurrency: int, events: list[str]) -
 def handshake_concurrency(body: Any) -> int | None:
     """The concurrency a ``HANDSHAKE`` body offers (None: it states none usable), or
     raises ValueError if the body is not a handshake of this protocol version."""
-    if not isinstance(body, dict) or body.get("version") != PROTOCOL_VERSION:
+    version = body.get("version") if isinstance(body, dict) else None
+    if type(version) is not int or version != PROTOCOL_VERSION:  # (not 1.0, not true)
         raise ValueError(f"bad handshake {body!r:.120}")
     conc = body.get("concurrency")
     return conc if type(conc) is int and conc >= 1 else None

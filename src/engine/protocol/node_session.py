@@ -132,6 +132,10 @@ class SlaveSession:
         self.concurrency = concurrency      # what we asked for; the handshake confirms it
         self.prefetch = prefetch            # most INVOKEs it may hold queued beyond that
         self.jobs: dict[int, Hashable] = {}  # sid -> job
+        # sid -> chunks the slave may still send of that job's reply: the window, plus the
+        # credit granted since; a slave that sends more is broken (killed), so a worker
+        # in any language cannot make the node buffer without bound
+        self.room: dict[int, int] = {}
         self.cancelling: dict[int, float] = {}  # sid -> deadline of the slave's acknowledgement
         self.handshaked = False
         self.startup_error: RemoteError | None = None  # what a failing slave said before dying
@@ -173,6 +177,7 @@ class SlaveSession:
         if sid in self.jobs:
             raise ProtocolError(f"sid {sid} already in use on slave {self.pid}")
         self.jobs[sid] = job
+        self.room[sid] = STREAM_WINDOW
         return [Send(Envelope(Kind.INVOKE, sid, invoke_body(event, payload, chunked)))]
 
     def cancel(self, sid: int, now: float) -> list[Action]:
@@ -190,6 +195,7 @@ class SlaveSession:
         if job is None:
             return []
         self.cancelling.pop(sid, None)
+        self.room.pop(sid, None)
         return [Failed(job, error)]
 
     def grant(self, sid: int, chunks: int) -> list[Action]:
@@ -197,6 +203,7 @@ class SlaveSession:
         if sid not in self.jobs or sid in self.cancelling or chunks <= 0 \
                 or self.state not in (State.READY, State.TERMINATING):
             return []
+        self.room[sid] += chunks
         return [Send(Envelope(Kind.CREDIT, sid, chunks))]
 
     def receive(self, env: Envelope, now: float) -> list[Action]:
@@ -230,8 +237,15 @@ class SlaveSession:
                 self.unknown_sids += 1
                 return []
             if kind == Kind.CHUNK:
+                room = self.room[sid] - 1
+                if room < 0:
+                    return self._kill(f"sent more chunks of job {sid} than its stream window "
+                                      f"allows ({STREAM_WINDOW} beyond the credit granted)",
+                                      SlaveDied)
+                self.room[sid] = room
                 return [] if sid in self.cancelling else [Chunk(job, body)]
             del self.jobs[sid]
+            del self.room[sid]
             self.cancelling.pop(sid, None)
             if kind == Kind.RESULT:
                 return [Finished(job, body, streamed=False)]
@@ -310,6 +324,7 @@ class SlaveSession:
         # one error instance per job: an exception object raised in two tasks mixes tracebacks
         failed: list[Action] = [Failed(job, error_type(message)) for job in self.jobs.values()]
         self.jobs.clear()
+        self.room.clear()
         self.cancelling.clear()
         return failed
 

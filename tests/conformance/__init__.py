@@ -1,0 +1,1 @@
+"""The same black-box scenarios against every language's worker (issue #14)."""
