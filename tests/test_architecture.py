@@ -305,6 +305,7 @@ def test_a_plain_nodes_verbs_do_not_depend_on_what_was_imported(every_module_imp
         "list": "engine.node.verbs.list_apps", "info": "engine.node.verbs.info",
         "deploy": "engine.node.verbs.deploy", "undeploy": "engine.node.verbs.undeploy",
         "reload": "engine.node.verbs.reload",
+        "mesh-publish": "engine.drivers.mesh_publisher.mesh_publish_verb",
         "crashlog": "engine.node.verbs.crashlog", "nodes": "engine.node.verbs.not_in_a_cluster",
         "schedule": "engine.drivers.scheduler.schedule_verb"}
 

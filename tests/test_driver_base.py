@@ -30,6 +30,10 @@ SAMPLE_OPTIONS: dict[str, dict[str, Any]] = {
     "native-server": {},
     "native-sink": {"endpoint": "tcp://127.0.0.1:0"},
     "manual-scheduler": {},
+    "mesh-responder": {},
+    "mesh-subscriber": {"types": ["a.*"]},
+    "mesh-publisher": {},
+    "nng-subscriber": {"endpoint": "tcp://127.0.0.1:0"},
 }
 BASE_FIELDS = ["ticks", "submitted", "skipped", "done", "errors", "last_error", "held", "in_flight"]
 

@@ -122,7 +122,8 @@ def test_subscriber_counts_malformed_envelopes_and_builds_events():
     assert sub._buffer[0].publisher == "pub" and sub._buffer[0].data == {"id": 1}
     # seqs 3 and 4 were unusable and 5 never came: 3 lost
     assert sub.stats == {"received": 2, "dropped": 3, "resets": 0, "bad_frames": 4,
-                         "filtered": 1, "handler_errors": 0, "dial_failed": 0}
+                         "filtered": 1, "handler_errors": 0, "dial_failed": 0,
+                         "unmatched": 0}
 
 
 @pytest.mark.e2e

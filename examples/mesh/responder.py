@@ -1,5 +1,7 @@
-"""cote's Responder example: answers randomRequest with a random number."""
+"""cote's Responder example: answers randomRequest with a random number.  On SIGTERM
+(or ^C) it drains: says bye, answers what is in flight, then exits."""
 import random
+import signal
 
 import trio
 
@@ -26,8 +28,16 @@ async def main():
 
     async with responder:
         print("responder ready at", responder.address, flush=True)
-        await answered.wait()
-        await trio.sleep(0.2)  # let the last answer leave before saying bye
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                async def stop_on_signal():
+                    async for _ in signals:
+                        answered.set()
+                        return
+                nursery.start_soon(stop_on_signal)
+                await answered.wait()
+                nursery.cancel_scope.cancel()
+        await responder.drain()   # bye; requests in flight are answered; then closed
 
 
 trio.run(main)

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=[], help="also accept websockets from pages of ORIGIN (https://app.example.com; "
                    "'*': any); repeatable.  Default: the same origin only (and non-browser clients)")
     p.add_argument("--key", default=os.environ.get("MESH_KEY", ""), help="mesh key")
+    p.add_argument("--environment", default=None,
+                   help="mesh environment (default: MESH_ENVIRONMENT or COTE_ENV, else none)")
     p.add_argument("--mesh-bind", default="127.0.0.1",
                    help="address the mesh data sockets use (0.0.0.0 for a LAN)")
     p.add_argument("--timeout", type=float, default=10.0, help="request timeout ceiling, s")
@@ -45,7 +47,8 @@ def make_config(args: argparse.Namespace) -> SockendConfig:
 
 
 async def serve(args: argparse.Namespace, config: SockendConfig) -> None:
-    mesh = TransportMesh(key=args.key, secret=os.environ.get("MESH_SECRET") or None,
+    mesh = TransportMesh(key=args.key, environment=args.environment,
+                         secret=os.environ.get("MESH_SECRET") or None,
                          discovery=DiscoveryConfig.from_env(), bind=args.mesh_bind)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(Sockend(mesh, config).run)

@@ -53,14 +53,17 @@ class TransportLink:
 
 
 class TransportMesh:
-    """Bridge to the real mesh.  ``key``, ``secret``, ``discovery`` and ``bind`` mean what
-    they mean for every mesh component (see transport/mesh.py)."""
+    """Bridge to the real mesh.  ``key``, ``environment``, ``secret``, ``discovery`` and
+    ``bind`` mean what they mean for every mesh component (transport/mesh/component.py;
+    None: from the environment, as there)."""
 
-    def __init__(self, *, name: str = "sockend", key: str = "", secret: str | bytes | None = None,
+    def __init__(self, *, name: str = "sockend", key: str | None = None,
+                 environment: str | None = None, secret: str | bytes | None = None,
                  discovery: DiscoveryConfig | None = None, bind: str = "127.0.0.1",
                  event_buffer: int = 10_000):
         self.name = name
         self.key = key
+        self.environment = environment
         self.secret = secret
         self.discovery = discovery
         self.bind = bind
@@ -69,7 +72,8 @@ class TransportMesh:
     @asynccontextmanager
     async def open(self, namespace: str) -> AsyncIterator[TransportLink]:
         kw: dict[str, Any] = dict(namespace=namespace, key=self.key, secret=self.secret,
-                                  discovery=self.discovery, bind=self.bind)
+                                  environment=self.environment, discovery=self.discovery,
+                                  bind=self.bind)
         async with Requester(self.name, **kw) as requester, \
                 Subscriber(self.name, subscribes_to=("**",), buffer=self.event_buffer, **kw) as sub:
             yield TransportLink(requester, sub)

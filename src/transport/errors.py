@@ -3,7 +3,9 @@
 Every failure a caller can see is an instance of :class:`RemoteError` (or a subclass
 registered under a stable ``code``).  On the wire an error is a msgpack map
 ``{"code": str, "type": str, "message": str, "retryable": bool}`` so a client in any
-language can read it; :func:`error_to_body` and :func:`body_to_error` convert.
+language can read it, plus ``"data"`` (any msgpack value) when the error carries a value
+for its caller (:class:`Rejected`: cote's "reject the promise with any value");
+:func:`error_to_body` and :func:`body_to_error` convert.
 """
 from __future__ import annotations
 
@@ -39,22 +41,28 @@ class RemoteError(TransportError):
     code = "error"
     retryable = False
 
-    def __init__(self, message: str = "", *, type: str | None = None, retryable: bool | None = None):
+    data: Any = None     # a value for the caller (None: none), sent as the body's "data"
+
+    def __init__(self, message: str = "", *, type: str | None = None, retryable: bool | None = None,
+                 data: Any = None):
         super().__init__(message)
         self.message = message
         self.type = type or self.__class__.__name__
         if retryable is not None:
             self.retryable = retryable
+        if data is not None:
+            self.data = data
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}" if self.message else self.type
 
     def __reduce__(self):  # keep pickling (e.g. across threads) faithful
-        return (_rebuild, (self.code, self.message, self.type, self.retryable))
+        return (_rebuild, (self.code, self.message, self.type, self.retryable, self.data))
 
 
-def _rebuild(code: str, message: str, type_: str, retryable: bool) -> RemoteError:
-    return body_to_error({"code": code, "message": message, "type": type_, "retryable": retryable})
+def _rebuild(code: str, message: str, type_: str, retryable: bool, data: Any = None) -> RemoteError:
+    return body_to_error({"code": code, "message": message, "type": type_, "retryable": retryable,
+                          "data": data})
 
 
 @register_error
@@ -110,9 +118,28 @@ class HandlerError(RemoteError):
     code = "handler"
 
 
+@register_error
+class Rejected(RemoteError):
+    """A handler's refusal carrying a value for its caller, as cote's handlers reject
+    their promise with any value: ``raise Rejected({"reason": "out of stock"})``; the
+    caller catches ``Rejected`` and reads ``.data``."""
+
+    code = "rejected"
+
+    def __init__(self, data: Any = None, message: str = "", *, type: str | None = None,
+                 retryable: bool | None = None):
+        if not message and data is not None:
+            message = f"{data!r:.200}"
+        super().__init__(message, type=type, retryable=retryable, data=data)
+
+
 def error_to_body(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, RemoteError):
-        return {"code": exc.code, "type": exc.type, "message": exc.message, "retryable": exc.retryable}
+        body = {"code": exc.code, "type": exc.type, "message": exc.message,
+                "retryable": exc.retryable}
+        if exc.data is not None:
+            body["data"] = exc.data
+        return body
     return {"code": HandlerError.code, "type": type(exc).__name__, "message": str(exc), "retryable": False}
 
 
@@ -125,8 +152,11 @@ def body_to_error(body: Any) -> RemoteError:
     message = body.get("message", "")
     type_ = body.get("type")
     retryable = body.get("retryable")
-    return cls(
-        message if isinstance(message, str) else repr(message),
+    error = cls.__new__(cls)
+    RemoteError.__init__(
+        error, message if isinstance(message, str) else repr(message),
         type=type_ if isinstance(type_, str) else None,
         retryable=retryable if isinstance(retryable, bool) else None,
+        data=body.get("data"),
     )
+    return error

@@ -263,8 +263,9 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
 def build_parser(commands: Mapping[str, Command] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine", description="engine-trio: host apps, or talk to a node",
-        epilog="also: `python -m engine monitor [--once] [--json] ...` lists every mesh "
-               "component it discovers (the same as `python -m transport monitor`)")
+        epilog="also: `python -m engine monitor [--once] [--json] [--web PORT] ...` lists every "
+               "mesh component it discovers and who talks to whom (the same as "
+               "`python -m transport monitor`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in commands.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)

@@ -26,6 +26,8 @@ BUILTIN_MODULES: list[str] = [
     "engine.drivers.timers", "engine.drivers.cron", "engine.drivers.fsmonitor",
     "engine.drivers.nng_server", "engine.drivers.nng_sink", "engine.drivers.raw_socket",
     "engine.drivers.native", "engine.drivers.scheduler",
+    "engine.drivers.mesh_responder", "engine.drivers.mesh_subscriber", "engine.drivers.mesh_publisher",
+    "engine.drivers.nng_subscriber",
 ]
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
 
 from transport.errors import BadMessage
 
+from engine.drivers.mesh_publisher import mesh_publish_verb
 from engine.drivers.scheduler import schedule_verb
 from engine.manifest import MANIFEST_FILE, AppManifest, load_manifest, parse_manifest
 
@@ -136,5 +137,6 @@ def base_verbs() -> dict[str, VerbFn]:
         "reload": reload,
         "crashlog": crashlog,
         "schedule": schedule_verb,   # the manual-scheduler driver's (engine.drivers.scheduler)
+        "mesh-publish": mesh_publish_verb,   # engine.publish from a handler (mesh-publisher)
         "nodes": not_in_a_cluster,
     }

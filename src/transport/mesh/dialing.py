@@ -13,9 +13,15 @@ Responders once gave a Requester 2,682 links and p50 0.5 -> 68 ms).  So a
   (:class:`~transport.mesh.breaker.DialBackoff`: not dialed again for ``dial_timeout``
   seconds, doubling per failure up to a minute), so peers that never answer cost a
   trickle of dials;
-- closes the links of peers that left or changed endpoint, and reconciles whenever
-  discovery changes, a dial ends, its component pokes it (it needs something new), or
-  a backed-off peer may be dialed again.
+- beacons decide whom to connect to; a connection's own health decides when it is
+  dead.  A peer whose beacons stop (not heard for the expiry: a busy host, lost
+  datagrams) keeps its link while that link is connected: work goes on flowing to it,
+  and the link goes when it breaks.  A peer that said ``bye`` (it is draining), or
+  changed endpoint, gets no new work; its link is closed, but only once it carries no
+  request (closing it would cancel a running handler, and the request would run
+  twice).  It reconciles whenever discovery changes, a dial ends, a kept link breaks,
+  its component pokes it (it needs something new), or a backed-off peer may be dialed
+  again.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from transport.mesh.discovery import Discovery
 from transport.mesh.peers import Beacon
 
 MAX_DIALING = 4   # links still connecting at a time
+IDLE_CHECK = 0.05  # s between looks at a departed peer's link that still carries requests
 
 
 class DialedLink(Protocol):
@@ -38,6 +45,8 @@ class DialedLink(Protocol):
 
     @property
     def connected(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
     async def wait_connected(self) -> None: ...
     def close(self) -> None: ...
 
@@ -70,6 +79,10 @@ class LinkKeeper(Generic[L]):
         self._changed = changed
         self._dropped = dropped
         self._dirty = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._discovery: Discovery | None = None
+        self.retiring: dict[str, L] = {}   # links of departed peers, finishing their requests
+        self.silent: set[str] = set()      # peers not heard for the expiry, links kept
 
     def poke(self) -> None:
         """Reconcile soon (the component needs something it may not have a link for)."""
@@ -77,6 +90,8 @@ class LinkKeeper(Generic[L]):
 
     async def run(self, nursery: trio.Nursery, discovery: Discovery) -> None:
         """Keep the links (forever); links and their watchers live in ``nursery``."""
+        self._nursery = nursery
+        self._discovery = discovery
         nursery.start_soon(self._watch_discovery, discovery)
         while True:
             self._dirty = trio.Event()
@@ -92,13 +107,43 @@ class LinkKeeper(Generic[L]):
             self._dirty.set()
 
     def _drop(self, peer_id: str) -> None:
-        self.links.pop(peer_id).close()
+        link = self.links.pop(peer_id)
         self._dropped(peer_id)
+        if link.connected and link.in_flight and self._nursery is not None:
+            self.retiring[peer_id] = link       # no new work; what it carries finishes
+            self._nursery.start_soon(self._close_when_idle, peer_id, link)
+        else:
+            link.close()
+
+    async def _watch_silent(self, peer_id: str, link: L) -> None:
+        """A silent peer's link is kept while connected: reconcile when it breaks (or
+        the peer is heard again)."""
+        while link.connected and peer_id in self.silent and self.links.get(peer_id) is link:
+            await trio.sleep(IDLE_CHECK)
+        self._dirty.set()
+
+    async def _close_when_idle(self, peer_id: str, link: L) -> None:
+        """Close a departed peer's link once its requests are answered (their own
+        deadlines bound the wait) or it broke."""
+        try:
+            while link.connected and link.in_flight:
+                await trio.sleep(IDLE_CHECK)
+        finally:
+            link.close()
+            if self.retiring.get(peer_id) is link:
+                del self.retiring[peer_id]
 
     async def _reconcile(self, nursery: trio.Nursery) -> None:
         wanted = {b.id: b for b in self._candidates() if b.endpoint}
+        departed = self._discovery.departed if self._discovery is not None else {}
         for pid, link in list(self.links.items()):
             b = wanted.get(pid)
+            if b is None and link.connected and pid not in departed:
+                if pid not in self.silent:     # silent, not gone: its connection says
+                    self.silent.add(pid)
+                    nursery.start_soon(self._watch_silent, pid, link)
+                continue
+            self.silent.discard(pid)
             if b is None or b.endpoint != link.beacon.endpoint:
                 self._drop(pid)
             else:

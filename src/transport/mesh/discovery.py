@@ -24,6 +24,13 @@ that cannot be joined is a WARNING (naming the interface, the group and the errn
 a destination beacons keep failing to is one WARNING when it starts and one INFO when it
 recovers (:mod:`transport.mesh.beacon_health`); :meth:`Discovery.problems` lists what is
 wrong now, and ``stats`` counts it.
+
+Where multicast does not pass (Docker overlay networks, Kubernetes), two more sources
+(docs/mesh.md): DNS seeds (:mod:`transport.mesh.dns_seeds`: names re-resolved every
+``dns_interval``, each address a beacon destination like a static peer) and a Redis
+registry (:mod:`transport.mesh.redis_registry`: each component's datagram kept under a
+TTL, everyone's read back and fed to :meth:`Discovery.handle_datagram`).  Once started,
+discovery logs one INFO line saying which methods work and which failed.
 """
 from __future__ import annotations
 
@@ -38,19 +45,26 @@ from typing import Any, Mapping
 import trio
 
 from transport.mesh.beacon_health import BeaconHealth, describe_errno, errno_name
+from transport.mesh.dns_seeds import DnsSeeds
 # (re-exported: where the engine looks for it beside DiscoveryConfig)
 from transport.mesh.interfaces import interface_for_endpoint as interface_for_endpoint
 from transport.mesh.peers import (
     MAX_PEERS, MAX_PER_SOURCE, BadDatagram, Beacon, PeerTable, decode_datagram, encode_datagram,
     with_host,
 )
+from transport.mesh.redis_registry import RedisRegistry
+from transport.mesh.redis_wire import parse_redis_url
 from transport.mesh.replay import DEFAULT_MAX_SKEW, STALE, ReplayWindow
+from transport.mesh.seeds import Change, parse_seed
 
 DEFAULT_PORT = 47474
 DEFAULT_GROUP = "239.255.74.74"
 ASK_SCHEDULE = (0.0, 0.05, 0.2)     # a newcomer's asking hellos, in case UDP loses one
 MAX_LEARNED = 1024                  # unicast return addresses kept (one per peer)
+MAX_DEPARTED = 4096                 # ids of peers that said bye, remembered (oldest dropped)
 IP_MULTICAST_ALL = 49               # Linux: deliver only groups this socket joined
+DEFAULT_DNS_INTERVAL = 10.0         # seconds between two resolutions of the DNS seeds
+REPORT_WAIT = 3.0                   # the start-up line waits this long for slow sources
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +108,16 @@ class DiscoveryConfig:
     max_peers: int = MAX_PEERS
     max_per_source: int = MAX_PER_SOURCE
     max_skew: float = DEFAULT_MAX_SKEW
+    # cote's ignoreProcess: components of this same process do not see each other
+    ignore_process: bool = False
+    # Without multicast (docs/mesh.md): names re-resolved every dns_interval seconds,
+    # each address a destination ("host" or "host:port"), and a Redis registry's URL
+    # (redis://[[user]:password@]host[:port][/db]).
+    dns_seeds: tuple[str, ...] = ()
+    dns_interval: float = DEFAULT_DNS_INTERVAL
+    redis: str | None = None
     static_targets: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
+    dns_targets: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (0 < self.port < 65536):
@@ -107,11 +130,25 @@ class DiscoveryConfig:
         object.__setattr__(self, "peers", peers)
         object.__setattr__(self, "static_targets",
                            tuple(_parse_peer(p, self.port) for p in peers))
+        seeds = (self.dns_seeds,) if isinstance(self.dns_seeds, str) else tuple(self.dns_seeds)
+        object.__setattr__(self, "dns_seeds", seeds)
+        object.__setattr__(self, "dns_targets", tuple(parse_seed(s, self.port) for s in seeds))
+        if not self.dns_interval > 0:
+            raise ValueError(f"dns_interval must be > 0, got {self.dns_interval}")
+        if self.redis == "":
+            object.__setattr__(self, "redis", None)
+        if self.redis is not None:
+            parse_redis_url(self.redis)  # a bad URL fails here, not at start
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> DiscoveryConfig:
         """Read MESH_PORT, MESH_GROUP ("" disables multicast), MESH_BROADCAST,
-        MESH_INTERFACE and MESH_PEERS (comma-separated): the container recipe."""
+        MESH_INTERFACE and MESH_PEERS (comma-separated): the container recipe; and
+        MESH_DNS_SEEDS (comma-separated), MESH_DNS_INTERVAL (s) and MESH_REDIS (a URL);
+        MESH_HELLO_INTERVAL and MESH_EXPIRY (s), MESH_IGNORE_PROCESS; and cote's
+        COTE_HELLO_INTERVAL, COTE_NODE_TIMEOUT (ms), COTE_MULTICAST_ADDRESS,
+        COTE_BROADCAST_ADDRESS and COTE_IGNORE_PROCESS where ours are not set
+        (docs/mesh.md has the table)."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         if env.get("MESH_PORT"):
@@ -126,6 +163,29 @@ class DiscoveryConfig:
             kw["peers"] = tuple(p.strip() for p in env["MESH_PEERS"].split(",") if p.strip())
         if env.get("MESH_MAX_SKEW"):
             kw["max_skew"] = float(env["MESH_MAX_SKEW"])
+        if env.get("MESH_DNS_SEEDS"):
+            kw["dns_seeds"] = tuple(s.strip() for s in env["MESH_DNS_SEEDS"].split(",")
+                                    if s.strip())
+        if env.get("MESH_DNS_INTERVAL"):
+            kw["dns_interval"] = float(env["MESH_DNS_INTERVAL"])
+        if env.get("MESH_REDIS"):
+            kw["redis"] = env["MESH_REDIS"]
+        # timing: ours in seconds, else cote's in milliseconds
+        if env.get("MESH_HELLO_INTERVAL"):
+            kw["hello_interval"] = float(env["MESH_HELLO_INTERVAL"])
+        elif env.get("COTE_HELLO_INTERVAL"):
+            kw["hello_interval"] = float(env["COTE_HELLO_INTERVAL"]) / 1000
+        if env.get("MESH_EXPIRY"):
+            kw["expiry"] = float(env["MESH_EXPIRY"])
+        elif env.get("COTE_NODE_TIMEOUT"):
+            kw["expiry"] = float(env["COTE_NODE_TIMEOUT"]) / 1000
+        if "multicast_group" not in kw and env.get("COTE_MULTICAST_ADDRESS"):
+            kw["multicast_group"] = env["COTE_MULTICAST_ADDRESS"]
+        if "broadcast" not in kw and env.get("COTE_BROADCAST_ADDRESS"):
+            kw["broadcast"] = env["COTE_BROADCAST_ADDRESS"]
+        flag = env.get("MESH_IGNORE_PROCESS", env.get("COTE_IGNORE_PROCESS", ""))
+        if flag:
+            kw["ignore_process"] = flag.strip().lower() in ("1", "true", "yes", "on")
         kw.update(overrides)
         return cls(**kw)
 
@@ -155,11 +215,19 @@ class Discovery:
         self.version = 0
         self._changed = trio.Event()
         self._learned: dict[str, tuple[str, int]] = {}  # peer id -> its sender address
+        # peers that said bye (left on purpose), against those merely not heard for a
+        # while: a component keeps a working connection to the latter (dialing.py)
+        self.departed: dict[str, float] = {}
         self._listen: socket.socket | None = None
         self._send: socket.socket | None = None
         self._destinations: list[tuple[str, int]] = []
         self.multicast_ok = False
         self._multicast_problem: str | None = None  # why multicast is off, if it failed
+        self._multicast_error: str | None = None    # its errno's name, for the start-up line
+        # The sources beside the sockets (made by run; None when not configured).
+        self.dns: DnsSeeds | None = None
+        self.redis: RedisRegistry | None = None
+        self.startup_report: str | None = None      # the start-up line, once logged
         self._health = BeaconHealth()  # beacon destinations failing now
         # bad: not a (valid, authentic) beacon; replayed/stale: authentic but sent
         # before, or outside the clock window; refused: a new peer there was no room
@@ -175,10 +243,23 @@ class Discovery:
 
     def problems(self) -> list[str]:
         """What is wrong now, for people (``info``, a status page): why multicast is
-        off, and each beacon destination failing (with its errno and since when).
-        Empty when healthy."""
+        off, each beacon destination failing (with its errno and since when), each DNS
+        seed that does not resolve, Redis unreachable.  Empty when healthy."""
+        now = _now()
         out = [self._multicast_problem] if self._multicast_problem else []
-        return out + self._health.problems(_now())
+        out += self._health.problems(now)
+        if self.dns is not None:
+            out += self.dns.problems()
+        if self.redis is not None:
+            out += self.redis.problems(now)
+        return out
+
+    def _said_bye(self, peer_id: str) -> None:
+        departed = self.departed
+        departed.pop(peer_id, None)
+        if len(departed) >= MAX_DEPARTED:
+            del departed[next(iter(departed))]   # the oldest goes
+        departed[peer_id] = _now()
 
     async def wait_change(self, seen: int) -> int:
         """Return the current version once it differs from ``seen``."""
@@ -196,6 +277,7 @@ class Discovery:
         """The listening and the sending socket, bound (also kept for announce)."""
         cfg = self.config
         self._multicast_problem, self._health = None, BeaconHealth()  # (a run anew)
+        self._multicast_error = None
         listen = _udp_socket()
         send = _udp_socket()
         try:
@@ -242,6 +324,7 @@ class Discovery:
         """Say why multicast is off (once: sockets are opened once per run)."""
         cfg = self.config
         self.stats["multicast_errors"] += 1
+        self._multicast_error = errno_name(exc.errno)
         iface = cfg.interface if cfg.interface != "0.0.0.0" else "the default interface (0.0.0.0)"
         if exc.errno == errno.ENODEV:
             hint = (f"no route for {cfg.multicast_group}" if cfg.interface == "0.0.0.0"
@@ -299,6 +382,8 @@ class Discovery:
         if self.me is None or self._send is None:
             return
         targets = list(self._destinations)
+        if self.dns is not None:
+            targets.extend(a for a in sorted(self.dns.targets()) if a not in targets)
         targets.extend(a for a in self._learned.values() if a not in targets)
         if self._health:
             self._health.keep(set(targets))  # a peer gone: its address is no problem
@@ -312,8 +397,13 @@ class Discovery:
                 data = self._datagram(op, self.me, ask)
 
     # -- receiving ----------------------------------------------------------------------
-    def handle_datagram(self, data: bytes, src: tuple[str, int], now: float) -> None:
-        """Apply one datagram (public so tests can feed garbage without a socket)."""
+    def handle_datagram(self, data: bytes, src: tuple[str, int], now: float, *,
+                        unicast: bool = True) -> None:
+        """Apply one datagram (public so tests can feed garbage without a socket).
+
+        ``unicast=False``: ``src`` is no UDP address but names where the datagram was
+        read (a Redis entry): it is not beaconed to, asks are not answered there, and a
+        wildcard endpoint is not rewritten to it (the writer did that itself)."""
         self.stats["received"] += 1
         try:
             dgram = decode_datagram(data, secret=self.secret, require_auth=not self.monitor
@@ -324,6 +414,9 @@ class Discovery:
         beacon = dgram.beacon
         if self.me is not None and beacon.id == self.me.id:
             return  # our own multicast, looped back
+        if self.config.ignore_process and self.me is not None \
+                and beacon.pid == self.me.pid and beacon.host == self.me.host:
+            return  # (ignore_process) a component of this very process
         if dgram.verified:
             verdict = self._replay.accept(beacon.id, dgram.seq, dgram.at, time.time())
             if verdict is not None:
@@ -331,10 +424,14 @@ class Discovery:
                 return
         if dgram.op == "bye":
             self._learned.pop(beacon.id, None)
+            self._said_bye(beacon.id)
             if self.table.forget(beacon.id) is not None:
                 self._bump()
             return
-        beacon = with_host(beacon, src[0])
+        if self.departed:
+            self.departed.pop(beacon.id, None)   # back (a hello after its bye)
+        if unicast:
+            beacon = with_host(beacon, src[0])
         if self.monitor and dgram.signed and not dgram.verified:
             beacon = _mark_unverified(beacon)
         refused = self.table.refused
@@ -342,12 +439,12 @@ class Discovery:
         if self.table.refused != refused:
             self.stats["refused"] += 1
             return  # no room for a newcomer: not learned, not answered
-        if beacon.id in self.table and src not in self._destinations:
+        if unicast and beacon.id in self.table and src not in self._destinations:
             if beacon.id in self._learned or len(self._learned) < MAX_LEARNED:
                 self._learned[beacon.id] = src
         if change is not None:
             self._bump()
-        if dgram.ask and self.me is not None:  # (a monitor of any scope asks too)
+        if unicast and dgram.ask and self.me is not None:  # (a monitor of any scope asks too)
             self._sendto(self._datagram("hello", self.me), src)
             self.stats["answered"] += 1
 
@@ -388,15 +485,92 @@ class Discovery:
             if gone:
                 self._bump()
 
+    # -- the sources beside the sockets: DNS seeds, the Redis registry ---------------------
+    def _make_sources(self) -> None:
+        cfg = self.config
+        self.dns = (DnsSeeds(cfg.dns_targets, cfg.dns_interval, self._dns_changed)
+                    if cfg.dns_targets else None)
+        self.redis = None
+        if cfg.redis is not None:
+            me = self.me
+            self.redis = RedisRegistry(
+                cfg.redis, me_id=me.id if me is not None else None,
+                environment=me.environment if me is not None else "",
+                read_all=self.monitor, hello_interval=cfg.hello_interval, expiry=cfg.expiry,
+                max_entries=cfg.max_peers * 2, entry=self._redis_entry,
+                deliver=self._redis_delivered)
+
+    def _dns_changed(self, change: Change) -> None:
+        """A DNS seed's answer changed: new addresses are asked at once (as a newcomer
+        asks), so a pod that appears is found in a round trip, not a hello interval."""
+        if self.me is None or self._send is None:
+            return
+        for addr in sorted(change.added):
+            if addr not in self._destinations:
+                self._sendto(self._datagram("hello", self.me, ask=True), addr, beacon=True)
+
+    def _redis_entry(self, op: str, host: str) -> bytes | None:
+        """The datagram stored in Redis: the beacon's wildcard endpoint made dialable
+        with this end's address as Redis sees it (a reader has no source address)."""
+        if self.me is None:
+            return None
+        return self._datagram(op, with_host(self.me, host))
+
+    def _redis_delivered(self, data: bytes, source: tuple[str, int]) -> None:
+        self.handle_datagram(data, source, _now(), unicast=False)
+
+    def describe(self) -> str:
+        """Each discovery method and its state, in one line (what start-up logs)."""
+        cfg = self.config
+        iface = cfg.interface
+        if not cfg.multicast_group:
+            parts = ["multicast off"]
+        elif self.multicast_ok:
+            parts = [f"multicast {cfg.multicast_group}:{cfg.port} on {iface} ok"]
+        else:
+            parts = [f"multicast {cfg.multicast_group}:{cfg.port} on {iface} failed "
+                     f"({self._multicast_error or 'not joined'})"]
+        bcast = cfg.broadcast or (None if self.multicast_ok else "255.255.255.255")
+        if bcast is None:
+            parts.append("broadcast off")
+        else:
+            parts.append(f"broadcast {bcast}:{cfg.port}"
+                         + ("" if cfg.broadcast else " (the fallback)"))
+        n = len(cfg.static_targets)
+        parts.append(f"static peers {n}" if n else "static peers off")
+        parts.append(self.dns.describe() if self.dns is not None else "dns seeds off")
+        parts.append(self.redis.describe() if self.redis is not None else "redis off")
+        failing = self._health.problems(_now())
+        if failing:
+            parts.append("failing: " + ", ".join(failing))
+        return "; ".join(parts)
+
+    async def _report_start(self) -> None:
+        """Log the start-up line once every source has tried once, or after
+        REPORT_WAIT seconds (a DNS server that does not answer must not hide the line:
+        such a source shows as "resolving" or "connecting")."""
+        with trio.move_on_after(REPORT_WAIT):
+            for source in (self.dns, self.redis):
+                if source is not None:
+                    await source.first_attempt.wait()
+        self.startup_report = self.describe()
+        log.info("discovery: %s", self.startup_report)
+
     async def run(self, *, task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         listen, send = self._open_sockets()
+        self._make_sources()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_loop, listen)
                 nursery.start_soon(self._receive_loop, send)
                 nursery.start_soon(self._expiry_loop)
                 nursery.start_soon(self._announce_loop)
+                if self.dns is not None:
+                    nursery.start_soon(self.dns.run)
+                if self.redis is not None:
+                    nursery.start_soon(self.redis.run)
+                nursery.start_soon(self._report_start)
                 self.started.set()
                 task_status.started(self)
         finally:

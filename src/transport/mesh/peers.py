@@ -31,6 +31,12 @@ VERSION = 1
 FLAG_SIGNED = 1
 TAG_SIZE = 32          # HMAC-SHA256
 MAX_DATAGRAM = 8192    # beacons are small; anything bigger is not ours
+# A beacon's links (who a Requester sends to, who feeds a Subscriber): at most this many
+# pairs, of peer ids at most this long, so a beacon with all of them stays far below
+# MAX_DATAGRAM (64 x (64 + 9 + 3) bytes: ~4.9 KB) whatever its peers call themselves.
+MAX_LINKS = 64
+MAX_LINK_ID = 64
+MAX_COUNT = 2**63 - 1
 
 
 class BadDatagram(ValueError):
@@ -50,12 +56,18 @@ class Beacon:
     endpoint: str = ""               # nng url to dial ("" for roles that only dial)
     host: str = ""
     pid: int = 0
+    environment: str = ""            # cote's environment: whole deployments apart on one network
+    subset: str = ""                 # a Responder's subset: requests may ask for one (cote)
+    # (peer id, count): a Requester's Responders and the requests it sent each, a
+    # Subscriber's Publishers and the events it received from each (the monitor's graph)
+    links: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         for name, value in (("id", self.id), ("name", self.name), ("namespace", self.namespace),
-                            ("key", self.key), ("endpoint", self.endpoint), ("host", self.host)):
+                            ("key", self.key), ("endpoint", self.endpoint), ("host", self.host),
+                            ("environment", self.environment), ("subset", self.subset)):
             if not isinstance(value, str):
                 raise ValueError(f"beacon {name} must be a string")
         if not self.id:
@@ -64,11 +76,20 @@ class Beacon:
             raise ValueError("beacon pid must be an int")
         if not isinstance(self.types, tuple) or not all(isinstance(t, str) for t in self.types):
             raise ValueError("beacon types must be a tuple of strings")
+        if self.links:
+            check_links(self.links)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "n": self.name, "r": self.role, "ns": self.namespace,
+        wire = {"id": self.id, "n": self.name, "r": self.role, "ns": self.namespace,
                 "k": self.key, "t": list(self.types), "e": self.endpoint, "h": self.host,
                 "p": self.pid}
+        if self.environment:     # (absent: the default environment, as older beacons say)
+            wire["env"] = self.environment
+        if self.subset:
+            wire["s"] = self.subset
+        if self.links:           # (absent: no links, as older beacons say)
+            wire["l"] = [[peer, count] for peer, count in self.links]
+        return wire
 
     @classmethod
     def from_wire(cls, d: Any) -> "Beacon":
@@ -78,15 +99,50 @@ class Beacon:
             types = d.get("t", [])
             if not isinstance(types, list):
                 raise ValueError("types must be a list")
+            links = d.get("l", [])
+            if not isinstance(links, list) or not all(
+                    isinstance(pair, list) and len(pair) == 2 for pair in links):
+                raise ValueError("links must be a list of [id, count] pairs")
             return cls(id=d["id"], name=d["n"], role=d["r"], namespace=d.get("ns", ""),
                        key=d.get("k", ""), types=tuple(types), endpoint=d.get("e", ""),
-                       host=d.get("h", ""), pid=d.get("p", 0))
+                       host=d.get("h", ""), pid=d.get("p", 0), environment=d.get("env", ""),
+                       subset=d.get("s", ""), links=tuple((p, c) for p, c in links))
         except (KeyError, ValueError, TypeError) as exc:
             raise BadDatagram(f"bad beacon: {exc}") from None
 
     def same_scope(self, other: "Beacon") -> bool:
-        """Namespace and key both equal: the only peers a component may see."""
-        return self.namespace == other.namespace and self.key == other.key
+        """Environment, namespace and key all equal: the only peers a component may see."""
+        return (self.namespace == other.namespace and self.key == other.key
+                and self.environment == other.environment)
+
+
+def check_links(links: Any) -> None:
+    """Raise ValueError unless ``links`` is a tuple of at most MAX_LINKS (peer id,
+    count) pairs: ids non-empty strings of at most MAX_LINK_ID characters, counts ints
+    in 0..MAX_COUNT (they come from the network: Beacon.from_wire)."""
+    if not isinstance(links, tuple) or len(links) > MAX_LINKS:
+        raise ValueError(f"beacon links must be a tuple of at most {MAX_LINKS} pairs")
+    for pair in links:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError("a beacon link is a (peer id, count) pair")
+        peer, count = pair
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_LINK_ID:
+            raise ValueError(f"a link's peer id must be a string of 1..{MAX_LINK_ID} characters")
+        if type(count) is not int or not 0 <= count <= MAX_COUNT:
+            raise ValueError("a link's count must be a non-negative int")
+
+
+def links_of(counts: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """What a beacon's ``links`` say of ``counts`` ((peer id, count), e.g. a Requester's
+    links): ids too long for a beacon left out, the MAX_LINKS busiest kept, sorted by id
+    (so the same counts make the same beacon)."""
+    kept = [(peer, min(max(count, 0), MAX_COUNT)) for peer, count in counts
+            if 0 < len(peer) <= MAX_LINK_ID]
+    if len(kept) > MAX_LINKS:
+        kept.sort(key=lambda pair: (-pair[1], pair[0]))
+        del kept[MAX_LINKS:]
+    kept.sort()
+    return tuple(kept)
 
 
 # -- wildcards ---------------------------------------------------------------------
@@ -173,7 +229,10 @@ class PeerTable:
 
     def observe(self, beacon: Beacon, now: float, source: Source | None = None) -> str | None:
         """Record a beacon heard from ``source``.  Returns "added", "changed" (same id,
-        new details), or None for a plain refresh or an ignored or refused beacon."""
+        new details), or None for a plain refresh or an ignored or refused beacon.  New
+        ``links`` alone are kept but are no change: they move with every request a
+        Requester sends, and only the monitor reads them (no component re-plans its own
+        links each second because a peer's counts moved)."""
         if self.me is not None:
             if beacon.id == self.me.id:
                 return None
@@ -195,8 +254,10 @@ class PeerTable:
             entry.source = source
             self._count_source(source, 1)
         if entry.beacon != beacon:
+            counts_only = entry.beacon.links != beacon.links and \
+                replace(entry.beacon, links=beacon.links) == beacon
             entry.beacon = beacon
-            return "changed"
+            return None if counts_only else "changed"
         return None
 
     def _count_source(self, source: Source | None, delta: int) -> None:

@@ -35,10 +35,11 @@ import trio
 
 from transport.codec import DEFAULT_MAX_MESSAGE, Kind, encode_envelope
 from transport.errors import CodecError, QueueFull
-from transport.mesh.component import Component, _names
+from transport.mesh.component import Component, _names, count_unmatched
 from transport.mesh.dialing import LinkKeeper
+from transport.mesh.link_counts import keep_links_told
 from transport._outbox import Outbox
-from transport.mesh.peers import Beacon, matches
+from transport.mesh.peers import Beacon, any_match, matches
 from transport.sockets import TrioSocket, bound_address
 from transport.rpc.connection import check_max_message
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 # events dropped: 16.7 M events is minutes of a stalled subscriber at full rate, far
 # more than the queues between them hold (docs/mesh.md).
 MAX_GAP = 1 << 24
+MAX_BROADCASTS = 1000   # types a Publisher adds to its beacon as it publishes them
 
 
 class Publisher(Component):
@@ -61,6 +63,7 @@ class Publisher(Component):
         super().__init__(name, **kw)
         self.nng_buffer = nng_buffer  # frames queued per subscriber before Pub0 drops
         self.broadcasts = _names(broadcasts, "broadcasts")
+        self._covered: set[str] = set()   # topics published that its beacon covers
         self.high_water = high_water
         self._outbox = Outbox()
         self._drained = trio.Event()
@@ -71,6 +74,14 @@ class Publisher(Component):
 
     def advertised(self) -> tuple[str, ...]:
         return self.broadcasts
+
+    def advertise(self, *topics: str) -> None:
+        """Add to what it broadcasts, also while it runs (Subscribers of those topics
+        learn of it at once)."""
+        new = tuple(t for t in _names(topics, "topics") if t not in self.broadcasts)
+        if new:
+            self.broadcasts += new
+            self._readvertise()
 
     @property
     def subscribers(self) -> int:
@@ -86,6 +97,12 @@ class Publisher(Component):
         ``data`` cannot be carried."""
         if not isinstance(topic, str) or not topic:
             raise ValueError("topic must be a non-empty string")
+        if self.broadcasts and topic not in self._covered:
+            # a type it did not declare: say so, or no Subscriber of it dials this one
+            if not any_match(self.broadcasts, topic) and len(self.broadcasts) < MAX_BROADCASTS:
+                self.advertise(topic)
+            if len(self._covered) < MAX_BROADCASTS:
+                self._covered.add(topic)
         if len(self._outbox) >= self.high_water:
             self.stats["refused"] += 1
             raise QueueFull(f"publisher {self.name!r} has {self.high_water} events queued")
@@ -162,10 +179,15 @@ class _Feed:
     beacon: Beacon
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     up: trio.Event = field(default_factory=trio.Event)  # set when nng's pipe connects
+    received: int = 0   # events taken from it (its beacon's links: the monitor's graph)
 
     @property
     def connected(self) -> bool:
         return self.up.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return 0        # a feed carries no requests: it closes as soon as its peer leaves
 
     async def wait_connected(self) -> None:
         await self.up.wait()
@@ -202,7 +224,8 @@ class Subscriber(Component):
         self._last_seq: dict[str, int] = {}
         self._wanted: dict[str, bool] = {}
         self.stats = {"received": 0, "dropped": 0, "resets": 0, "bad_frames": 0,
-                      "filtered": 0, "handler_errors": 0, "dial_failed": 0}
+                      "filtered": 0, "handler_errors": 0, "dial_failed": 0, "unmatched": 0}
+        self.unmatched: dict[str, int] = {}  # event type no handler took -> how many (bounded)
         self._keeper: LinkKeeper[_Feed] = LinkKeeper(
             candidates=self._publishers, dial=self._dial, stats=self.stats,
             dropped=self._forget_publisher,
@@ -275,6 +298,8 @@ class Subscriber(Component):
     async def _serve(self, nursery: trio.Nursery) -> None:
         discovery = await self._start_discovery(nursery)
         nursery.start_soon(self._keeper.run, nursery, discovery)
+        nursery.start_soon(keep_links_told, discovery, self._link_counts,
+                           self.discovery_config.hello_interval)
         if self._handlers:
             nursery.start_soon(self._dispatch)
 
@@ -282,6 +307,10 @@ class Subscriber(Component):
         discovery = self.discovery
         assert discovery is not None, "links are kept only while it runs"
         return discovery.table.interesting("publisher", self.subscribes_to)
+
+    def _link_counts(self) -> list[tuple[str, int]]:
+        """(Publisher id, events received from it) of every feed it holds."""
+        return [(pid, feed.received) for pid, feed in self._keeper.links.items()]
 
     def _forget_publisher(self, pid: str) -> None:
         self._last_seq.pop(pid, None)
@@ -309,11 +338,12 @@ class Subscriber(Component):
                         self._room = trio.Event()
                         self._room_wanted = True
                         await self._room.wait()
-                    self._take(pid, publisher, frame, guard)
+                    feed.received += self._take(pid, publisher, frame, guard)
         finally:
             sock.close()
 
-    def _take(self, pid: str, publisher: str, frame: bytes, guard: FrameSigner | None) -> None:
+    def _take(self, pid: str, publisher: str, frame: bytes, guard: FrameSigner | None) -> int:
+        """Buffer the events of one frame from publisher ``pid``; return how many."""
         # The frame is unpacked and checked here in one pass rather than through
         # codec.decode: at ~100,000 events/s building an Envelope per event is a
         # fifth of the subscriber's time.
@@ -324,10 +354,10 @@ class Subscriber(Component):
             items = _unpackb(frame)
         except Exception:  # CodecError from the guard, msgpack's zoo for garbage
             stats["bad_frames"] += 1
-            return
+            return 0
         if type(items) is not list:
             stats["bad_frames"] += 1
-            return
+            return 0
         last = self._last_seq.get(pid)
         push = self._buffer.append
         wanted = self._wanted
@@ -361,18 +391,26 @@ class Subscriber(Component):
             stats["bad_frames"] += bad
         if filtered:
             stats["filtered"] += filtered
-        stats["received"] += len(self._buffer) - before
+        taken = len(self._buffer) - before
+        stats["received"] += taken
         if last is not None:  # else no valid event yet: nothing to count gaps from
             self._last_seq[pid] = last
-        if len(self._buffer) > before:
+        if taken:
             self._readable.set()
+        return taken
 
     async def _dispatch(self) -> None:
         async for event in self:
+            handled = False
             for pattern, fn in self._handlers:
                 if matches(pattern, event.topic):
+                    handled = True
                     try:
                         await fn(event.data)
                     except Exception:  # one bad event must not stop the subscription
                         self.stats["handler_errors"] += 1
                         log.exception("subscriber %r handler for %r failed", self.name, event.topic)
+            if not handled:
+                self.stats["unmatched"] += 1
+                count_unmatched(self.unmatched, event.topic, f"subscriber {self.name!r}",
+                                "event")

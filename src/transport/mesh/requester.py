@@ -28,6 +28,7 @@ yields the error in that request's place instead.
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import AbstractSet, Any, AsyncIterator, Iterable, Iterator
@@ -38,12 +39,15 @@ from transport.mesh.breaker import CircuitBreaker, backoff
 from transport.errors import BadMessage, Closed, QueueFull, RemoteError, TimeoutError_
 from transport.mesh.component import Component, _names
 from transport.mesh.dialing import LinkKeeper
+from transport.mesh.link_counts import keep_links_told
 from transport.mesh.peers import Beacon, matches
+from transport.mesh.strategies import RoundRobin, Strategy, strategy
 from transport.rpc import RpcClient
 from transport.rpc.client import PendingCall
 
 
 MAX_WANTED = 1024      # request types remembered for dialing
+DEFAULT_TIMEOUT = 10.0  # s, when neither the argument nor MESH_TIMEOUT says
 
 
 @dataclass
@@ -51,12 +55,17 @@ class _Link:
     beacon: Beacon
     client: RpcClient
     breaker: CircuitBreaker
+    sent: int = 0       # requests dispatched on it (its beacon's links: the monitor's graph)
 
     # What the LinkKeeper needs of it (closing fails its calls with Unreachable: they
     # fail over).
     @property
     def connected(self) -> bool:
         return self.client.connected
+
+    @property
+    def in_flight(self) -> int:
+        return self.client.pending
 
     async def wait_connected(self) -> None:
         await self.client.wait_connected()
@@ -69,11 +78,19 @@ class Requester(Component):
     role = "requester"
 
     def __init__(self, name: str, *, requests: list[str] | tuple[str, ...] = (),
-                 timeout: float = 10.0, max_pending: int = 10_000, retries: int = 3,
+                 timeout: float | None = None, max_pending: int = 10_000, retries: int = 3,
                  breaker_threshold: int = 3, breaker_cooldown: float = 1.0,
                  spin: bool = True, max_links: int = 64, dial_timeout: float = 3.0,
-                 **kw: Any) -> None:
+                 balance: str | Strategy = "round-robin", **kw: Any) -> None:
+        """``balance``: how it chooses among the Responders that can serve a request
+        (transport/mesh/strategies.py): "round-robin", "random", "least-pending",
+        "lowest-latency", or a Strategy."""
         super().__init__(name, **kw)
+        if timeout is None:   # MESH_TIMEOUT (s), else cote's COTE_REQUEST_TIMEOUT (ms), else 10 s
+            env = os.environ
+            timeout = float(env["MESH_TIMEOUT"]) if env.get("MESH_TIMEOUT") else \
+                float(env["COTE_REQUEST_TIMEOUT"]) / 1000 if env.get("COTE_REQUEST_TIMEOUT") \
+                else DEFAULT_TIMEOUT
         if timeout <= 0 or max_pending < 1 or retries < 0 or breaker_threshold < 1:
             raise ValueError("need timeout > 0, max_pending >= 1, retries >= 0, breaker_threshold >= 1")
         self.requests = _names(requests, "requests")
@@ -88,6 +105,10 @@ class Requester(Component):
         self._outstanding = 0
         self._candidates: dict[str, list[_Link]] = {}  # event -> links serving it
         self._turn = 0
+        self.balance = strategy(balance)
+        self._round_robin = type(self.balance) is RoundRobin   # the fast path of _pick
+        self._learns = self.balance.learns
+        self._started: dict[int, float] = {}   # id(call) -> when (send_many, learning strategies)
         self.stats = {"sent": 0, "answered": 0, "failed": 0, "retried": 0, "refused": 0,
                       "dial_failed": 0}
         self._keeper: LinkKeeper[_Link] = LinkKeeper(
@@ -106,6 +127,12 @@ class Requester(Component):
     async def _serve(self, nursery: trio.Nursery) -> None:
         discovery = await self._start_discovery(nursery)
         nursery.start_soon(self._keeper.run, nursery, discovery)
+        nursery.start_soon(keep_links_told, discovery, self._link_counts,
+                           self.discovery_config.hello_interval)
+
+    def _link_counts(self) -> list[tuple[str, int]]:
+        """(Responder id, requests sent on its link) of every link it holds."""
+        return [(pid, link.sent) for pid, link in self.links.items()]
 
     def _responders(self) -> list[Beacon]:
         """The Responders worth a link: serving what it declared or was asked for."""
@@ -135,14 +162,20 @@ class Requester(Component):
 
     def _changed_links(self) -> None:
         self._candidates.clear()
+        if self._learns:
+            self.balance.keep(self.links.keys())
         self._links_changed.set()
         self._links_changed = trio.Event()
 
     # -- choosing -----------------------------------------------------------------
-    def _pick(self, event: str, tried: AbstractSet[str], now: float) -> _Link | None:
-        """Round-robin over the links serving ``event``: connected ones whose breaker
-        allows first; a fresh one still gets the request (nng queues it until the dial
-        completes) when it is all there is."""
+    def _pick(self, event: str, tried: AbstractSet[str], now: float,
+              subset: str | None = None, to: str | None = None) -> _Link | None:
+        """The link for one request of ``event``: among those serving it (and of
+        ``subset``, or the Responder ``to``), connected ones whose breaker allows first,
+        chosen by the balancing strategy; a fresh one still gets the request (nng queues
+        it until the dial completes) when it is all there is."""
+        if not self._round_robin or subset is not None or to is not None:
+            return self._pick_by_strategy(event, tried, now, subset, to)
         candidates = self._candidates.get(event)
         if candidates is None:
             candidates = sorted((link for link in self.links.values()
@@ -168,6 +201,27 @@ class Requester(Component):
                 fallback = link
                 self._turn = turn + i + 1
         return fallback
+
+    def _pick_by_strategy(self, event: str, tried: AbstractSet[str], now: float,
+                          subset: str | None, to: str | None) -> _Link | None:
+        candidates = [link for link in self.links.values()
+                      if (not link.beacon.types or any(matches(t, event) for t in link.beacon.types))
+                      and (subset is None or link.beacon.subset == subset)
+                      and (to is None or link.beacon.id == to)]
+        if not candidates:
+            if to is None:
+                self._want(event)
+            return None
+        candidates.sort(key=lambda link: link.beacon.id)
+        ready = [link for link in candidates if link.beacon.id not in tried
+                 and link.breaker.allows(now) and link.client.connected]
+        if ready:
+            chosen = self.balance.choose([link.beacon.id for link in ready])
+            return next(link for link in ready if link.beacon.id == chosen)
+        for link in candidates:      # none connected yet: a fresh link queues the request
+            if link.beacon.id not in tried and link.breaker.allows(now):
+                return link
+        return None
 
     def _next_reopen(self, event: str, now: float) -> float | None:
         times = [link.breaker.opened_at + link.breaker.current_cooldown
@@ -195,18 +249,24 @@ class Requester(Component):
                             f"requests outstanding")
 
     async def send(self, request: dict[str, Any], *, timeout: float | None = None,
-                   chunks: Any = None) -> Any:
+                   chunks: Any = None, subset: str | None = None, to: str | None = None) -> Any:
         """The answer to ``request``.  ``chunks`` (an iterable or async iterable) makes
         it a chunked request, read by an ``async def handler(req, chunks)``; such a
         request waits for a Responder like any other but is sent once: a failure after
-        that is raised, not retried (its chunks cannot be sent twice)."""
+        that is raised, not retried (its chunks cannot be sent twice).  ``subset`` (or
+        ``"__subset"`` in the request, as in cote): only a Responder of that subset
+        serves it; ``to``: only the Responder of that id (its beacon's).  A request
+        nobody can serve waits, like any, until one appears or its timeout passes."""
         self._admit(request)
         self._check_running()
         limit = self.timeout if timeout is None else timeout
+        if subset is None:
+            wanted = request.get("__subset")
+            subset = wanted if isinstance(wanted, str) and wanted else None
         self._outstanding += 1
         self.stats["sent"] += 1
         try:
-            result = await self._deliver(request["type"], request, limit, chunks)
+            result = await self._deliver(request["type"], request, limit, chunks, subset, to)
         except BaseException:
             self.stats["failed"] += 1
             raise
@@ -216,7 +276,8 @@ class Requester(Component):
         return result
 
     async def _deliver(self, event: str, request: dict[str, Any], limit: float,
-                       chunks: Any = None) -> Any:
+                       chunks: Any = None, subset: str | None = None,
+                       to: str | None = None) -> Any:
         deadline = trio.current_time() + limit
         tried: set[str] = set()
         attempt = 0
@@ -226,7 +287,7 @@ class Requester(Component):
             now = trio.current_time()
             if now >= deadline:
                 break
-            link = self._pick(event, tried, now)
+            link = self._pick(event, tried, now, subset, to)
             if link is None:
                 if tried:           # every candidate failed once: start over (after backoff)
                     tried.clear()
@@ -237,14 +298,23 @@ class Requester(Component):
                 continue
             dispatched = True
             link.breaker.on_dispatch()
+            link.sent += 1
+            learns, rid = self._learns, link.beacon.id
+            if learns:
+                self.balance.sent(rid)
             try:
                 result = await link.client.call(self.namespace, event, request,
                                                 timeout=deadline - now, chunks=chunks)
-            except TimeoutError_ as exc:
-                link.breaker.on_failure(trio.current_time())
-                last_error = exc
-                break
-            except RemoteError as exc:
+            except BaseException as exc:
+                if learns:
+                    self.balance.answered(rid, trio.current_time() - now,
+                                          isinstance(exc, RemoteError) and not exc.retryable)
+                if isinstance(exc, TimeoutError_):
+                    link.breaker.on_failure(trio.current_time())
+                    last_error = exc
+                    break
+                if not isinstance(exc, RemoteError):
+                    raise
                 if not exc.retryable:
                     link.breaker.on_success()  # it answered: alive, the request is at fault
                     raise
@@ -257,6 +327,8 @@ class Requester(Component):
                 tried.add(link.beacon.id)
                 await trio.sleep(min(backoff(attempt), max(0.0, deadline - trio.current_time())))
             else:
+                if learns:
+                    self.balance.answered(rid, trio.current_time() - now, True)
                 link.breaker.on_success()
                 return result
         if not dispatched:
@@ -296,6 +368,8 @@ class Requester(Component):
                     self._outstanding -= 1
                     self.stats["answered"] += 1
                     link.breaker.on_success()
+                    if self._learns:
+                        self._learn(link, call, True)
                     answer = call.items[0]
                 else:
                     try:
@@ -306,10 +380,12 @@ class Requester(Component):
                         answer = exc
                 yield answer
         finally:
-            for _, _, call in in_flight:  # left early: the rest are given up
+            for _, link, call in in_flight:  # left early: the rest are given up
                 if isinstance(call, PendingCall):
                     call.cancel()
                     self._outstanding -= 1
+                    if self._learns and link is not None:
+                        self._learn(link, call, False)
 
     def _refill(self, source: Iterator[Any], in_flight: deque[tuple[Any, _Link | None, Any]],
                 window: int, limit: float) -> None:
@@ -333,6 +409,9 @@ class Requester(Component):
                     in_flight.append((request, None, exc))  # its answer, in its place
                     continue
                 event = request["type"]
+                if "__subset" in request:   # directed: send() chooses for it, in its turn
+                    in_flight.append((request, None, None))
+                    continue
                 if event in chosen:
                     link = chosen[event]
                 else:
@@ -351,7 +430,11 @@ class Requester(Component):
                     del chosen[event]
                 self._outstanding += 1
                 started += 1
+                link.sent += 1
                 in_flight.append((request, link, call))
+                if self._learns:
+                    self.balance.sent(link.beacon.id)
+                    self._started[id(call)] = now
             self.stats["sent"] += started
         finally:
             for each in self.links.values():
@@ -371,8 +454,12 @@ class Requester(Component):
         except BaseException:
             call.cancel()  # cancelled while waiting: the server can stop too
             self._outstanding -= 1
+            if self._learns:
+                self._learn(link, call, False)
             raise
         self._outstanding -= 1
+        if self._learns:
+            self._learn(link, call, call.error is None or not call.error.retryable)
         try:
             answer = call.outcome()
         except TimeoutError_:
@@ -391,6 +478,13 @@ class Requester(Component):
         link.breaker.on_success()
         self.stats["answered"] += 1
         return answer
+
+
+    def _learn(self, link: _Link, call: PendingCall, ok: bool) -> None:
+        """A call started by send_many ended: tell a learning strategy how it went."""
+        started = self._started.pop(id(call), None)
+        if started is not None:
+            self.balance.answered(link.beacon.id, trio.current_time() - started, ok)
 
 
 _END = object()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import trio
 
 from transport.errors import UnknownEvent
-from transport.mesh.component import Component, _names
+from transport.mesh.component import Component, _names, count_unmatched
 from transport.mesh.peers import matches
 from transport.codec import DEFAULT_MAX_MESSAGE
 from transport.rpc import Request, RpcServer
@@ -37,8 +37,14 @@ class Responder(Component):
                  max_inflight: int = 10_000, spin: bool = True,
                  max_message: int = DEFAULT_MAX_MESSAGE,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, **kw: Any) -> None:
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, subset: str = "",
+                 **kw: Any) -> None:
+        """``subset``: a label Requesters may direct requests to (cote's ``subset``:
+        ``requester.send(req, subset="eu")``, or ``"__subset"`` in the request)."""
         super().__init__(name, **kw)
+        if not isinstance(subset, str):
+            raise ValueError("subset must be a string")
+        self.subset = subset
         self.responds_to = _names(responds_to, "responds_to")
         self.max_inflight = max_inflight
         # The RpcServer's limits (docs/protocol.md), checked when the Responder is made
@@ -52,6 +58,7 @@ class Responder(Component):
         self._handlers: dict[str, Handler] = {}
         self._resolved: dict[str, Handler | None] = {}
         self.server: RpcServer | None = None
+        self.unmatched: dict[str, int] = {}  # request type no handler took -> how many
 
     def on(self, pattern: str) -> Callable[[Handler], Handler]:
         if not isinstance(pattern, str) or not pattern:
@@ -60,6 +67,7 @@ class Responder(Component):
         def register(fn: Handler) -> Handler:
             self._handlers[pattern] = fn
             self._resolved.clear()
+            self._readvertise()    # added after start: Requesters learn of it at once
             return fn
         return register
 
@@ -87,6 +95,7 @@ class Responder(Component):
         """A value (plain handler) or a coroutine the RpcServer awaits on a task."""
         fn = self._handler_for(req.event)
         if fn is None:
+            count_unmatched(self.unmatched, req.event, f"responder {self.name!r}", "request")
             raise UnknownEvent(f"responder {self.name!r} has no handler for {req.event!r}")
         if req.chunks is not None:  # a chunked request: async def handler(req, chunks)
             return fn(req.payload, req.chunks)
@@ -102,6 +111,21 @@ class Responder(Component):
                                 idle_timeout=self.idle_timeout)
         address = await nursery.start(self.server.run)
         await self._start_discovery(nursery, address)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Leave gracefully: stop advertising (its peers hear a ``bye`` and send it no
+        new requests), let the requests in flight finish (up to ``timeout`` s), then
+        close.  Requesters move to the other Responders without an error; one that
+        sends before it heard the ``bye`` is still answered, or, after the close, fails
+        over (an unreachable Responder is retried elsewhere)."""
+        discovery = self.discovery
+        if discovery is not None and discovery.me is not None:
+            discovery.announce("bye")
+            discovery.me = None              # no more hellos, no answers to asks
+        with trio.move_on_after(timeout):
+            while self.server is not None and self.server.inflight:
+                await trio.sleep(0.02)
+        self.close()
 
     @property
     def address(self) -> str | None:
