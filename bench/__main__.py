@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 import trio
 
-from . import baselines, cote, engine, languages, mesh, pool, rpc, sockend, timing
+from . import (baselines, cote, engine, jobqueues, languages, mesh, pool, rpc, sockend,
+               timing)
 from .harness import (PAYLOAD, Results, Row, RRFigures, Settings, median, rss_mb, skip,
                       verdict)
 from .report import RESULTS_JSON, machine, print_rows, print_rr_table, write_json
 
-FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing", "languages")
+FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing", "languages", "peers")
 LEAK_LIMIT = 1.10                       # RSS after the run / after warm-up
 PUBSUB_ROUNDS = 3                       # pub/sub runs of ours and of cote's, alternating
 
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         timing.family_timing(settings, results, _measure)
     if "languages" in args.families:
         systems.update(family_languages(settings, results))
+    if "peers" in args.families:
+        systems.update(jobqueues.family_peers(settings, results, _measure))
     results.figures["bench_rss_end_mb"] = rss_mb()
     info["seconds"] = round(time.perf_counter() - t0, 1)
 

@@ -53,7 +53,7 @@ def print_rr_table(systems: dict[str, RRFigures | str], inflight: tuple[int, ...
     _print(heads, lines)
 
 
-FAMILY_ORDER = ("rr", "mesh", "pool", "leak", "streaming", "sockend")
+FAMILY_ORDER = ("rr", "mesh", "pool", "leak", "streaming", "sockend", "languages", "peers")
 
 
 def print_rows(rows: list[Row]) -> None:

@@ -539,17 +539,20 @@ def test_strangers_with_another_secret_or_none_are_kept_out(lab, tmp_path):
 
 # -- 4. peer loss during digest computation ------------------------------------------------
 
+@pytest.mark.timeout(300)   # up to 12 rounds of ~5 s: the window is a matter of timing
 def test_peers_leaving_while_the_node_computes_digests_never_crash_it(lab, tmp_path):
     """Defect 1: a node hosting an app whose digest takes a while (1500 files, ~8 MB)
     while its peers leave (SIGTERM: a ``bye``, so the node closes their links at once;
-    SIGKILL: silence) around their first exchanges with it: it stays up and answers."""
+    SIGKILL: silence) around their first exchanges with it: it stays up and answers.
+    Whether a leave lands inside the digest is timing (a loaded CI machine shifts it),
+    so it tries up to 12 rounds until one does (usually one or two)."""
     a_host, b_host, c_host = lab.hosts
     cluster, secret = lab.new_cluster(), lab.secret_file(SECRET)
     big = make_app(tmp_path / "apps", "big", files=1500, file_size=5500)
     hit, rounds = False, 0
     x: ClusterNode | None = None
     t0 = time.monotonic()
-    while not hit and rounds < 3:
+    while not hit and rounds < 12:
         rounds += 1
         peers = [lab.start(h, cluster, secret_file=secret, wait=False)
                  for h in (a_host, b_host, a_host, b_host)]
@@ -577,7 +580,7 @@ def test_peers_leaving_while_the_node_computes_digests_never_crash_it(lab, tmp_p
             lab.stop(x)
     note(f"peer loss during the digest: {rounds} round(s), window hit: {hit}, "
          f"{time.monotonic() - t0:.1f} s")
-    assert hit, "no peer left while X computed a digest in 3 rounds: the test proved nothing"
+    assert hit, "no peer left while X computed a digest in 12 rounds: the test proved nothing"
 
 
 # -- 5. a forward to a partitioned peer ----------------------------------------------------
