@@ -1,14 +1,17 @@
 """``python -m bench`` (``make bench``): every measurement beside its baseline, in one run.
 
 Prints the raw request-response figures per system, then one comparison row per
-target of issue 6 (ours, baseline, ratio, target, PASS/FAIL/SKIP), and writes both to
-``bench/.peers/results.json``.  ``--quick`` is a tiny smoke workload (no cote, no pool
+target of issue 6 (ours, baseline, ratio, target, PASS/FAIL/SKIP), then a summary of
+the target rows only, and writes both to ``bench/.peers/results.json`` (``--json``); a
+run without ``--quick`` also writes the committed ``bench/results.json`` and
+``bench/results.svg`` (the chart; ``python -m bench.report`` redraws both from a saved run).  ``--quick`` is a tiny smoke workload (no cote, no pool
 burst); ``--only`` picks families.  Exit status 0 whatever the verdicts: this is a
 measurement, not a test.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -21,7 +24,8 @@ from . import (baselines, cote, engine, jobqueues, languages, mesh, pool, rpc, s
                timing)
 from .harness import (PAYLOAD, Results, Row, RRFigures, Settings, median, rss_mb, skip,
                       verdict)
-from .report import RESULTS_JSON, machine, print_rows, print_rr_table, write_json
+from .report import (RESULTS_JSON, machine, print_rows, print_rr_table, print_summary, publish,
+                     write_json)
 
 FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing", "languages", "peers")
 LEAK_LIMIT = 1.10                       # RSS after the run / after warm-up
@@ -495,9 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\ncomparisons (ratio = ours / baseline):")
     print_rows(results.rows)
     path = write_json(results, info, Path(args.json))
-    counts = {v: sum(r.verdict == v for r in results.rows) for v in ("PASS", "FAIL", "SKIP")}
-    print(f"\n{counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped "
-          f"in {info['seconds']} s; results in {path}")
+    written = [str(path)]
+    if not settings.quick:   # the committed copies: never from a smoke run (make test)
+        written += map(str, publish(json.loads(path.read_text())))
+    print_summary([r.as_dict() for r in results.rows],
+                  f" in {info['seconds']} s; results in {', '.join(written)}")
     return 0
 
 

@@ -580,3 +580,33 @@ async def test_the_mesh_chain_example(tmp_path, start_node, disco, monkeypatch):
                 return orders if orders["done"] == 5 else None
             orders = await wait_until(mailed, "the mailer ran a job for each order")
     assert orders["errors"] == 0 and orders["received"] == 5
+
+
+@pytest.mark.e2e
+async def test_undeploying_an_app_drains_its_mesh_responder(tmp_path, start_node, disco):
+    """An app is undeployed while a mesh request runs on it: its Responder says bye and
+    answers what it holds (Driver.drain) before it goes, so the Requester gets the answer
+    instead of a broken link, and the handler ran once."""
+    mesh = {"type": "mesh-responder", "namespace": "engine", "discovery": discovery_options(disco),
+            "events": {"job.slow": "slow"}}
+    app = write_app(tmp_path, "leaving", WORKER, {"mesh": mesh},
+                    {"pool-limit": 1, "termination-timeout": 10})
+    node = await start_node(app)
+    async with Requester("rq", namespace="engine", requests=["job.slow"], retries=0,
+                         discovery=disco) as rq, connect(node.address, timeout=30) as client:
+        with trio.fail_after(40):
+            await wait_until(lambda: connected_links(rq) >= 1, "linked to the app", timeout=20)
+            answers: list[Any] = []
+
+            async def ask() -> None:
+                answers.append(await rq.send({"type": "job.slow", "s": 1.5}, timeout=20))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await wait_until(lambda: _running(client), "the job runs")
+                await client.undeploy("leaving")
+            assert answers == ["slept"]
+            assert rq.stats["failed"] == 0 and rq.stats["retried"] == 0
+
+
+async def _running(client) -> bool:
+    return (await client.info("leaving"))["pool"]["running"] == 1

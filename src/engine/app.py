@@ -277,6 +277,7 @@ class App:
             return
         if self.state != "stopping":
             self.state = "stopping"
+            await self._drain_drivers(timeout)
             if self._drivers_scope is not None:
                 self._drivers_scope.cancel()
             # drain() is bounded by its own timeout; the extra margin covers a drain
@@ -289,6 +290,20 @@ class App:
             if self._scope is not None:
                 self._scope.cancel()
         await self._stopped.wait()
+
+    async def _drain_drivers(self, timeout: float) -> None:
+        """Each driver's goodbye (Driver.drain), side by side, bounded by ``timeout``;
+        a driver whose drain fails is only cancelled a moment earlier."""
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for driver in list(self.drivers.values()):
+                    nursery.start_soon(self._drain_one, driver, timeout)
+
+    async def _drain_one(self, driver: Driver[Any], timeout: float) -> None:
+        try:
+            await driver.drain(timeout)
+        except Exception:
+            log.exception("app %s: draining driver %s failed", self.name, driver.spec.name)
 
     async def redeploy(self, manifest: AppManifest) -> None:
         """Switch the app to ``manifest``'s version without losing a request (module
@@ -336,6 +351,7 @@ class App:
         """The new manifest's drivers instead of the old one's (a driver that listens
         must let go of its port first: a short gap for that driver's clients).  If they
         cannot start, the old drivers come back and the new version is abandoned."""
+        await self._drain_drivers(old.manifest.engine.termination_timeout)
         if self._drivers_scope is not None:
             self._drivers_scope.cancel()
         await self._drivers_ended.wait()

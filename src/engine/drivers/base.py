@@ -137,6 +137,13 @@ class Driver(ABC, Generic[OptionsT]):
         (the value, if any, is what callers of ``nursery.start`` get: the bound
         address for servers); raise :class:`DriverError` if the driver cannot start."""
 
+    async def drain(self, timeout: float) -> None:
+        """The app is stopping: take no new events and let what is in flight finish,
+        for up to ``timeout`` seconds (then it is cancelled, as ever).  Most drivers
+        have nothing to do (the default): their jobs drain with the pool.  One whose
+        clients would otherwise be cut off mid-request says goodbye here (the
+        ``mesh-responder``: a ``bye``, so Requesters move on, then its requests end)."""
+
     def details(self) -> dict[str, Any]:
         """This driver's own ``info()`` fields (endpoint, schedule, ...)."""
         return {}

@@ -126,6 +126,12 @@ class MeshResponder(Driver[MeshResponderOptions]):
         if failure is not None:
             raise failure
 
+    async def drain(self, timeout: float) -> None:
+        """A ``bye`` (Requesters send their next requests elsewhere), then the requests
+        in flight are answered: none is cut off mid-run and retried elsewhere."""
+        if self.responder is not None:
+            await self.responder.drain(timeout, close=False)
+
     def details(self) -> dict[str, Any]:
         responder = self.responder
         return {**self.options.place.describe(self.app_name or self.spec.name),

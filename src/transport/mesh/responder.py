@@ -112,10 +112,10 @@ class Responder(Component):
         address = await nursery.start(self.server.run)
         await self._start_discovery(nursery, address)
 
-    async def drain(self, timeout: float = 30.0) -> None:
+    async def drain(self, timeout: float = 30.0, *, close: bool = True) -> None:
         """Leave gracefully: stop advertising (its peers hear a ``bye`` and send it no
         new requests), let the requests in flight finish (up to ``timeout`` s), then
-        close.  Requesters move to the other Responders without an error; one that
+        close (``close=False``: its owner closes it).  Requesters move to the other Responders without an error; one that
         sends before it heard the ``bye`` is still answered, or, after the close, fails
         over (an unreachable Responder is retried elsewhere)."""
         discovery = self.discovery
@@ -125,7 +125,8 @@ class Responder(Component):
         with trio.move_on_after(timeout):
             while self.server is not None and self.server.inflight:
                 await trio.sleep(0.02)
-        self.close()
+        if close:
+            self.close()
 
     @property
     def address(self) -> str | None:
