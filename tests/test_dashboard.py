@@ -6,10 +6,8 @@ taken.  Skipped, saying why, where Chromium is not installed (.ci/run installs i
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import struct
 from pathlib import Path
 
@@ -17,49 +15,13 @@ import pytest
 import trio
 
 from engine.client import connect
+from browser_support import chromium, chromium_or_skip
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "examples" / "echo"
 METRICS_RE = re.compile(r"metrics and dashboard on (http://127\.0\.0\.1:\d+/)")
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-         "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
-         "--hide-scrollbars"]
-
-
-def chromium_or_skip() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("no chromium on PATH: apt-get install -y chromium (Debian) to run the "
-                    "dashboard's browser test (.ci/run does)")
-    return path
-
-
-async def chromium(binary: str, tmp_path: Path, name: str, *args: str, timeout: float = 40) -> bytes:
-    """Run one headless Chromium command to its end and return its stdout; Chromium and
-    every helper it started are ended in any case."""
-    profile = tmp_path / f"profile-{name}"
-    profile.mkdir()
-    log = tmp_path / f"chromium-{name}.log"
-    with open(log, "wb") as err, open(tmp_path / f"chromium-{name}.out", "wb+") as out:
-        proc = await trio.lowlevel.open_process(
-            [binary, *FLAGS, f"--user-data-dir={profile}", *args],
-            stdout=out, stderr=err, start_new_session=True)
-        try:
-            with trio.fail_after(timeout):
-                await proc.wait()
-        finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)   # its helpers, and itself if still there
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
-        out.seek(0)
-        output = out.read()
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{log.read_text()[-2000:]}"
-    return output
 
 
 async def traffic(address: str, calls: dict[str, int]) -> None:
@@ -87,7 +49,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 async def test_the_dashboard_shows_apps_slaves_and_live_charts_under_traffic(tmp_path, start_node):
-    binary = chromium_or_skip()
+    binary = chromium_or_skip("dashboard's")
     apps = tmp_path / "apps"
     shutil.copytree(ECHO, apps / "echo", ignore=shutil.ignore_patterns("__pycache__"))
     node = await start_node(apps, extra=("--metrics", "127.0.0.1:0"))

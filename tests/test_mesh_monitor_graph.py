@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import trio
 
 from support import wait_until
+from browser_support import chromium, chromium_or_skip
 from transport import Monitor, Publisher, Requester, Responder, Subscriber
 from transport.__main__ import parse, render
 from transport.mesh.discovery import Discovery, DiscoveryConfig
@@ -297,42 +297,7 @@ async def test_cli_monitor_prints_the_connections(disco):
 
 # -- the page, in headless Chromium ---------------------------------------------------------
 
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-         "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
-         "--hide-scrollbars"]
 URL_RE = re.compile(r"mesh monitor graph on (http://127\.0\.0\.1:\d+/)")
-
-
-def chromium_or_skip() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("no chromium on PATH: apt-get install -y chromium (Debian) to run the "
-                    "monitor page's browser test (.ci/run does)")
-    return path
-
-
-async def chromium(binary: str, tmp_path: Path, name: str, *args: str, timeout: float = 40) -> bytes:
-    """Run one headless Chromium command to its end and return its stdout; Chromium and
-    every helper it started are ended in any case."""
-    profile = tmp_path / f"profile-{name}"
-    profile.mkdir()
-    log = tmp_path / f"chromium-{name}.log"
-    with open(log, "wb") as err, open(tmp_path / f"chromium-{name}.out", "wb+") as out:
-        proc = await trio.lowlevel.open_process(
-            [binary, *FLAGS, f"--user-data-dir={profile}", *args],
-            stdout=out, stderr=err, start_new_session=True)
-        try:
-            with trio.fail_after(timeout):
-                await proc.wait()
-        finally:
-            with trio.CancelScope(shield=True):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)   # its helpers, and itself if still there
-                await proc.wait()
-        out.seek(0)
-        output = out.read()
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{log.read_text()[-2000:]}"
-    return output
 
 
 @contextlib.asynccontextmanager
@@ -390,7 +355,7 @@ def dom_nodes(dom: str) -> dict[str, str]:
 
 @pytest.mark.e2e
 async def test_the_web_page_draws_the_graph_and_follows_components(disco, tmp_path):
-    binary = chromium_or_skip()
+    binary = chromium_or_skip("monitor page's")
     rep_a, rep_b = named_responder("rep-a", disco), named_responder("rep-b", disco)
     with trio.fail_after(150):
         async with web_monitor(disco, tmp_path) as url, rep_a, \

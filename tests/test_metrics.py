@@ -24,7 +24,7 @@ from engine.app import App
 from engine.errors import JobCancelled, QueueFull, ShuttingDown, SlaveDied
 from engine.event_stats import BUCKETS, MAX_EVENTS, OTHER, EventStats, bucket_quantile
 from engine.manifest import load_manifest
-from engine.node import dashboard
+from transport import page_server
 from engine.node.dashboard import (AddressError, MetricsServer, dashboard_page, host_allowed,
                                    parse_address)
 from engine.node.metrics import node_registry, node_state, render, slave_states
@@ -349,7 +349,7 @@ async def test_one_connection_at_a_time_over_h11(tmp_path, autojump_clock):
     # A client that sends half a head and waits is dropped after CLIENT_TIMEOUT.
     start = trio.current_time()
     assert await exchange(server, b"GET / HTTP/1.1\r\n") == b""
-    assert trio.current_time() - start == pytest.approx(dashboard.CLIENT_TIMEOUT)
+    assert trio.current_time() - start == pytest.approx(page_server.CLIENT_TIMEOUT)
     assert server.failures == 0 and server.requests == 2
 
 

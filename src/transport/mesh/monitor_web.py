@@ -7,70 +7,26 @@ Routes, GET only (anything else is 405):
   SVG graph: who is there and who talks to whom, with the counts;
 - ``/api/graph``: :meth:`Monitor.graph <transport.mesh.monitor.Monitor.graph>` as JSON.
 
-Served as the node's dashboard is (engine/node/dashboard.py, the model): each request
-on a connection of its own (``Connection: close``), parsed and answered by an h11
-server connection, the head bounded (:data:`MAX_HEAD`), the whole exchange too
-(:data:`CLIENT_TIMEOUT`), at most :data:`MAX_CONNECTIONS` at once (more are closed
-unanswered); whatever goes wrong on one connection ends that connection only.
-
-No authentication: bound to loopback by default (``--web-host``), and a loopback server
-answers only requests whose ``Host`` is an IP address or ``localhost`` (so a web page
-elsewhere cannot reach it through DNS rebinding).  What it shows is what the beacons
+Served by :class:`transport.page_server.PageServer` (GET only, bounded, one connection's
+trouble its own), as the node's dashboard is.  No authentication: bound to loopback by
+default (``--web-host``), where only ``Host`` headers that are an IP address or
+``localhost`` are answered (against DNS rebinding).  What it shows is what the beacons
 already tell the LAN (names, hosts, pids, types, counts); beyond loopback, put it behind
 a proxy that authenticates.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
-import logging
-from http import HTTPStatus
 from importlib import resources
 from typing import Any, Callable
 
-import h11
 import trio
 
-log = logging.getLogger(__name__)
-
-MAX_HEAD = 8192           # bytes of a request head
-CLIENT_TIMEOUT = 10.0     # seconds for one whole exchange (a slow client is dropped)
-MAX_CONNECTIONS = 64      # served at once; more are closed at once
-TEXT = "text/plain; charset=utf-8"
-HTML = "text/html; charset=utf-8"
-JSON = "application/json"
-# The page's own inline script and styles, and requests to this origin only.
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-       "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-       "frame-ancestors 'none'")
+from transport.page_server import (CSP as CSP, HTML, JSON, TEXT, PageServer, Response,
+                                   host_allowed as host_allowed, is_loopback, serve_pages,
+                                   shown_host)
 
 Graph = Callable[[], dict[str, Any]]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def host_allowed(header: str) -> bool:
-    """A loopback server's guard against DNS rebinding: the request's ``Host`` must be
-    an IP address or ``localhost`` (a name an attacker controls is refused)."""
-    host = header.strip()
-    if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else host
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    if host.lower() == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def monitor_page() -> bytes:
@@ -78,25 +34,19 @@ def monitor_page() -> bytes:
     return resources.files("transport.mesh").joinpath("monitor.html").read_bytes()
 
 
-class GraphServer:
-    """What the monitor's web port answers: :meth:`answer` maps a request to a response
-    (pure but for calling ``graph``), :meth:`serve_connection` runs one connection."""
+class GraphServer(PageServer):
+    """What the monitor's web port answers (calling ``graph`` at each request)."""
+
+    what = "monitor web"
+    owner = "the monitor"
+    docs = "docs/mesh.md"
 
     def __init__(self, graph: Graph, *, guard_host: bool = True) -> None:
+        super().__init__(guard_host=guard_host)
         self.graph = graph
-        self.guard_host = guard_host       # refuse Hosts that are not IPs or localhost
         self.page: bytes | None = None     # read on first use, then kept
-        self.requests = 0
-        self.failures = 0                  # connections that ended in an error
 
-    def answer(self, method: str, target: str, host: str | None) -> tuple[int, bytes, str]:
-        """``(status, body, content type)`` for one request."""
-        if method != "GET":
-            return 405, b"only GET\n", TEXT
-        if self.guard_host and not host_allowed(host or ""):
-            return 403, (b"this port answers requests to an IP address or localhost only "
-                         b"(a DNS rebinding guard; see docs/mesh.md)\n"), TEXT
-        path = target.split("?", 1)[0].split("#", 1)[0]
+    def route(self, path: str) -> Response:
         if path == "/api/graph":
             body = json.dumps(self.graph(), default=str, separators=(",", ":"))
             return 200, body.encode(), JSON
@@ -106,91 +56,12 @@ class GraphServer:
             return 200, self.page, HTML
         return 404, b"not found (try / or /api/graph)\n", TEXT
 
-    async def serve_connection(self, stream: trio.abc.Stream) -> None:
-        """Answer one request on ``stream`` and close it; never raises (but Cancelled)."""
-        try:
-            with trio.move_on_after(CLIENT_TIMEOUT):
-                await self._exchange(stream)
-        except Exception as exc:   # one connection's trouble is that connection's only
-            self.failures += 1
-            log.debug("monitor web: a connection failed: %s: %s", type(exc).__name__, exc)
-        finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await trio.aclose_forcefully(stream)
-
-    async def _exchange(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        request: h11.Request | None = None
-        while request is None:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._send(stream, conn, exc.error_status_hint,
-                                 f"bad request: {exc}\n".encode(), TEXT)
-                return
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return             # closed before a whole request head
-                conn.receive_data(bytes(data))
-            elif isinstance(event, h11.Request):
-                request = event
-            else:
-                return
-        self.requests += 1
-        host = None
-        for name, value in request.headers:
-            if name == b"host":
-                host = value.decode("latin-1")
-        try:
-            status, body, ctype = self.answer(request.method.decode("ascii", "replace"),
-                                              request.target.decode("latin-1"), host)
-        except Exception:
-            log.exception("monitor web: could not answer %s", request.target[:100])
-            status, body, ctype = 500, b"internal error (logged by the monitor)\n", TEXT
-        await self._send(stream, conn, status, body, ctype)
-
-    async def _send(self, stream: trio.abc.Stream, conn: h11.Connection, status: int,
-                    body: bytes, ctype: str) -> None:
-        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
-                   ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                   ("Connection", "close")]
-        if status == 405:
-            headers.append(("Allow", "GET"))
-        if ctype == HTML:
-            headers += [("Content-Security-Policy", CSP), ("X-Frame-Options", "DENY"),
-                        ("Referrer-Policy", "no-referrer")]
-        out = conn.send(h11.Response(status_code=status, headers=headers,
-                                     reason=HTTPStatus(status).phrase)) or b""
-        out += conn.send(h11.Data(data=body)) or b""
-        out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(out)
-
 
 async def serve_graph(graph: Graph, host: str, port: int, *,
                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``/`` and ``/api/graph`` (``graph()``, as JSON) on ``host:port`` (port 0
     picks a free one) until cancelled; ``started()`` with the page's URL.  Raises
     ``OSError`` (the port is taken, no such address) before that."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    server = GraphServer(graph, guard_host=is_loopback(host))
-    limit = trio.CapacityLimiter(MAX_CONNECTIONS)
-
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            limit.acquire_nowait()
-        except trio.WouldBlock:
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await server.serve_connection(stream)
-        finally:
-            limit.release()
-
-    sockname: Any = listeners[0].socket.getsockname()
-    bound_host, bound_port = sockname[0], sockname[1]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started(f"http://{shown}:{bound_port}/")
+    await serve_pages(GraphServer(graph, guard_host=is_loopback(host)), host, port,
+                      show=lambda host, port: f"http://{shown_host(host)}:{port}/",
+                      task_status=task_status)
