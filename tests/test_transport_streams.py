@@ -193,6 +193,7 @@ async def test_frames_from_another_thread_never_land_inside_the_trio_sides_frame
 
     frames = [bytes([i % 251]) * size for i, size in
               enumerate([10, 300_000, 7, 70_000, 1, 500_000, 3] * 40)]
+    fa.allow_thread_sends()
     thread = threading.Thread(target=beater, daemon=True)
     received: list[bytes] = []
     with trio.fail_after(30):

@@ -383,6 +383,7 @@ class Watchdog:
         self.beats = 0                                 # heartbeats it sent (tests)
 
     def start(self) -> None:
+        self.stream.allow_thread_sends()
         threading.Thread(target=self._run, name="heartbeat-watchdog", daemon=True).start()
 
     def _run(self) -> None:
