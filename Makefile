@@ -24,7 +24,15 @@ $(JS_DEPS): workers/js/package.json workers/js/package-lock.json
 		npm ci --prefix workers/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: nodejs apps will not run (install Node.js and npm)"; fi
 
-js: $(JS_DEPS)
+# socket.io-client for Sockend: the browser file it serves at /socket.io/socket.io.js
+# and the Node client its tests drive (examples/sockend/node_modules, git-ignored).
+SIO_DEPS := examples/sockend/node_modules/.package-lock.json
+$(SIO_DEPS): examples/sockend/package.json examples/sockend/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix examples/sockend --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: Sockend cannot serve /socket.io/socket.io.js (install Node.js and npm)"; fi
+
+js: $(JS_DEPS) $(SIO_DEPS)
 
 demo: $(STAMP) js
 	$(PY) -m engine run examples/

@@ -4,11 +4,9 @@ loopback, and one real browser (headless Chromium, skipped when absent)."""
 from __future__ import annotations
 
 import json
-import math
 import socket
 import subprocess
-from collections import Counter
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -17,12 +15,13 @@ from hypothesis import given, settings, strategies as st
 from trio_websocket import (ConnectionClosed, ConnectionRejected, HandshakeError,
                             open_websocket_url, wrap_client_stream)
 
-from sockend import EventOutbox, Sockend, SockendConfig, TransportMesh
+from sockend import EventOutbox, TransportMesh
 from sockend.http import resolve_static
 from sockend.protocol import (SKIPPED_EVENT, BadFrame, BadPath, ClientChunk, namespace_from_path,
                               parse_request)
+from sockend_support import FakeMesh, running
 from support import free_udp_port, wait_until
-from transport import HandlerError, Publisher, Responder, TimeoutError_
+from transport import HandlerError, Publisher, Responder
 
 # -- pure: the wire format -------------------------------------------------------------
 
@@ -125,69 +124,6 @@ def test_static_paths_never_leave_the_directory(tmp_path):
 
 
 # -- the server against a fake mesh ------------------------------------------------------------
-
-class FakeLink:
-    def __init__(self, mesh, namespace, events):
-        self.mesh, self.namespace, self.events = mesh, namespace, events
-
-    async def request(self, request, timeout):
-        handler = self.mesh.handlers.get((self.namespace, request["type"]))
-        if handler is None:
-            await trio.sleep(timeout)
-            raise TimeoutError_(f"no responder for {request['type']!r}")
-        return await handler(request)
-
-    async def next_events(self):
-        out = [await self.events.receive()]
-        while True:
-            try:
-                out.append(self.events.receive_nowait())
-            except trio.WouldBlock:
-                return out
-
-    def responder_types(self):
-        return sorted(t for ns, t in self.mesh.handlers if ns == self.namespace)
-
-
-class FakeMesh:
-    def __init__(self):
-        self.handlers, self.channels = {}, {}
-        self.opened, self.closed = Counter(), Counter()
-        self.broken = False
-
-    def on(self, namespace, type_):
-        def register(fn):
-            self.handlers[(namespace, type_)] = fn
-            return fn
-        return register
-
-    @asynccontextmanager
-    async def open(self, namespace):
-        if self.broken:
-            raise OSError("mesh down")
-        send, recv = trio.open_memory_channel(math.inf)
-        self.channels.setdefault(namespace, []).append(send)
-        self.opened[namespace] += 1
-        try:
-            yield FakeLink(self, namespace, recv)
-        finally:
-            self.channels[namespace].remove(send)
-            self.closed[namespace] += 1
-
-    def publish(self, namespace, topic, data):
-        for send in self.channels.get(namespace, []):
-            send.send_nowait((topic, data))
-
-
-@asynccontextmanager
-async def running(mesh, **config):
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(Sockend(mesh, SockendConfig(port=0, **config)).run)
-        try:
-            yield server
-        finally:
-            nursery.cancel_scope.cancel()
-
 
 def url(server, path="/"):
     return f"ws://127.0.0.1:{server.port}{path}"

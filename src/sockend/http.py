@@ -97,7 +97,8 @@ class HttpExchange:
         return None
 
     async def read_head(self, stream: trio.abc.ReceiveStream) -> RequestHead:
-        """Read one request head (the caller bounds the time).  Raises HeadError."""
+        """Read one request head (the caller bounds the time).  Raises HeadError.
+        A request body stays in the h11 connection for :meth:`read_body`."""
         while True:
             data = await stream.receive_some(4096)
             if not data:
@@ -106,13 +107,37 @@ class HttpExchange:
             if head is not None:
                 return head
 
-    def response(self, status: int, body: bytes, ctype: str = TEXT) -> bytes:
+    async def read_body(self, stream: trio.abc.ReceiveStream, limit: int) -> bytes:
+        """The request's body, after :meth:`read_head` (the caller bounds the time).
+        Raises HeadError when it is over ``limit`` bytes or the peer stops early."""
+        body = bytearray()
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise HeadError(f"bad request body: {exc}") from None
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    raise HeadError(f"request body over {limit} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            elif event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise HeadError("connection closed inside a request body")
+                self._conn.receive_data(bytes(data))
+            else:
+                raise HeadError(f"unexpected {type(event).__name__} in a request body")
+
+    def response(self, status: int, body: bytes, ctype: str = TEXT,
+                 extra: list[tuple[str, str]] | None = None) -> bytes:
         """The whole response (head, and body unless the request was a HEAD), ready to
-        send; the connection closes after it."""
+        send; the connection closes after it.  ``extra``: more headers (CORS)."""
         # Connection last: h11 moves it there itself when the client asked to close,
         # so every response has the same head whatever the request said.
         headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-cache"),
-                   ("X-Content-Type-Options", "nosniff"), ("Connection", "close")]
+                   ("X-Content-Type-Options", "nosniff"), *(extra or ()), ("Connection", "close")]
         out = self._send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase, headers=headers))
         if not self._head_only:
             out += self._send(h11.Data(data=body))

@@ -23,7 +23,7 @@ import json
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from transport.errors import BadMessage, RemoteError, error_to_body
 
@@ -170,17 +170,19 @@ class EventOutbox:
     a single one: it is stalled, not merely slow.
     """
 
-    def __init__(self, limit: int = 256, max_skipped: int = 4096):
+    def __init__(self, limit: int = 256, max_skipped: int = 4096,
+                 skipped_frame: Callable[[int], Any] | None = None):
         if limit < 1 or max_skipped < 0:
             raise ValueError("need limit >= 1 and max_skipped >= 0")
+        self._skipped_frame = skipped_frame or _skipped_frame   # (a protocol's own form)
         self.limit = limit
         self.max_skipped = max_skipped
-        self._items: deque[str] = deque()
+        self._items: deque[Any] = deque()
         self._gap = 0          # events skipped after the last queued one, not yet reported
         self.skipped_total = 0
         self._skipped_run = 0  # skipped in a row, with no room made in between
 
-    def push(self, frame: str) -> str:
+    def push(self, frame: Any) -> str:
         if len(self._items) >= self.limit:
             self._gap += 1
             self.skipped_total += 1
@@ -189,17 +191,17 @@ class EventOutbox:
         self._skipped_run = 0   # the browser made room: it is slow, not stalled
         if self._gap:
             # Report the gap in its place, so the browser knows exactly what it missed.
-            self._items.append(_skipped_frame(self._gap))
+            self._items.append(self._skipped_frame(self._gap))
             self._gap = 0
         self._items.append(frame)
         return QUEUED
 
-    def pop(self) -> str | None:
+    def pop(self) -> Any:
         """The next frame to write (possibly a ``$skipped`` notice), or None when empty."""
         if self._items:
             return self._items.popleft()
         if self._gap:
-            frame, self._gap = _skipped_frame(self._gap), 0
+            frame, self._gap = self._skipped_frame(self._gap), 0
             return frame
         return None
 

@@ -1,5 +1,5 @@
-"""The Sockend server: one TCP port for websockets (one namespace per path) and the
-static browser client.
+"""The Sockend server: one TCP port for Socket.IO (``/socket.io/``: :mod:`sockend.sio_server`),
+Sockend's own websockets (one namespace per path) and the static browser clients.
 
 Per connection: read the HTTP request head (bounded in size and time); a websocket
 upgrade from an allowed origin (:mod:`sockend.origin`: the same origin, the allow-list,
@@ -16,23 +16,31 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from transport.errors import QueueFull, RemoteError, TimeoutError_, TransportError, Unreachable
+from transport.errors import Forbidden, QueueFull, RemoteError
 from transport.inbound import InputStream
 
 from sockend.bridge import Mesh, NamespaceLink
-from sockend.http import HeadError, HttpExchange, PrefixedStream, serve_static
+from sockend.calls import TYPES_REQUEST, call_mesh
+from sockend.client_files import HOW_TO_INSTALL, find_client_dist
+from sockend.engineio import EngineConfig
+from sockend.hooks import BridgeHooks, Browser, Handshake, call_hook
+from sockend.http import HeadError, HttpExchange, PrefixedStream, RequestHead, serve_static
 from sockend.hub import Client, NamespaceHub
 from sockend.origin import OriginPolicy
 from sockend.protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
-                       error_frame, namespace_from_path, ok_frame, parse_request)
+                              error_frame, event_frame, namespace_from_path, ok_frame, parse_request)
+from sockend.sio_server import SocketIOEndpoint
+from sockend.sio_session import EVENT_FORMAT, SessionLimits, SioSession
+from sockend.sio_session import event_frame as sio_event_frame
 
 log = logging.getLogger(__name__)
 
-TYPES_REQUEST = "$types"   # answered by Sockend itself: the namespace's Responder types
+__all__ = ["Sockend", "SockendConfig", "TYPES_REQUEST"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,15 @@ class SockendConfig:
     # Origins whose pages may open a websocket besides the same origin ("*": any);
     # sockend/origin.py says why and what counts as the same origin.
     allowed_origins: tuple[str, ...] = ()
+    # Socket.IO v4 (sio_server.py): on by default, at the path socket.io uses.
+    socketio: bool = True
+    socketio_path: str = "/socket.io/"
+    socketio_client: Path | None = None   # socket.io.js (or its package); None: look for it
+    ping_interval: float = 25.0           # Engine.IO's, socket.io's defaults
+    ping_timeout: float = 20.0
+    # What an ack carries (docs/sockend.md): "answer": (answer) / ({"error": {...}});
+    # "node": cote's promise responders' (null, answer) / ({code, type, message, ...}).
+    ack_style: Literal["answer", "node"] = "answer"
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):
@@ -62,7 +79,11 @@ class SockendConfig:
                      "event_buffer", "max_namespaces"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer")
-        for name in ("request_timeout", "handshake_timeout"):
+        if self.ack_style not in ("answer", "node"):
+            raise ValueError(f"ack_style must be 'answer' or 'node', got {self.ack_style!r}")
+        if self.socketio_client is not None:
+            object.__setattr__(self, "socketio_client", Path(self.socketio_client))
+        for name in ("request_timeout", "handshake_timeout", "ping_interval", "ping_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
         if self.linger < 0 or self.max_skipped < 0:
@@ -79,11 +100,13 @@ class SockendConfig:
 
 
 class Sockend:
-    """``port = (await nursery.start(Sockend(mesh, config).run)).port``."""
+    """``port = (await nursery.start(Sockend(mesh, config, hooks=...).run)).port``."""
 
-    def __init__(self, mesh: Mesh, config: SockendConfig | None = None):
+    def __init__(self, mesh: Mesh, config: SockendConfig | None = None, *,
+                 hooks: BridgeHooks | None = None):
         self.mesh = mesh
         self.config = config or SockendConfig()
+        self.hooks = hooks or BridgeHooks()
         self.origins = OriginPolicy(self.config.allowed_origins)
         self.hubs: dict[str, NamespaceHub] = {}
         self.clients = 0
@@ -91,13 +114,60 @@ class Sockend:
         self.port: int | None = None
         self.stats: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
+        self._formats = {"sockend": lambda _ns, topic, data: event_frame(topic, data),
+                         EVENT_FORMAT: sio_event_frame}
+        cfg = self.config
+        self.socketio: SocketIOEndpoint | None = None
+        if cfg.socketio:
+            self.socketio = SocketIOEndpoint(
+                self, EngineConfig(cfg.ping_interval, cfg.ping_timeout, cfg.max_message_size),
+                path=cfg.socketio_path, client_dist=find_client_dist(cfg.socketio_client, cfg.static_dir),
+                max_sessions=cfg.max_clients, body_timeout=cfg.handshake_timeout)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {"port": self.port, "clients": self.clients, "connections": self.connections,
+                "sessions": len(self.socketio.sessions) if self.socketio else 0,
                 "namespaces": {ns: len(h.clients) for ns, h in self.hubs.items()},
                 "stats": dict(self.stats)}
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    # -- what Socket.IO sessions use (sio_session.SessionHost) ------------------------------
+    def limits(self) -> SessionLimits:
+        cfg = self.config
+        return SessionLimits(cfg.max_inflight, cfg.request_timeout, cfg.event_buffer, cfg.max_skipped,
+                             cfg.max_message_size, cfg.ack_style)
+
+    def admit(self, namespace: str) -> str | None:
+        cfg = self.config
+        if cfg.namespaces is not None and namespace not in cfg.namespaces:
+            return f"no namespace {namespace!r}"
+        if self.clients >= cfg.max_clients:
+            return "too many clients"
+        if namespace not in self.hubs and len(self.hubs) >= cfg.max_namespaces:
+            return "too many namespaces"
+        self.clients += 1
+        return None
+
+    def release(self) -> None:
+        self.clients -= 1
+
+    def hub_for(self, namespace: str) -> NamespaceHub:
+        return self._hub(namespace)
+
+    async def start_session(self, session: SioSession) -> None:
+        if self._nursery is None:
+            raise RuntimeError("Sockend is not running")
+        await self._nursery.start(self._run_session, session)
+
+    async def _run_session(self, session: SioSession, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await session.run(task_status=task_status)
+        finally:
+            assert self.socketio is not None
+            self.socketio.forget(session)
+
+    async def run(self, *, task_status: trio.TaskStatus[Sockend] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.socketio is not None and self.socketio.client_dist is None:
+            log.warning("sockend: /socket.io/socket.io.js will answer 404: %s", HOW_TO_INSTALL)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             listeners = await nursery.start(functools.partial(
@@ -139,6 +209,8 @@ class Sockend:
         if head is None:
             self.stats["handshake_timeouts"] += 1
             return
+        if self.socketio is not None and self.socketio.handles(head.target):
+            return await self._serve_socketio(stream, http, head)
         if not head.is_websocket:
             status = await serve_static(stream, http, head, cfg.static_dir)
             self.stats[f"http_{status}"] += 1
@@ -154,29 +226,55 @@ class Sockend:
             return await self._refuse(stream, http, 404, str(exc))
         if cfg.namespaces is not None and namespace not in cfg.namespaces:
             return await self._refuse(stream, http, 404, f"no namespace {namespace!r}")
-        if self.clients >= cfg.max_clients:
-            return await self._refuse(stream, http, 503, "too many clients")
-        if namespace not in self.hubs and len(self.hubs) >= cfg.max_namespaces:
-            return await self._refuse(stream, http, 503, "too many namespaces")
-        self.clients += 1   # counted before any checkpoint, so the limit holds
+        refusal = self.admit(namespace)   # counted before any checkpoint, so the limit holds
+        if refusal is not None:
+            return await self._refuse(stream, http, 404 if refusal.startswith("no ") else 503, refusal)
         try:
-            async with trio.open_nursery() as conn_nursery:
-                ws = None
-                with trio.move_on_after(cfg.handshake_timeout):
-                    request = await wrap_server_stream(
-                        conn_nursery, PrefixedStream(head.raw, stream),
-                        message_queue_size=4, max_message_size=cfg.max_message_size)
-                    ws = await request.accept()
-                if ws is not None:
-                    try:
-                        await self._serve_client(ws, namespace, _remote(stream))
-                    finally:
-                        with trio.move_on_after(1) as cleanup:
-                            cleanup.shield = True
-                            await ws.aclose()
-                conn_nursery.cancel_scope.cancel()
+            handshake = Handshake.build("sockend", namespace, head.headers, head.target, None, _remote(stream))
+            try:
+                identity = await call_hook(self.hooks.authenticate(handshake))
+            except Forbidden as exc:
+                return await self._refuse(stream, http, 403, exc.message or "forbidden")
+            await self._websocket(stream, head, functools.partial(
+                self._serve_client, namespace=namespace, browser=Browser(handshake, identity)))
         finally:
-            self.clients -= 1
+            self.release()
+
+    async def _websocket(self, stream: trio.SocketStream, head: RequestHead, serve: Any) -> None:
+        """Accept the upgrade (within the handshake timeout), run ``serve(ws)``, close."""
+        async with trio.open_nursery() as conn_nursery:
+            ws = None
+            with trio.move_on_after(self.config.handshake_timeout):
+                request = await wrap_server_stream(
+                    conn_nursery, PrefixedStream(head.raw, stream),
+                    message_queue_size=4, max_message_size=self.config.max_message_size)
+                ws = await request.accept()
+            if ws is not None:
+                try:
+                    await serve(ws)
+                finally:
+                    with trio.move_on_after(1) as cleanup:
+                        cleanup.shield = True
+                        await ws.aclose()
+            conn_nursery.cancel_scope.cancel()
+
+    async def _serve_socketio(self, stream: trio.SocketStream, http: HttpExchange, head: RequestHead) -> None:
+        assert self.socketio is not None
+        endpoint, remote = self.socketio, _remote(stream)
+        if not head.is_websocket:
+            status = await endpoint.serve_http(stream, http, head, remote)
+            self.stats[f"sio_http_{status}"] += 1
+            return
+        refusal = self.origins.refusal(head.headers.get("origin"), head.headers.get("host"))
+        if refusal is not None:
+            return await self._refuse(stream, http, 403, refusal)
+        error = endpoint.websocket_refusal(head)
+        if error is not None:
+            self.stats[f"refused_{error[0]}"] += 1
+            await stream.send_all(http.response(error[0], error[1], "application/json"))
+            return
+        await self._websocket(stream, head, functools.partial(endpoint.serve_websocket, head=head,
+                                                              remote=remote))
 
     async def _refuse(self, stream: trio.SocketStream, http: HttpExchange, status: int, why: str) -> None:
         self.stats[f"refused_{status}"] += 1
@@ -188,7 +286,8 @@ class Sockend:
         if hub is None or hub.closing:
             if self._nursery is None:
                 raise RuntimeError("Sockend is not running")   # browsers arrive only in run()
-            hub = NamespaceHub(namespace, self.mesh, self.stats, linger=self.config.linger)
+            hub = NamespaceHub(namespace, self.mesh, self.stats, linger=self.config.linger,
+                               formats=self._formats)
             self.hubs[namespace] = hub
             self._nursery.start_soon(hub.run, self._hub_gone)
         return hub
@@ -197,9 +296,9 @@ class Sockend:
         if self.hubs.get(hub.namespace) is hub:
             del self.hubs[hub.namespace]
 
-    async def _serve_client(self, ws: WebSocketConnection, namespace: str, remote: str) -> None:
+    async def _serve_client(self, ws: WebSocketConnection, *, namespace: str, browser: Browser) -> None:
         cfg = self.config
-        client = Client(ws, namespace, EventOutbox(cfg.event_buffer, cfg.max_skipped), remote)
+        client = Client(namespace, EventOutbox(cfg.event_buffer, cfg.max_skipped), browser, ws=ws)
         hub = self._hub(namespace)
         hub.add(client)
         self.stats["clients_accepted"] += 1
@@ -207,6 +306,12 @@ class Sockend:
             with client.scope:   # cancelled to evict the browser, or when the hub fails
                 await hub.ready.wait()
                 if hub.failure is None and hub.link is not None:
+                    try:
+                        await call_hook(self.hooks.joined(browser))
+                    except Exception:
+                        log.exception("sockend: the joined hook failed")
+                        await ws.aclose(1011, "sockend's joined hook failed")
+                        return
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._write_events, client)
                         await self._read_requests(client, hub.link, nursery)
@@ -261,30 +366,13 @@ class Sockend:
                       chunks: InputStream | None = None) -> None:
         limit = min(req.timeout or self.config.request_timeout, self.config.request_timeout)
         try:
-            if req.type == TYPES_REQUEST:
-                frame = ok_frame(req.id, link.responder_types())
-            else:
-                # Past the link's own timeout, a grace second: a link that misbehaves
-                # still cannot leave the browser without an answer.
-                with trio.move_on_after(limit + 1) as guard:
-                    request = {**req.data, "type": req.type}
-                    if chunks is None:
-                        result = await link.request(request, limit)
-                    else:
-                        result = await link.request(request, limit, chunks=chunks)
-                if guard.cancelled_caught:
-                    raise TimeoutError_(f"no answer to {req.type!r} within {limit:g} s")
-                frame = ok_frame(req.id, result)
+            result = await call_mesh(link, self.hooks, client.browser, {**req.data, "type": req.type},
+                                     limit, chunks)
+            frame = ok_frame(req.id, result)
+            if req.type != TYPES_REQUEST:
                 self.stats["answered"] += 1
         except RemoteError as exc:
             frame = error_frame(req.id, exc)
-            self.stats["failed"] += 1
-        except TransportError as exc:
-            frame = error_frame(req.id, Unreachable(f"mesh: {exc}"))
-            self.stats["failed"] += 1
-        except Exception as exc:
-            log.exception("sockend: request %r failed inside sockend", req.type)
-            frame = error_frame(req.id, RemoteError(f"sockend failed: {exc}", type=type(exc).__name__))
             self.stats["failed"] += 1
         finally:
             client.inflight -= 1

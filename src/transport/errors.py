@@ -112,6 +112,14 @@ class Unauthorized(RemoteError):
 
 
 @register_error
+class Forbidden(RemoteError):
+    """A policy refused the request (a Sockend hook: sockend/hooks.py), whoever asks
+    and however often: not retryable."""
+
+    code = "forbidden"
+
+
+@register_error
 class HandlerError(RemoteError):
     """User code raised; ``type`` is the exception's class name."""
 
