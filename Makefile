@@ -34,8 +34,11 @@ $(SIO_DEPS): examples/sockend/package.json examples/sockend/package-lock.json
 
 js: $(JS_DEPS) $(SIO_DEPS)
 
+# The engine on examples/, and Sockend (socket.io and its own protocol) with the example's
+# mesh services on SOCKEND_PORT: http://localhost:5555/ and /seed.html (cote's page).
+SOCKEND_PORT ?= 5555
 demo: $(STAMP) js
-	$(PY) -m engine run examples/
+	SOCKEND_PORT=$(SOCKEND_PORT) $(PY) examples/demo.py
 
 # Types first: plain mypy on src/, the strict flags on the pure cores ([tool.mypy]).
 lint: $(STAMP)

@@ -366,3 +366,13 @@ async def test_the_client_file_is_served_from_the_configured_package_or_explaine
         if server.socketio.client_dist is None:   # (unless one is installed above tmp or the cwd)
             status, _, body = await http(server.port, "GET", "/socket.io/socket.io.js")
             assert status == 404 and b"npm install socket.io-client" in body
+
+
+async def test_a_session_that_joins_no_namespace_in_time_ends():
+    async with running(FakeMesh(), handshake_timeout=0.3) as server:
+        with trio.fail_after(10):
+            c = PollingClient(server.port)
+            await c.handshake()
+            assert await c.poll() == ["1"]          # the poll waits, then learns it closed
+            await wait_until(lambda: not server.socketio.sessions, "the session is gone")
+            assert server.stats["sio_connect_timeouts"] == 1

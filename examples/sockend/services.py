@@ -51,5 +51,5 @@ async def main() -> None:
 if __name__ == "__main__":
     try:
         trio.run(main)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:   # Ctrl-C, bare or inside the nurseries' exception groups
         pass

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         trio.run(serve, args, config, hooks)
-    except KeyboardInterrupt:
-        return 0
+    except* KeyboardInterrupt:   # Ctrl-C, bare or inside the nurseries' exception groups
+        pass
     return 0
 
 

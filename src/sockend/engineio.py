@@ -145,6 +145,10 @@ class EngineSession:
         if self.state == "open":
             self._out.append((MESSAGE, message))
 
+    def queued(self) -> int:
+        """Packets waiting for a transport."""
+        return len(self._out)
+
     def pending(self) -> bool:
         """Something for the client (or a poll to release) is waiting."""
         return bool(self._out) or self._release_poll or self.state == "closed"

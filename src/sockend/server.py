@@ -134,7 +134,7 @@ class Sockend:
     def limits(self) -> SessionLimits:
         cfg = self.config
         return SessionLimits(cfg.max_inflight, cfg.request_timeout, cfg.event_buffer, cfg.max_skipped,
-                             cfg.max_message_size, cfg.ack_style)
+                             cfg.max_message_size, cfg.ack_style, cfg.handshake_timeout)
 
     def admit(self, namespace: str) -> str | None:
         cfg = self.config

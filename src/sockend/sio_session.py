@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 AckStyle = Literal["answer", "node"]
 EVENT_FORMAT = "socketio"
+MAX_QUEUED = 4096        # answers and control packets a client may leave unread
 
 
 class SessionHost(Protocol):
@@ -57,6 +58,7 @@ class SessionLimits:
     max_skipped: int
     max_attachment_bytes: int
     ack_style: AckStyle
+    connect_timeout: float      # a session that joins no namespace by then ends (socket.io's)
 
 
 def event_frame(namespace: str, topic: str, data: Any) -> list[Message] | None:
@@ -90,6 +92,7 @@ class SioSession:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._socket_ids = 0
+        self._joining = 0                 # namespaces being joined (hooks running)
 
     @property
     def sid(self) -> str:
@@ -102,6 +105,7 @@ class SioSession:
                 self._nursery = nursery
                 task_status.started()
                 nursery.start_soon(self._clock)
+                nursery.start_soon(self._joins_in_time)
                 await self.ended.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -125,6 +129,12 @@ class SioSession:
                 self.end(self.engine.close_reason)
                 return
             self.wake()
+
+    async def _joins_in_time(self) -> None:
+        await trio.sleep(self.limits.connect_timeout)
+        if not self.sockets and not self._joining:
+            self.host.stats["sio_connect_timeouts"] += 1
+            self.end("no namespace joined in time")
 
     # -- waking transports -----------------------------------------------------------------
     def wake(self) -> None:
@@ -194,6 +204,10 @@ class SioSession:
     def send(self, messages: list[Message]) -> None:
         for message in messages:
             self.engine.send(message)
+        if self.engine.queued() > MAX_QUEUED:
+            # answers the client does not read (a stalled socket, a flood of bad emits)
+            self.host.stats["evicted"] += 1
+            self.end("evicted: answers not read")
         self.wake()
 
     async def _connect(self, action: sio.Connect) -> None:
@@ -209,6 +223,7 @@ class SioSession:
             self.send(self.sio.connect_error(nsp, refusal))
             return
         admitted = True
+        self._joining += 1
         try:
             handshake = Handshake.build("socket.io", namespace, self.head.headers, self.head.target,
                                         action.auth, self.remote)
@@ -245,6 +260,7 @@ class SioSession:
             log.exception("sockend: a hook failed for namespace %r", nsp)
             self.send(self.sio.connect_error(nsp, f"sockend failed: {type(exc).__name__}"))
         finally:
+            self._joining -= 1
             if admitted:
                 self.host.release()
 
