@@ -21,13 +21,14 @@ from typing import Any, Callable
 import trio
 
 from . import (baselines, cote, engine, jobqueues, languages, mesh, pool, rpc, sockend,
-               timing)
+               sockend_sio_rows, timing)
 from .harness import (PAYLOAD, Results, Row, RRFigures, Settings, median, rss_mb, skip,
                       verdict)
 from .report import (RESULTS_JSON, machine, print_rows, print_rr_table, print_summary, publish,
                      write_json)
 
-FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "timing", "languages", "peers")
+FAMILIES = ("rr", "mesh", "pool", "streaming", "sockend", "sockend-sio", "timing", "languages",
+            "peers")
 LEAK_LIMIT = 1.10                       # RSS after the run / after warm-up
 PUBSUB_ROUNDS = 3                       # pub/sub runs of ours and of cote's, alternating
 
@@ -485,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         family_streaming(settings, results)
     if "sockend" in args.families:
         systems.update(family_sockend(settings, results))
+    if "sockend-sio" in args.families:   # cote's Sockend and ours, one socket.io client
+        systems.update(sockend_sio_rows.family_sockend_sio(settings, results, _measure,
+                                                           _cote_reason))
     if "timing" in args.families:
         timing.family_timing(settings, results, _measure)
     if "languages" in args.families:

@@ -1,6 +1,8 @@
 """The Node.js ``cote`` baseline: Requester/Responder and Publisher/Subscriber.
 
-cote is installed by the bench itself with npm into ``bench/.peers/`` (git-ignored).
+cote is installed by the bench itself with npm into ``bench/.peers/`` (git-ignored),
+together with ``socket.io`` and ``socket.io-client`` of one pinned release (the Sockend
+comparison, bench/sockend_sio.py).
 The node scripts in ``bench/peers/`` keep cote on loopback: each process gets its own
 127.0.0.x address, discovery is unicast to the list of those addresses on a free UDP
 port, and a per-run key keeps any other cote on this machine out of the benchmark.
@@ -19,6 +21,10 @@ from .harness import (BENCH_DIR, PAYLOAD, PEERS_DIR, Child, RRFigures, Settings,
                       free_udp_port)
 
 COTE_VERSION = "1.2.0"
+# cote 1.2.0 asks for socket.io ^4.8.1 (its Sockend's server).  The server and the load
+# client of the Sockend comparison (bench/sockend_sio.py) are pinned to one release: the
+# two packages are released in lockstep, and a pinned pair is the same in every run.
+SOCKET_IO_VERSION = "4.8.4"
 SCRIPTS = BENCH_DIR / "peers"
 INSTALL_TIMEOUT = 180.0
 
@@ -28,26 +34,41 @@ class CoteUnavailable(Exception):
 
 
 def ensure_installed() -> str:
-    """Install cote into bench/.peers if needed; the installed version."""
+    """Install cote and the Socket.IO pair (SOCKET_IO_VERSION) into bench/.peers if needed;
+    the installed cote version."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         raise CoteUnavailable("node/npm not found on PATH")
-    package = PEERS_DIR / "node_modules" / "cote" / "package.json"
-    if not package.is_file():
+    wanted = {"cote": COTE_VERSION, "socket.io": SOCKET_IO_VERSION,
+              "socket.io-client": SOCKET_IO_VERSION}
+    if any(_installed(name) != version for name, version in wanted.items()):
         PEERS_DIR.mkdir(parents=True, exist_ok=True)
+        # One npm command for all of them: bench/.peers has no package.json, and an
+        # install of one package prunes the others as extraneous.
+        specs = [f"{name}@{version}" for name, version in wanted.items()]
         try:
             done = subprocess.run(
                 [npm, "install", "--prefix", str(PEERS_DIR), "--no-audit", "--no-fund",
-                 "--no-save", f"cote@{COTE_VERSION}"],
+                 "--no-save", *specs],
                 capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise CoteUnavailable(f"npm install cote timed out after {INSTALL_TIMEOUT:g} s "
                                   "(registry unreachable?)") from None
-        if done.returncode != 0 or not package.is_file():
+        missing = [name for name, version in wanted.items() if _installed(name) != version]
+        if done.returncode != 0 or missing:
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-            raise CoteUnavailable(f"npm install cote@{COTE_VERSION} failed: {last[0]}")
+            raise CoteUnavailable(f"npm install {' '.join(specs)} failed: {last[0]}")
+    return _installed("cote") or "?"
+
+
+def _installed(name: str) -> str | None:
+    """The version of ``name`` in bench/.peers/node_modules, None when absent."""
     import json
-    return json.loads(package.read_text())["version"]
+    package = PEERS_DIR / "node_modules" / name / "package.json"
+    try:
+        return json.loads(package.read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _envs(count: int) -> list[dict[str, str]]:
