@@ -376,3 +376,15 @@ async def test_a_session_that_joins_no_namespace_in_time_ends():
             assert await c.poll() == ["1"]          # the poll waits, then learns it closed
             await wait_until(lambda: not server.socketio.sessions, "the session is gone")
             assert server.stats["sio_connect_timeouts"] == 1
+
+
+def test_hooks_load_from_a_file_or_a_module_and_bad_specs_say_why(monkeypatch):
+    from sockend.hooks import load_hooks
+    monkeypatch.setenv("SOCKEND_TOKENS", "t1=ann:admin")
+    hooks = load_hooks("examples/sockend/bearer_hooks.py:BearerHooks")   # a dataclass inside
+    assert hooks.tokens["t1"].admin
+    for spec, why in [("nocolon", "expected"), ("no/such.py:X", "no file"),
+                      ("examples/sockend/bearer_hooks.py:Nope", "has no Nope"),
+                      ("examples/sockend/bearer_hooks.py:User", "not a BridgeHooks")]:
+        with pytest.raises(ValueError, match=why):
+            load_hooks(spec)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import sys
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
@@ -123,7 +124,12 @@ def load_hooks(spec: str) -> BridgeHooks:
             if loaded is None or loaded.loader is None or not path.is_file():
                 raise ValueError(f"--hooks {spec!r}: no file {where}")
             module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
+            sys.modules[loaded.name] = module    # (dataclasses look their module up there)
+            try:
+                loaded.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[loaded.name]
+                raise
         else:
             module = importlib.import_module(where)
     except ImportError as exc:
