@@ -36,6 +36,7 @@ from sockend.protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, Eve
                               error_frame, event_frame, namespace_from_path, ok_frame, parse_request)
 from sockend.sio_server import SocketIOEndpoint
 from sockend.sio_session import EVENT_FORMAT, SessionLimits, SioSession
+from sockend.sio_websocket import SioWebSocket
 from sockend.sio_session import event_frame as sio_event_frame
 
 log = logging.getLogger(__name__)
@@ -273,8 +274,18 @@ class Sockend:
             self.stats[f"refused_{error[0]}"] += 1
             await stream.send_all(http.response(error[0], error[1], "application/json"))
             return
-        await self._websocket(stream, head, functools.partial(endpoint.serve_websocket, head=head,
-                                                              remote=remote))
+        ws = None
+        with trio.move_on_after(self.config.handshake_timeout):
+            ws = await SioWebSocket.accept(stream, head.raw, self.config.max_message_size)
+        if ws is None:
+            self.stats["bad_http"] += 1
+            return
+        try:
+            await endpoint.serve_websocket(ws, head, remote)
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await ws.close()
 
     async def _refuse(self, stream: trio.SocketStream, http: HttpExchange, status: int, why: str) -> None:
         self.stats[f"refused_{status}"] += 1

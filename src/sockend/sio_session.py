@@ -27,6 +27,7 @@ from sockend.hooks import BridgeHooks, Browser, Handshake, call_hook
 from sockend.http import RequestHead
 from sockend.hub import Client, NamespaceHub
 from sockend.protocol import BadPath, EventOutbox, namespace_from_path
+from sockend.sio_websocket import ws_frame
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,25 @@ class SessionLimits:
     connect_timeout: float      # a session that joins no namespace by then ends (socket.io's)
 
 
-def event_frame(namespace: str, topic: str, data: Any) -> list[Message] | None:
+class EventPacket:
+    """One published event as Engine.IO messages, shared by every client of the
+    namespace; its websocket frames are built once, by the first writer that needs them."""
+    __slots__ = ("messages", "_frames")
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self._frames: bytes | None = None
+
+    def frames(self) -> bytes:
+        if self._frames is None:
+            self._frames = b"".join(ws_frame("4" + m if isinstance(m, str) else m) for m in self.messages)
+        return self._frames
+
+
+def event_frame(namespace: str, topic: str, data: Any) -> EventPacket | None:
     """A published event as Socket.IO messages (the hub's ``socketio`` format)."""
     try:
-        return sio.event("/" + namespace, topic, data)
+        return EventPacket(sio.event("/" + namespace, topic, data))
     except (TypeError, ValueError, RecursionError):
         return None
 
@@ -145,17 +161,24 @@ class SioSession:
         """Wait for the next :meth:`wake` (check, then call: no checkpoint between)."""
         await self._changed.wait()
 
-    def flush_events(self, limit: int = 1024) -> None:
-        """Published events waiting in the namespaces' outboxes into the Engine.IO
-        session, for the transport about to write."""
+    def take_events(self, limit: int = 1024) -> list[EventPacket]:
+        """Published events waiting in the namespaces' outboxes (at most ``limit`` of
+        each), for the transport about to write."""
+        out: list[EventPacket] = []
         for sock in list(self.sockets.values()):
             outbox = sock.client.outbox
             for _ in range(limit):
-                frame = outbox.pop()
-                if frame is None:
+                packet = outbox.pop()
+                if packet is None:
                     break
-                for message in frame:
-                    self.engine.send(message)
+                out.append(packet)
+        return out
+
+    def flush_events(self, limit: int = 1024) -> None:
+        """Published events into the Engine.IO session (polling writes them from there)."""
+        for packet in self.take_events(limit):
+            for message in packet.messages:
+                self.engine.send(message)
 
     async def poll(self) -> str:
         """A long poll's body: waits until there is something to say."""
@@ -231,7 +254,7 @@ class SioSession:
             hub = self.host.hub_for(namespace)
             client = Client(namespace, EventOutbox(
                 self.limits.event_buffer, self.limits.max_skipped,
-                lambda n: sio.event(nsp, "$skipped", {"count": n})), browser,
+                lambda n: EventPacket(sio.event(nsp, "$skipped", {"count": n}))), browser,
                 event_format=EVENT_FORMAT, wake=self.wake)
             hub.add(client)
             try:
