@@ -149,7 +149,8 @@ def test_websocket_messages_raise_only_engine_errors(message):
         pass
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | texts,
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | texts
+                           | st.floats(allow_nan=False, allow_infinity=False),
                            lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(texts, inner, max_size=3), max_leaves=8)
 packets = st.one_of(
@@ -191,3 +192,36 @@ def test_events_of_a_namespace_not_joined_end_the_connection():
         assert "not connected" in str(exc)
     else:
         raise AssertionError("accepted an event of a namespace it never joined")
+
+
+plain_events = st.tuples(st.sampled_from(["", "/rnd,", "/a.b,", "/x?y=1,", "/,"]),
+                         st.sampled_from(["", "0", "7", "123456789012345", "1234567890123456"]),
+                         json_values.map(json.dumps),
+                         st.sampled_from(["", " ", "x", "]"])).map(lambda t: "2" + "".join(t))
+
+
+@given(st.one_of(plain_events, texts.map(lambda t: "2" + t)))
+def test_the_direct_event_decoder_agrees_with_the_library(message):
+    from socketio import packet as sio_packet
+
+    from sockend.socketio import decode_plain_event
+    fast = decode_plain_event(message)
+    if fast is None:
+        return     # the library decides those
+    pkt = sio_packet.Packet(encoded_packet=message)
+    assert pkt.packet_type == 2 and pkt.attachment_count == 0
+    assert fast == (pkt.namespace or "/", pkt.id, pkt.data)
+
+
+@given(st.sampled_from(["/", "/rnd"]), st.integers(0, 10**12), st.lists(json_values, max_size=3))
+def test_the_direct_ack_encoder_agrees_with_the_library(namespace, ack_id, args):
+    from socketio import packet as sio_packet
+
+    from sockend.socketio import ack
+    [text] = ack(namespace, ack_id, args)
+    mine = sio_packet.Packet(encoded_packet=text)
+    lib = sio_packet.Packet(encoded_packet=sio_packet.Packet(3, data=args, namespace=namespace,
+                                                             id=ack_id).encode())
+    assert (mine.packet_type, mine.namespace, mine.id, mine.data) == \
+        (lib.packet_type, lib.namespace, lib.id, lib.data) == (3, None if namespace == "/" else namespace,
+                                                             ack_id, args)

@@ -14,6 +14,7 @@ a protocol error, as a second CONNECT of one it has.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -77,6 +78,12 @@ class SocketIOConnection:
             return self._attachment(message)
         if self._partial is not None:
             raise SocketIOProtocolError("a text packet while binary attachments were due")
+        fast = decode_plain_event(message)
+        if fast is not None:
+            namespace, ack_id, data = fast
+            if namespace not in self.namespaces:
+                raise SocketIOProtocolError(f"packet for namespace {namespace}, which is not connected")
+            return _event_action(namespace, ack_id, data)
         try:
             pkt = sio_packet.Packet(encoded_packet=message)
         except (ValueError, TypeError, IndexError, RecursionError) as exc:
@@ -146,7 +153,48 @@ class SocketIOConnection:
 
 
 def ack(namespace: str, ack_id: int, args: list[Any]) -> list[Message]:
-    return _encode(ACK, namespace, args, ack_id)
+    """An ack.  Raises TypeError/ValueError when ``args`` cannot be JSON (NaN included)."""
+    try:
+        body = _dumps(args)
+    except TypeError:    # bytes inside (or what no codec can carry): the library's binary path
+        return _encode(ACK, namespace, args, ack_id)
+    return [f"3{ack_id}{body}" if namespace == "/" else f"3{namespace},{ack_id}{body}"]
+
+
+# -- the hot path: a plain EVENT in, an ACK out ---------------------------------------------
+# Every request a browser sends is an EVENT without attachments, answered by an ACK.  For
+# those two the library's general codec (binary detection, a decoder per call) is a
+# measurable share of a request's cost, so they have a direct form here; anything else
+# (and anything this form is unsure of) goes through the library, and a property test
+# (fuzz/test_socketio_fuzz.py) holds the two to the same result.
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_loads = json.JSONDecoder().decode
+_DIGITS = frozenset("0123456789")
+
+
+def decode_plain_event(message: str) -> tuple[str, int | None, Any] | None:
+    """``2[/nsp,][id]<json>`` as (namespace, ack id, data), or None: not that shape, or
+    not sure (the library decides)."""
+    if len(message) < 2 or message[0] != "2":
+        return None
+    namespace, i = "/", 1
+    if message[1] == "/":
+        comma = message.find(",", 1)
+        if comma < 0:
+            return None
+        namespace, i = message[1:comma], comma + 1
+        if "?" in namespace:
+            return None
+    j = i
+    while j < len(message) and message[j] in _DIGITS:
+        j += 1
+    if j - i > 15 or j == len(message) or message[j] not in "[{":
+        return None
+    try:
+        data = _loads(message[j:])
+    except (ValueError, RecursionError):
+        return None
+    return namespace, int(message[i:j]) if j > i else None, data
 
 
 def event(namespace: str, name: str, data: Any) -> list[Message]:
@@ -157,12 +205,15 @@ def event(namespace: str, name: str, data: Any) -> list[Message]:
 
 
 def _emit(pkt: sio_packet.Packet, namespace: str) -> ClientAction:
-    data = pkt.data
+    return _event_action(namespace, pkt.id, pkt.data)
+
+
+def _event_action(namespace: str, ack_id: int | None, data: Any) -> ClientAction:
     if not isinstance(data, list) or not data or not isinstance(data[0], str):
-        return BadEmit(namespace, pkt.id, "an event is a list: [name, ...args]")
+        return BadEmit(namespace, ack_id, "an event is a list: [name, ...args]")
     if not 0 < len(data[0]) <= MAX_NAME_LENGTH:
-        return BadEmit(namespace, pkt.id, f"an event name is 1-{MAX_NAME_LENGTH} characters")
-    return Emit(namespace, data[0], tuple(data[1:]), pkt.id)
+        return BadEmit(namespace, ack_id, f"an event name is 1-{MAX_NAME_LENGTH} characters")
+    return Emit(namespace, data[0], tuple(data[1:]), ack_id)
 
 
 def _encode(kind: int, namespace: str, data: Any, ack_id: int | None = None) -> list[Message]:
