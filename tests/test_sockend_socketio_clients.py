@@ -606,6 +606,8 @@ async def read_console(cdp: PipeCdp, session: str, lines: list, problems: list[s
 @pytest.mark.e2e
 @pytest.mark.netns
 async def test_the_seed_page_verbatim_in_headless_chromium_gets_answers_on_both_namespaces(tmp_path):
+    """The seed's page, unchanged, through a Sockend restart; then the example's socket.io
+    page, which also shows the Publishers' events."""
     from browser_support import FLAGS, chromium_or_skip
     from netns_support import lone_host, why_skip
 
@@ -618,11 +620,11 @@ async def test_the_seed_page_verbatim_in_headless_chromium_gets_answers_on_both_
 
     lines: list[tuple[str, int, Any]] = []
     problems: list[str] = []
-    with lone_host() as ns, trio.fail_after(40):
+    with lone_host() as ns, trio.fail_after(75):
         async with harness(tmp_path) as h:
             netns = ("ip", "netns", "exec", ns)
             await h.services(*netns, interval=1.0)
-            await h.sockend(prefix=netns, port=80)
+            sockend, _ = await h.sockend(prefix=netns, port=80)
 
             # (bash: it moves the pipes to fds 3 and 4 whatever their numbers, dash cannot)
             to_r, to_w = os.pipe()       # commands: test -> chromium's fd 3
@@ -660,6 +662,36 @@ async def test_the_seed_page_verbatim_in_headless_chromium_gets_answers_on_both_
                 with trio.move_on_after(20):
                     while not enough():
                         await read_console(cdp, session, lines, problems)
+                assert enough(), what_happened()
+                # Sockend restarts: the page's socket.io reconnects by itself, and what it
+                # emitted meanwhile is answered once it is back.
+                await h.kill(sockend)
+                before = len(lines)
+                await h.sockend(prefix=netns, port=80)
+
+                def answered_again() -> bool:
+                    return {label for label, _, _ in lines[before:]} == {"normal", "ns"}
+                with trio.move_on_after(20):
+                    while not answered_again():
+                        await read_console(cdp, session, lines, problems)
+                assert answered_again(), "after the restart: " + what_happened()
+                # the socket.io page of the example: answers, and the Publishers' updates
+                # on both namespaces
+                page = (await cdp.call("Target.createTarget", {"url": "http://localhost/socketio.html"}))
+                page_session = (await cdp.call("Target.attachToTarget",
+                                               {"targetId": page["targetId"], "flatten": True}))["sessionId"]
+                seen: dict = {}
+                with trio.move_on_after(15):
+                    while not all(seen.get(space, {}).get(k, 0) >= 1 for space in ("default", "rnd")
+                                  for k in ("answers", "updates")):
+                        shown = await cdp.call("Runtime.evaluate", {
+                            "expression": "document.getElementById('state').textContent",
+                            "returnByValue": True}, page_session)
+                        text = shown["result"].get("value") or ""
+                        seen = json.loads(text) if text.startswith("{") else {}
+                        await trio.sleep(0.2)
+                assert all(seen.get(space, {}).get(k, 0) >= 1 for space in ("default", "rnd")
+                           for k in ("answers", "updates")), f"socketio.html shows {seen}"
             except (AssertionError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise AssertionError(what_happened()) from exc
             finally:
