@@ -45,8 +45,9 @@ async def main() -> None:
             await trio.sleep(1.5)
             seed = "" if port == "80" else (
                 "\n  (it connects to http://localhost, port 80: `sudo make demo SOCKEND_PORT=80`)")
-            print(f"\nSockend: http://localhost:{port}/ (Sockend's own client) and "
-                  f"http://localhost:{port}/seed.html (cote's README page, socket.io){seed}\n", flush=True)
+            print(f"\nSockend: http://localhost:{port}/ (Sockend's own client), "
+                  f"http://localhost:{port}/socketio.html (socket.io) and "
+                  f"http://localhost:{port}/seed.html (cote's README page){seed}\n", flush=True)
             async for _ in signals:     # Ctrl-C: every child is ended by its supervisor
                 nursery.cancel_scope.cancel()
                 break
