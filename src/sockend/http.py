@@ -5,9 +5,9 @@ One :class:`HttpExchange` per connection: an h11 server connection parses the re
 head (bounded in size; the caller bounds the time) and writes the response, so the
 status line, the framing (``Content-Length``, no body after a HEAD) and
 ``Connection: close`` come from h11 and match the request h11 parsed.  h11 is already a
-dependency of trio-websocket's wsproto.  The bytes read are replayed to trio-websocket
-through :class:`PrefixedStream`, so the upgrade handshake sees the request exactly as
-sent.
+dependency of trio-websocket's wsproto.  The bytes read (:attr:`RequestHead.raw`) are
+handed to the websocket handshake (:mod:`sockend.ws`), so it sees the request exactly as
+sent; a Socket.IO POST's body is read after the head (:meth:`HttpExchange.read_body`).
 
 Static files: ``/sockend.js`` is the browser client shipped in this package; with a
 ``static`` directory, ``/`` is its ``index.html`` and ``/name`` any file directly in it
@@ -145,34 +145,6 @@ class HttpExchange:
 
     def _send(self, event: h11.Event) -> bytes:
         return self._conn.send(event) or b""   # None only for ConnectionClosed
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first yields bytes already read from it (the request head)."""
-
-    def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
-        self._prefix = prefix
-        self.stream = stream
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            out, self._prefix = self._prefix[:n], self._prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return out
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()  # type: ignore[attr-defined]
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 def resolve_static(target: str, static_dir: Path | None) -> Path | None:

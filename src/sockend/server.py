@@ -3,8 +3,8 @@ Sockend's own websockets (one namespace per path) and the static browser clients
 
 Per connection: read the HTTP request head (bounded in size and time); a websocket
 upgrade from an allowed origin (:mod:`sockend.origin`: the same origin, the allow-list,
-or no browser at all) is handed to trio-websocket with the head replayed, anything else
-gets a static file or an error.  Per browser: a reader task parses frames and starts one
+or no browser at all) is answered by :mod:`sockend.ws` (both protocols' websockets) from
+the head already read, anything else gets a static file or an error.  Per browser: a reader task parses frames and starts one
 task per request (at most ``max_inflight`` at a time), each of which answers exactly
 once (the Responder's answer, a typed error, or a timeout); a writer task drains the
 browser's event outbox.  Per namespace: a :class:`~sockend.hub.NamespaceHub`.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from trio_websocket import ConnectionClosed
 
 from transport.errors import Forbidden, QueueFull, RemoteError
 from transport.inbound import InputStream
@@ -29,14 +29,14 @@ from sockend.calls import TYPES_REQUEST, call_mesh
 from sockend.client_files import HOW_TO_INSTALL, find_client_dist
 from sockend.engineio import EngineConfig
 from sockend.hooks import BridgeHooks, Browser, Handshake, call_hook
-from sockend.http import HeadError, HttpExchange, PrefixedStream, RequestHead, serve_static
+from sockend.http import HeadError, HttpExchange, RequestHead, serve_static
 from sockend.hub import Client, NamespaceHub
 from sockend.origin import OriginPolicy
 from sockend.protocol import (BadFrame, BadPath, ClientChunk, ClientRequest, EventOutbox, credit_frame,
                               error_frame, event_frame, namespace_from_path, ok_frame, parse_request)
 from sockend.sio_server import SocketIOEndpoint
 from sockend.sio_session import EVENT_FORMAT, SessionLimits, SioSession
-from sockend.sio_websocket import SioWebSocket
+from sockend.ws import ServerWebSocket, accept_websocket
 from sockend.sio_session import event_frame as sio_event_frame
 
 log = logging.getLogger(__name__)
@@ -243,21 +243,17 @@ class Sockend:
 
     async def _websocket(self, stream: trio.SocketStream, head: RequestHead, serve: Any) -> None:
         """Accept the upgrade (within the handshake timeout), run ``serve(ws)``, close."""
-        async with trio.open_nursery() as conn_nursery:
-            ws = None
-            with trio.move_on_after(self.config.handshake_timeout):
-                request = await wrap_server_stream(
-                    conn_nursery, PrefixedStream(head.raw, stream),
-                    message_queue_size=4, max_message_size=self.config.max_message_size)
-                ws = await request.accept()
-            if ws is not None:
-                try:
-                    await serve(ws)
-                finally:
-                    with trio.move_on_after(1) as cleanup:
-                        cleanup.shield = True
-                        await ws.aclose()
-            conn_nursery.cancel_scope.cancel()
+        ws = None
+        with trio.move_on_after(self.config.handshake_timeout):
+            ws = await accept_websocket(stream, head.raw, max_message_size=self.config.max_message_size)
+        if ws is None:
+            return
+        try:
+            await serve(ws)
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await ws.aclose()
 
     async def _serve_socketio(self, stream: trio.SocketStream, http: HttpExchange, head: RequestHead) -> None:
         assert self.socketio is not None
@@ -274,18 +270,8 @@ class Sockend:
             self.stats[f"refused_{error[0]}"] += 1
             await stream.send_all(http.response(error[0], error[1], "application/json"))
             return
-        ws = None
-        with trio.move_on_after(self.config.handshake_timeout):
-            ws = await SioWebSocket.accept(stream, head.raw, self.config.max_message_size)
-        if ws is None:
-            self.stats["bad_http"] += 1
-            return
-        try:
-            await endpoint.serve_websocket(ws, head, remote)
-        finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await ws.close()
+        await self._websocket(stream, head, functools.partial(endpoint.serve_websocket, head=head,
+                                                              remote=remote))
 
     async def _refuse(self, stream: trio.SocketStream, http: HttpExchange, status: int, why: str) -> None:
         self.stats[f"refused_{status}"] += 1
@@ -307,7 +293,7 @@ class Sockend:
         if self.hubs.get(hub.namespace) is hub:
             del self.hubs[hub.namespace]
 
-    async def _serve_client(self, ws: WebSocketConnection, *, namespace: str, browser: Browser) -> None:
+    async def _serve_client(self, ws: ServerWebSocket, *, namespace: str, browser: Browser) -> None:
         cfg = self.config
         client = Client(namespace, EventOutbox(cfg.event_buffer, cfg.max_skipped), browser, ws=ws)
         hub = self._hub(namespace)

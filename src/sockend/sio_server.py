@@ -26,13 +26,14 @@ from typing import Protocol
 from urllib.parse import parse_qsl, unquote
 
 import trio
+from trio_websocket import ConnectionClosed
 
 from sockend.client_files import CLIENT_FILES, HOW_TO_INSTALL
 from sockend.engineio import EngineConfig, EngineProtocolError, EngineSession, Transport
 from sockend.http import HeadError, HttpExchange, RequestHead, content_type
 from sockend.origin import OriginPolicy
 from sockend.sio_session import SessionHost, SioSession
-from sockend.sio_websocket import SioWebSocket, WebSocketClosed, receive_or_close, ws_frame
+from sockend.ws import ServerWebSocket, frame
 
 log = logging.getLogger(__name__)
 
@@ -104,35 +105,35 @@ class SocketIOEndpoint:
         _, error = self._query(head)
         return None if error is None else (error[0], _error_body(error[1]))
 
-    async def serve_websocket(self, ws: SioWebSocket, head: RequestHead, remote: str) -> None:
+    async def serve_websocket(self, ws: ServerWebSocket, head: RequestHead, remote: str) -> None:
         query, error = self._query(head)
         sid = query.get("sid")
         session = self.sessions.get(sid) if sid else None
         if error is not None or (sid and session is None):
-            await ws.close(1008, "session unknown")
+            await ws.aclose(1008, "session unknown")
             return
         if session is None:
             session = await self._new_session("websocket", head, remote)
-            await ws.send(ws_frame(session.engine.open_packet(())))
+            await ws.send_frames(frame(session.engine.open_packet(())))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ws_writer, session, ws)
                 nursery.start_soon(_cancel_when_ended, session, nursery.cancel_scope)
                 await self._ws_reader(session, ws)
                 nursery.cancel_scope.cancel()
-        except WebSocketClosed:
+        except ConnectionClosed:
             pass
         finally:
             if session.engine.transport == "websocket":
                 session.end("transport closed")
 
-    async def _ws_reader(self, session: SioSession, ws: SioWebSocket) -> None:
+    async def _ws_reader(self, session: SioSession, ws: ServerWebSocket) -> None:
         engine = session.engine
         while True:
             try:
-                received = await receive_or_close(ws)
-            except WebSocketClosed as exc:
-                if exc.code == 1009:
+                received = await ws.get_messages()
+            except ConnectionClosed as exc:
+                if exc.reason is not None and exc.reason.code == 1009:
                     self.host.stats["too_big"] += 1
                 return
             for message in received:
@@ -144,19 +145,19 @@ class SocketIOEndpoint:
                     return
                 answers = engine.take_probe_answers()
                 if answers:
-                    await ws.send(b"".join(ws_frame(a) for a in answers))
+                    await ws.send_frames(b"".join(frame(a) for a in answers))
                 session.receive(messages)
             session.wake()   # a probe releases the poll; an upgrade hands writing over
 
     @staticmethod
-    async def _ws_writer(session: SioSession, ws: SioWebSocket) -> None:
+    async def _ws_writer(session: SioSession, ws: ServerWebSocket) -> None:
         engine = session.engine
         while True:
             if engine.transport == "websocket":
-                chunks = [ws_frame(m) for m in engine.take_ws()]
+                chunks = [frame(m) for m in engine.take_ws()]
                 chunks += [packet.frames() for packet in session.take_events()]
                 if chunks:
-                    await ws.send(b"".join(chunks))
+                    await ws.send_frames(b"".join(chunks))
                     continue
             if session.ended.is_set():
                 return

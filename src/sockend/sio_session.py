@@ -27,7 +27,7 @@ from sockend.hooks import BridgeHooks, Browser, Handshake, call_hook
 from sockend.http import RequestHead
 from sockend.hub import Client, NamespaceHub
 from sockend.protocol import BadPath, EventOutbox, namespace_from_path
-from sockend.sio_websocket import ws_frame
+from sockend.ws import frame
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class EventPacket:
 
     def frames(self) -> bytes:
         if self._frames is None:
-            self._frames = b"".join(ws_frame("4" + m if isinstance(m, str) else m) for m in self.messages)
+            self._frames = b"".join(frame("4" + m if isinstance(m, str) else m) for m in self.messages)
         return self._frames
 
 
