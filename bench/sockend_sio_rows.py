@@ -93,6 +93,15 @@ def family_sockend_sio(settings: Settings, results: Results, measure: Callable,
         _judged(results, name, fo.get("deliveries_per_s"), fc.get("deliveries_per_s"), "/s",
                 skipped or fo.get("error") or ours.get("error"), fc.get("error"), note,
                 ok=not (fo.get("lost") or fo.get("warm_lost")))
+        if "received" in fo and "received" in fc:
+            # On 2 cores one load client counts ~300,000-450,000 deliveries/s at most: when
+            # it runs at a full core, deliveries/s measure it, and the server's own cost
+            # per delivery is what tells the two Sockends apart.
+            results.add(Row(FAMILY, f"(cpu) fan-out to {clients:,}: Sockend CPU us per delivery vs cote",
+                            fo["sockend_cpu_us_per_delivery"], fc["sockend_cpu_us_per_delivery"], "us",
+                            note="lower is better; the load client at "
+                                 f"{fo['client_cpu_share']:.0%} (ours) and {fc['client_cpu_share']:.0%} "
+                                 "(cote) of a core"))
     failed = [f"{n:,} clients: {ours['fanout'].get(n, {}).get('error', ours.get('error'))}"
               for n, _, _ in FANOUT if "received" not in ours["fanout"].get(n, {})]
     if skipped:
