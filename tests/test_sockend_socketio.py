@@ -388,3 +388,25 @@ def test_hooks_load_from_a_file_or_a_module_and_bad_specs_say_why(monkeypatch):
                       ("examples/sockend/bearer_hooks.py:User", "not a BridgeHooks")]:
         with pytest.raises(ValueError, match=why):
             load_hooks(spec)
+
+
+async def test_a_namespace_joined_twice_ends_the_session_and_leaks_no_browser():
+    gate = trio.Event()
+
+    class SlowAuth(BridgeHooks):
+        async def authenticate(self, handshake):
+            await gate.wait()
+    async with running(mesh_with_echo(), SlowAuth()) as server:
+        with trio.fail_after(10):
+            async with await ws_client(server) as ws:
+                await ws.get_message()
+                await ws.send_message("40")
+                await ws.send_message("40")      # again, while the first is being authenticated
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await ws.get_message()
+            gate.set()
+            await wait_until(lambda: not server.socketio.sessions and server.clients == 0,
+                             "the session is gone and nothing is counted")
+            assert all(not hub.clients for hub in server.hubs.values())
+            assert server.stats["sio_protocol_errors"] == 1

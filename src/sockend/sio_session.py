@@ -108,7 +108,7 @@ class SioSession:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._socket_ids = 0
-        self._joining = 0                 # namespaces being joined (hooks running)
+        self._joining: set[str] = set()   # namespaces being joined (hooks running)
 
     @property
     def sid(self) -> str:
@@ -209,6 +209,11 @@ class SioSession:
     def _dispatch(self, action: sio.ClientAction) -> None:
         assert self._nursery is not None
         if isinstance(action, sio.Connect):
+            if action.namespace in self._joining or action.namespace in self.sockets:
+                self.host.stats["sio_protocol_errors"] += 1
+                self.end(f"protocol error: namespace {action.namespace} joined twice")
+                return
+            self._joining.add(action.namespace)
             self._nursery.start_soon(self._connect, action)
         elif isinstance(action, sio.Leave):
             sock = self.sockets.pop(action.namespace, None)
@@ -236,6 +241,12 @@ class SioSession:
     async def _connect(self, action: sio.Connect) -> None:
         nsp = action.namespace
         try:
+            await self._join(nsp, action.auth)
+        finally:
+            self._joining.discard(nsp)
+
+    async def _join(self, nsp: str, auth: Any) -> None:
+        try:
             namespace = namespace_from_path(nsp)
         except BadPath:
             self.send(self.sio.connect_error(nsp, "Invalid namespace"))
@@ -246,10 +257,9 @@ class SioSession:
             self.send(self.sio.connect_error(nsp, refusal))
             return
         admitted = True
-        self._joining += 1
         try:
             handshake = Handshake.build("socket.io", namespace, self.head.headers, self.head.target,
-                                        action.auth, self.remote)
+                                        auth, self.remote)
             browser = Browser(handshake, await call_hook(self.host.hooks.authenticate(handshake)))
             hub = self.host.hub_for(namespace)
             client = Client(namespace, EventOutbox(
@@ -267,6 +277,7 @@ class SioSession:
                 raise
             self._socket_ids += 1
             sock = self.sockets[nsp] = _Socket(client, hub)
+            self._joining.discard(nsp)
             admitted = False   # the socket holds the count now
             self.send(self.sio.connected(nsp, f"{self.sid}#{self._socket_ids}"))
             self.host.stats["clients_accepted"] += 1
@@ -283,7 +294,6 @@ class SioSession:
             log.exception("sockend: a hook failed for namespace %r", nsp)
             self.send(self.sio.connect_error(nsp, f"sockend failed: {type(exc).__name__}"))
         finally:
-            self._joining -= 1
             if admitted:
                 self.host.release()
 
