@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from sockend.hooks import BridgeHooks, Browser, Handshake
 from sockend_support import FakeMesh, running
@@ -146,6 +146,11 @@ async def test_polling_handshake_connect_request_and_event_then_upgrade():
                     await ws.send_message("2probe")
                     assert await ws.get_message() == "3probe"
                     await released.wait()
+                with pytest.raises(ConnectionRejected) as second:   # one websocket at a time
+                    async with open_websocket_url(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4"
+                                                  f"&transport=websocket&sid={c.sid}"):
+                        pass
+                assert second.value.status_code == 400
                 await ws.send_message("5")
                 w = WsClient(ws)
                 reply = await w.call("/", 7, "echo", {"b": 2})

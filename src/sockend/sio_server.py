@@ -93,8 +93,8 @@ class SocketIOEndpoint:
             session = self.sessions.get(sid)
             if session is None or session.ended.is_set():
                 return query, (400, 1)
-            if head.is_websocket and session.engine.transport != "polling":
-                return query, (400, 3)   # upgraded already
+            if head.is_websocket and (session.engine.transport != "polling" or session.websocket):
+                return query, (400, 3)   # upgraded already, or a websocket is probing
         elif len(self.sessions) >= self.max_sessions:
             return query, (503, 3)
         return query, None
@@ -115,6 +115,10 @@ class SocketIOEndpoint:
         if session is None:
             session = await self._new_session("websocket", head, remote)
             await ws.send_frames(frame(session.engine.open_packet(())))
+        elif session.websocket:
+            await ws.aclose(1008, "a websocket is attached already")
+            return
+        session.websocket = True   # one at a time: two writers would split its packets
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ws_writer, session, ws)
@@ -124,6 +128,7 @@ class SocketIOEndpoint:
         except ConnectionClosed:
             pass
         finally:
+            session.websocket = False
             if session.engine.transport == "websocket":
                 session.end("transport closed")
 

@@ -104,6 +104,7 @@ class SioSession:
         self.sockets: dict[str, _Socket] = {}
         self.inflight = 0
         self.polling = False              # a GET waits for this session's packets
+        self.websocket = False            # a websocket is attached (probing, or the transport)
         self.ended = trio.Event()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
