@@ -217,3 +217,41 @@ async def test_frames_from_another_thread_never_land_inside_the_trio_sides_frame
     assert [f for f in received if f != beat] == frames
     assert received.count(beat) == len(sent_from_thread) > 0
     fa.close(); fb.close()
+
+
+async def test_large_chunks_go_direct_in_order_even_when_the_socket_fills():
+    """Bulk chunks (written beside their frame headers, a partial write's rest left to
+    the writer) arrive whole and in order among small envelopes, however the reader
+    cuts its reads."""
+    a, b = socketpair()
+    sender, receiver = EnvelopeChannel(from_socket(a)), EnvelopeChannel(from_socket(b))
+    sent = [(Kind.CHUNK, i, os.urandom(70_000) if i % 3 else {"i": i}) for i in range(1, 60)]
+    got = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run_writer)
+            for kind, sid, body in sent:
+                await sender.send(kind, sid, body)
+            while len(got) < len(sent):
+                got += [tuple(env) for env in await receiver.receive()]
+            nursery.cancel_scope.cancel()
+    assert got == sent
+    assert sender.frames_sent >= 40  # the big ones each a frame of its own
+    sender.close(); receiver.close()
+
+
+async def test_a_large_frame_half_written_directly_is_finished_before_the_next():
+    a, b = socketpair()
+    fa, fb = from_socket(a), from_socket(b)
+    big = os.urandom(3 << 20)  # more than the socket takes at once
+    assert fa.try_send_parts_nowait(b"\x91", big) == 2  # SENT_PARTLY: the rest is the tail
+    assert fa.try_send_parts_nowait(b"\x91", b"x" * 20_000) is False  # not inside it
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async def write():
+                await fa.flush()
+                await fa.send(b"after")
+            nursery.start_soon(write)
+            assert await fb.recv() == b"\x91" + big
+            assert await fb.recv() == b"after"
+    fa.close(); fb.close()

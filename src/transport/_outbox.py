@@ -33,7 +33,7 @@ DIRECT_GAP = 20e-6
 
 
 class Outbox:
-    __slots__ = ("items", "held", "max_frame", "_wakeup", "_direct_at")
+    __slots__ = ("items", "size", "held", "max_frame", "_wakeup", "_direct_at")
 
     def __init__(self, max_frame: int | None = None) -> None:
         """``max_frame``: the most bytes the peer takes in one frame (None: no limit);
@@ -41,6 +41,7 @@ class Outbox:
         checked)."""
         self.max_frame = max_frame
         self.items: list[bytes] = []
+        self.size = 0  # bytes queued (what a sender waits on: a slow reader's backlog)
         # True while the sender knows more envelopes follow at once (a frame of many
         # requests being answered, a batch of calls being started): nothing goes direct,
         # so the whole burst leaves as one frame instead of the first alone + the rest.
@@ -66,6 +67,7 @@ class Outbox:
                     self._wrote(sent, now)
                     return False
         self.items.append(packed)
+        self.size += len(packed)
         if not self.held:  # held: release() sends the burst or wakes the writer
             self._wakeup.set()
         return True
@@ -83,7 +85,7 @@ class Outbox:
         sent: bool | int = False
         try:
             if try_send is not None and len(items) <= MAX_BATCH and (
-                    self.max_frame is None or sum(map(len, items)) <= self.max_frame - 5):
+                    self.max_frame is None or self.size <= self.max_frame - 5):
                 sent = try_send(join_frame(items))
         finally:
             if not sent:
@@ -92,6 +94,7 @@ class Outbox:
             return 0
         count = len(items)
         items.clear()
+        self.size = 0
         self._wrote(sent, perf_counter())
         return count
 
@@ -109,6 +112,7 @@ class Outbox:
         """Drop everything queued (its peer is gone); returns how many were dropped."""
         dropped = len(self.items)
         self.items.clear()
+        self.size = 0
         return dropped
 
     async def wait(self) -> None:
@@ -128,6 +132,7 @@ class Outbox:
             if limit is not None and sum(map(len, batch)) > limit - 5:
                 batch = _fit(batch, limit - 5)
             del self.items[:len(batch)]
+            self.size -= sum(map(len, batch))
             yield join_frame(batch), len(batch)
 
 

@@ -29,12 +29,17 @@ import trio
 
 from transport.codec import Envelope, Kind, decode, encode_envelope
 from transport.errors import BadMessage, Closed, CodecError, error_to_body
-from transport._outbox import Outbox, TrySend
+from transport._outbox import SENT_PARTLY, Outbox, TrySend
 from transport.streams import FramedStream
 
 # Bytes a frame adds around its envelopes (the msgpack array header, up to 5 bytes):
 # an envelope that fits the link's limit less this fits a frame of its own.
 FRAME_OVERHEAD = 5
+# An envelope this large (a chunk of bulk data) goes out as a frame of its own, at
+# once when the stream link takes it, written beside its frame's headers rather than
+# joined to them (a copy of it); batching it with others would save nothing.
+DIRECT_BYTES = 1 << 14
+_ONE = b"\x91"  # the array header of a frame of one envelope
 
 if TYPE_CHECKING:  # not imported at run time: slaves use streams only, and pynng is heavy
     from transport.sockets import TrioSocket
@@ -84,8 +89,7 @@ class EnvelopeChannel:
         if len(packed) > self.max_message:
             packed = encode_envelope(Kind.ERROR, sid, error_to_body(
                 BadMessage(self._too_large(kind, len(packed)))))
-        if not self._outbox.put(packed, self._try_send):
-            self.frames_sent += 1
+        self._put(packed)
 
     def send_or_refuse(self, kind: int, sid: int, body: Any = None) -> None:
         """Queue one envelope, or raise :class:`BadMessage` (nothing queued) when it
@@ -99,7 +103,21 @@ class EnvelopeChannel:
             raise BadMessage(f"message could not be encoded: {exc}") from None
         if len(packed) > self.max_message:
             raise BadMessage(self._too_large(kind, len(packed)))
-        if not self._outbox.put(packed, self._try_send):
+        self._put(packed)
+
+    def _put(self, packed: bytes) -> None:
+        """Queue a packed envelope, or write it now (the outbox's rule, and a large
+        one on its own when nothing waits before it)."""
+        outbox, stream = self._outbox, self._stream
+        if len(packed) >= DIRECT_BYTES and stream is not None and not outbox \
+                and not outbox.held:
+            sent = stream.try_send_parts_nowait(_ONE, packed)
+            if sent:
+                self.frames_sent += 1
+                if sent == SENT_PARTLY:
+                    outbox.wake()  # the writer finishes the frame
+                return
+        if not outbox.put(packed, self._try_send):
             self.frames_sent += 1
 
     def _too_large(self, kind: int, size: int) -> str:

@@ -104,11 +104,29 @@ def encode_one(kind: int, sid: int, body: Any = None) -> bytes:
 def encode_envelope(kind: int, sid: int, body: Any = None) -> bytes:
     """Pack one envelope on its own; :func:`join_frame` makes a frame of several
     without packing them again (senders encode once, at the time they send, so a
-    value msgpack cannot carry fails there, for that caller only)."""
+    value msgpack cannot carry fails there, for that caller only).
+
+    A body of bytes (a chunk of bulk data) is not run through the packer, which
+    copies it twice (into its buffer, then out): its bin header is written beside it
+    and the two joined, one copy."""
     try:
+        if type(body) is bytes and len(body) >= _BIG_BYTES:
+            return b"".join((b"\x93", _pack((kind, sid))[1:], _bin_header(len(body)), body))
         return _pack((kind, sid, body))
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode: {exc}") from exc
+
+
+_BIG_BYTES = 1 << 12  # a bytes body this long or longer is packed by hand
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's bin header for ``size`` bytes (bin 16 or bin 32: size >= 256)."""
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    if size < 1 << 32:
+        return b"\xc6" + size.to_bytes(4, "big")
+    raise ValueError(f"bytes object of {size} bytes is too large for msgpack")
 
 
 def join_frame(packed: list[bytes]) -> bytes:

@@ -17,14 +17,23 @@ socket and wait on its descriptor only when it would block: trio's generic
 ``receive_some``/``send_all`` cost a scheduler pass each, which at tens of thousands of
 frames a second is most of the time spent.  :meth:`FramedStream.recv_many` hands back
 every complete frame one read brought, so a busy peer costs one wake-up per batch.
+
+Bulk data (streamed replies, chunked requests: frames of 64 KiB and more) is what the
+rest is shaped by.  A read takes up to :data:`READ_SIZE` (256 KiB) into a buffer
+reused by every stream of the thread (``recv_into``: no fresh allocation, whose pages
+the kernel would fault in on each read), so a stream of 64 KiB frames costs one
+system call and one wake-up per three or four frames, not two per frame; a frame is
+copied once out of the stream's buffer.  A frame is written as its length and its body
+in one ``writev`` (the two are never concatenated: a copy of the body per frame).
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -33,11 +42,24 @@ from transport.errors import Closed, CodecError
 from transport._outbox import SENT_PARTLY
 
 _HEADER = struct.Struct(">I")
+_pack_header = _HEADER.pack
 _NO_LOCK = nullcontext()   # (reusable: entering it does nothing)
 _unpack_header = _HEADER.unpack_from
 MAX_MESSAGE = DEFAULT_MAX_MESSAGE  # the default largest frame read
 MAX_FRAME = MAX_MESSAGE  # (its older name)
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 18  # bytes one read may bring (a few 64 KiB chunks' frames)
+
+
+class _ReadBuffer(threading.local):
+    """The buffer every stream of a thread reads into: what a read brings is appended
+    to the stream's own buffer before anything awaits, so one per thread is enough,
+    and a thousand idle connections hold no read buffer each."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+
+
+_read_buffer = _ReadBuffer()
 
 
 class FramedStream:
@@ -83,19 +105,35 @@ class FramedStream:
         with self._write_lock:  # (the tail is read under it: another thread may set it)
             if self._tail:
                 return False
-            return self._write_between_frames(self._sock, _HEADER.pack(len(data)) + data)
+            return self._write_between_frames(self._sock, data)
 
-    def _write_between_frames(self, sock: socket.socket, frame: bytes) -> bool | int:
-        """Write ``frame`` without blocking; its unsent rest becomes the tail.  Only
-        with the write lock held, and no frame half written (no tail, no send)."""
+    def try_send_parts_nowait(self, head: bytes, data: bytes) -> bool | int:
+        """:meth:`try_send_nowait` of the frame ``head + data``, written without
+        joining the two: for a large envelope, ``head`` the array header that makes it
+        a frame of one (:func:`transport.codec.join_frame` would copy it whole)."""
+        if self._send_lock.locked() or self._sock is None:
+            return False
+        with self._write_lock:
+            if self._tail:
+                return False
+            return self._write_between_frames(self._sock, data, head)
+
+    def _write_between_frames(self, sock: socket.socket, data: bytes,
+                              head: bytes = b"") -> bool | int:
+        """Write the frame of ``head + data`` without blocking; its unsent rest becomes
+        the tail.  Only with the write lock held, and no frame half written (no tail,
+        no send)."""
+        header = _pack_header(len(head) + len(data))
+        if head:
+            header += head
         try:
-            sent = sock.send(frame)
+            sent = _send_frame(sock, header, data)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
             raise Closed(f"stream closed: {exc}") from None
-        if sent < len(frame):
-            self._tail = frame[sent:]
+        if sent < len(header) + len(data):
+            self._tail = _rest(header, data, sent)
             return SENT_PARTLY
         return True
 
@@ -119,7 +157,7 @@ class FramedStream:
             if self._tail or self._send_lock.locked():
                 return False
             try:
-                return bool(self._write_between_frames(sock, _HEADER.pack(len(data)) + data))
+                return bool(self._write_between_frames(sock, data))
             except Closed:
                 return False
 
@@ -127,26 +165,31 @@ class FramedStream:
         async with self._send_lock:
             try:
                 await self._flush_tail()
-                await self._send_all(_HEADER.pack(len(data)) + data)
+                await self._send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise Closed(f"stream closed: {exc}") from None
 
     async def _send_all(self, data: bytes) -> None:
+        """Write the frame of ``data`` (its length, then it)."""
+        header = _pack_header(len(data))
         sock = self._sock
         if sock is None:
-            await self.stream.send_all(data)
+            await self.stream.send_all(header + data)
             return
         # The lock's acquisition was this call's checkpoint; write what the socket
         # takes now and wait for room only for the rest.
         try:
             with self._write_lock:
-                sent = sock.send(data)
+                sent = _send_frame(sock, header, data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             raise Closed(f"stream closed: {exc}") from None
-        if sent < len(data):
-            await self.stream.send_all(memoryview(data)[sent:])
+        if sent < 4:
+            await self.stream.send_all(header[sent:])
+            sent = 4
+        if sent - 4 < len(data):
+            await self.stream.send_all(memoryview(data)[sent - 4:])
 
     async def flush(self) -> None:
         """Finish writing what :meth:`try_send_nowait` left half sent."""
@@ -188,6 +231,12 @@ class FramedStream:
             if frames:
                 return frames
 
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed, or for a stream without one), to
+        sleep on until it is readable (transport/_spin.py)."""
+        sock = self._sock
+        return -1 if sock is None else sock.fileno()
+
     def poll_frames(self) -> list[bytes]:
         """Complete frames available without waiting: those buffered, else what one
         non-blocking read brings (often none).  Trouble is left for the next
@@ -199,16 +248,17 @@ class FramedStream:
             frames = self._frames(0)
             if frames or sock is None:
                 return frames
+            view = _read_buffer.view
             try:
-                chunk = sock.recv(READ_SIZE)
+                size = sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
                 return []  # nothing yet
             except OSError as exc:
                 self._lost = exc
                 return []
-            if not chunk:
+            if not size:
                 return []  # the end of the stream
-            self._buffer += chunk
+            self._buffer += view[:size]
             return self._frames(0)
         except CodecError:
             return []
@@ -228,36 +278,47 @@ class FramedStream:
                 # refused our certificate); it stays chained for whoever must tell.
                 cause = exc.__cause__
                 raise Closed(f"stream closed: {str(exc) or cause}") from cause
-        else:
-            try:
-                chunk = sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                chunk = None
-            except OSError as exc:
-                raise Closed(f"stream closed: {exc}") from None
-            if chunk is None:
-                while True:
-                    try:
-                        await trio.lowlevel.wait_readable(sock)
-                    except (trio.ClosedResourceError, OSError) as exc:
-                        raise Closed(f"stream closed: {exc}") from None
-                    try:
-                        chunk = sock.recv(READ_SIZE)
-                        break
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as exc:
-                        raise Closed(f"stream closed: {exc}") from None
-            elif chunk:
-                # Data was there at once: still yield once (buffered first, so a
-                # cancellation here loses nothing).
-                self._buffer += chunk
-                await trio.lowlevel.checkpoint()
-                return
-        if not chunk:
-            lost = self._lost  # what a poll read instead of the end of the stream
-            raise Closed(f"stream closed: {lost}" if lost else "peer closed the stream")
-        self._buffer += chunk
+            if not chunk:
+                self._ended()
+            self._buffer += chunk
+            return
+        try:
+            size: int | None = sock.recv_into(_read_buffer.view)
+        except (BlockingIOError, InterruptedError):
+            size = None
+        except OSError as exc:
+            raise Closed(f"stream closed: {exc}") from None
+        if size is None:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except (trio.ClosedResourceError, OSError) as exc:
+                    raise Closed(f"stream closed: {exc}") from None
+                # (after the await: another task of this thread may have read into
+                # the shared buffer meanwhile; nothing awaits from here to the copy)
+                view = _read_buffer.view
+                try:
+                    size = sock.recv_into(view)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise Closed(f"stream closed: {exc}") from None
+            if not size:
+                self._ended()
+            self._buffer += view[:size]
+            return
+        if not size:
+            self._ended()
+        # Data was there at once: still yield once (buffered first, so a
+        # cancellation here loses nothing).
+        self._buffer += _read_buffer.view[:size]
+        await trio.lowlevel.checkpoint()
+
+    def _ended(self) -> NoReturn:
+        """The read met the end of the stream."""
+        lost = self._lost  # what a poll read instead of the end of the stream
+        raise Closed(f"stream closed: {lost}" if lost else "peer closed the stream")
 
     async def discard_until_closed(self) -> None:
         """Read and drop whatever the peer still sends until it closes its end (or the
@@ -310,27 +371,60 @@ def cut_frames(buffer: bytearray, max_frame: int = MAX_MESSAGE, limit: int = 0) 
     partial frame stays.  Raises CodecError for a length over ``max_frame``."""
     size = len(buffer)
     pos = 0
-    out = []
-    while size - pos >= 4:
-        (length,) = _unpack_header(buffer, pos)
-        if length > max_frame:
-            raise CodecError(f"frame of {length} bytes exceeds the {max_frame} limit")
-        end = pos + 4 + length
-        if end > size:
-            break
-        out.append(bytes(buffer[pos + 4:end]))
-        pos = end
-        if len(out) == limit:
-            break
+    out: list[bytes] = []
+    with memoryview(buffer) as view:  # (released before the buffer is cut below)
+        while size - pos >= 4:
+            (length,) = _unpack_header(buffer, pos)
+            if length > max_frame:
+                raise CodecError(f"frame of {length} bytes exceeds the {max_frame} limit")
+            end = pos + 4 + length
+            if end > size:
+                break
+            out.append(bytes(view[pos + 4:end]))  # the frame's one copy
+            pos = end
+            if len(out) == limit:
+                break
     if pos:
         del buffer[:pos]
     return out
 
 
+def _send_frame(sock: socket.socket, header: bytes, data: bytes) -> int:
+    """Write a frame's length (and whatever else precedes ``data``) and its body in
+    one system call, without joining them (a copy of the body); how many bytes went,
+    of the two."""
+    if len(data) < 4096:  # (small: a join is cheaper than a second iovec)
+        return sock.send(header + data)
+    return os.writev(sock.fileno(), (header, data))
+
+
+def _rest(header: bytes, data: bytes, sent: int) -> bytes:
+    """What is left of a frame (``header`` then ``data``) of which ``sent`` bytes
+    were written."""
+    if sent < len(header):
+        return header[sent:] + data
+    return data[sent - len(header):]
+
+
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """A connected pair of Unix stream sockets: keep one, hand the other to a child
-    (``subprocess``'s ``pass_fds``) and open it there with :func:`from_fd`."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    (``subprocess``'s ``pass_fds``) and open it there with :func:`from_fd`.
+
+    Each end may hold :data:`PAIR_BUFFER` bytes its peer has not read yet, instead of
+    the system's default (~200 KB: three 64 KiB chunks), so a streaming slave writes
+    several chunks before it waits for its node to read, and each side wakes up once
+    per batch of chunks rather than once per chunk (the kernel caps it at
+    ``net.core.wmem_max``)."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in pair:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_BUFFER)
+        except OSError:
+            pass  # the default, then
+    return pair
+
+
+PAIR_BUFFER = 1 << 20  # bytes of unread frames a socketpair's end may hold
 
 
 def _adopt(stream: trio.SocketStream) -> tuple[trio.SocketStream, socket.socket]:

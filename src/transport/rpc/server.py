@@ -78,6 +78,11 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple}
 
 # Worker tasks kept parked for the next request once a burst is over (the rest end).
 MAX_IDLE_WORKERS = 512
+# Bytes of answers a streamed reply lets queue for its client before it waits for the
+# client to read them: high_water counts envelopes, and 8,192 chunks of 64 KiB would
+# be 512 MiB held for one slow reader.  (A stream fed by a job stops taking its chunks
+# meanwhile, so its slave stops at the end of its credit window: bounded end to end.)
+STREAM_BACKLOG = 1 << 20
 _T = TypeVar("_T")
 _park = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
@@ -308,7 +313,7 @@ class RpcServer:
             return not (conn.running or conn.deferred or conn.inputs) \
                 and len(self._connections) == 1
 
-        frames = await poll_next(conn.spin, stream.poll_frames, expecting)
+        frames = await poll_next(conn.spin, stream.poll_frames, expecting, stream.fileno())
         self.polled += len(frames)
         return frames
 
@@ -665,6 +670,9 @@ class RpcServer:
                             break
                         if self._queued >= self.high_water:
                             await self._wait_room()
+                        while len(conn.outbox) > 1 and conn.send is not None \
+                                and conn.backlog() > STREAM_BACKLOG:
+                            await self._wait_room()  # (its writer says when it sent)
                 finally:
                     # A stream left early (CANCEL, the client gone) runs its cleanup now,
                     # e.g. cancelling the job behind it, not whenever it is collected.
