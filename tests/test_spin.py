@@ -536,3 +536,87 @@ async def test_a_deferreds_failing_poll_costs_only_the_poll_and_is_counted(nurse
     assert server.poll_errors == len(polls)  # each failed poll counted,
     logged = [r for r in caplog.records if r.name == "transport.rpc.server"]
     assert len(logged) == 1 and logged[0].exc_info[0] is RuntimeError  # the first logged
+
+
+# -- waiting asleep: the kernel wakes the thread when the message lands --------------------
+
+def _cpu_share(run) -> tuple[object, float, float]:
+    """(what ``run()`` returned, wall seconds, the share of them this thread ran)."""
+    import time
+    wall, cpu = time.perf_counter(), time.thread_time()
+    out = run()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    return out, wall, cpu / wall
+
+
+@pytest.mark.e2e
+async def test_a_late_answer_is_waited_for_asleep_not_spun_for():
+    # A peer slower than the spin (a busy machine): after a short spin the thread
+    # sleeps in the kernel on the socket, so it leaves the CPU to whoever must answer;
+    # the kernel wakes it when the answer lands.  (Spinning, it would run ~100% of
+    # the wait; the bound below is loose on purpose.)
+    import threading
+    a, b = socketpair()
+    fb = from_socket(b)
+    got: list[bytes] = []
+    try:
+        await trio.testing.wait_all_tasks_blocked()
+        threading.Timer(0.2, a.sendall, (frame_header(1) + b"x",)).start()
+        done, wall, share = _cpu_share(lambda: spin_until(
+            SpinPolicy(budget=3.0), lambda: got.extend(fb.poll_frames()), lambda: bool(got),
+            fb.fileno()))
+        assert done and got == [b"x"]
+        assert 0.15 < wall < 2.5
+        assert share < 0.5, f"ran {share:.0%} of a {wall:.2f} s wait"
+        threading.Timer(0.2, a.sendall, (frame_header(1) + b"y",)).start()
+        frames, wall, share = _cpu_share(lambda: poll_for(fb.poll_frames, 3.0, fb.fileno()))
+        assert frames == [b"y"] and share < 0.5, f"ran {share:.0%} of a {wall:.2f} s wait"
+    finally:
+        a.close()
+        fb.close()
+
+
+@pytest.mark.e2e
+async def test_a_wait_asleep_gives_way_to_another_tasks_io():
+    # Asleep on its own socket, the poll also watches trio's poller: when anything
+    # another task waits for is ready, it stops at once and trio runs that task.
+    import threading
+    a, b = socketpair()
+    c, d = socketpair()
+    woke = trio.Event()
+
+    async def other_task():
+        await trio.lowlevel.wait_readable(d)
+        woke.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            await trio.testing.wait_all_tasks_blocked()
+            threading.Timer(0.1, c.send, (b"!",)).start()
+            done, wall, _ = _cpu_share(lambda: spin_until(
+                SpinPolicy(budget=5.0), lambda: None, lambda: False, b.fileno()))
+            assert not done and wall < 2.5  # not the 5 s budget
+            with trio.fail_after(5):
+                await woke.wait()
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+
+
+async def test_without_trios_poller_a_poll_spins_as_before(monkeypatch):
+    # A trio whose I/O manager moved (or another OS): no descriptor to sleep on, so
+    # the poll spins its budget as it did before it could sleep.
+    monkeypatch.setattr(transport._spin, "io_fd", _trio_internals._io_fd_from(None))
+    a, b = socketpair()
+    fb = from_socket(b)
+    try:
+        a.sendall(frame_header(1) + b"x")
+        got: list[bytes] = []
+        assert spin_until(SpinPolicy(budget=1.0), lambda: got.extend(fb.poll_frames()),
+                          lambda: bool(got), fb.fileno())
+        assert got == [b"x"]
+        assert poll_for(lambda: [], 0.001, fb.fileno()) == []
+    finally:
+        a.close()
+        fb.close()

@@ -75,6 +75,10 @@ class StreamLink(Link, Protocol):
         """Complete frames available without waiting (often none)."""
         ...
 
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed): what a poll sleeps on."""
+        ...
+
 
 if TYPE_CHECKING:  # both kinds keep the faces the links' users are typed against
     _nng_link: type[Link] = TrioSocket

@@ -12,6 +12,10 @@ imported: if a trio release moved them, :func:`quiet` is the public (slower, equ
 correct) way for the whole process, and a :class:`RuntimeWarning` says so once.
 ``pyproject.toml`` pins trio below the next minor release for the same reason; the
 test ``test_quiet_reads_trios_run_state_directly`` notices a move first.
+
+It also hands out trio's epoll descriptor (:func:`io_fd`), which a poll that sleeps
+watches beside its own socket (:func:`transport._spin.wait_readable`); where it is not
+found, polls spin as they did before they could sleep.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Any, Callable
 
 import trio
 
-__all__ = ["FAST", "quiet", "quiet_public"]
+__all__ = ["FAST", "io_fd", "quiet", "quiet_public"]
 
 # What quiet() reads: GLOBAL_RUN_CONTEXT.runner.{runq, deadlines.next_deadline(), clock}.
 _RUNNER_FIELDS = ("runq", "deadlines", "clock")
@@ -93,3 +97,26 @@ def _select(resolve: Callable[[], tuple[Any, str | None]]) -> Callable[[float], 
 quiet: Callable[[float], bool] = _select(_resolve)
 # True when quiet() reads trio's runner directly (a trio that moved it: False).
 FAST = quiet is not quiet_public
+
+
+def _io_fd_from(context: Any) -> Callable[[], int | None]:
+    def io_fd() -> int | None:
+        """The descriptor of this trio run's I/O poller (epoll on Linux), or None.
+
+        It polls readable as soon as anything the run waits for is ready: another
+        task's socket, a wake-up from another thread, a signal.  Sleeping in the kernel
+        on it and on one socket of our own (:func:`transport._spin.wait_readable`) is
+        then as attentive as trio's own wait, without a pass through its scheduler.
+        None where trio's I/O manager is not epoll (another OS) or has moved: callers
+        then spin without sleeping, as before."""
+        if context is None:
+            return None
+        try:
+            return int(context.runner.io_manager._epoll.fileno())
+        except (AttributeError, ValueError):
+            return None
+
+    return io_fd
+
+
+io_fd: Callable[[], int | None] = _io_fd_from(_resolve()[0])

@@ -259,9 +259,10 @@ class Requester(Component):
         nobody can serve waits, like any, until one appears or its timeout passes."""
         self._admit(request)
         self._check_running()
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
         limit = self.timeout if timeout is None else timeout
-        if subset is None:
-            wanted = request.get("__subset")
+        if subset is None and "__subset" in request:
+            wanted = request["__subset"]
             subset = wanted if isinstance(wanted, str) and wanted else None
         self._outstanding += 1
         self.stats["sent"] += 1
@@ -278,23 +279,25 @@ class Requester(Component):
     async def _deliver(self, event: str, request: dict[str, Any], limit: float,
                        chunks: Any = None, subset: str | None = None,
                        to: str | None = None) -> Any:
-        deadline = trio.current_time() + limit
-        tried: set[str] = set()
+        now = trio.current_time()
+        deadline = now + limit
+        tried: AbstractSet[str] = _NONE_TRIED  # a set of its own once one has failed
         attempt = 0
         last_error: RemoteError | None = None
         dispatched = False
         while True:
-            now = trio.current_time()
             if now >= deadline:
                 break
             link = self._pick(event, tried, now, subset, to)
             if link is None:
                 if tried:           # every candidate failed once: start over (after backoff)
-                    tried.clear()
+                    tried = set()
+                    now = trio.current_time()
                     continue
                 wake = self._next_reopen(event, now)
                 with trio.move_on_at(min(deadline, wake + 0.001) if wake else deadline):
                     await self._links_changed.wait()
+                now = trio.current_time()
                 continue
             dispatched = True
             link.breaker.on_dispatch()
@@ -302,9 +305,20 @@ class Requester(Component):
             learns, rid = self._learns, link.beacon.id
             if learns:
                 self.balance.sent(rid)
+            client = link.client
             try:
-                result = await link.client.call(self.namespace, event, request,
-                                                timeout=deadline - now, chunks=chunks)
+                if chunks is None:  # client.call's steps, without a coroutine of its own
+                    call = client.start(self.namespace, event, request,
+                                        timeout=deadline - now, now=now)
+                    try:
+                        await client.finish(call)
+                    finally:
+                        if not call.done:  # cancelled while waiting
+                            call.cancel()
+                    result = call.outcome()
+                else:
+                    result = await client.call(self.namespace, event, request,
+                                               timeout=deadline - now, chunks=chunks)
             except BaseException as exc:
                 if learns:
                     self.balance.answered(rid, trio.current_time() - now,
@@ -324,8 +338,9 @@ class Requester(Component):
                 if attempt > self.retries or chunks is not None:  # chunks go once
                     raise
                 self.stats["retried"] += 1
-                tried.add(link.beacon.id)
+                tried = {*tried, link.beacon.id}
                 await trio.sleep(min(backoff(attempt), max(0.0, deadline - trio.current_time())))
+                now = trio.current_time()
             else:
                 if learns:
                     self.balance.answered(rid, trio.current_time() - now, True)

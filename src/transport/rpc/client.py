@@ -504,20 +504,26 @@ class RpcClient(Service):
         sent after it as the server's handler takes them (transport/inbound.py)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
         slot = self.start(target, event, payload, timeout=timeout, chunked=chunks is not None)
-        spin = self.spin
-        if spin is not None and chunks is None and self._poll_answer(slot, spin):
-            if spin.yield_due(perf_counter()):  # answered: keep the answer
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return slot.outcome()
         try:
             if chunks is not None:
                 await self.send_chunks(slot, chunks)
-            while not slot.done:
-                await slot.wait()
+            await self.finish(slot)
         finally:
             if not slot.done:  # cancelled while waiting
                 self._abandon(slot.sid)
         return slot.outcome()
+
+    async def finish(self, slot: PendingCall) -> None:
+        """Until ``slot`` (started here) is done: polled for when it is the only call
+        in flight and the process is quiet (transport/_spin.py), else parked.  A
+        caller cancelled meanwhile should :meth:`PendingCall.cancel` it."""
+        spin = self.spin
+        if spin is not None and slot.window is None and self._poll_answer(slot, spin):
+            if spin.yield_due(perf_counter()):  # answered: keep the answer
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while not slot.done:
+            await slot.wait()
 
     def _poll_answer(self, slot: PendingCall, policy: SpinPolicy) -> bool:
         """Poll the link for the answer to the only call in flight instead of parking,
@@ -533,7 +539,7 @@ class RpcClient(Service):
             for frame in poll():  # (perhaps only a late answer to an abandoned call)
                 self._on_frame(frame)
 
-        return spin_until(policy, step, lambda: slot.done)
+        return spin_until(policy, step, lambda: slot.done, stream.fileno())
 
     async def send_chunks(self, call: PendingCall,
                           chunks: Iterable[Any] | AsyncIterable[Any]) -> None:
