@@ -15,12 +15,12 @@ import tempfile
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import trio
 
 from .harness import (BENCH_DIR, PAYLOAD, Child, RRFigures, Settings, child_process,
-                      measure_rr, percentile, python_child, tree_rss_mb)
+                      measure_rr, percentile, python_child, rss_mb, tree_rss_mb)
 
 APP = "bench-echo"
 APP_ENTRY = BENCH_DIR / "echo_app.py"
@@ -86,7 +86,9 @@ async def control_path(settings: Settings) -> tuple[RRFigures, dict[str, Any]]:
         memory: dict[str, Any] = {"idle_node": _memory(node)["node"]}
         async with connect(node.ready, timeout=10) as client:
             figures = await _measure_echo(client, node, settings, memory)
-            memory["stream_mb_s"] = await stream_rate(client, settings)
+            memory["stream_bytes"] = STREAM_BYTES_QUICK if settings.quick else STREAM_BYTES
+            memory["stream_mb_s"], memory["stream_rss"] = await _sampled(
+                node, stream_rate(client, settings, total=memory["stream_bytes"]))
             memory["upload_mb_s"] = await upload_rate(client, settings)
     return figures, memory
 
@@ -111,16 +113,23 @@ async def _measure_echo(client: Any, node: Child, settings: Settings,
 
 
 STREAM_CHUNK = 64 * 1024
+STREAM_BYTES = 2**30            # the streamed reply whose memory is sampled: 1 GiB
+STREAM_BYTES_QUICK = 20 * STREAM_CHUNK
+RSS_EVERY = 0.05                # s between memory samples during it
 RELAY_APP = "bench-relay"
 RELAY_ENTRY = BENCH_DIR / "relay_app.py"
 
 
-async def stream_rate(client, settings: Settings, app: str = APP, event: str = "chunks") -> float:
-    """MB/s of one streamed reply (64 KiB chunks) from a slave through the node."""
+async def stream_rate(client, settings: Settings, app: str = APP, event: str = "chunks",
+                      total: int | None = None) -> float:
+    """MB/s of one streamed reply (64 KiB chunks) from a slave through the node;
+    ``total`` bytes (default 200 chunks)."""
     n = 20 if settings.quick else 200
+    if total is not None:
+        n = max(1, total // STREAM_CHUNK)
     spec = {"n": n, "size": STREAM_CHUNK}
     received = 0
-    with trio.fail_after(60):
+    with trio.fail_after(120):
         t0 = time.perf_counter()
         async for chunk in client.stream(app, event, spec):
             received += len(chunk)
@@ -128,6 +137,33 @@ async def stream_rate(client, settings: Settings, app: str = APP, event: str = "
     if received != n * STREAM_CHUNK:
         raise RuntimeError(f"streamed {received} bytes, expected {n * STREAM_CHUNK}")
     return received / elapsed / 1e6
+
+
+async def _sampled(node: Child, measure: Awaitable[float]) -> tuple[float, dict[str, float]]:
+    """``measure``'s result, and the RSS (MB) of the node, its slaves and this client
+    before it and at their highest while it ran (sampled every RSS_EVERY s)."""
+    def sample() -> dict[str, float]:
+        own, slaves = tree_rss_mb(node.pid)
+        return {"node": own, "slaves": sum(slaves), "client": rss_mb()}
+
+    before = sample()
+    peak = dict(before)
+    result = 0.0
+    async with trio.open_nursery() as nursery:
+        async def run() -> None:
+            nonlocal result
+            result = await measure
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+        while True:
+            await trio.sleep(RSS_EVERY)
+            for key, value in sample().items():
+                peak[key] = max(peak[key], value)
+    rss = {f"{k}_before": v for k, v in before.items()}
+    rss.update({f"{k}_peak": v for k, v in peak.items()})
+    rss["total_before"], rss["total_peak"] = sum(before.values()), sum(peak.values())
+    return result, rss
 
 
 async def upload_rate(client, settings: Settings) -> float:
@@ -144,17 +180,30 @@ async def upload_rate(client, settings: Settings) -> float:
     return received / elapsed / 1e6
 
 
-async def pipeline_rate(settings: Settings) -> float:
-    """MB/s through two apps on one node: the client streams ``bench-relay``'s reply,
-    which relays ``bench-echo``'s chunks (engine.astream): slave -> node -> slave ->
-    node -> client."""
+PIPELINE_BYTES = 64 * 2**20     # per stream of the pipeline comparison
+PIPELINE_ROUNDS = 3
+
+
+async def pipeline_rate(settings: Settings) -> tuple[float, float]:
+    """(pipeline, one app) MB/s on one node hosting both apps, medians of rounds taking
+    turns: the client streams ``bench-relay``'s reply, which relays ``bench-echo``'s
+    chunks (engine.astream: slave -> node -> slave -> node -> client), against the
+    client streaming ``bench-echo``'s reply directly."""
+    from statistics import median
+
     from engine.client import connect
 
     relay = dict(manifest(), name=RELAY_APP, args=str(RELAY_ENTRY))
+    total = STREAM_BYTES_QUICK if settings.quick else PIPELINE_BYTES
+    piped, direct = [], []
     async with node_hosting(manifest(), relay) as node:
         async with connect(node.ready, timeout=10) as client:
             await stream_rate(client, Settings.quick_mode(), RELAY_APP, "relay")  # warm up
-            return await stream_rate(client, settings, RELAY_APP, "relay")
+            await stream_rate(client, Settings.quick_mode())
+            for _ in range(1 if settings.quick else PIPELINE_ROUNDS):
+                piped.append(await stream_rate(client, settings, RELAY_APP, "relay", total))
+                direct.append(await stream_rate(client, settings, total=total))
+    return median(piped), median(direct)
 
 
 # The driver's options: its listening address on loopback, port chosen by nng.  If the

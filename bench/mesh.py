@@ -2,8 +2,10 @@
 
 - Requester (this process) -> Responder (child process) echo, found by discovery on
   loopback: sequential p50/p99 and throughput in flight;
-- ``Requester.send_many`` with 100 in flight against cote's requester with 100 in
-  flight, head to head in interleaved rounds (the 1.5x target);
+- 100 tasks each awaiting ``Requester.send`` (the shape of cote's requester and of
+  every service that fans out: the 1.5x target) and ``Requester.send_many`` with 100 in
+  flight from one task (an extra row), against cote's requester with 100 in flight,
+  head to head in interleaved rounds;
 - Publisher (child process) -> Subscriber (this process, ``async for``): delivered
   events/s from first to last, and how many were lost;
 - the RSS of an idle Responder process (a mesh component).
@@ -18,7 +20,7 @@ from typing import Any, AsyncIterator
 import trio
 
 from .harness import (PAYLOAD, RRFigures, Settings, child_process, cpu_seconds, free_udp_port,
-                      measure_rr, python_child, sequential)
+                      measure_rr, python_child, sequential, throughput)
 
 
 def available() -> str | None:
@@ -80,16 +82,16 @@ async def head_to_head(settings: Settings) -> dict[str, list]:
     """Ours against cote's, both pairs running all along, in ``settings.rounds``
     rounds taking turns (who goes first alternates): a moment of machine noise then
     touches one round of one side, not the whole comparison.  Each round: sequential
-    round trips (rate, p50, p99), then ``Requester.send_many`` with
-    ``PIPELINE_WINDOW`` in flight against cote's requester with as many in flight
-    for ``settings.duration``.  The sequential rounds also record the CPU both
+    round trips (rate, p50, p99), then ``PIPELINE_WINDOW`` tasks each awaiting
+    ``Requester.send`` and ``Requester.send_many`` with ``PIPELINE_WINDOW`` in flight,
+    each for ``settings.duration``, against cote's requester with as many in flight.  The sequential rounds also record the CPU both
     processes of each pair spent per round trip (ours poll instead of sleeping:
     transport/_spin.py)."""
     from . import cote
 
     request = {"type": "echo", "p": PAYLOAD}
-    out: dict[str, list] = {"ours": [], "cote": [], "ours_seq": [], "cote_seq": [],
-                            "ours_seq_cpu_us": [], "cote_seq_cpu_us": []}
+    out: dict[str, list] = {"ours": [], "ours_callers": [], "cote": [], "ours_seq": [],
+                            "cote_seq": [], "ours_seq_cpu_us": [], "cote_seq_cpu_us": []}
     async with _echo_pair() as (requester, responder), \
             cote.rounds_requester(PIPELINE_WINDOW) as theirs:
         async def call():
@@ -97,6 +99,7 @@ async def head_to_head(settings: Settings) -> dict[str, list]:
 
         await sequential(call, settings.warmup_calls)
         await send_many_rate(requester, request, PIPELINE_WINDOW, 0.3)  # warm-up
+        await throughput(lambda: call, PIPELINE_WINDOW, 0.3)
         seq_calls = max(100, settings.seq_calls // 2)
         for i in range(settings.rounds):
             async def ours_round():
@@ -104,6 +107,8 @@ async def head_to_head(settings: Settings) -> dict[str, list]:
                 cpu = cpu_seconds(pids)
                 out["ours_seq"].append(await sequential(call, seq_calls))
                 out["ours_seq_cpu_us"].append((cpu_seconds(pids) - cpu) / seq_calls * 1e6)
+                out["ours_callers"].append(await throughput(lambda: call, PIPELINE_WINDOW,
+                                                            settings.duration))
                 out["ours"].append(await send_many_rate(requester, request, PIPELINE_WINDOW,
                                                         settings.duration))
 

@@ -13,7 +13,10 @@ serves until terminated.  Kinds:
 - ``mesh-publisher``: a mesh Publisher that, once a subscriber is discovered, publishes
   COUNT ``tick`` events as fast as it can and prints ``RESULT {json}``;
 - ``sockend``: a Sockend on an ephemeral loopback port bridging to the mesh
-  (``READY <port>``).
+  (``READY <port>``);
+- ``tcp-copy``: the streaming baseline: a trio TCP listener on an ephemeral loopback
+  port (``READY <port>``) that, for each connection, waits for one byte, then writes
+  ADDRESS (a byte count) in 64 KiB ``send_all`` calls and closes.
 """
 from __future__ import annotations
 
@@ -149,9 +152,34 @@ def serve_sockend(port: str, key: str) -> None:
     trio.run(main)
 
 
+def serve_tcp_copy(total: str) -> None:
+    from functools import partial
+
+    import trio
+
+    size = int(total)
+    chunk = b"x" * 64 * 1024
+
+    async def copy(stream: trio.SocketStream) -> None:
+        async with stream:
+            if not await stream.receive_some(1):
+                return
+            for _ in range(size // len(chunk)):
+                await stream.send_all(chunk)
+            if size % len(chunk):
+                await stream.send_all(chunk[:size % len(chunk)])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, copy, 0, host="127.0.0.1"))
+            print("READY", listeners[0].socket.getsockname()[1], flush=True)
+
+    trio.run(main)
+
+
 KINDS = {"pynng-rep": serve_pynng_rep, "rpc-echo": serve_rpc_echo, "node": serve_node,
          "mesh-responder": serve_mesh_responder, "mesh-publisher": serve_mesh_publisher,
-         "sockend": serve_sockend}
+         "sockend": serve_sockend, "tcp-copy": serve_tcp_copy}
 
 
 def main(argv: list[str]) -> int:
