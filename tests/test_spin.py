@@ -620,3 +620,24 @@ async def test_without_trios_poller_a_poll_spins_as_before(monkeypatch):
     finally:
         a.close()
         fb.close()
+
+
+def test_spins_that_miss_give_way_to_sleeping_and_a_spin_now_and_then_finds_out():
+    from transport._spin import SPIN_FIRST_MIN
+    p = SpinPolicy(budget=150e-6)
+    full = p.spin_for()
+    assert full > SPIN_FIRST_MIN
+    p.record(True, 20e-6)                    # met spinning: learnt
+    assert p.typical < SPIN_BUDGET / 4
+    learnt = p.typical
+    spins = []
+    for _ in range(40):                      # a slow peer: every message met asleep
+        spins.append(p.spin_for() > SPIN_FIRST_MIN)
+        p.record(True, 900e-6, asleep=True)
+    assert p.typical == learnt               # a wake-up's wait is not learnt
+    assert p.hits == 41 and p.skipping == 0  # hits all: never parked instead
+    assert spins[:3] == [True, False, True] and 3 <= sum(spins) <= 7  # 1, 2, 4, 8 … apart
+    while p.spin_for() == SPIN_FIRST_MIN:    # the peer is prompt again: the next spin
+        p.record(True, 900e-6, asleep=True)  # (no spin: no penalty grows)
+    p.record(True, 15e-6)                    # meets it, and spinning resumes
+    assert p.spin_for() > SPIN_FIRST_MIN and p.spin_for() > SPIN_FIRST_MIN

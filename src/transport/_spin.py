@@ -36,8 +36,8 @@ saved) except every :data:`YIELD_EVERY`, which bounds how long other tasks' I/O 
 
 Spinning only pays while the peer has a CPU of its own.  On a busy machine the peer's
 message is late *because* we spin, and every µs spun is taken from it.  So a poll spins
-only a little longer than a hit usually waits (:meth:`SpinPolicy.spin_for`, learnt as
-it goes, at most the budget), then sleeps in the kernel on the socket
+only a little longer than a message met spinning usually waits, and hardly at all while
+spins keep missing (:meth:`SpinPolicy.spin_for`), then sleeps in the kernel on the socket
 (:func:`wait_readable`, up to :data:`SLEEP_BUDGET`): the thread is woken the moment
 the message lands, with no pass through trio's scheduler, and costs no CPU meanwhile.
 While asleep it also watches trio's own poller, so any other task's I/O (or a wake-up
@@ -68,10 +68,20 @@ SPIN_FIRST_MIN = 10e-6  # s: the least spun before sleeping
 
 class SpinPolicy:
     """Pure bookkeeping (no I/O; the caller passes the time): whether the next chance
-    to poll is taken, and when a run of polled messages must yield."""
+    to poll is taken, how long it spins before it sleeps, and when a run of polled
+    messages must yield.
+
+    Two back-offs, each doubling per miss in a row (1, 2, 4 … ``max_skip``) and ended
+    by a hit: a poll that got nothing at all (a slow peer, or one in this process)
+    makes the next chances park instead (:meth:`allow`); one that got its message only
+    after it went to sleep makes the next ones sleep at once instead of spinning
+    (:meth:`spin_for`), so a slow peer is not spun for, yet a spin now and then finds
+    out when the peer is prompt again.  The spin's length is learnt only from messages
+    met spinning: one met asleep waited the wake-up too, and learning from it would
+    lengthen the wait it is meant to measure."""
 
     __slots__ = ("budget", "max_skip", "polls", "hits", "typical", "_skip", "_penalty",
-                 "_yield_at")
+                 "_spin_skip", "_spin_penalty", "_spun", "_yield_at")
 
     def __init__(self, budget: float | None = None, max_skip: int = MAX_SKIP) -> None:
         # SPIN_BUDGET read now, not at import: a test on a loaded machine raises it.
@@ -79,9 +89,12 @@ class SpinPolicy:
         self.max_skip = max_skip
         self.polls = 0        # polls made
         self.hits = 0         # polls that got their message
-        self.typical = SPIN_BUDGET / 4  # s: how long a hit usually waited (moving average)
+        self.typical = SPIN_BUDGET / 4  # s: how long a hit met spinning waited (average)
         self._skip = 0        # chances still to give up before the next poll
         self._penalty = 0     # what the last empty-handed poll cost, in chances
+        self._spin_skip = 0   # polls still to sleep at once, without spinning
+        self._spin_penalty = 0
+        self._spun = False    # the current poll was given a spin of its own
         self._yield_at = 0.0
 
     @property
@@ -95,27 +108,36 @@ class SpinPolicy:
             return False
         return True
 
-    def record(self, hit: bool, waited: float | None = None) -> None:
-        """How an allowed poll ended (``waited``: for how long, if it was a hit)."""
+    def spin_for(self) -> float:
+        """How long the poll now starting spins before it sleeps until its socket is
+        readable: a little over what a message met spinning usually waits (a prompt
+        peer's is met spinning: waking from sleep costs a VM tens of µs), at most the
+        budget; hardly at all while spins keep missing (see the class)."""
+        if self._spin_skip:
+            self._spin_skip -= 1
+            self._spun = False
+            return SPIN_FIRST_MIN
+        self._spun = True
+        return min(self.budget, SPIN_FIRST_MIN + 2 * self.typical)
+
+    def record(self, hit: bool, waited: float | None = None, asleep: bool = False) -> None:
+        """How an allowed poll ended: ``waited`` s for its message if it was a hit,
+        ``asleep`` if it went to sleep first."""
         self.polls += 1
         if hit:
             self.hits += 1
             self._penalty = 0
-            if waited is not None:
-                self.typical += (waited - self.typical) / 8
+            if not asleep:
+                self._spin_penalty = 0
+                if waited is not None:
+                    self.typical += (waited - self.typical) / 8
+            elif self._spun:  # it spun, in vain: spin less often for a while
+                self._spin_penalty = min(self.max_skip, self._spin_penalty * 2 or 1)
+                self._spin_skip = self._spin_penalty
         else:
             self._penalty = min(self.max_skip, self._penalty * 2 or 1)
             self._skip = self._penalty
-
-    def spin_for(self) -> float:
-        """How long to spin before sleeping until the socket is readable: a little
-        over what a hit usually waits, so a prompt peer's message is met spinning
-        (a wake-up from sleep costs a VM tens of µs); but hardly at all when hits
-        usually come later than the budget (a peer behind other work on a busy
-        machine, or a chain of processes): spinning would only burn the CPU the
-        peer needs, and the message would be met asleep anyway."""
-        spin = 2 * self.typical
-        return SPIN_FIRST_MIN + spin if spin <= self.budget else SPIN_FIRST_MIN
+        self._spun = False
 
     def yield_due(self, now: float) -> bool:
         """Is a scheduler pass due (one every YIELD_EVERY)?"""
@@ -152,6 +174,7 @@ def spin_until(policy: SpinPolicy, step: Callable[[], object],
     start = perf_counter()
     end = start + budget
     spin_end = end if io is None else start + policy.spin_for()
+    asleep = False
     try:
         while True:
             step()
@@ -160,11 +183,15 @@ def spin_until(policy: SpinPolicy, step: Callable[[], object],
             now = perf_counter()
             if now < spin_end:
                 continue
-            if now >= end or io is None or not wait_readable(fd, io, end - now):
+            if now >= end or io is None:
+                break
+            asleep = True
+            if not wait_readable(fd, io, end - now):
+                step()  # (whatever came with trio's turn)
                 break
     finally:
         hit = done()
-        policy.record(hit, perf_counter() - start if hit else None)
+        policy.record(hit, perf_counter() - start if hit else None, asleep)
     return hit
 
 
@@ -186,9 +213,10 @@ async def poll_next(policy: SpinPolicy | None, poll: Callable[[], list[bytes]],
     if not expecting() or not policy.allow() or not quiet(budget):
         return []
     start = perf_counter()
-    got = poll_for(poll, budget, fd if io is not None else -1,
-                   policy.spin_for() if io is not None else budget, io)
-    policy.record(bool(got), perf_counter() - start if got else None)
+    spin = policy.spin_for() if io is not None else budget
+    got = poll_for(poll, budget, fd if io is not None else -1, spin, io)
+    waited = perf_counter() - start
+    policy.record(bool(got), waited if got else None, waited > spin)
     return got
 
 
