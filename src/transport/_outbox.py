@@ -129,10 +129,12 @@ class Outbox:
         limit = self.max_frame
         while self.items:
             batch = self.items[:MAX_BATCH]
-            if limit is not None and sum(map(len, batch)) > limit - 5:
+            size = sum(map(len, batch))
+            if limit is not None and size > limit - 5:
                 batch = _fit(batch, limit - 5)
+                size = sum(map(len, batch))
             del self.items[:len(batch)]
-            self.size -= sum(map(len, batch))
+            self.size -= size
             yield join_frame(batch), len(batch)
 
 

@@ -158,6 +158,13 @@ def wait_readable(fd: int, io: int, timeout: float) -> bool:
     return fd in ready
 
 
+def _sleeping(policy: SpinPolicy, fd: int) -> tuple[int | None, float]:
+    """(trio's poller, or None when the poll cannot sleep: no socket, or no poller
+    found) and the poll's whole budget: longer when it may sleep, which costs no CPU."""
+    io = io_fd() if fd >= 0 else None
+    return io, policy.budget if io is None else max(policy.budget, SLEEP_BUDGET)
+
+
 def spin_until(policy: SpinPolicy, step: Callable[[], object],
                done: Callable[[], bool], fd: int = -1) -> bool:
     """One chance to poll for an answer that is due: if the policy allows it and the
@@ -167,8 +174,7 @@ def spin_until(policy: SpinPolicy, step: Callable[[], object],
     answer comes on; after spinning for :meth:`SpinPolicy.spin_for` the thread sleeps
     in the kernel until it is readable (:func:`wait_readable`), up to
     :data:`SLEEP_BUDGET`, instead of spinning on."""
-    io = io_fd() if fd >= 0 else None
-    budget = policy.budget if io is None else max(policy.budget, SLEEP_BUDGET)
+    io, budget = _sleeping(policy, fd)
     if not policy.allow() or not quiet(budget):
         return False
     start = perf_counter()
@@ -208,8 +214,7 @@ async def poll_next(policy: SpinPolicy | None, poll: Callable[[], list[bytes]],
         return []
     if policy.yield_due(perf_counter()):
         await trio.lowlevel.checkpoint()
-    io = io_fd() if fd >= 0 else None
-    budget = policy.budget if io is None else max(policy.budget, SLEEP_BUDGET)
+    io, budget = _sleeping(policy, fd)
     if not expecting() or not policy.allow() or not quiet(budget):
         return []
     start = perf_counter()

@@ -118,10 +118,6 @@ class Connection:
         self.farewell: bytes | None = None  # the frame telling it why it is being closed
         self.hang_up: Callable[[], None] = _nothing  # ends the link (set by its server)
 
-    def backlog(self) -> int:
-        """Bytes of answers queued for its writer."""
-        return self.outbox.size
-
     @property
     def busy(self) -> bool:
         """Something of it is in flight (a request, or a chunked request's chunks)."""

@@ -671,7 +671,7 @@ class RpcServer:
                         if self._queued >= self.high_water:
                             await self._wait_room()
                         while len(conn.outbox) > 1 and conn.send is not None \
-                                and conn.backlog() > STREAM_BACKLOG:
+                                and conn.outbox.size > STREAM_BACKLOG:
                             await self._wait_room()  # (its writer says when it sent)
                 finally:
                     # A stream left early (CANCEL, the client gone) runs its cleanup now,
